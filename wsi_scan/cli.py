@@ -1,0 +1,250 @@
+"""The ``wsi-scan`` command: parse options, call the library, turn errors into exit codes.
+
+``wsi-scan SLIDE_OR_FOLDER --out OUT`` is the scan itself; the other commands are named
+(``info``, ``train``, ``evaluate``, ``explore``, ``overlay``...). A first argument that is not a
+command name is taken as a slide or folder to scan.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from .config import ScanConfig, TissueConfig, TrainConfig
+from .errors import WsiScanError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_SCAN = ScanConfig()
+_TISSUE = TissueConfig()
+_TRAIN = TrainConfig()
+
+
+class DefaultGroup(click.Group):
+    """A group whose unknown first argument is handed to the ``scan`` command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["scan", *args]
+        return super().parse_args(ctx, args)
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Call into the library; a WsiScanError becomes one line on stderr and its exit code."""
+    try:
+        return fn()
+    except WsiScanError as exc:
+        click.echo(f"wsi-scan: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("wsi-scan: interrupted", err=True)
+        sys.exit(130)
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="wsi-scan")
+def main() -> None:
+    """Scan whole-slide images of lymph nodes for metastases.
+
+    \b
+    wsi-scan slide.svs --out heatmap.zarr      scan one slide
+    wsi-scan slides/ --out results/            scan a folder (resumable)
+    wsi-scan info slide.svs                    what is in a slide
+    wsi-scan train DATA --out model.pt         train a patch classifier
+    wsi-scan evaluate DATA --json              score a model on labelled patches
+    """
+
+
+def _scan_options(f: F) -> F:
+    opts = [
+        click.option("--model", "model_path", type=click.Path(path_type=Path), default=None, help="model file (default: the bundled model)"),
+        click.option("--mode", type=click.Choice(["auto", "dense", "patch"]), default=_SCAN.mode, help="dense: one pass per region (dense-exact models); patch: batches of 96x96 windows"),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_SCAN.device),
+        click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile"]), default=_SCAN.backend),
+        click.option("--mpp", type=float, default=None, help="level-0 micrometers per pixel, overriding the slide's metadata"),
+        click.option("--block-cells", type=click.IntRange(1, 512), default=_SCAN.block_cells, help="cells per block side (one read + one dense pass)"),
+        click.option("--batch-size", type=click.IntRange(1), default=_SCAN.batch_size, help="windows per batch in patch mode"),
+        click.option("--workers", type=click.IntRange(1), default=_SCAN.workers, help="threads reading and classifying blocks"),
+        click.option("--tta/--no-tta", default=_SCAN.tta, help="average the 8 rotations/flips (8x slower)"),
+        click.option("--amp/--no-amp", default=_SCAN.amp, help="mixed precision on CUDA"),
+        click.option("--tissue-mpp", type=float, default=_TISSUE.mask_mpp, help="um/px of the tissue-mask thumbnail"),
+        click.option("--min-saturation", type=float, default=_TISSUE.min_saturation, help="lowest saturation threshold for tissue"),
+        click.option("--min-object-um2", type=float, default=_TISSUE.min_object_um2, help="drop tissue pieces smaller than this"),
+        click.option("--min-hole-um2", type=float, default=_TISSUE.min_hole_um2, help="fill holes smaller than this"),
+        click.option("--min-cell-fraction", type=float, default=_TISSUE.min_cell_fraction, help="tissue share of a cell needed to scan it"),
+        click.option("--overwrite", is_flag=True, help="replace existing outputs"),
+        click.option("--quiet", is_flag=True, help="no progress bar"),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _scan_config(kw: dict[str, Any]) -> ScanConfig:
+    tissue = TissueConfig(
+        mask_mpp=kw.pop("tissue_mpp"),
+        min_saturation=kw.pop("min_saturation"),
+        min_object_um2=kw.pop("min_object_um2"),
+        min_hole_um2=kw.pop("min_hole_um2"),
+        min_cell_fraction=kw.pop("min_cell_fraction"),
+    )
+    return ScanConfig(tissue=tissue, **kw)
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="heatmap .zarr (or a folder for a folder of slides)")
+@_scan_options
+def scan(source: Path, out: Path, model_path: Path | None, quiet: bool, **kw: Any) -> None:
+    """Scan a slide (or a folder of slides) and write a tumour heatmap as OME-Zarr.
+
+    This is the default command: `wsi-scan slide.svs --out heatmap.zarr`.
+    """
+    from .scan import scan_slide
+
+    cfg = _scan_config(kw)
+    res = _run(lambda: scan_slide(source, out, cfg, model_path, progress=not quiet))
+    if res.n_tissue_cells == 0:
+        click.echo(f"{source.name}: no tissue found; wrote an all-NaN heatmap to {res.out}", err=True)
+        return
+    click.echo(
+        f"{source.name}: {res.n_tissue_cells} tissue cells ({res.tissue_area_mm2:.2f} mm2) in "
+        f"{res.timings_s['total']:.1f} s [{res.mode}, {res.device}]; max tumour probability "
+        f"{res.max_prob:.3f}, area above threshold {res.tumour_area_mm2:.3f} mm2 -> {res.out}"
+    )
+
+
+@main.command()
+@click.argument("slide_path", metavar="SLIDE", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile"]), default=_SCAN.backend)
+@click.option("--mpp", type=float, default=None, help="level-0 um/px, overriding the metadata")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
+def info(slide_path: Path, backend: str, mpp: float | None, as_json: bool) -> None:
+    """Format, levels, pixel size and its source, bounds and tissue fraction of a slide."""
+    from .info import slide_info
+
+    d = _run(lambda: slide_info(slide_path, backend, mpp, _TISSUE))
+    if as_json:
+        click.echo(json.dumps(d))
+        return
+    click.echo(f"{d['path']}")
+    click.echo(f"  format   {d['vendor']} (backend {d['backend']}), {d['size_bytes']:,} bytes")
+    if d["mpp_xy"]:
+        click.echo(f"  mpp      {d['mpp_xy'][0]:.5g} x {d['mpp_xy'][1]:.5g} um/px  (source: {d['mpp_source']})")
+    else:
+        click.echo(f"  mpp      unknown: {d['mpp_error']}")
+    x, y, w, h = d["l0_bounds_xywh"]
+    click.echo(f"  bounds   x={x} y={y} w={w} h={h} (level 0 px)")
+    for i, lv in enumerate(d["levels"]):
+        mpp_s = f", {lv['mpp']:.4g} um/px" if lv.get("mpp") else ""
+        click.echo(f"  level {i}  {lv['size_wh'][0]} x {lv['size_wh'][1]}  downsample {lv['downsample_xy'][0]:.6g}{mpp_s}")
+    if d.get("tissue_fraction") is not None:
+        click.echo(f"  tissue   {d['tissue_fraction']:.1%} of the slide ({d['tissue_area_mm2']:.2f} mm2)")
+
+
+def _train_options(f: F) -> F:
+    opts = [
+        click.option("--arch", type=click.Choice(["dense-cnn", "resnet18"]), default=_TRAIN.arch, help="network; dense-cnn is dense-exact"),
+        click.option("--width", type=int, default=_TRAIN.width, help="channels of the first dense-cnn stage"),
+        click.option("--epochs", type=int, default=_TRAIN.epochs),
+        click.option("--batch-size", type=int, default=_TRAIN.batch_size),
+        click.option("--lr", type=float, default=_TRAIN.lr, help="peak learning rate"),
+        click.option("--weight-decay", type=float, default=_TRAIN.weight_decay),
+        click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default=_TRAIN.optimizer),
+        click.option("--schedule", type=click.Choice(["onecycle", "cosine"]), default=_TRAIN.schedule),
+        click.option("--label-smoothing", type=float, default=_TRAIN.label_smoothing),
+        click.option("--val-fraction", type=float, default=_TRAIN.val_fraction, help="used only without a given valid split"),
+        click.option("--seed", type=int, default=_TRAIN.seed),
+        click.option("--augment/--no-augment", default=_TRAIN.augment, help="dihedral, stain, brightness and JPEG augmentation"),
+        click.option("--stain-jitter", type=float, default=_TRAIN.stain_jitter),
+        click.option("--jpeg-prob", type=float, default=_TRAIN.jpeg_prob),
+        click.option("--threads", type=int, default=_TRAIN.threads, help="torch CPU threads (0: all cores)"),
+        click.option("--loader-workers", type=int, default=_TRAIN.loader_workers),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_TRAIN.device),
+        click.option("--max-train", type=int, default=_TRAIN.max_train, help="cap on training patches (0: all)"),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@click.argument("data", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="model file (.pt or .safetensors)")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None, help="folder for figures")
+@click.option("--resume", is_flag=True, help="continue from the training state saved beside --out")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+@_train_options
+def train(data: tuple[Path, ...], out: Path, report_dir: Path | None, resume: bool, quiet: bool, **kw: Any) -> None:
+    """Train a patch classifier on Kaggle-layout or PCam-HDF5 folders."""
+    from .train.loop import train as run_train
+
+    cfg = TrainConfig(**kw)
+    command = "wsi-scan " + " ".join(sys.argv[1:])
+    res = _run(lambda: run_train(list(data), out, cfg, report_dir, resume, not quiet, command))
+    v = res.best_metrics.get("valid", {})
+    vt = res.best_metrics.get("valid_tta", {})
+    click.echo(
+        f"wrote {res.model_path}: best epoch {res.best_epoch}, valid AUC {v.get('auc', float('nan')):.4f} "
+        f"(TTA {vt.get('auc', float('nan')):.4f}), accuracy {v.get('accuracy', float('nan')):.4f}"
+    )
+
+
+@main.command()
+@click.argument("data", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("explore"), help="folder for figures")
+def explore(data: tuple[Path, ...], out_dir: Path) -> None:
+    """Figures of a data set before training: labels, sample patches, colour histograms."""
+    from .io.datasets import open_patch_data
+    from .train.plots import explore as run_explore
+
+    def go() -> list[Path]:
+        sets = [ps for d in data for ps in open_patch_data(d).splits.values()]
+        return run_explore(sets, out_dir)
+
+    for p in _run(go):
+        click.echo(str(p))
+
+
+@main.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None, help="model file (default: bundled)")
+@click.option("--split", type=click.Choice(["auto", "train", "valid", "test"]), default="auto",
+              help="auto: test, else valid, else train")
+@click.option("--tta", is_flag=True, help="average the 8 rotations/flips")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_SCAN.device)
+@click.option("--batch-size", type=int, default=_SCAN.batch_size)
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def evaluate(data: Path, model_path: Path | None, split: str, tta: bool, as_json: bool, device: str, batch_size: int, quiet: bool) -> None:
+    """Score a model on labelled patches: AUC, accuracy, sensitivity, specificity."""
+    from .errors import DataError
+    from .io.checkpoint import load_model
+    from .io.datasets import open_patch_data
+    from .train.evaluate import evaluate_patchset
+
+    def go() -> Any:
+        pd = open_patch_data(data)
+        name = split
+        if split == "auto":
+            name = next((s for s in ("test", "valid", "train") if s in pd.splits), "")
+        if name not in pd.splits:
+            raise DataError(f"{data}: no {split!r} split; found {', '.join(pd.splits) or 'none'}")
+        model = load_model(model_path)
+        ev = evaluate_patchset(model, pd.splits[name], device, batch_size, tta, progress=not quiet and not as_json)
+        return ev, model
+
+    ev, model = _run(go)
+    d = {**ev.to_dict(), "model": model.card.name, "model_path": model.path}
+    if as_json:
+        click.echo(json.dumps(d))
+        return
+    m = ev.metrics
+    click.echo(f"{ev.dataset}: n={m.n}  AUC {m.auc:.4f}  accuracy {m.accuracy:.4f}  "
+               f"sensitivity {m.sensitivity:.4f}  specificity {m.specificity:.4f}  (threshold {m.threshold}, TTA {'on' if tta else 'off'})")
+    click.echo(f"confusion matrix [[TN FP] [FN TP]]: [[{m.tn} {m.fp}] [{m.fn} {m.tp}]]")

@@ -1,0 +1,142 @@
+"""Pure frame conversions. The only module that converts between frames.
+
+Frames: ``l0_`` level-0 pixels of the slide; ``lv_`` pixels of one pyramid level; ``tgt_`` pixels
+at the model's mpp, relative to the grid origin; ``cell_`` heatmap (row, col); ``mask_`` tissue
+mask pixels. Locations are floored and sizes ceiled; downsamples are floats, never int()-ed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import MppError
+
+#: a level this close to the target counts as "at the target" (metadata rounding)
+LEVEL_MPP_SLACK = 1e-3
+
+
+@dataclass(frozen=True)
+class GridGeometry:
+    """The heatmap's cell grid and its exact mapping to level 0.
+
+    Cell (r, c) is the level-0 rectangle x in [x0 + c*sx, x0 + (c+1)*sx), y in
+    [y0 + r*sy, y0 + (r+1)*sy): the central ``cell_px`` square of the ``patch_px`` window the
+    model sees, at ``target_mpp``.
+    """
+
+    l0_origin_xy: tuple[int, int]
+    l0_cell_size_xy: tuple[float, float]
+    shape_rc: tuple[int, int]
+    cell_px: int
+    patch_px: int
+    target_mpp: float
+
+    @property
+    def margin_px(self) -> int:
+        return (self.patch_px - self.cell_px) // 2
+
+    @property
+    def l0_per_tgt_xy(self) -> tuple[float, float]:
+        return (self.l0_cell_size_xy[0] / self.cell_px, self.l0_cell_size_xy[1] / self.cell_px)
+
+    def cell_to_l0_rect(self, r: int, c: int) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) of cell (r, c) in level-0 pixels (half-open)."""
+        (ox, oy), (sx, sy) = self.l0_origin_xy, self.l0_cell_size_xy
+        return (ox + c * sx, oy + r * sy, ox + (c + 1) * sx, oy + (r + 1) * sy)
+
+    def l0_to_cell(self, l0_x: float, l0_y: float) -> tuple[int, int]:
+        """The (row, col) of the cell holding a level-0 point (may lie outside the grid)."""
+        (ox, oy), (sx, sy) = self.l0_origin_xy, self.l0_cell_size_xy
+        return (math.floor((l0_y - oy) / sy), math.floor((l0_x - ox) / sx))
+
+    def tgt_to_l0(self, tgt_x: float, tgt_y: float) -> tuple[float, float]:
+        fx, fy = self.l0_per_tgt_xy
+        return (self.l0_origin_xy[0] + tgt_x * fx, self.l0_origin_xy[1] + tgt_y * fy)
+
+    def block_tgt_box(self, r0: int, c0: int, nr: int, nc: int) -> tuple[int, int, int, int]:
+        """Target-frame box (x0, y0, x1, y1) of the windows of cells [r0, r0+nr) x [c0, c0+nc)."""
+        m, p = self.margin_px, self.cell_px
+        return (c0 * p - m, r0 * p - m, (c0 + nc) * p + m, (r0 + nr) * p + m)
+
+    def block_l0_box(self, r0: int, c0: int, nr: int, nc: int) -> tuple[float, float, float, float]:
+        x0, y0, x1, y1 = self.block_tgt_box(r0, c0, nr, nc)
+        a = self.tgt_to_l0(x0, y0)
+        b = self.tgt_to_l0(x1, y1)
+        return (a[0], a[1], b[0], b[1])
+
+
+def plan_grid(
+    l0_bounds_xywh: tuple[int, int, int, int],
+    mpp_xy: tuple[float, float],
+    target_mpp: float,
+    cell_px: int,
+    patch_px: int,
+) -> GridGeometry:
+    """Cells covering the slide's bounds, starting at the bounds' origin."""
+    bx, by, bw, bh = l0_bounds_xywh
+    sx = cell_px * target_mpp / mpp_xy[0]
+    sy = cell_px * target_mpp / mpp_xy[1]
+    shape = (max(1, math.ceil(bh / sy - 1e-9)), max(1, math.ceil(bw / sx - 1e-9)))
+    return GridGeometry((bx, by), (sx, sy), shape, cell_px, patch_px, target_mpp)
+
+
+def level_mpp(mpp_xy: tuple[float, float], downsample_xy: tuple[float, float]) -> tuple[float, float]:
+    return (mpp_xy[0] * downsample_xy[0], mpp_xy[1] * downsample_xy[1])
+
+
+def choose_level(downsamples_xy: Sequence[tuple[float, float]], mpp_xy: tuple[float, float], target_mpp: float) -> int:
+    """The coarsest level at or finer than ``target_mpp`` (level 0 when every level is coarser)."""
+    best = 0
+    for i, ds in enumerate(downsamples_xy):
+        lx, ly = level_mpp(mpp_xy, ds)
+        if max(lx, ly) <= target_mpp * (1 + LEVEL_MPP_SLACK) and ds[0] >= downsamples_xy[best][0]:
+            best = i
+    return best
+
+
+def check_resolution(mpp_xy: tuple[float, float], target_mpp: float, max_upsample: float, where: str) -> None:
+    coarse = max(mpp_xy)
+    if coarse > target_mpp * max_upsample:
+        raise MppError(
+            f"{where}: slide is too coarse for the model: level 0 has {coarse:.4g} um/px but the model "
+            f"needs {target_mpp:.4g} um/px (at most {max_upsample:g}x upsampling); rescan at higher "
+            "magnification, or check --mpp if the recorded pixel size is wrong"
+        )
+
+
+def level_read_plan(
+    l0_box: tuple[float, float, float, float], downsample_xy: tuple[float, float], pad_lv: int
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Integer level-0 location and level size of a read that covers ``l0_box`` plus ``pad_lv``.
+
+    The size allows for a backend starting the read up to one level pixel before the location.
+    """
+    dx, dy = downsample_xy
+    lv_x0 = math.floor(l0_box[0] / dx) - pad_lv
+    lv_y0 = math.floor(l0_box[1] / dy) - pad_lv
+    l0_x = math.floor(lv_x0 * dx)
+    l0_y = math.floor(lv_y0 * dy)
+    w = math.ceil(l0_box[2] / dx) + pad_lv - math.floor(l0_x / dx) + 1
+    h = math.ceil(l0_box[3] / dy) + pad_lv - math.floor(l0_y / dy) + 1
+    return (l0_x, l0_y), (w, h)
+
+
+def box_in_read(
+    l0_box: tuple[float, float, float, float], downsample_xy: tuple[float, float], lv_origin_xy: tuple[float, float]
+) -> tuple[float, float, float, float]:
+    """``l0_box`` in the pixel frame of a read whose corner lies at ``lv_origin_xy``."""
+    dx, dy = downsample_xy
+    ox, oy = lv_origin_xy
+    return (l0_box[0] / dx - ox, l0_box[1] / dy - oy, l0_box[2] / dx - ox, l0_box[3] / dy - oy)
+
+
+def blocks(shape_rc: tuple[int, int], block_cells: int) -> list[tuple[int, int, int, int]]:
+    """(r0, c0, nr, nc) of the blocks tiling the grid, row-major."""
+    rows, cols = shape_rc
+    return [
+        (r0, c0, min(block_cells, rows - r0), min(block_cells, cols - c0))
+        for r0 in range(0, rows, block_cells)
+        for c0 in range(0, cols, block_cells)
+    ]

@@ -1,0 +1,50 @@
+"""Which cells and blocks hold tissue. Pure."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .geometry import GridGeometry, blocks
+from .tissue import TissueMask
+
+
+def cell_tissue_fraction(grid: GridGeometry, tissue: TissueMask) -> np.ndarray:
+    """Share of each cell's level-0 rectangle that the tissue mask covers, (rows, cols) float32.
+
+    Cell edges are mapped to the nearest mask pixel edge; a summed-area table then gives every
+    cell's tissue count in O(1).
+    """
+    rows, cols = grid.shape_rc
+    m = tissue.mask.astype(np.float64)
+    sat = np.zeros((m.shape[0] + 1, m.shape[1] + 1))
+    sat[1:, 1:] = m.cumsum(0).cumsum(1)
+    (ox, oy), (sx, sy) = grid.l0_origin_xy, grid.l0_cell_size_xy
+    kx, ky = tissue.l0_per_mask_xy
+    xs = np.clip(np.rint((ox + np.arange(cols + 1) * sx) / kx), 0, m.shape[1]).astype(np.int64)
+    ys = np.clip(np.rint((oy + np.arange(rows + 1) * sy) / ky), 0, m.shape[0]).astype(np.int64)
+    # cells smaller than a mask pixel still look at the pixel under them
+    xe = np.maximum(xs[1:], np.minimum(xs[:-1] + 1, m.shape[1]))
+    ye = np.maximum(ys[1:], np.minimum(ys[:-1] + 1, m.shape[0]))
+    y0, y1 = ys[:-1, None], ye[:, None]
+    x0, x1 = xs[None, :-1], xe[None, :]
+    count = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
+    area = (y1 - y0) * (x1 - x0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(area > 0, count / np.maximum(area, 1), 0.0)
+    return frac.astype(np.float32)
+
+
+def tissue_cells(grid: GridGeometry, tissue: TissueMask, min_fraction: float) -> np.ndarray:
+    frac = cell_tissue_fraction(grid, tissue)
+    return (frac >= min_fraction) & (frac > 0)
+
+
+def tissue_blocks(cells: np.ndarray, block_cells: int) -> list[tuple[int, int, int, int]]:
+    """Blocks (r0, c0, nr, nc) that contain at least one tissue cell."""
+    return [b for b in blocks(cells.shape, block_cells) if cells[b[0] : b[0] + b[2], b[1] : b[1] + b[3]].any()]
+
+
+def block_count(shape_rc: tuple[int, int], block_cells: int) -> int:
+    return math.ceil(shape_rc[0] / block_cells) * math.ceil(shape_rc[1] / block_cells)

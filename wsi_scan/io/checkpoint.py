@@ -1,0 +1,169 @@
+"""Model files: weights plus their card, loaded without executing code.
+
+Formats, by extension:
+- ``.pt`` / ``.pth``: a torch zip holding ``{"card": <json>, "state_dict": ...}``, read with
+  ``torch.load(weights_only=True)`` so a pickle that would run code is refused;
+- ``.safetensors``: tensors plus the card JSON in the header metadata (key ``wsi_scan_card``);
+- ``.ts`` / ``.torchscript``: a TorchScript module from elsewhere with its card in a JSON file
+  beside it (``model.ts`` -> ``model.json``); it always runs in patch mode.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError
+from ..model.card import ModelCard
+
+BUNDLED_MODEL = "default.safetensors"
+CARD_KEY = "wsi_scan_card"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    net: Any  # torch.nn.Module in eval mode
+    card: ModelCard
+    path: str
+    sha256: str
+
+
+def bundled_model_path() -> Path:
+    return Path(str(resources.files("wsi_scan.model").joinpath(BUNDLED_MODEL)))
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_model(path: str | Path, net: Any, card: ModelCard) -> Path:
+    """Write weights and card; the format follows the extension (.pt or .safetensors)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp), metadata={CARD_KEY: card.to_json()})
+    else:
+        torch.save({"card": card.to_json(), "state_dict": state}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def _read_weights(path: Path) -> tuple[ModelCard, dict[str, Any]]:
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelError(f"{path}: not a readable safetensors file ({exc})") from None
+        if CARD_KEY not in meta:
+            raise ModelError(
+                f"{path}: safetensors file has no '{CARD_KEY}' metadata; a model must carry "
+                "its card (train it with `wsi-scan train`)"
+            )
+        return ModelCard.from_json(meta[CARD_KEY]), state
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe pickle"
+        raise ModelError(
+            f"{path}: refused to load, the file needs code to be executed to unpickle "
+            f"({first[:160]}); only weights with a card are accepted"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: not a readable model file ({msg[:160]})") from None
+    if not isinstance(obj, dict) or "card" not in obj or "state_dict" not in obj:
+        raise ModelError(
+            f"{path}: expected a dict with 'card' and 'state_dict', found "
+            f"{type(obj).__name__}{' with keys ' + ', '.join(map(str, obj)) if isinstance(obj, dict) else ''}"
+        )
+    card = obj["card"]
+    card = ModelCard.from_json(card) if isinstance(card, str) else ModelCard.from_dict(card)
+    return card, obj["state_dict"]
+
+
+def _load_torchscript(path: Path) -> tuple[Any, ModelCard]:
+    import torch
+
+    card_path = path.with_suffix(".json")
+    if not card_path.is_file():
+        raise ModelError(
+            f"{path}: a TorchScript model needs its card beside it as {card_path.name} "
+            "(JSON with arch, input_px, mpp, mean, std, threshold)"
+        )
+    card = ModelCard.from_json(card_path.read_text())
+    try:
+        net = torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise ModelError(f"{path}: not a readable TorchScript file ({str(exc)[:160]})") from None
+    from ..model.nets import PatchClassifier
+
+    class _Flat(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.inner(x)
+            return out.reshape(x.shape[0], -1)[:, -1:]  # last logit is the tumour class
+
+    card = ModelCard.from_dict({**card.to_dict(), "dense_exact": False})
+    return PatchClassifier(_Flat(net)).eval(), card
+
+
+def load_model(path: str | Path | None = None) -> LoadedModel:
+    """Load a model file (or the bundled default) in eval mode on the CPU."""
+    from ..model.nets import build_network
+
+    p = Path(path) if path is not None else bundled_model_path()
+    if not p.exists():
+        if path is None:
+            raise ModelError(
+                f"the bundled default model is missing ({p}); reinstall wsi-scan or pass --model"
+            )
+        raise ModelError(f"model file {p} does not exist; pass an existing file to --model")
+    if p.is_dir():
+        raise ModelError(f"model path {p} is a directory; expected a .pt, .safetensors or .ts file")
+    if p.suffix in (".ts", ".torchscript"):
+        net, card = _load_torchscript(p)
+        return LoadedModel(net=net, card=card, path=str(p), sha256=_sha256(p))
+    card, state = _read_weights(p)
+    net = build_network(card.arch, **card.arch_kwargs)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(
+            f"{p}: weights do not match architecture {card.arch!r} "
+            f"({str(exc).splitlines()[0][:160]})"
+        ) from None
+    net.eval()
+    if card.dense_exact != bool(getattr(net, "dense_exact", False)):
+        card = ModelCard.from_dict({**card.to_dict(), "dense_exact": bool(net.dense_exact)})
+    return LoadedModel(net=net, card=card, path=str(p.resolve()), sha256=_sha256(p))
+
+
+def card_summary(card: ModelCard) -> dict[str, Any]:
+    """The card as plain JSON-able data (what goes into heatmap attrs)."""
+    return json.loads(card.to_json())

@@ -1,0 +1,232 @@
+"""Labelled patch data sets on disk, in the two layouts the field uses.
+
+- Kaggle "Histopathologic Cancer Detection": ``<split>_labels.csv`` (``id,label``) beside a
+  folder ``<split>/`` of ``<id>.tif`` (or .tiff/.png/.jpg/.jpeg/.webp) 96x96 RGB patches.
+  ``train`` is required; ``valid`` and ``test``, when present, are given splits.
+- PCam HDF5: ``camelyonpatch_level_2_split_<split>_{x,y}.h5`` (or ``.h5.gz``), read lazily.
+
+Both give a ``PatchSet``: a length, labels as an array, and ``read(i)`` returning one patch as
+a (96, 96, 3) uint8 array. Files are opened on first use, so a set can be sent to a
+DataLoader worker process.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+
+IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".webp")
+H5_PREFIX = "camelyonpatch_level_2_split_"
+SPLITS = ("train", "valid", "test")
+PATCH_SHAPE = (96, 96, 3)
+
+
+class PatchSet:
+    """A labelled set of 96x96 RGB patches."""
+
+    name: str
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def read(self, i: int) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        pos = int(self.labels.sum())
+        return {"name": self.name, "n": len(self), "positive": pos, "negative": len(self) - pos}
+
+
+def _check_patch(arr: np.ndarray, where: str) -> np.ndarray:
+    if arr.shape != PATCH_SHAPE or arr.dtype != np.uint8:
+        raise DataError(
+            f"{where}: expected a 96x96 RGB 8-bit patch, found shape {arr.shape} {arr.dtype}"
+        )
+    return arr
+
+
+class KagglePatches(PatchSet):
+    def __init__(self, root: Path, split: str, ids: list[str], files: list[str], labels: np.ndarray):
+        self.root = root
+        self.split = split
+        self.ids = ids
+        self.files = files
+        self.labels = labels
+        self.name = f"{root.name}/{split}"
+
+    def read(self, i: int) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.root / self.split / self.files[i]
+        try:
+            with Image.open(path) as im:
+                if im.mode != "RGB":
+                    raise DataError(f"{path}: expected an RGB patch, found mode {im.mode}")
+                arr = np.asarray(im)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"{path}: not a readable image ({exc})") from None
+        return _check_patch(arr, str(path))
+
+
+def _read_labels_csv(csv_path: Path) -> tuple[list[str], np.ndarray]:
+    ids: list[str] = []
+    labels: list[int] = []
+    with csv_path.open(newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None or [h.strip().lower() for h in header[:2]] != ["id", "label"]:
+            raise DataError(f"{csv_path}: expected a header 'id,label', found {header}")
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) < 2:
+                raise DataError(f"{csv_path}:{lineno}: expected 'id,label', found {row}")
+            ident, lab = row[0].strip(), row[1].strip()
+            if lab not in ("0", "1"):
+                raise DataError(f"{csv_path}:{lineno}: label must be 0 or 1, found {lab!r} for {ident}")
+            ids.append(ident)
+            labels.append(int(lab))
+    if not ids:
+        raise DataError(f"{csv_path}: no labelled rows")
+    return ids, np.asarray(labels, dtype=np.int64)
+
+
+def _kaggle_split(root: Path, split: str) -> KagglePatches:
+    csv_path = root / f"{split}_labels.csv"
+    img_dir = root / split
+    if not img_dir.is_dir():
+        raise DataError(f"{csv_path} has no image folder {img_dir} beside it")
+    ids, labels = _read_labels_csv(csv_path)
+    by_stem: dict[str, str] = {}
+    with os.scandir(img_dir) as it:
+        for entry in it:
+            stem, ext = os.path.splitext(entry.name)
+            if ext.lower() in IMAGE_EXTS:
+                by_stem[stem] = entry.name
+    files: list[str] = []
+    missing: list[str] = []
+    for ident in ids:
+        name = by_stem.get(ident)
+        if name is None:
+            missing.append(ident)
+        else:
+            files.append(name)
+    if missing:
+        raise DataError(
+            f"{csv_path}: {len(missing)} id(s) have no image in {img_dir} "
+            f"(first: {missing[0]!r}; looked for {', '.join(IMAGE_EXTS)})"
+        )
+    return KagglePatches(root, split, ids, files, labels)
+
+
+class H5Patches(PatchSet):
+    def __init__(self, x_path: Path, y_path: Path, split: str):
+        import h5py
+
+        self.x_path = x_path
+        self.y_path = y_path
+        self.split = split
+        self.name = f"pcam-h5/{split}"
+        try:
+            with h5py.File(y_path, "r") as fy:
+                y = np.asarray(fy["y"]).reshape(-1)
+            with h5py.File(x_path, "r") as fx:
+                shape = fx["x"].shape
+        except (OSError, KeyError) as exc:
+            raise DataError(f"{x_path.parent}: not a readable PCam HDF5 pair ({exc})") from None
+        if tuple(shape[1:]) != PATCH_SHAPE:
+            raise DataError(f"{x_path}: expected x of shape (N, 96, 96, 3), found {shape}")
+        if shape[0] != y.shape[0]:
+            raise DataError(f"{x_path}: {shape[0]} patches but {y.shape[0]} labels in {y_path}")
+        bad = np.flatnonzero((y != 0) & (y != 1))
+        if bad.size:
+            raise DataError(f"{y_path}: label at index {bad[0]} is {y[bad[0]]}, expected 0 or 1")
+        self.labels = y.astype(np.int64)
+        self._fh: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_fh"] = None  # h5py handles do not cross processes; each worker opens its own
+        return state
+
+    def read(self, i: int) -> np.ndarray:
+        import h5py
+
+        if self._fh is None:
+            self._fh = h5py.File(self.x_path, "r")
+        return _check_patch(np.asarray(self._fh["x"][i]), f"{self.x_path}[{i}]")
+
+
+def _gunzip_cached(path: Path, cache_dir: Path) -> Path:
+    """HDF5 cannot be read lazily through gzip: decompress once into a cache."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    st = path.stat()
+    out = cache_dir / f"{path.stem}.{st.st_size}.{int(st.st_mtime)}"
+    if not out.exists():
+        tmp = out.with_name(out.name + ".part")
+        with gzip.open(path, "rb") as src, tmp.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+        tmp.replace(out)
+    return out
+
+
+def _h5_file(root: Path, split: str, xy: str, cache_dir: Path) -> Path | None:
+    plain = root / f"{H5_PREFIX}{split}_{xy}.h5"
+    if plain.is_file():
+        return plain
+    gz = root / f"{H5_PREFIX}{split}_{xy}.h5.gz"
+    if gz.is_file():
+        return _gunzip_cached(gz, cache_dir)
+    return None
+
+
+@dataclass(frozen=True)
+class PatchData:
+    """The splits found in one data folder."""
+
+    root: str
+    layout: str  # "kaggle" or "pcam-h5"
+    splits: dict[str, PatchSet] = field(default_factory=dict)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("WSI_SCAN_CACHE", Path.home() / ".cache" / "wsi-scan"))
+
+
+def open_patch_data(folder: str | Path, cache_dir: Path | None = None) -> PatchData:
+    """Detect the layout of ``folder`` and open every split it has."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist or is not a directory")
+    if any(root.glob(f"{H5_PREFIX}*")):
+        cache = cache_dir or default_cache_dir() / "h5"
+        h5_splits: dict[str, PatchSet] = {}
+        for split in SPLITS:
+            x = _h5_file(root, split, "x", cache)
+            y = _h5_file(root, split, "y", cache)
+            if x is None and y is None:
+                continue
+            if x is None or y is None:
+                raise DataError(f"{root}: split {split!r} has only one of its _x/_y HDF5 files")
+            h5_splits[split] = H5Patches(x, y, split)
+        return PatchData(str(root), "pcam-h5", h5_splits)
+    kaggle: dict[str, PatchSet] = {}
+    for split in SPLITS:
+        if (root / f"{split}_labels.csv").is_file():
+            kaggle[split] = _kaggle_split(root, split)
+    if not kaggle:
+        raise DataError(
+            f"{root}: no data set found; expected train_labels.csv with a train/ folder (Kaggle "
+            f"layout) or {H5_PREFIX}<split>_x.h5 files (PCam HDF5)"
+        )
+    return PatchData(str(root), "kaggle", kaggle)

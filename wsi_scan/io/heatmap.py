@@ -1,0 +1,235 @@
+"""The heatmap store: OME-Zarr 0.5 on zarr v3 (DESIGN section 5), writer and reader.
+
+Layout::
+
+    heatmap.zarr/            group; attrs "ome" (multiscales) and "wsi_scan" (the contract)
+      0, 1, 2, ...           float32 tumour probability per cell, NaN off tissue; 1+ are 2x means
+      labels/tissue/0        uint8 tissue label on the same cell grid (1 = scanned tissue)
+
+OME transforms put each cell's centre where a viewer that shows the slide at
+``scale = mpp`` (pixel centres at integer indices) puts the centre of that cell's level-0
+rectangle, so slide and heatmap overlay exactly in napari. The store is written under a hidden
+temporary name beside the target and renamed once complete, with ``status = "complete"``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import HeatmapError, OutputExistsError
+from ..geometry import GridGeometry
+
+FORMAT_VERSION = 1
+OME_VERSION = "0.5"
+MIN_LEVEL_SIZE = 64  # stop the pyramid once a level fits in this many cells per side
+
+
+def check_output(out: Path, overwrite: bool, slide_path: str | None = None) -> None:
+    """Refuse to clobber an existing output (or the slide) before any work is done."""
+    if slide_path is not None and out.resolve() == Path(slide_path).resolve():
+        raise OutputExistsError(f"--out {out} is the slide itself; a slide is never written to")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it or choose another --out")
+    if not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _pyramid(probs: np.ndarray) -> list[np.ndarray]:
+    levels = [probs]
+    while max(levels[-1].shape) > MIN_LEVEL_SIZE:
+        a = levels[-1]
+        h, w = a.shape
+        pad = np.full((h + h % 2, w + w % 2), np.nan, dtype=np.float32)
+        pad[:h, :w] = a
+        blocks = pad.reshape(pad.shape[0] // 2, 2, pad.shape[1] // 2, 2)
+        valid = ~np.isnan(blocks)
+        n = valid.sum(axis=(1, 3))
+        s = np.where(valid, blocks, 0).sum(axis=(1, 3))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            levels.append(np.where(n > 0, s / np.maximum(n, 1), np.nan).astype(np.float32))
+    return levels
+
+
+def ome_multiscales(grid: GridGeometry, mpp_xy: tuple[float, float], n_levels: int, name: str) -> list[dict[str, Any]]:
+    sx_um = grid.l0_cell_size_xy[0] * mpp_xy[0]
+    sy_um = grid.l0_cell_size_xy[1] * mpp_xy[1]
+    datasets = []
+    for k in range(n_levels):
+        f = 2**k
+        # centre of level-k pixel 0 = centre of its first cell block, in the slide's
+        # pixel-centre world frame: (l0 continuous coordinate - 0.5) * mpp
+        tx = (grid.l0_origin_xy[0] + f * grid.l0_cell_size_xy[0] / 2 - 0.5) * mpp_xy[0]
+        ty = (grid.l0_origin_xy[1] + f * grid.l0_cell_size_xy[1] / 2 - 0.5) * mpp_xy[1]
+        datasets.append(
+            {
+                "path": str(k),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [sy_um * f, sx_um * f]},
+                    {"type": "translation", "translation": [ty, tx]},
+                ],
+            }
+        )
+    return [
+        {
+            "name": name,
+            "axes": [
+                {"name": "y", "type": "space", "unit": "micrometer"},
+                {"name": "x", "type": "space", "unit": "micrometer"},
+            ],
+            "datasets": datasets,
+        }
+    ]
+
+
+def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(min(512, max(1, s)) for s in shape)
+
+
+def write_heatmap(
+    out: Path,
+    probs: np.ndarray,
+    tissue: np.ndarray,
+    grid: GridGeometry,
+    mpp_xy: tuple[float, float],
+    attrs: Mapping[str, Any],
+    overwrite: bool = False,
+) -> Path:
+    """Write the store under a temporary name and move it into place once complete."""
+    import zarr
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        levels = _pyramid(probs.astype(np.float32))
+        for k, arr in enumerate(levels):
+            z = root.create_array(str(k), shape=arr.shape, chunks=_chunks(arr.shape), dtype="float32",
+                                  fill_value=float("nan"), dimension_names=["y", "x"])
+            z[...] = arr
+        labels = root.create_group("labels")
+        labels.attrs["ome"] = {"version": OME_VERSION, "labels": ["tissue"]}
+        lab = labels.create_group("tissue")
+        zt = lab.create_array("0", shape=tissue.shape, chunks=_chunks(tissue.shape), dtype="uint8",
+                              fill_value=0, dimension_names=["y", "x"])
+        zt[...] = tissue.astype(np.uint8)
+        lab.attrs["ome"] = {
+            "version": OME_VERSION,
+            "multiscales": ome_multiscales(grid, mpp_xy, 1, "tissue"),
+            "image-label": {
+                "version": OME_VERSION,
+                "colors": [{"label-value": 1, "rgba": [0, 160, 0, 255]}],
+                "properties": [{"label-value": 1, "name": "tissue"}],
+                "source": {"image": "../../"},
+            },
+        }
+        name = str(attrs.get("slide", {}).get("name", "heatmap"))
+        meta = dict(attrs)
+        meta["status"] = "writing"
+        root.attrs.update({"ome": {"version": OME_VERSION, "multiscales": ome_multiscales(grid, mpp_xy, len(levels), f"{name} tumour probability")}, "wsi_scan": meta})
+        meta["status"] = "complete"  # last: a store without it was interrupted
+        root.attrs["wsi_scan"] = meta
+        if out.exists():
+            # overwrite: move the old store aside first so the switch is one rename
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """A heatmap read back: probabilities per cell and the mapping to the slide."""
+
+    path: str
+    probs: np.ndarray  # (rows, cols) float32, NaN off tissue
+    tissue: np.ndarray  # (rows, cols) bool
+    grid: GridGeometry
+    attrs: dict[str, Any]
+
+    @property
+    def mpp_xy(self) -> tuple[float, float]:
+        x, y = self.attrs["slide"]["mpp_xy"]
+        return (float(x), float(y))
+
+    @property
+    def threshold(self) -> float:
+        return float(self.attrs["model"].get("threshold", 0.5))
+
+    def cell_to_l0_rect(self, r: int, c: int) -> tuple[float, float, float, float]:
+        return self.grid.cell_to_l0_rect(r, c)
+
+    def l0_to_cell(self, l0_x: float, l0_y: float) -> tuple[int, int]:
+        return self.grid.l0_to_cell(l0_x, l0_y)
+
+    def cell_area_um2(self) -> float:
+        sx, sy = self.grid.l0_cell_size_xy
+        mx, my = self.mpp_xy
+        return sx * mx * sy * my
+
+
+def grid_from_attrs(g: Mapping[str, Any]) -> GridGeometry:
+    return GridGeometry(
+        l0_origin_xy=(int(g["l0_origin_xy"][0]), int(g["l0_origin_xy"][1])),
+        l0_cell_size_xy=(float(g["l0_cell_size_xy"][0]), float(g["l0_cell_size_xy"][1])),
+        shape_rc=(int(g["shape_rc"][0]), int(g["shape_rc"][1])),
+        cell_px=int(g["cell_px"]),
+        patch_px=int(g["patch_px"]),
+        target_mpp=float(g["target_mpp"]),
+    )
+
+
+def read_attrs(path: str | Path) -> dict[str, Any] | None:
+    """The ``wsi_scan`` attrs of a store, or None where there is no readable store."""
+    import zarr
+
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except Exception:  # noqa: BLE001 - any unreadable store is "not there"
+        return None
+    meta = root.attrs.get("wsi_scan")
+    return dict(meta) if isinstance(meta, Mapping) else None
+
+
+def open_heatmap(path: str | Path) -> Heatmap:
+    """Open a complete heatmap store; raises HeatmapError for anything else."""
+    import zarr
+
+    p = Path(path)
+    if not p.exists():
+        raise HeatmapError(f"heatmap {p} does not exist")
+    try:
+        root = zarr.open_group(str(p), mode="r")
+        meta = dict(root.attrs["wsi_scan"])
+    except Exception as exc:  # noqa: BLE001
+        raise HeatmapError(f"{p}: not a wsi-scan heatmap store ({type(exc).__name__}: {exc})") from None
+    if meta.get("status") != "complete":
+        raise HeatmapError(f"{p}: heatmap is incomplete (status {meta.get('status')!r}); rerun the scan")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise HeatmapError(f"{p}: format_version {meta.get('format_version')} is newer than this wsi-scan understands ({FORMAT_VERSION})")
+    grid = grid_from_attrs(meta["grid"])
+    probs = np.asarray(root["0"][...], dtype=np.float32)
+    tissue = np.asarray(root["labels/tissue/0"][...]).astype(bool)
+    if probs.shape != grid.shape_rc:
+        raise HeatmapError(f"{p}: array shape {probs.shape} disagrees with grid shape_rc {grid.shape_rc}")
+    return Heatmap(str(p), probs, tissue, grid, meta)
+
+
+def finite_or_none(x: float) -> float | None:
+    return None if (x is None or not math.isfinite(x)) else float(x)

@@ -1,0 +1,255 @@
+"""Opening slides: one ``Slide`` interface, an OpenSlide and a tifffile backend.
+
+All locations are level-0 pixels (x, y); sizes are (width, height). A level's downsample is
+kept as a float per axis and never rounded: pyramids go 1, 4, 16, 32 or 1, 3.9998, ...
+
+``read_region`` returns the pixels together with the exact position of their top-left corner
+in the level's own frame (``lv_origin_xy``). OpenSlide starts a read at level position
+``l0_xy / downsample`` (sub-pixel), tifffile at whole level pixels; carrying the true origin
+lets the resampler place every pixel exactly, whichever backend read it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import SlideFormatError, SlideNotFoundError, UsageError
+
+SLIDE_EXTS = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".czi", ".qptiff",
+)
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+@dataclass(frozen=True)
+class Level:
+    size_wh: tuple[int, int]
+    downsample_xy: tuple[float, float]  # level-0 px per level px
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    path: str
+    backend: str
+    vendor: str
+    levels: tuple[Level, ...]
+    l0_bounds_xywh: tuple[int, int, int, int]  # region holding image data (OpenSlide bounds)
+    size_bytes: int
+    metadata: Mapping[str, str] = field(default_factory=dict)  # raw properties for mpp and info
+
+    @property
+    def level0_size_wh(self) -> tuple[int, int]:
+        return self.levels[0].size_wh
+
+
+@dataclass(frozen=True)
+class Region:
+    rgb: np.ndarray  # (h, w, 3) uint8, white where the slide has no data
+    lv_origin_xy: tuple[float, float]  # top-left corner of rgb[0, 0] in the level frame
+
+
+class Slide(Protocol):
+    info: SlideInfo
+
+    def read_region(self, l0_xy: tuple[int, int], level: int, lv_size_wh: tuple[int, int]) -> Region: ...
+
+    def close(self) -> None: ...
+
+
+def _flatten_alpha(rgba: np.ndarray) -> np.ndarray:
+    """Composite premultiplied-free RGBA on white: OpenSlide marks 'no data' as transparent."""
+    if rgba.shape[-1] == 3:
+        return rgba
+    a = rgba[..., 3:4].astype(np.uint16)
+    rgb = rgba[..., :3].astype(np.uint16)
+    if int(a.min()) == 255:
+        return np.ascontiguousarray(rgba[..., :3])
+    return ((rgb * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+class OpenSlideSlide:
+    def __init__(self, path: Path) -> None:
+        import openslide
+
+        try:
+            self._osr = openslide.OpenSlide(str(path))
+        except openslide.OpenSlideUnsupportedFormatError:
+            raise SlideFormatError(f"{path}: OpenSlide does not recognise this file as a slide") from None
+        except openslide.OpenSlideError as exc:
+            raise SlideFormatError(f"{path}: damaged or truncated slide ({exc})") from None
+        props = dict(self._osr.properties)
+        dims = self._osr.level_dimensions
+        ds = self._osr.level_downsamples
+        # OpenSlide converts level-0 locations with this one downsample per level; use it as is.
+        levels = tuple(Level((int(w), int(h)), (float(d), float(d))) for (w, h), d in zip(dims, ds))
+        w0, h0 = levels[0].size_wh
+        bx = int(props.get("openslide.bounds-x", 0))
+        by = int(props.get("openslide.bounds-y", 0))
+        bw = int(props.get("openslide.bounds-width", w0))
+        bh = int(props.get("openslide.bounds-height", h0))
+        self.info = SlideInfo(
+            path=str(path),
+            backend="openslide",
+            vendor=props.get("openslide.vendor", "unknown"),
+            levels=levels,
+            l0_bounds_xywh=(bx, by, bw, bh),
+            size_bytes=path.stat().st_size,
+            metadata=props,
+        )
+
+    def read_region(self, l0_xy: tuple[int, int], level: int, lv_size_wh: tuple[int, int]) -> Region:
+        import openslide
+
+        try:
+            img = self._osr.read_region((int(l0_xy[0]), int(l0_xy[1])), level, lv_size_wh)
+        except openslide.OpenSlideError as exc:
+            raise SlideFormatError(f"{self.info.path}: cannot read pixels, the file is damaged or truncated ({exc})") from None
+        d = self.info.levels[level].downsample_xy
+        return Region(_flatten_alpha(np.asarray(img)), (l0_xy[0] / d[0], l0_xy[1] / d[1]))
+
+    def close(self) -> None:
+        self._osr.close()
+
+
+def _tiff_metadata(tf: Any) -> dict[str, str]:
+    """Properties the mpp resolver understands, named as OpenSlide would name them."""
+    page = tf.pages[0]
+    meta: dict[str, str] = {}
+    desc = page.description or ""
+    if desc:
+        meta["tiff.ImageDescription"] = desc[:4000]
+    if desc.startswith("Aperio"):
+        meta["openslide.vendor"] = "aperio"
+        for part in desc.split("|")[1:]:
+            if "=" in part:
+                k, v = part.split("=", 1)
+                meta[f"aperio.{k.strip()}"] = v.strip()
+    for tag in ("XResolution", "YResolution", "ResolutionUnit"):
+        t = page.tags.get(tag)
+        if t is not None:
+            v = t.value
+            if isinstance(v, tuple) and len(v) == 2:
+                meta[f"tiff.{tag}"] = repr(v[0] / v[1]) if v[1] else "0"
+            elif tag == "ResolutionUnit":
+                meta["tiff.ResolutionUnit"] = {1: "none", 2: "inch", 3: "centimeter"}.get(int(v), str(v))
+            else:
+                meta[f"tiff.{tag}"] = str(v)
+    if tf.is_ome and tf.ome_metadata:
+        import re
+
+        for axis in ("X", "Y"):
+            m = re.search(rf'PhysicalSize{axis}="([0-9.eE+-]+)"', tf.ome_metadata)
+            if m:
+                meta[f"ome.PhysicalSize{axis}"] = m.group(1)
+                u = re.search(rf'PhysicalSize{axis}Unit="([^"]+)"', tf.ome_metadata)
+                meta[f"ome.PhysicalSize{axis}Unit"] = u.group(1) if u else "µm"
+    return meta
+
+
+class TiffFileSlide:
+    """Pyramidal TIFF / OME-TIFF read with tifffile; only the tiles a read touches are decoded."""
+
+    def __init__(self, path: Path) -> None:
+        import tifffile
+        import zarr
+
+        try:
+            self._tf = tifffile.TiffFile(str(path))
+            series = self._tf.series[0]
+            levels_arr = []
+            for lv in range(len(series.levels)):
+                store = series.aszarr(level=lv)
+                levels_arr.append(zarr.open_array(store, mode="r"))
+        except (tifffile.TiffFileError, ValueError, IndexError, KeyError, OSError) as exc:
+            raise SlideFormatError(f"{path}: not a readable TIFF slide ({exc})") from None
+        self._axes = series.axes
+        shapes = []
+        for arr in levels_arr:
+            h, w = self._hw(arr.shape)
+            shapes.append((w, h))
+        if "S" not in self._axes or len(levels_arr[0].shape) != 3:
+            raise SlideFormatError(f"{path}: expected an RGB image (axes YXS), found axes {self._axes}")
+        self._levels = levels_arr
+        w0, h0 = shapes[0]
+        levels = tuple(Level((w, h), (w0 / w, h0 / h)) for w, h in shapes)
+        self.info = SlideInfo(
+            path=str(path),
+            backend="tifffile",
+            vendor="ome-tiff" if self._tf.is_ome else ("aperio" if self._tf.is_svs else "generic-tiff"),
+            levels=levels,
+            l0_bounds_xywh=(0, 0, w0, h0),
+            size_bytes=path.stat().st_size,
+            metadata=_tiff_metadata(self._tf),
+        )
+
+    def _hw(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        return (shape[self._axes.index("Y")], shape[self._axes.index("X")])
+
+    def read_region(self, l0_xy: tuple[int, int], level: int, lv_size_wh: tuple[int, int]) -> Region:
+        lvl = self.info.levels[level]
+        dx, dy = lvl.downsample_xy
+        lx, ly = math.floor(l0_xy[0] / dx), math.floor(l0_xy[1] / dy)
+        w, h = lv_size_wh
+        W, H = lvl.size_wh
+        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + w, W), min(ly + h, H)
+        if x1 > x0 and y1 > y0:
+            arr = self._levels[level]
+            sl: list[slice] = [slice(None)] * len(self._axes)
+            sl[self._axes.index("Y")] = slice(y0, y1)
+            sl[self._axes.index("X")] = slice(x0, x1)
+            try:
+                data = np.asarray(arr[tuple(sl)])
+            except Exception as exc:  # codec and file errors of a damaged slide
+                raise SlideFormatError(f"{self.info.path}: cannot decode tiles, the file is damaged or truncated ({exc})") from None
+            if self._axes.index("S") == 0:
+                data = np.moveaxis(data, 0, -1)
+            out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = _flatten_alpha(data)[..., :3]
+        return Region(out, (float(lx), float(ly)))
+
+    def close(self) -> None:
+        self._tf.close()
+
+
+def _sniff(path: Path) -> None:
+    """Refuse what is clearly not a slide before a backend produces a confusing message."""
+    if not path.exists():
+        raise SlideNotFoundError(f"slide {path} does not exist; check the path")
+    if path.is_dir() and path.suffix.lower() != ".zarr":
+        raise SlideNotFoundError(f"slide {path} is a directory; expected a slide file (for a folder of slides, --out must be a folder)")
+    size = path.stat().st_size
+    if size == 0:
+        raise SlideFormatError(f"slide {path} is an empty file (0 bytes); expected a whole-slide image")
+
+
+def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> Slide:
+    """Open a slide with OpenSlide or tifffile; ``auto`` tries OpenSlide, then tifffile for TIFFs."""
+    p = Path(path)
+    _sniff(p)
+    if backend == "openslide":
+        return OpenSlideSlide(p)
+    if backend == "tifffile":
+        return TiffFileSlide(p)
+    if backend != "auto":
+        raise UsageError(f"backend must be auto, openslide or tifffile, found {backend!r}")
+    try:
+        return OpenSlideSlide(p)
+    except SlideFormatError as first:
+        with p.open("rb") as fh:
+            magic = fh.read(4)
+        if magic not in TIFF_MAGIC:
+            kind = "a PNG image" if magic == b"\x89PNG" else ("a JPEG image" if magic[:3] == b"\xff\xd8\xff" else "not a slide format")
+            raise SlideFormatError(
+                f"{p}: {kind}; expected a whole-slide image (SVS, NDPI, MRXS, SCN, DICOM, pyramidal TIFF)"
+            ) from None
+        try:
+            return TiffFileSlide(p)
+        except SlideFormatError:
+            raise first from None

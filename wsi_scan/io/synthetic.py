@@ -1,0 +1,118 @@
+"""Synthetic pyramidal TIFF slides with known content, for tests, benchmarks and demos.
+
+The scene is described in level-0 pixels (tissue rectangles, "tumour" rectangles painted in a
+distinct colour) and rendered tile by tile for every level, so slides far larger than memory
+can be written. Levels are consecutive tiled JPEG (or uncompressed) pages with real resolution
+tags, which OpenSlide (generic-tiff) and tifffile both read as a pyramid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+Box = tuple[int, int, int, int]  # l0 x0, y0, x1, y1 (half-open)
+
+BACKGROUND_RGB = (242, 242, 240)
+TISSUE_RGB = (232, 160, 205)  # eosin pink
+TUMOUR_RGB = (96, 40, 150)  # dense haematoxylin purple
+
+
+@dataclass(frozen=True)
+class SyntheticSlide:
+    size_wh: tuple[int, int]
+    mpp: float = 0.25
+    downsamples: tuple[int, ...] = (1, 4, 16)
+    tile_px: int = 256
+    compression: str | None = "jpeg"
+    quality: int = 90
+    tissue: tuple[Box, ...] = ()
+    tumour: tuple[Box, ...] = ()
+    noise: int = 12  # amplitude of per-pixel texture on tissue
+    seed: int = 0
+    resolution_unit: str | None = "CENTIMETER"  # None: write no physical pixel size
+    texture: np.ndarray | None = field(default=None, compare=False)  # optional RGB tile for tissue
+
+    def level_sizes(self) -> list[tuple[int, int]]:
+        w0, h0 = self.size_wh
+        return [(max(1, math.ceil(w0 / d)), max(1, math.ceil(h0 / d))) for d in self.downsamples]
+
+
+def _paint(spec: SyntheticSlide, lv_ds_xy: tuple[float, float], x0: int, y0: int, w: int, h: int) -> np.ndarray:
+    """Render level pixels [x0, x0+w) x [y0, y0+h); a pixel takes the colour at its l0 centre."""
+    dx, dy = lv_ds_xy
+    cx = (np.arange(x0, x0 + w) + 0.5) * dx
+    cy = (np.arange(y0, y0 + h) + 0.5) * dy
+    out = np.empty((h, w, 3), dtype=np.uint8)
+    out[:] = BACKGROUND_RGB
+    tissue = np.zeros((h, w), dtype=bool)
+    for bx0, by0, bx1, by1 in spec.tissue:
+        tissue |= ((cy >= by0) & (cy < by1))[:, None] & ((cx >= bx0) & (cx < bx1))[None, :]
+    if tissue.any():
+        if spec.texture is not None:
+            tex = spec.texture
+            ty = ((cy / dy).astype(np.int64) % tex.shape[0])
+            tx = ((cx / dx).astype(np.int64) % tex.shape[1])
+            out[tissue] = tex[ty[:, None], tx[None, :]][tissue]
+        else:
+            base = np.array(TISSUE_RGB, dtype=np.int16)
+            # texture that depends on level-0 position only, so every level shows the same tissue
+            ix = (cx // 7).astype(np.int64)[None, :]
+            iy = (cy // 7).astype(np.int64)[:, None]
+            hsh = (ix * 73856093 ^ iy * 19349663 ^ spec.seed * 83492791) % 1000
+            jitter = (hsh.astype(np.int16) * spec.noise // 1000 - spec.noise // 2)
+            tex = np.clip(base[None, None, :] + jitter[..., None], 0, 255).astype(np.uint8)
+            out[tissue] = tex[tissue]
+    for bx0, by0, bx1, by1 in spec.tumour:
+        m = ((cy >= by0) & (cy < by1))[:, None] & ((cx >= bx0) & (cx < bx1))[None, :]
+        out[m] = TUMOUR_RGB
+    return out
+
+
+def _tiles(spec: SyntheticSlide, level: int) -> Iterator[np.ndarray]:
+    w0, h0 = spec.size_wh
+    lw, lh = spec.level_sizes()[level]
+    ds = (w0 / lw, h0 / lh)
+    t = spec.tile_px
+    for ty in range(0, lh, t):
+        for tx in range(0, lw, t):
+            tile = np.full((t, t, 3), 255, dtype=np.uint8)
+            w, h = min(t, lw - tx), min(t, lh - ty)
+            tile[:h, :w] = _paint(spec, ds, tx, ty, w, h)
+            yield tile
+
+
+def write_synthetic_slide(path: str | Path, spec: SyntheticSlide) -> Path:
+    import tifffile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with tifffile.TiffWriter(tmp, bigtiff=spec.size_wh[0] * spec.size_wh[1] > 2**31) as tw:
+        for i, (lw, lh) in enumerate(spec.level_sizes()):
+            kw: dict[str, object] = {
+                "shape": (lh, lw, 3),
+                "dtype": np.uint8,
+                "tile": (spec.tile_px, spec.tile_px),
+                "photometric": "rgb",
+                "subfiletype": 0 if i == 0 else 1,
+                "metadata": None,
+            }
+            if spec.compression == "jpeg":
+                kw["compression"] = "jpeg"
+                kw["compressionargs"] = {"level": spec.quality}
+            if spec.resolution_unit is not None:
+                d = spec.size_wh[0] / lw
+                per_unit = (1e4 if spec.resolution_unit == "CENTIMETER" else 25400.0) / (spec.mpp * d)
+                kw["resolution"] = (per_unit, per_unit)
+                kw["resolutionunit"] = spec.resolution_unit
+            else:
+                kw["resolutionunit"] = "NONE"
+            tw.write(_tiles(spec, i), **kw)  # type: ignore[arg-type]
+    tmp.replace(path)
+    return path
+

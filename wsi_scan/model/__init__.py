@@ -1,0 +1,1 @@
+"""Networks, the model card and the eval-time transforms. The bundled default model lives here."""

@@ -1,0 +1,91 @@
+"""The model card: the contract a model file carries with it.
+
+Inference reads the input size, physical pixel size, normalisation, classes and threshold from
+here and never from CLI defaults, so a model cannot be run at a scale it was not trained for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import PCAM_CELL_PX, PCAM_MPP, PCAM_PATCH_PX
+from ..errors import ModelError
+
+CARD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    arch: str
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    input_px: int = PCAM_PATCH_PX
+    cell_px: int = PCAM_CELL_PX
+    mpp: float = PCAM_MPP
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    class_names: tuple[str, ...] = ("normal", "tumour")
+    threshold: float = 0.5
+    dense_exact: bool = False
+    name: str = "unnamed"
+    trained: bool = True
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    software: dict[str, Any] = field(default_factory=dict)
+    card_version: int = CARD_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        d["class_names"] = list(self.class_names)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelCard:
+        known = {f.name for f in dataclasses.fields(cls)}
+        missing = [k for k in ("arch", "input_px", "mpp", "mean", "std") if k not in d]
+        if missing:
+            raise ModelError(
+                f"model card lacks {', '.join(missing)}: a model file must say what it expects; "
+                "retrain with `wsi-scan train` or add these keys to its card"
+            )
+        kw = {k: v for k, v in d.items() if k in known}
+        for key in ("mean", "std", "class_names"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
+        card = cls(**kw)
+        card.validate()
+        return card
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelCard:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"model card is not valid JSON ({exc}); expected a JSON object") from None
+        if not isinstance(d, dict):
+            raise ModelError(f"model card must be a JSON object, found {type(d).__name__}")
+        return cls.from_dict(d)
+
+    def validate(self) -> None:
+        if not (self.mpp > 0):
+            raise ModelError(f"model card mpp must be positive, found {self.mpp}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ModelError("model card mean/std must be three numbers each, std positive")
+        if self.input_px <= 0 or self.cell_px <= 0 or (self.input_px - self.cell_px) % 2:
+            raise ModelError(
+                f"model card input_px={self.input_px} and cell_px={self.cell_px} must leave an "
+                "equal margin on each side"
+            )
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ModelError(f"model card threshold must lie in [0, 1], found {self.threshold}")
+
+    @property
+    def margin_px(self) -> int:
+        return (self.input_px - self.cell_px) // 2

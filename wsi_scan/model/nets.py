@@ -1,0 +1,105 @@
+"""Patch classifiers.
+
+``DenseCNN`` is dense-exact (DESIGN section 4): valid convolutions, non-overlapping stride-2
+pooling on even sizes only, total stride 32, receptive field 96 and a convolutional head. A
+region of (96 + 32m) x (96 + 32n) px therefore yields (1 + m) x (1 + n) logits, each equal to
+the logit of its own 96x96 window. The first step is a 2x2 stride-2 convolution (space to depth)
+so that no layer runs at full resolution: that is where a CPU spends its time.
+
+Sizes through the network for a window of 96 + 32n px:
+96+32n -s2-> 48+16n -c3-> 46+16n -c3-> 44+16n -p-> 22+8n -c3-> 20+8n -c3-> 18+8n -p-> 9+4n
+-c2-> 8+4n -p-> 4+2n -c3-> 2+2n -p-> 1+n.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+
+
+def _conv_bn(c_in: int, c_out: int, k: int, stride: int = 1) -> list[nn.Module]:
+    return [
+        nn.Conv2d(c_in, c_out, k, stride=stride, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    ]
+
+
+class DenseCNN(nn.Module):
+    """Dense-exact PCam classifier; returns logits of shape (N, 1, 1 + m, 1 + n)."""
+
+    dense_exact = True
+    patch_px = 96
+    stride_px = 32
+
+    def __init__(self, width: int = 32, dropout: float = 0.2) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            *_conv_bn(3, w, 2, stride=2),
+            *_conv_bn(w, w, 3),
+            *_conv_bn(w, w, 3),
+            nn.MaxPool2d(2),
+            *_conv_bn(w, 2 * w, 3),
+            *_conv_bn(2 * w, 2 * w, 3),
+            nn.MaxPool2d(2),
+            *_conv_bn(2 * w, 4 * w, 2),
+            nn.MaxPool2d(2),
+            *_conv_bn(4 * w, 4 * w, 3),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Conv2d(4 * w, 4 * w, 1),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Conv2d(4 * w, 1, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class PatchClassifier(nn.Module):
+    """Wraps a network with a (N, 1) output into the (N, 1, 1, 1) convention of DenseCNN."""
+
+    dense_exact = False
+    patch_px = 96
+    stride_px = 32
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).reshape(x.shape[0], 1, 1, 1)
+
+
+def _resnet18() -> nn.Module:
+    from torchvision.models import resnet18
+
+    net = resnet18(weights=None, num_classes=1)
+    # 96 px inputs: a 3x3 stride-1 stem and no max-pool keep a 12x12 map before the last stage
+    # instead of collapsing to 3x3, which matters for a 32 px centre label.
+    net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()  # type: ignore[assignment]
+    return PatchClassifier(net)
+
+
+ARCHITECTURES = ("dense-cnn", "resnet18")
+
+
+def build_network(arch: str, **kwargs: Any) -> nn.Module:
+    """Build an untrained network by its card name."""
+    if arch == "dense-cnn":
+        return DenseCNN(**kwargs)
+    if arch == "resnet18":
+        return _resnet18()
+    raise ModelError(
+        f"unknown architecture {arch!r}: expected one of {', '.join(ARCHITECTURES)}; "
+        "a model from elsewhere can be used as TorchScript with a JSON card"
+    )

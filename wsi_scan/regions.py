@@ -1,0 +1,119 @@
+"""Region reads as a Dask graph: one read per block of cells, with the margin its windows need.
+
+Each block is read once from the coarsest pyramid level at or finer than the model's mpp and
+resampled (antialiased) to exactly the target frame, so a block of nr x nc cells becomes an
+image of (32 nr + 64) x (32 nc + 64) px: the input of one dense pass, or the source of its
+96x96 windows in patch mode. Blocks without tissue are never read. Tasks carry the slide path
+and open it themselves (one cached handle per process), so the graph runs on threads,
+processes or a distributed cluster alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .geometry import GridGeometry, box_in_read, choose_level, level_read_plan
+from .io.slide import Slide, open_slide
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """Everything a task needs to read a block, as plain picklable values."""
+
+    slide_path: str
+    backend: str  # the concrete backend that opened the slide: "openslide" or "tifffile"
+    level: int
+    downsample_xy: tuple[float, float]
+    grid: GridGeometry
+
+
+@functools.lru_cache(maxsize=8)
+def cached_slide(path: str, backend: str) -> Slide:
+    """One open handle per slide and process: OpenSlide handles are thread-safe for reads."""
+    return open_slide(path, backend)
+
+
+def make_read_plan(slide: Slide, mpp_xy: tuple[float, float], grid: GridGeometry) -> ReadPlan:
+    ds = [lv.downsample_xy for lv in slide.info.levels]
+    level = choose_level(ds, mpp_xy, grid.target_mpp)
+    return ReadPlan(slide.info.path, slide.info.backend, level, ds[level], grid)
+
+
+def resample_region(
+    slide: Slide, level: int, downsample_xy: tuple[float, float], l0_box: tuple[float, float, float, float], out_wh: tuple[int, int]
+) -> np.ndarray:
+    """Pixels of ``l0_box`` resampled to ``out_wh``: (h, w, 3) uint8, antialiased when shrinking."""
+    from PIL import Image
+
+    out_w, out_h = out_wh
+    scale = max((l0_box[2] - l0_box[0]) / downsample_xy[0] / out_w, (l0_box[3] - l0_box[1]) / downsample_xy[1] / out_h)
+    pad = math.ceil(scale) + 2  # bilinear support when shrinking by `scale`
+    l0_xy, lv_size = level_read_plan(l0_box, downsample_xy, pad)
+    region = slide.read_region(l0_xy, level, lv_size)
+    box = box_in_read(l0_box, downsample_xy, region.lv_origin_xy)
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    if abs(bw - out_w) < 1e-9 and abs(bh - out_h) < 1e-9 and float(box[0]).is_integer() and float(box[1]).is_integer():
+        x0, y0 = int(box[0]), int(box[1])
+        return np.ascontiguousarray(region.rgb[y0 : y0 + out_h, x0 : x0 + out_w])
+    img = Image.fromarray(region.rgb).resize(out_wh, Image.Resampling.BILINEAR, box=box)
+    return np.array(img)  # writable: torch refuses read-only buffers
+
+
+def read_block(plan: ReadPlan, block: tuple[int, int, int, int]) -> np.ndarray:
+    """The target-frame image of a block's windows: (32 nr + 64, 32 nc + 64, 3) uint8."""
+    r0, c0, nr, nc = block
+    g = plan.grid
+    x0, y0, x1, y1 = g.block_tgt_box(r0, c0, nr, nc)
+    slide = cached_slide(plan.slide_path, plan.backend)
+    return resample_region(slide, plan.level, plan.downsample_xy, g.block_l0_box(r0, c0, nr, nc), (x1 - x0, y1 - y0))
+
+
+def block_windows(region: np.ndarray, cells: np.ndarray, patch_px: int, cell_px: int) -> np.ndarray:
+    """The patch_px windows of the selected cells of a block image, (N, patch_px, patch_px, 3)."""
+    view = np.lib.stride_tricks.sliding_window_view(region, (patch_px, patch_px), axis=(0, 1))[::cell_px, ::cell_px]
+    rows, cols = np.nonzero(cells)
+    return np.ascontiguousarray(view[rows, cols].transpose(0, 2, 3, 1))
+
+
+def read_thumbnail(slide: Slide, mpp_xy: tuple[float, float], mask_mpp: float, max_read_px: int = 4096) -> tuple[np.ndarray, tuple[float, float]]:
+    """The whole level-0 frame at about ``mask_mpp``, read in pieces of bounded size.
+
+    Returns the image and its exact level-0 pixels per thumbnail pixel (x, y).
+    """
+    w0, h0 = slide.info.level0_size_wh
+    tw = max(1, math.ceil(w0 * mpp_xy[0] / mask_mpp))
+    th = max(1, math.ceil(h0 * mpp_xy[1] / mask_mpp))
+    kx, ky = w0 / tw, h0 / th
+    ds = [lv.downsample_xy for lv in slide.info.levels]
+    level = choose_level(ds, mpp_xy, mask_mpp)
+    d = ds[level]
+    step = max(1, int(max_read_px * min(d[0] / kx, d[1] / ky)))  # thumbnail px per piece
+    out = np.empty((th, tw, 3), dtype=np.uint8)
+    for ty in range(0, th, step):
+        for tx in range(0, tw, step):
+            pw, ph = min(step, tw - tx), min(step, th - ty)
+            box = (tx * kx, ty * ky, (tx + pw) * kx, (ty + ph) * ky)
+            out[ty : ty + ph, tx : tx + pw] = resample_region(slide, level, d, box, (pw, ph))
+    return out, (kx, ky)
+
+
+def block_task(plan: ReadPlan, block: tuple[int, int, int, int], cells: np.ndarray, predictor: Any) -> np.ndarray:
+    """Read one block and classify its tissue cells: (nr, nc) float32, NaN off tissue."""
+    region = read_block(plan, block)
+    return predictor.predict_block(region, cells)
+
+
+def build_graph(plan: ReadPlan, cells: np.ndarray, block_list: list[tuple[int, int, int, int]], predictor: Any) -> list[Any]:
+    """One Dask task per tissue block (read, then classify), in the order of ``block_list``."""
+    import dask
+
+    task = dask.delayed(block_task, pure=False)
+    return [
+        task(plan, b, cells[b[0] : b[0] + b[2], b[1] : b[1] + b[3]], predictor, dask_key_name=f"block-{b[0]}-{b[1]}")
+        for b in block_list
+    ]

@@ -1,0 +1,228 @@
+"""Scanning one slide: open -> tissue -> grid -> regions -> model -> heatmap."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ScanConfig
+from .errors import WsiScanError
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    out: Path
+    slide_path: str
+    n_cells: int
+    n_tissue_cells: int
+    tissue_area_mm2: float
+    tumour_area_mm2: float
+    max_prob: float | None
+    mean_prob: float | None
+    mpp_xy: tuple[float, float]
+    mpp_source: str
+    timings_s: dict[str, float] = field(default_factory=dict)
+    mode: str = "dense"
+    device: str = "cpu"
+
+    @property
+    def cells_per_s(self) -> float:
+        t = self.timings_s.get("scan", 0.0)
+        return self.n_tissue_cells / t if t > 0 else 0.0
+
+
+def settings_hash(model_sha256: str, cfg: ScanConfig) -> str:
+    """Identifies the model and every setting that changes the numbers of a heatmap."""
+    d = cfg.to_dict()
+    for k in ("overwrite", "workers", "device", "batch_size", "backend"):
+        d.pop(k, None)  # do not change results
+    payload = json.dumps({"model": model_sha256, "config": d}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def software_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    from . import __version__
+
+    out = {"wsi_scan": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "numpy", "zarr", "dask", "openslide-python", "openslide-bin", "tifffile", "scikit-image", "pillow"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[pkg] = md.version(pkg)
+    return out
+
+
+class _Progress:
+    """A tqdm bar advanced by finished Dask block tasks."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="block", disable=not enabled, leave=False, dynamic_ncols=True)
+
+    def callback(self) -> Any:
+        from dask.callbacks import Callback
+
+        bar = self.bar
+
+        class _CB(Callback):
+            def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:  # noqa: A002
+                name = key[0] if isinstance(key, tuple) else key
+                if str(name).startswith("block-"):
+                    bar.update(1)
+
+        return _CB()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def scan_slide(
+    slide_path: str | Path,
+    out: str | Path,
+    config: ScanConfig = ScanConfig(),
+    model: Any = None,
+    progress: bool = False,
+    scheduler: str = "threads",
+) -> ScanResult:
+    """Scan one slide and write its heatmap store to ``out``; returns a summary.
+
+    ``model`` is a path, a ``LoadedModel`` or None for the bundled default.
+    """
+    import dask
+
+    from .geometry import check_resolution, plan_grid
+    from .grid import tissue_blocks, tissue_cells
+    from .inference import Predictor, resolve_device
+    from .io.checkpoint import LoadedModel, card_summary, load_model
+    from .io.heatmap import FORMAT_VERSION, check_output, write_heatmap
+    from .io.mpp import resolve_mpp
+    from .io.slide import open_slide
+    from .regions import build_graph, make_read_plan, read_thumbnail
+    from .tissue import TissueMask, compute_mask
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = Path(out)
+    slide_path = Path(slide_path)
+    check_output(out, config.overwrite, str(slide_path) if slide_path.exists() else None)
+
+    t = time.perf_counter()
+    slide = open_slide(slide_path, config.backend)
+    info = slide.info
+    mpp = resolve_mpp(info.metadata, config.mpp, str(slide_path), config.mpp_xy_tolerance)
+    timings["open"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    card = loaded.card
+    check_resolution(mpp.xy, card.mpp, config.max_upsample, str(slide_path))
+    device = resolve_device(config.device)
+    predictor = Predictor(loaded.net, card, device, config.mode, config.tta, config.batch_size, config.amp)
+    timings["model"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    thumb, l0_per_mask = read_thumbnail(slide, mpp.xy, config.tissue.mask_mpp)
+    mask_mpp = (l0_per_mask[0] * mpp.x, l0_per_mask[1] * mpp.y)
+    mask, thr = compute_mask(thumb, mask_mpp, config.tissue)
+    tissue = TissueMask(mask, l0_per_mask, mask_mpp, thr)
+    grid = plan_grid(info.l0_bounds_xywh, mpp.xy, card.mpp, card.cell_px, card.input_px)
+    cells = tissue_cells(grid, tissue, config.tissue.min_cell_fraction)
+    block_list = tissue_blocks(cells, config.block_cells)
+    plan = make_read_plan(slide, mpp.xy, grid)
+    timings["tissue"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    probs = np.full(grid.shape_rc, np.nan, dtype=np.float32)
+    if block_list:
+        tasks = build_graph(plan, cells, block_list, predictor)
+        bar = _Progress(len(block_list), slide_path.name, progress)
+        try:
+            with bar.callback():
+                results = dask.compute(*tasks, scheduler=scheduler, num_workers=max(1, config.workers))
+        finally:
+            bar.close()
+        for (r0, c0, nr, nc), res in zip(block_list, results):
+            probs[r0 : r0 + nr, c0 : c0 + nc] = res
+    timings["scan"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    cell_um2 = grid.l0_cell_size_xy[0] * mpp.x * grid.l0_cell_size_xy[1] * mpp.y
+    n_tissue = int(cells.sum())
+    finite = probs[np.isfinite(probs)]
+    tumour_cells = int((finite >= card.threshold).sum())
+    attrs: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "status": "writing",
+        "slide": {
+            "path": str(slide_path.resolve()),
+            "name": slide_path.name,
+            "size_bytes": info.size_bytes,
+            "level0_size_wh": list(info.level0_size_wh),
+            "l0_bounds_xywh": list(info.l0_bounds_xywh),
+            "mpp_xy": [mpp.x, mpp.y],
+            "mpp_source": mpp.source,
+            "vendor": info.vendor,
+            "backend": info.backend,
+            "levels": [{"size_wh": list(lv.size_wh), "downsample_xy": list(lv.downsample_xy)} for lv in info.levels],
+        },
+        "grid": {
+            "l0_origin_xy": list(grid.l0_origin_xy),
+            "l0_cell_size_xy": list(grid.l0_cell_size_xy),
+            "shape_rc": list(grid.shape_rc),
+            "patch_px": grid.patch_px,
+            "cell_px": grid.cell_px,
+            "target_mpp": grid.target_mpp,
+            "read_level": plan.level,
+            "read_downsample_xy": list(plan.downsample_xy),
+        },
+        "tissue": {
+            "mask_mpp_xy": list(mask_mpp),
+            "saturation_threshold": thr if np.isfinite(thr) else None,
+            "fraction_of_slide": tissue.fraction,
+            "area_mm2": n_tissue * cell_um2 / 1e6,
+            "tissue_cells": n_tissue,
+            "note": "no tissue found: every cell is NaN" if n_tissue == 0 else "",
+        },
+        "model": {**card_summary(card), "path": loaded.path, "sha256": loaded.sha256},
+        "config": {**config.to_dict(), "mode": predictor.mode, "device": str(device)},
+        "settings_hash": settings_hash(loaded.sha256, config),
+        "summary": {
+            "tumour_cells": tumour_cells,
+            "tumour_area_mm2": tumour_cells * cell_um2 / 1e6,
+            "max_prob": float(finite.max()) if finite.size else None,
+            "mean_prob": float(finite.mean()) if finite.size else None,
+        },
+        "software": software_versions(),
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+    }
+    timings["write"] = 0.0
+    write_heatmap(out, probs, cells, grid, mpp.xy, attrs, overwrite=config.overwrite)
+    timings["write"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    return ScanResult(
+        out=out,
+        slide_path=str(slide_path),
+        n_cells=int(probs.size),
+        n_tissue_cells=n_tissue,
+        tissue_area_mm2=n_tissue * cell_um2 / 1e6,
+        tumour_area_mm2=tumour_cells * cell_um2 / 1e6,
+        max_prob=float(finite.max()) if finite.size else None,
+        mean_prob=float(finite.mean()) if finite.size else None,
+        mpp_xy=mpp.xy,
+        mpp_source=mpp.source,
+        timings_s=timings,
+        mode=predictor.mode,
+        device=str(device),
+    )
+
+
+__all__ = ["ScanResult", "WsiScanError", "scan_slide", "settings_hash"]

@@ -1,0 +1,67 @@
+"""Training augmentation for H&E patches.
+
+Label-preserving for PCam: the 8 dihedral views (the centre 32x32 stays the centre),
+HED stain jitter (Tellez et al. 2018) for stain variation between labs, mild brightness and
+contrast, and JPEG re-encoding at random quality because slides are JPEG-compressed while
+part of the training data is lossless.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+# Ruifrok & Johnston's H&E(-DAB) stain vectors, rows = stains, columns = RGB optical density.
+_RGB_FROM_HED = torch.tensor(
+    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float32
+)
+
+
+def jpeg_roundtrip(patch: np.ndarray, rng: np.random.Generator, quality: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(patch).save(buf, format="JPEG", quality=int(rng.integers(quality[0], quality[1] + 1)))
+    buf.seek(0)
+    with Image.open(buf) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def random_dihedral(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Apply an independent random rotation/flip to each image of an (N, C, H, W) batch."""
+    n = x.shape[0]
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    k = torch.randint(0, 4, (n,), generator=gen)
+    out = x.clone()
+    for r in (1, 2, 3):
+        idx = torch.nonzero(k == r).flatten()
+        if idx.numel():
+            out[idx] = torch.rot90(x[idx], r, dims=(-2, -1))
+    return out
+
+
+def hed_jitter(rgb01: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tensor:
+    """Scale and shift each image's stain concentrations; rgb01 is (N, 3, H, W) in [0, 1]."""
+    if sigma <= 0:
+        return rgb01
+    n = rgb01.shape[0]
+    m = _RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)
+    m_inv = torch.linalg.inv(m)
+    od = -torch.log(rgb01.clamp(min=1.0 / 255.0))  # (N, 3, H, W)
+    hed = torch.einsum("nchw,cs->nshw", od, m_inv)
+    alpha = 1.0 + (torch.rand(n, 3, 1, 1, generator=gen) * 2 - 1) * sigma
+    beta = (torch.rand(n, 3, 1, 1, generator=gen) * 2 - 1) * sigma
+    hed = hed * alpha + beta
+    od = torch.einsum("nshw,sc->nchw", hed, m)
+    return torch.exp(-od).clamp(0.0, 1.0)
+
+
+def brightness_contrast(rgb01: torch.Tensor, amount: float, gen: torch.Generator) -> torch.Tensor:
+    n = rgb01.shape[0]
+    b = (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * amount
+    c = 1.0 + (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * amount
+    mean = rgb01.mean(dim=(1, 2, 3), keepdim=True)
+    return ((rgb01 - mean) * c + mean + b).clamp(0.0, 1.0)

@@ -1,0 +1,245 @@
+"""The training loop: plain, seeded, resumable, selecting the best epoch by validation AUC."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..config import TrainConfig
+from ..errors import UsageError
+from ..inference import autocast, resolve_device
+from ..io.checkpoint import save_model
+from ..io.datasets import open_patch_data
+from ..model.card import ModelCard
+from ..model.nets import build_network
+from ..model.transforms import to_input
+from .augment import brightness_contrast, hed_jitter, random_dihedral
+from .data import RowsDataset, Splits, labels_of, make_loader, make_splits
+from .evaluate import predict_probs
+from .metrics import binary_metrics
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model_path: Path
+    best_epoch: int
+    best_metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+def software_versions() -> dict[str, str]:
+    from .. import __version__
+
+    return {
+        "wsi_scan": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _norm_stats(splits: Splits, seed: int, n: int = 2048) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    rng = np.random.default_rng([seed, 99])
+    pick = splits.train[rng.choice(len(splits.train), size=min(n, len(splits.train)), replace=False)]
+    px = np.stack([splits.sets[s].read(i) for s, i in pick]).reshape(-1, 3).astype(np.float64) / 255.0
+    return tuple(np.round(px.mean(0), 4).tolist()), tuple(np.round(px.std(0), 4).tolist())
+
+
+def state_path(out: Path) -> Path:
+    """Where the resumable training state of ``out`` lives."""
+    return out.with_name(out.name + ".train-state.pt")
+
+
+def _augment_batch(x_u8: torch.Tensor, cfg: TrainConfig, card: ModelCard, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    rgb = x_u8.permute(0, 3, 1, 2).float() / 255.0
+    rgb = random_dihedral(rgb, gen)
+    rgb = hed_jitter(rgb, cfg.stain_jitter, gen)
+    rgb = brightness_contrast(rgb, 0.08, gen)
+    u8 = (rgb * 255.0).round().permute(0, 2, 3, 1)
+    return to_input(u8, card, device)
+
+
+def train(
+    data: list[str | Path],
+    out: str | Path,
+    cfg: TrainConfig = TrainConfig(),
+    report_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+) -> TrainResult:
+    """Train a classifier on one or more data folders and write the best epoch to ``out``."""
+    out = Path(out)
+    if out.suffix not in (".pt", ".pth", ".safetensors"):
+        raise UsageError(f"--out must end in .pt, .pth or .safetensors, found {out.name}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    datas = [open_patch_data(d) for d in data]
+    splits = make_splits(datas, cfg.val_fraction, cfg.seed)
+    train_rows = splits.train
+    if cfg.max_train and cfg.max_train < len(train_rows):
+        train_rows = train_rows[np.random.default_rng([cfg.seed, 5]).permutation(len(train_rows))[: cfg.max_train]]
+    val_labels = labels_of(splits, splits.valid)
+
+    spath = state_path(out)
+    state: dict[str, Any] | None = None
+    if resume:
+        if not spath.is_file():
+            raise UsageError(f"--resume: no training state at {spath}; start without --resume")
+        state = torch.load(spath, map_location="cpu", weights_only=True)
+    arch_kwargs: dict[str, Any] = {"width": cfg.width} if cfg.arch == "dense-cnn" else {}
+    if state is not None:
+        mean, std = tuple(state["mean"]), tuple(state["std"])
+    else:
+        mean, std = _norm_stats(splits, cfg.seed)
+    net = build_network(cfg.arch, **arch_kwargs).to(device).to(memory_format=torch.channels_last)
+    card = ModelCard(
+        arch=cfg.arch,
+        arch_kwargs=arch_kwargs,
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        dense_exact=bool(getattr(net, "dense_exact", False)),
+        name=out.stem,
+        training={
+            "command": command or " ".join(sys.argv),
+            "config": cfg.to_dict(),
+            "data": splits.description,
+        },
+        software=software_versions(),
+    )
+    steps_per_epoch = len(train_rows) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise UsageError(f"{len(train_rows)} training patches are fewer than one batch of {cfg.batch_size}")
+    params = [
+        {"params": [p for p in net.parameters() if p.ndim > 1], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in net.parameters() if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    opt: torch.optim.Optimizer
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr)
+    total = steps_per_epoch * cfg.epochs
+    sched: torch.optim.lr_scheduler.LRScheduler
+    if cfg.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15)
+    else:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    history: list[dict[str, Any]] = []
+    best_auc, best_epoch, start = -math.inf, -1, 0
+    if state is not None:
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history = json.loads(state["history"])
+        best_auc, best_epoch, start = float(state["best_auc"]), int(state["best_epoch"]), int(state["epoch"]) + 1
+
+    ds_train = RowsDataset(splits.sets, train_rows, cfg.seed, cfg.jpeg_prob if cfg.augment else 0.0, cfg.jpeg_quality)
+    ds_valid = RowsDataset(splits.sets, splits.valid)
+    for epoch in range(start, cfg.epochs):
+        t0 = time.time()
+        net.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout masks
+        loader = make_loader(ds_train, epoch, cfg.seed, cfg.batch_size, cfg.loader_workers, shuffle=True, drop_last=True)
+        losses: list[float] = []
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, unit="batch")
+        for x_u8, y in bar:
+            x = _augment_batch(x_u8, cfg, card, gen, device) if cfg.augment else to_input(x_u8, card, device)
+            target = y.float().to(device).view(-1, 1, 1, 1) * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
+            with autocast(device):
+                logits = net(x)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+            if len(losses) % 10 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        probs = predict_probs(net, card, ds_valid, device, 512, workers=cfg.loader_workers)
+        m = binary_metrics(val_labels, probs, card.threshold)
+        val_loss = float(
+            F.binary_cross_entropy(torch.from_numpy(probs).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(val_labels).double())
+        )
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)),
+            "valid_loss": val_loss,
+            "valid_auc": m.auc,
+            "valid_accuracy": m.accuracy,
+            "seconds": round(time.time() - t0, 1),
+        }
+        history.append(row)
+        if progress:
+            tqdm.write(
+                f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, valid loss {val_loss:.4f}, "
+                f"AUC {m.auc:.4f}, accuracy {m.accuracy:.4f} ({row['seconds']} s)"
+            )
+        if m.auc > best_auc:
+            best_auc, best_epoch = m.auc, epoch + 1
+            best_card = ModelCard.from_dict(
+                {**card.to_dict(), "metrics": {"valid": m.to_dict(), "epoch": epoch + 1}, "training": {**card.training, "history": history}}
+            )
+            save_model(out, net, best_card)
+        spath.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "model": net.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "epoch": epoch,
+                "best_auc": best_auc,
+                "best_epoch": best_epoch,
+                "history": json.dumps(history),
+                "mean": list(mean),
+                "std": list(std),
+            },
+            spath,
+        )
+    result = finalize(out, splits, device, history, report_dir, progress)
+    return result
+
+
+def finalize(
+    out: Path, splits: Splits, device: torch.device, history: list[dict[str, Any]],
+    report_dir: str | Path | None, progress: bool,
+) -> TrainResult:
+    """Score the chosen epoch (with and without TTA), store that in its card, draw the report."""
+    from ..io.checkpoint import load_model
+
+    model = load_model(out)
+    net = model.net.to(device).to(memory_format=torch.channels_last)
+    labels = labels_of(splits, splits.valid)
+    ds_valid = RowsDataset(splits.sets, splits.valid)
+    probs = predict_probs(net, model.card, ds_valid, device, 512, progress=progress, desc="valid")
+    probs_tta = predict_probs(net, model.card, ds_valid, device, 512, tta=True, progress=progress, desc="valid TTA")
+    m = binary_metrics(labels, probs, model.card.threshold)
+    m_tta = binary_metrics(labels, probs_tta, model.card.threshold)
+    epoch = int(model.card.metrics.get("epoch", 0))
+    card = ModelCard.from_dict(
+        {
+            **model.card.to_dict(),
+            "metrics": {"epoch": epoch, "valid": m.to_dict(), "valid_tta": m_tta.to_dict()},
+            "training": {**model.card.training, "history": history},
+        }
+    )
+    save_model(out, model.net, card)
+    if report_dir is not None:
+        from .plots import training_report
+
+        training_report(Path(report_dir), history, labels, probs, m.auc)
+    return TrainResult(out, epoch, card.metrics, history)

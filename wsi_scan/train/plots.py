@@ -1,0 +1,124 @@
+"""Figures that look at the data before training and at the model after it (PNG files)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..io.datasets import PatchSet
+from .metrics import roc_curve
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def explore(sets: Sequence[PatchSet], out_dir: Path, per_class: int = 12, seed: int = 0) -> list[Path]:
+    """Label distribution, sample patches per class (centre 32x32 outlined), colour histograms."""
+    plt = _plt()
+    from matplotlib.patches import Rectangle
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(sets), 3.2))
+    names = [ps.name for ps in sets]
+    neg = [int((ps.labels == 0).sum()) for ps in sets]
+    pos = [int((ps.labels == 1).sum()) for ps in sets]
+    xs = np.arange(len(sets))
+    ax.bar(xs - 0.2, neg, 0.4, label="0: no tumour in centre")
+    ax.bar(xs + 0.2, pos, 0.4, label="1: tumour in centre")
+    ax.set_xticks(xs, names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("patches")
+    ax.legend(fontsize=8)
+    ax.set_title("Label distribution")
+    fig.tight_layout()
+    written.append(out_dir / "label_distribution.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    rng = np.random.default_rng(seed)
+    picks: dict[int, list[np.ndarray]] = {0: [], 1: []}
+    for cls in (0, 1):
+        pool = [(k, i) for k, ps in enumerate(sets) for i in np.flatnonzero(ps.labels == cls)[:5000]]
+        for j in rng.permutation(len(pool))[:per_class]:
+            k, i = pool[int(j)]
+            picks[cls].append(sets[k].read(int(i)))
+    fig, axes = plt.subplots(2, per_class, figsize=(per_class * 1.1, 2.6))
+    for cls in (0, 1):
+        for j in range(per_class):
+            ax = axes[cls, j]
+            ax.axis("off")
+            if j < len(picks[cls]):
+                ax.imshow(picks[cls][j])
+                ax.add_patch(Rectangle((31.5, 31.5), 32, 32, fill=False, ec="lime", lw=1))
+        axes[cls, 0].set_title(f"label {cls}", fontsize=8, loc="left")
+    fig.suptitle("Sample patches (green: the labelled central 32x32)", fontsize=9)
+    fig.tight_layout()
+    written.append(out_dir / "samples.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3))
+    for cls, style in ((0, "-"), (1, "--")):
+        if not picks[cls]:
+            continue
+        px = np.stack(picks[cls]).reshape(-1, 3)
+        for c, (name, colour) in enumerate(zip("RGB", ("red", "green", "blue"))):
+            h, edges = np.histogram(px[:, c], bins=64, range=(0, 256), density=True)
+            axes[c].plot(edges[:-1], h, style, color=colour, label=f"label {cls}")
+            axes[c].set_title(f"{name} channel")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.suptitle("Colour histograms per class (sampled patches)", fontsize=9)
+    fig.tight_layout()
+    written.append(out_dir / "colour_histograms.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    return written
+
+
+def training_report(
+    out_dir: Path, history: list[dict[str, Any]], labels: np.ndarray, probs: np.ndarray, auc: float
+) -> list[Path]:
+    """Loss and AUC per epoch, and the ROC curve of the chosen model on the validation split."""
+    plt = _plt()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    ep = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a1.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
+    a1.plot(ep, [h["valid_loss"] for h in history], "o-", label="valid")
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("BCE loss")
+    a1.legend()
+    a2.plot(ep, [h["valid_auc"] for h in history], "o-", label="valid AUC")
+    a2.plot(ep, [h["valid_accuracy"] for h in history], "s--", label="valid accuracy")
+    a2.set_xlabel("epoch")
+    a2.legend()
+    fig.tight_layout()
+    written.append(out_dir / "curves.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    fpr, tpr = roc_curve(labels, probs)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot(fpr, tpr, label=f"AUC {auc:.4f}")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC, validation split")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    written.append(out_dir / "roc.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    return written
