@@ -46,9 +46,9 @@ def compute_mask(rgb: np.ndarray, mask_mpp_xy: tuple[float, float], cfg: TissueC
 
     hsv = rgb2hsv(rgb)
     sat, val = hsv[..., 1], hsv[..., 2]
-    # background white (value ~1, saturation ~0) would dominate Otsu on mostly empty slides:
-    # estimate the threshold from pixels that are not pure background.
-    candidates = sat[(val > cfg.max_value_dark) & (sat > cfg.min_saturation / 2)]
+    # Otsu over every non-dark pixel: glass and tissue form the two modes; the floor keeps a
+    # slide of glass only from having its noise split in two.
+    candidates = sat[val > cfg.max_value_dark]
     thr = max(_otsu(candidates), cfg.min_saturation) if candidates.size > 16 else float("inf")
     mask = (sat >= thr) & (val > cfg.max_value_dark)
     px_area = mask_mpp_xy[0] * mask_mpp_xy[1]

@@ -1,0 +1,71 @@
+"""Test helpers shared across the suite: mock model, expected values, data paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsi_scan.model.card import ModelCard
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MOCK_SCALE = 4.0  # logit = MOCK_SCALE * (tumour fraction of the centre - 0.5)
+
+
+def shared_path(*parts: str) -> Path:
+    p = SHARED_DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"real data not present: {p}")
+    return p
+
+
+class ColourProbe(nn.Module):
+    """Dense-exact mock: the share of tumour-coloured pixels in each window's central 32x32.
+
+    Its logit is linear in that share, so a test can read the share back from the heatmap and
+    compare it with the painted squares in level-0 coordinates.
+    """
+
+    dense_exact = True
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rgb = x * self.std + self.mean
+        tumour = (rgb[:, 1:2] < 0.4).float()  # green is low only in the tumour colour
+        centre = tumour[..., 32:-32, 32:-32]
+        return MOCK_SCALE * (F.avg_pool2d(centre, 32, 32) - 0.5)
+
+
+def mock_card(**kw: Any) -> ModelCard:
+    base: dict[str, Any] = dict(arch="mock-colour-probe", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                                dense_exact=True, name="mock", trained=False)
+    base.update(kw)
+    return ModelCard(**base)
+
+
+
+
+def share_from_prob(p: np.ndarray) -> np.ndarray:
+    """Invert the mock's sigmoid: the tumour share each cell's window centre saw."""
+    p = np.clip(p.astype(np.float64), 1e-12, 1 - 1e-12)
+    return np.log(p / (1 - p)) / MOCK_SCALE + 0.5
+
+
+def expected_share(cell_rect: tuple[float, float, float, float], boxes: tuple[tuple[int, int, int, int], ...]) -> float:
+    x0, y0, x1, y1 = cell_rect
+    area = (x1 - x0) * (y1 - y0)
+    cover = 0.0
+    for bx0, by0, bx1, by1 in boxes:  # boxes do not overlap in the tests
+        w = max(0.0, min(x1, bx1) - max(x0, bx0))
+        h = max(0.0, min(y1, by1) - max(y0, by0))
+        cover += w * h
+    return cover / area

@@ -1,0 +1,111 @@
+"""End-to-end scans of synthetic slides: alignment cell by cell in level-0 coordinates, dense == patch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests._support import expected_share, share_from_prob
+from wsi_scan.config import ScanConfig
+from wsi_scan.io.heatmap import open_heatmap
+from wsi_scan.scan import scan_slide
+
+TUMOUR = ((1013, 707, 1511, 1209), (2203, 1500, 2431, 1699))
+
+
+def _check_alignment(hm_path: Path, tumour: tuple[tuple[int, int, int, int], ...], tol: float = 0.08) -> int:
+    hm = open_heatmap(hm_path)
+    checked = 0
+    rows, cols = hm.grid.shape_rc
+    for r in range(rows):
+        for c in range(cols):
+            p = hm.probs[r, c]
+            if not np.isfinite(p):
+                continue
+            want = expected_share(hm.cell_to_l0_rect(r, c), tumour)
+            got = float(share_from_prob(np.array([p]))[0])
+            assert abs(got - want) <= tol, (r, c, hm.cell_to_l0_rect(r, c), got, want)
+            checked += 1
+    return checked
+
+
+@pytest.mark.parametrize(
+    ("mpp", "downsamples", "size"),
+    [
+        (0.243, (1, 4, 16), (3000, 2400)),  # 40x Camelyon: read at level 1, ~1:1
+        (0.25, (1, 4, 16), (3001, 2399)),  # 40x: every level too coarse but 0, shrink 3.9x
+        (0.25, (1, 2, 4, 8), (2999, 2401)),  # read at level 1 (0.5 um/px), odd sizes
+        (0.5, (1, 4, 16), (1601, 1203)),  # 20x: level 0, shrink 1.9x
+    ],
+)
+@pytest.mark.parametrize("backend", ["openslide", "tifffile"])
+def test_heatmap_aligns_with_painted_tumour(make_slide, mock_model, tmp_path, mpp, downsamples, size, backend):
+    scale = 0.243 / mpp  # keep the painted squares at the same physical place
+    tissue = ((int(200 * scale), int(200 * scale), int(2800 * scale), int(2200 * scale)),)
+    tumour = tuple(tuple(int(v * scale) for v in b) for b in TUMOUR)
+    slide = make_slide(size_wh=size, mpp=mpp, downsamples=downsamples, tissue=tissue, tumour=tumour)
+    out = tmp_path / "h.zarr"
+    res = scan_slide(slide, out, ScanConfig(backend=backend, block_cells=8), model=mock_model)
+    assert res.n_tissue_cells > 100
+    n = _check_alignment(out, tumour)  # type: ignore[arg-type]
+    assert n == res.n_tissue_cells
+    hm = open_heatmap(out)
+    # the tumour squares are found, the rest of the tissue is not
+    assert np.nanmax(hm.probs) > 0.85 and np.nanmin(hm.probs) < 0.15
+
+
+def test_dense_equals_patch(make_slide, mock_model, tmp_path):
+    slide = make_slide(tumour=TUMOUR)
+    a = scan_slide(slide, tmp_path / "dense.zarr", ScanConfig(mode="dense", block_cells=7), model=mock_model)
+    b = scan_slide(slide, tmp_path / "patch.zarr", ScanConfig(mode="patch", block_cells=7, batch_size=33), model=mock_model)
+    pa, pb = open_heatmap(a.out).probs, open_heatmap(b.out).probs
+    np.testing.assert_array_equal(np.isnan(pa), np.isnan(pb))
+    np.testing.assert_allclose(pa[np.isfinite(pa)], pb[np.isfinite(pb)], atol=1e-5, rtol=0)
+
+
+def test_dense_equals_patch_with_trained_network(make_slide, tmp_path):
+    """The bundled network (dense-exact) gives the same numbers both ways, to 1e-5."""
+    slide = make_slide(tumour=TUMOUR)
+    a = scan_slide(slide, tmp_path / "dense.zarr", ScanConfig(mode="dense", block_cells=5))
+    b = scan_slide(slide, tmp_path / "patch.zarr", ScanConfig(mode="patch", block_cells=5))
+    pa, pb = open_heatmap(a.out).probs, open_heatmap(b.out).probs
+    assert np.isfinite(pa).sum() > 100
+    np.testing.assert_array_equal(np.isnan(pa), np.isnan(pb))
+    np.testing.assert_allclose(pa[np.isfinite(pa)], pb[np.isfinite(pb)], atol=1e-5, rtol=0)
+
+
+def test_block_size_does_not_change_results(make_slide, mock_model, tmp_path):
+    slide = make_slide(tumour=TUMOUR)
+    a = scan_slide(slide, tmp_path / "a.zarr", ScanConfig(block_cells=4), model=mock_model)
+    b = scan_slide(slide, tmp_path / "b.zarr", ScanConfig(block_cells=64, workers=1), model=mock_model)
+    np.testing.assert_allclose(open_heatmap(a.out).probs, open_heatmap(b.out).probs, atol=1e-6, equal_nan=True)
+
+
+def test_empty_slide_gives_all_nan(make_slide, mock_model, tmp_path):
+    slide = make_slide(tissue=())
+    res = scan_slide(slide, tmp_path / "h.zarr", ScanConfig(), model=mock_model)
+    hm = open_heatmap(res.out)
+    assert res.n_tissue_cells == 0 and np.isnan(hm.probs).all() and not hm.tissue.any()
+    assert "no tissue" in hm.attrs["tissue"]["note"]
+
+
+def test_tissue_blocks_only_are_read(make_slide, mock_model, tmp_path, monkeypatch):
+    import wsi_scan.regions as regions
+
+    seen: list[tuple[int, int, int, int]] = []
+    orig = regions.read_block
+
+    def spy(plan, block):
+        seen.append(block)
+        return orig(plan, block)
+
+    monkeypatch.setattr(regions, "read_block", spy)
+    slide = make_slide(size_wh=(4000, 3000), tissue=((100, 100, 900, 800),))
+    res = scan_slide(slide, tmp_path / "h.zarr", ScanConfig(block_cells=8), model=mock_model)
+    hm = open_heatmap(res.out)
+    assert seen, "no block read"
+    for r0, c0, nr, nc in seen:
+        assert hm.tissue[r0 : r0 + nr, c0 : c0 + nc].any()
+    assert len(seen) < (hm.grid.shape_rc[0] // 8) * (hm.grid.shape_rc[1] // 8) / 4
