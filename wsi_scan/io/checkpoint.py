@@ -83,13 +83,19 @@ def _read_weights(path: Path) -> tuple[ModelCard, dict[str, Any]]:
                 "its card (train it with `wsi-scan train`)"
             )
         return ModelCard.from_json(meta[CARD_KEY]), state
+    if not zipfile.is_zipfile(path):
+        raise ModelError(
+            f"{path}: not a readable model file (expected a torch zip archive, a .safetensors "
+            "or a .ts file with its JSON card)"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe pickle"
+        text = str(exc)
+        why = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), "unsafe pickle")
         raise ModelError(
             f"{path}: refused to load, the file needs code to be executed to unpickle "
-            f"({first[:160]}); only weights with a card are accepted"
+            f"({why[:160]}); only weights with a card are accepted"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,0 +1,212 @@
+"""The command line: the literal scan command, info, help, and every bad input from the issue.
+
+Each bad input must give one line on stderr, a non-zero exit, no traceback and no output left.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from tests._support import shared_path
+from wsi_scan.cli import main
+from wsi_scan.io.heatmap import open_heatmap
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception  # a traceback would have been printed: fail loudly
+    return res.exit_code, res.stdout, res.stderr
+
+
+def assert_clean_failure(code: int, err: str, out_path: Path | None, *needles: str) -> None:
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("wsi-scan: error:")
+    assert "Traceback" not in err
+    for n in needles:
+        assert n.lower() in lines[0].lower(), (n, lines[0])
+    if out_path is not None:
+        assert not out_path.exists()
+        assert not [p for p in out_path.parent.iterdir() if p.name.startswith(f".{out_path.name}.tmp")]
+
+
+def test_scan_literal_command_and_info(make_slide, tmp_path):
+    slide = make_slide(tumour=((1000, 700, 1500, 1200),))
+    out = tmp_path / "heatmap.zarr"
+    code, stdout, err = run(slide, "--out", out, "--quiet")
+    assert code == 0, err
+    hm = open_heatmap(out)
+    assert hm.attrs["status"] == "complete"
+    assert hm.attrs["slide"]["mpp_source"].startswith("openslide.mpp") or "Resolution" in hm.attrs["slide"]["mpp_source"]
+    assert hm.attrs["model"]["name"] == "default"
+    code, stdout, err = run("info", slide)
+    assert code == 0 and "downsample" in stdout and "tissue" in stdout and "0.243" in stdout
+
+
+def test_help_lists_options_with_defaults():
+    code, stdout, _ = run("scan", "--help")
+    assert code == 0
+    for opt in ("--mode", "--device", "--backend", "--mpp", "--model", "--overwrite", "--quiet", "--block-cells"):
+        assert opt in stdout
+    assert "default: auto" in stdout
+
+
+def test_missing_file(tmp_path):
+    out = tmp_path / "h.zarr"
+    code, _, err = run(tmp_path / "nope.svs", "--out", out)
+    assert_clean_failure(code, err, out, "does not exist")
+
+
+def test_directory_where_file_expected(tmp_path, make_slide):
+    d = tmp_path / "dir.svs"
+    d.mkdir()
+    code, _, err = run("info", d)
+    assert_clean_failure(code, err, None, "directory")
+    slide = make_slide()
+    out = tmp_path / "h.zarr"
+    code, _, err = run(slide, "--out", out, "--model", tmp_path)
+    assert_clean_failure(code, err, out, "directory")
+
+
+def test_text_file_named_svs(tmp_path):
+    p = tmp_path / "notes.svs"
+    p.write_text("this is not a slide\n")
+    out = tmp_path / "h.zarr"
+    code, _, err = run(p, "--out", out)
+    assert_clean_failure(code, err, out, "expected a whole-slide image")
+
+
+def test_zero_byte_file(tmp_path):
+    p = tmp_path / "empty.svs"
+    p.write_bytes(b"")
+    out = tmp_path / "h.zarr"
+    code, _, err = run(p, "--out", out)
+    assert_clean_failure(code, err, out, "empty file")
+
+
+def test_png_photo(tmp_path):
+    p = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(p)
+    out = tmp_path / "h.zarr"
+    code, _, err = run(p, "--out", out)
+    assert_clean_failure(code, err, out, "PNG")
+
+
+def test_truncated_synthetic_tiff(make_slide, tmp_path):
+    slide = make_slide(size_wh=(3000, 2400))
+    data = slide.read_bytes()
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "h.zarr"
+    code, _, err = run(cut, "--out", out)
+    assert_clean_failure(code, err, out)
+    assert "damaged" in err or "truncated" in err or "not" in err
+
+
+def test_truncated_real_svs(tmp_path):
+    real = shared_path("slides", "cmu-1-small-region.svs")
+    data = real.read_bytes()
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "h.zarr"
+    code, _, err = run(cut, "--out", out)
+    assert_clean_failure(code, err, out)
+
+
+def test_slide_without_mpp_then_with_mpp(make_slide, tmp_path):
+    slide = make_slide(resolution_unit=None)
+    out = tmp_path / "h.zarr"
+    code, _, err = run(slide, "--out", out)
+    assert_clean_failure(code, err, out, "--mpp")
+    code, _, err = run(slide, "--out", out, "--mpp", "0.243", "--quiet")
+    assert code == 0, err
+    assert open_heatmap(out).attrs["slide"]["mpp_source"] == "user (--mpp)"
+
+
+def test_slide_too_coarse(make_slide, tmp_path):
+    slide = make_slide(mpp=2.0, size_wh=(800, 600), tissue=((50, 50, 700, 500),))
+    out = tmp_path / "h.zarr"
+    code, _, err = run(slide, "--out", out)
+    assert_clean_failure(code, err, out, "too coarse")
+
+
+def test_output_exists(make_slide, tmp_path):
+    slide = make_slide()
+    out = tmp_path / "h.zarr"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    code, _, err = run(slide, "--out", out)
+    assert code == 4 and "--overwrite" in err and (out / "keep").exists()
+    code, _, err = run(slide, "--out", out, "--overwrite", "--quiet")
+    assert code == 0, err
+    assert not (out / "keep").exists()
+
+
+def test_unloadable_model(make_slide, tmp_path):
+    slide = make_slide()
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"\x00not a model" * 100)
+    out = tmp_path / "h.zarr"
+    code, _, err = run(slide, "--out", out, "--model", bad)
+    assert_clean_failure(code, err, out, "not a readable model")
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # runs os.system on unpickling
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_model_refused(make_slide, tmp_path):
+    slide = make_slide()
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"card": "{}", "state_dict": _Evil(str(marker))}, evil)
+    out = tmp_path / "h.zarr"
+    code, _, err = run(slide, "--out", out, "--model", evil)
+    assert_clean_failure(code, err, out, "refused")
+    assert not marker.exists()
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    p = tmp_path / "notes.svs"
+    p.write_text("hello")
+    r = subprocess.run([sys.executable, "-m", "wsi_scan", str(p), "--out", str(tmp_path / "h.zarr")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.real_data
+def test_real_slides(tmp_path):
+    cmu = shared_path("slides", "cmu-1-small-region.svs")
+    tcga = shared_path("slides", "tcga-cr-7395-01a-01-ts1.svs")
+    out = tmp_path / "cmu.zarr"
+    code, _, err = run(cmu, "--out", out, "--quiet")
+    assert code == 0, err
+    hm = open_heatmap(out)
+    assert hm.attrs["slide"]["mpp_xy"] == [0.499, 0.499]
+    # 2220 x 2967 px at 0.499 um/px -> cells of 32 * 0.972 / 0.499 level-0 px
+    assert hm.grid.l0_cell_size_xy[0] == pytest.approx(32 * 0.972 / 0.499)
+    assert hm.grid.shape_rc == (int(np.ceil(2967 / hm.grid.l0_cell_size_xy[1])), int(np.ceil(2220 / hm.grid.l0_cell_size_xy[0])))
+    assert 0.1 < hm.tissue.mean() < 0.8
+    out2 = tmp_path / "tcga.zarr"
+    code, _, err = run(tcga, "--out", out2)
+    assert_clean_failure(code, err, out2, "--mpp")
+    code, _, err = run(tcga, "--out", out2, "--mpp", "0.25", "--quiet")
+    assert code == 0, err
+    hm2 = open_heatmap(out2)
+    assert hm2.attrs["slide"]["mpp_source"] == "user (--mpp)" and hm2.tissue.any()

@@ -1,0 +1,3 @@
+from wsi_scan.cli import main
+
+main()
