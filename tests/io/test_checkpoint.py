@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from wsi_scan.errors import ModelError
+from wsi_scan.io.checkpoint import bundled_model_path, load_model, save_model
+from wsi_scan.model.card import ModelCard
+from wsi_scan.model.nets import DenseCNN
+
+
+@pytest.mark.parametrize("ext", [".pt", ".safetensors"])
+def test_roundtrip(tmp_path, ext):
+    torch.manual_seed(0)
+    net = DenseCNN(width=8).eval()
+    card = ModelCard(arch="dense-cnn", arch_kwargs={"width": 8}, dense_exact=True, name="t", threshold=0.4)
+    p = save_model(tmp_path / f"m{ext}", net, card)
+    m = load_model(p)
+    assert m.card.threshold == 0.4 and m.card.arch_kwargs == {"width": 8} and m.card.dense_exact
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(m.net(x), net(x))
+
+
+def test_bundled_model_has_a_full_card():
+    m = load_model(None)
+    assert bundled_model_path().is_file()
+    c = m.card
+    assert c.dense_exact and c.input_px == 96 and c.cell_px == 32 and c.mpp == pytest.approx(0.972)
+    assert c.class_names == ("normal", "tumour")
+    assert c.training["command"].startswith("wsi-scan train")
+    assert "validation" in c.training["data"]
+    assert 0.5 < c.metrics["valid"]["auc"] <= 1.0
+
+
+def test_card_without_required_keys(tmp_path):
+    torch.save({"card": json.dumps({"name": "x"}), "state_dict": {}}, tmp_path / "m.pt")
+    with pytest.raises(ModelError, match="lacks"):
+        load_model(tmp_path / "m.pt")
+
+
+def test_weights_that_do_not_fit(tmp_path):
+    card = ModelCard(arch="dense-cnn", arch_kwargs={"width": 8})
+    torch.save({"card": card.to_json(), "state_dict": {"w": torch.zeros(1)}}, tmp_path / "m.pt")
+    with pytest.raises(ModelError, match="do not match"):
+        load_model(tmp_path / "m.pt")
+
+
+def test_torchscript_with_card(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 96), torch.nn.Flatten())
+    torch.jit.script(net).save(str(tmp_path / "m.ts"))
+    (tmp_path / "m.json").write_text(ModelCard(arch="external", name="ext").to_json())
+    m = load_model(tmp_path / "m.ts")
+    assert not m.card.dense_exact
+    with torch.no_grad():
+        assert m.net(torch.randn(3, 3, 96, 96)).shape == (3, 1, 1, 1)
+    (tmp_path / "m.json").unlink()
+    with pytest.raises(ModelError, match="card beside it"):
+        load_model(tmp_path / "m.ts")

@@ -1,0 +1,83 @@
+"""The OME-Zarr contract of DESIGN section 5, read back with plain zarr."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from wsi_scan.config import ScanConfig
+from wsi_scan.errors import HeatmapError
+from wsi_scan.io.heatmap import open_heatmap
+from wsi_scan.scan import scan_slide
+
+
+def test_contract(make_slide, mock_model, tmp_path):
+    slide = make_slide(size_wh=(10000, 2400), tissue=((300, 300, 9700, 2100),), tumour=((1000, 700, 1500, 1200),))
+    out = tmp_path / "h.zarr"
+    scan_slide(slide, out, ScanConfig(), model=mock_model)
+    root = zarr.open_group(str(out), mode="r")
+    assert root.metadata.zarr_format == 3
+    ome = root.attrs["ome"]
+    assert ome["version"] == "0.5"
+    ms = ome["multiscales"][0]
+    assert [a["name"] for a in ms["axes"]] == ["y", "x"]
+    assert all(a["unit"] == "micrometer" for a in ms["axes"])
+    paths = [d["path"] for d in ms["datasets"]]
+    assert paths[0] == "0" and len(paths) >= 2
+    meta = root.attrs["wsi_scan"]
+    assert meta["status"] == "complete" and isinstance(meta["format_version"], int)
+    for k in ("path", "name", "size_bytes", "level0_size_wh", "mpp_xy", "mpp_source"):
+        assert k in meta["slide"]
+    for k in ("l0_origin_xy", "l0_cell_size_xy", "shape_rc", "patch_px", "cell_px", "target_mpp"):
+        assert k in meta["grid"]
+    for k in ("model", "config", "software", "timings_s"):
+        assert meta[k]
+    assert meta["model"]["threshold"] == 0.5
+    # scale: one cell is 32 px at the model's 0.972 um/px
+    s0 = ms["datasets"][0]["coordinateTransformations"][0]["scale"]
+    assert s0 == pytest.approx([32 * 0.972, 32 * 0.972])
+    s1 = ms["datasets"][1]["coordinateTransformations"][0]["scale"]
+    assert s1 == pytest.approx([64 * 0.972, 64 * 0.972])
+    # translation puts cell (0, 0)'s centre at its level-0 rectangle's centre, in the
+    # pixel-centre world frame of a slide shown at scale = mpp
+    t0 = ms["datasets"][0]["coordinateTransformations"][1]["translation"]
+    g = meta["grid"]
+    mpp = meta["slide"]["mpp_xy"]
+    cx = g["l0_origin_xy"][0] + g["l0_cell_size_xy"][0] / 2
+    assert t0[1] == pytest.approx((cx - 0.5) * mpp[0])
+    a0 = root["0"]
+    assert a0.dtype == np.float32 and tuple(a0.shape) == tuple(g["shape_rc"])
+    tissue = root["labels/tissue/0"]
+    assert tuple(tissue.shape) == tuple(g["shape_rc"])
+    assert root["labels"].attrs["ome"]["labels"] == ["tissue"]
+    assert "image-label" in root["labels/tissue"].attrs["ome"]
+    probs = a0[...]
+    assert np.array_equal(np.isfinite(probs), tissue[...].astype(bool))
+    # the coarser level is the NaN-aware 2x2 mean
+    lvl1 = root["1"][...]
+    blk = probs[:2, :2]
+    if np.isfinite(blk).any():
+        assert lvl1[0, 0] == pytest.approx(np.nanmean(blk))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".h.zarr")]
+
+
+def test_incomplete_store_is_refused(make_slide, mock_model, tmp_path):
+    out = tmp_path / "h.zarr"
+    scan_slide(make_slide(), out, ScanConfig(), model=mock_model)
+    root = zarr.open_group(str(out), mode="r+")
+    meta = dict(root.attrs["wsi_scan"])
+    meta["status"] = "writing"
+    root.attrs["wsi_scan"] = meta
+    with pytest.raises(HeatmapError, match="incomplete"):
+        open_heatmap(out)
+
+
+def test_cell_mapping_roundtrip(make_slide, mock_model, tmp_path):
+    out = tmp_path / "h.zarr"
+    scan_slide(make_slide(), out, ScanConfig(), model=mock_model)
+    hm = open_heatmap(out)
+    for r, c in [(0, 0), (3, 7), (hm.grid.shape_rc[0] - 1, hm.grid.shape_rc[1] - 1)]:
+        x0, y0, x1, y1 = hm.cell_to_l0_rect(r, c)
+        assert hm.l0_to_cell((x0 + x1) / 2, (y0 + y1) / 2) == (r, c)
+        assert hm.l0_to_cell(x0 + 1e-6, y0 + 1e-6) == (r, c)
