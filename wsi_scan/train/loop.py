@@ -167,7 +167,7 @@ def train(
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if len(losses) % 10 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
         probs = predict_probs(net, card, ds_valid, device, 512, workers=cfg.loader_workers)

@@ -1,0 +1,110 @@
+"""Training smoke runs in both layouts, resume, evaluation, figures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from wsi_scan.cli import main
+from wsi_scan.config import TrainConfig
+from wsi_scan.io.checkpoint import load_model
+from wsi_scan.train.loop import train
+
+TINY = dict(width=8, batch_size=16, epochs=1, loader_workers=0, threads=1)
+
+
+def test_one_epoch_writes_loadable_model_with_card(kaggle_dir, tmp_path):
+    out = tmp_path / "m.pt"
+    res = train([kaggle_dir], out, TrainConfig(**TINY), report_dir=tmp_path / "rep", progress=False, command="wsi-scan train test")
+    m = load_model(out)
+    assert m.card.dense_exact and m.card.arch == "dense-cnn" and m.card.arch_kwargs == {"width": 8}
+    assert m.card.training["command"] == "wsi-scan train test"
+    assert "given" in m.card.training["data"]["validation"]
+    assert m.card.training["data"]["valid"]["n"] == 32
+    assert set(m.card.metrics) >= {"valid", "valid_tta", "epoch"}
+    assert res.best_epoch == 1 and len(res.history) == 1
+    for f in ("curves.png", "roc.png"):
+        assert (tmp_path / "rep" / f).stat().st_size > 1000
+
+
+def test_h5_layout_and_stratified_split_when_no_valid(h5_dir, tmp_path):
+    res = train([h5_dir], tmp_path / "a.safetensors", TrainConfig(**TINY), progress=False)
+    assert load_model(res.model_path).card.training["data"]["valid"]["n"] == 64
+    from tests.train.conftest import write_kaggle
+
+    k = write_kaggle(tmp_path / "k", n=80)
+    res = train([k], tmp_path / "b.pt", TrainConfig(**TINY, val_fraction=0.25), progress=False)
+    d = load_model(res.model_path).card.training["data"]
+    assert "stratified" in d["validation"] and d["valid"] == {"n": 20, "positive": 10, "negative": 10}
+
+
+def test_seeded_runs_are_identical(kaggle_dir, tmp_path):
+    cfg = TrainConfig(**{**TINY, "epochs": 2})
+    a = train([kaggle_dir], tmp_path / "a.pt", cfg, progress=False)
+    b = train([kaggle_dir], tmp_path / "b.pt", TrainConfig(**{**TINY, "epochs": 2}), progress=False)
+    assert [h["valid_auc"] for h in a.history] == [h["valid_auc"] for h in b.history]
+
+
+def test_resume_continues_from_saved_epoch(kaggle_dir, tmp_path, monkeypatch):
+    out = tmp_path / "r.pt"
+    full = train([kaggle_dir], tmp_path / "full.pt", TrainConfig(**{**TINY, "epochs": 2}), progress=False)
+    # a 2-epoch run interrupted during its second epoch's validation, then resumed
+    import wsi_scan.train.loop as loop
+
+    calls = {"n": 0}
+    orig = loop.binary_metrics
+
+    def stop_after_first(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return orig(*a, **k)
+
+    monkeypatch.setattr(loop, "binary_metrics", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        train([kaggle_dir], out, TrainConfig(**{**TINY, "epochs": 2}), progress=False)
+    monkeypatch.setattr(loop, "binary_metrics", orig)
+    res = train([kaggle_dir], out, TrainConfig(**{**TINY, "epochs": 2}), resume=True, progress=False)
+    assert [h["epoch"] for h in res.history] == [1, 2]
+    assert [h["valid_auc"] for h in res.history] == pytest.approx([h["valid_auc"] for h in full.history], abs=1e-9)
+
+
+def test_evaluate_cli_json(kaggle_dir, tmp_path):
+    out = tmp_path / "m.pt"
+    train([kaggle_dir], out, TrainConfig(**TINY), progress=False)
+    r = CliRunner().invoke(main, ["evaluate", str(kaggle_dir), "--model", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    for k in ("auc", "accuracy", "sensitivity", "specificity", "n"):
+        assert k in d
+    assert d["n"] == 32 and d["tta"] is False
+    r2 = CliRunner().invoke(main, ["evaluate", str(kaggle_dir), "--model", str(out), "--json", "--tta", "--split", "train"])
+    d2 = json.loads(r2.stdout)
+    assert d2["n"] == 96 and d2["tta"] is True and 0 <= d2["auc"] <= 1
+    # accuracy agrees with the confusion matrix
+    assert d2["accuracy"] == pytest.approx((d2["tp"] + d2["tn"]) / d2["n"])
+
+
+def test_explore_figures(kaggle_dir, tmp_path):
+    r = CliRunner().invoke(main, ["explore", str(kaggle_dir), "--out", str(tmp_path / "ex")])
+    assert r.exit_code == 0, r.output
+    for f in ("label_distribution.png", "samples.png", "colour_histograms.png"):
+        assert (tmp_path / "ex" / f).stat().st_size > 1000
+
+
+def test_bad_data_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(main, ["train", str(tmp_path / "empty"), "--out", str(tmp_path / "m.pt")])
+    assert r.exit_code == 6
+    assert "no data set found" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_resnet18_trains_in_patch_mode(kaggle_dir, tmp_path):
+    out = tmp_path / "r.pt"
+    train([kaggle_dir], out, TrainConfig(**{**TINY, "arch": "resnet18", "max_train": 32}), progress=False)
+    m = load_model(out)
+    assert m.card.arch == "resnet18" and not m.card.dense_exact
+    assert np.isfinite(m.card.metrics["valid"]["auc"])
