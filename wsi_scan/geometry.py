@@ -11,6 +11,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import MppError
 
 #: a level this close to the target counts as "at the target" (metadata rounding)
@@ -140,3 +142,35 @@ def blocks(shape_rc: tuple[int, int], block_cells: int) -> list[tuple[int, int, 
         for r0 in range(0, rows, block_cells)
         for c0 in range(0, cols, block_cells)
     ]
+
+
+def image_cells(
+    grid: GridGeometry, l0_per_px_xy: tuple[float, float], px_origin_xy: tuple[int, int], size_wh: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The heatmap cell under each pixel centre of an image of the level-0 frame.
+
+    The image has ``l0_per_px_xy`` level-0 pixels per pixel (a thumbnail, a pyramid level of an
+    export) and this window of it starts at pixel ``px_origin_xy``. Returns (cell row per image
+    row, cell col per image column), -1 where the pixel centre lies outside the grid: a heatmap
+    never has to cover the image it is drawn on.
+    """
+    (ox, oy), (sx, sy) = grid.l0_origin_xy, grid.l0_cell_size_xy
+    rows, cols = grid.shape_rc
+    l0_x = (px_origin_xy[0] + np.arange(size_wh[0]) + 0.5) * l0_per_px_xy[0]
+    l0_y = (px_origin_xy[1] + np.arange(size_wh[1]) + 0.5) * l0_per_px_xy[1]
+    c = np.floor((l0_x - ox) / sx).astype(np.int64)
+    r = np.floor((l0_y - oy) / sy).astype(np.int64)
+    c[(c < 0) | (c >= cols)] = -1
+    r[(r < 0) | (r >= rows)] = -1
+    return r, c
+
+
+def cell_edges_l0(grid: GridGeometry) -> tuple[np.ndarray, np.ndarray]:
+    """Level-0 x of every column edge and y of every row edge ((cols + 1,), (rows + 1,)).
+
+    Neighbouring cells share these exact values, so rectangles built from them meet without
+    slivers when unioned.
+    """
+    (ox, oy), (sx, sy) = grid.l0_origin_xy, grid.l0_cell_size_xy
+    rows, cols = grid.shape_rc
+    return ox + np.arange(cols + 1) * sx, oy + np.arange(rows + 1) * sy

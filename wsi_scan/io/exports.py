@@ -1,0 +1,181 @@
+"""Writers of the export files: images, GeoJSON, pyramidal TIFF, HDF5 patch sets.
+
+Each is written under a temporary name beside the target and renamed once complete, so an
+interrupted export never leaves a file that looks finished; an existing output is replaced only
+with ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import OutputExistsError, UsageError
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def _atomic(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary path beside ``out``, moved onto it only if the block finishes."""
+    _check_out(out, overwrite)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        tmp.replace(out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def image_format(out: Path) -> str:
+    fmt = IMAGE_FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise UsageError(f"--out {out}: expected a .png, .jpg or .jpeg file name, found suffix {out.suffix or '(none)'!r}")
+    return fmt
+
+
+def write_image(out: str | Path, rgb: np.ndarray, overwrite: bool = False) -> Path:
+    """An (h, w, 3) uint8 image as PNG or JPEG, chosen by the file's extension."""
+    from PIL import Image
+
+    out = Path(out)
+    fmt = image_format(out)
+    with _atomic(out, overwrite) as tmp:
+        kw: dict[str, Any] = {"quality": 92} if fmt == "JPEG" else {"optimize": True}
+        Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format=fmt, **kw)
+    return out
+
+
+def write_json(out: str | Path, obj: Mapping[str, Any], overwrite: bool = False) -> Path:
+    out = Path(out)
+    with _atomic(out, overwrite) as tmp:
+        tmp.write_text(json.dumps(obj, allow_nan=False))
+    return out
+
+
+def write_pyramid_tiff(
+    out: str | Path,
+    level_sizes_wh: list[tuple[int, int]],
+    render_tile: Callable[[int, int, int, int, int], np.ndarray],
+    channels: int,
+    dtype: np.dtype[Any] | type,
+    mpp_xy: tuple[float, float],
+    tile_px: int = 512,
+    overwrite: bool = False,
+) -> Path:
+    """A tiled pyramid whose tiles come from ``render_tile(level, x0, y0, w, h)``.
+
+    Tiles are produced one at a time, so the full-resolution image never exists in memory.
+    Levels are consecutive pages (reduced-resolution subfile type) with resolution tags in
+    centimeters, the layout OpenSlide's generic-tiff reader and tifffile both take as a pyramid.
+    """
+    import tifffile
+
+    out = Path(out)
+    w0, h0 = level_sizes_wh[0]
+    photometric = "rgb" if channels >= 3 else "minisblack"
+    extrasamples = ("unassalpha",) if channels == 4 else None
+
+    def tiles(level: int) -> Iterable[np.ndarray]:
+        lw, lh = level_sizes_wh[level]
+        for ty in range(0, lh, tile_px):
+            for tx in range(0, lw, tile_px):
+                w, h = min(tile_px, lw - tx), min(tile_px, lh - ty)
+                tile = np.zeros((tile_px, tile_px, channels), dtype=dtype)
+                tile[:h, :w] = render_tile(level, tx, ty, w, h).reshape(h, w, channels)
+                yield tile if channels > 1 else tile[..., 0]
+
+    with _atomic(out, overwrite) as tmp, tifffile.TiffWriter(tmp, bigtiff=w0 * h0 * channels * np.dtype(dtype).itemsize > 2**31) as tw:
+        for level, (lw, lh) in enumerate(level_sizes_wh):
+            dx, dy = w0 / lw, h0 / lh
+            shape = (lh, lw, channels) if channels > 1 else (lh, lw)
+            tw.write(
+                tiles(level),  # type: ignore[arg-type]
+                shape=shape,
+                dtype=dtype,
+                tile=(tile_px, tile_px),
+                photometric=photometric,
+                extrasamples=extrasamples,
+                compression="zlib",
+                subfiletype=0 if level == 0 else 1,
+                resolution=(1e4 / (mpp_xy[0] * dx), 1e4 / (mpp_xy[1] * dy)),
+                resolutionunit="CENTIMETER",
+                metadata=None,
+            )
+    return out
+
+
+class PatchWriter:
+    """Appends patches to HDF5 in the PCam layout: ``x`` (N, 96, 96, 3) uint8, ``y`` (N, 1, 1, 1).
+
+    With a folder as target it writes the pair ``camelyonpatch_level_2_split_<split>_{x,y}.h5``
+    that the PCam reader opens; with a ``.h5`` file, one file holding every dataset.
+    """
+
+    def __init__(self, out: str | Path, patch_shape: tuple[int, int, int], labelled: bool, attrs: Mapping[str, Any],
+                 split: str = "train", overwrite: bool = False) -> None:
+        import h5py
+
+        from .datasets import H5_PREFIX
+
+        self.out = Path(out)
+        self.labelled = labelled
+        if self.out.suffix.lower() in (".h5", ".hdf5"):
+            targets = [self.out]
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            targets = [self.out / f"{H5_PREFIX}{split}_x.h5"] + ([self.out / f"{H5_PREFIX}{split}_y.h5"] if labelled else [])
+        for t in targets:
+            _check_out(t, overwrite)
+        self._targets = targets
+        self._tmps = [t.with_name(f".{t.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}") for t in targets]
+        self._files = [h5py.File(t, "w") for t in self._tmps]
+        fx = self._files[0]
+        fy = self._files[-1]
+        self._x = fx.create_dataset("x", shape=(0, *patch_shape), maxshape=(None, *patch_shape), dtype="uint8",
+                                    chunks=(64, *patch_shape), compression="gzip", compression_opts=4)
+        self._xy = fx.create_dataset("l0_xy", shape=(0, 2), maxshape=(None, 2), dtype="float64", chunks=(4096, 2))
+        self._rc = fx.create_dataset("cell_rc", shape=(0, 2), maxshape=(None, 2), dtype="int64", chunks=(4096, 2))
+        self._y = (fy.create_dataset("y", shape=(0, 1, 1, 1), maxshape=(None, 1, 1, 1), dtype="uint8", chunks=(4096, 1, 1, 1))
+                   if labelled else None)
+        for f in self._files:
+            f.attrs["wsi_scan"] = json.dumps(dict(attrs))
+        self.n = 0
+
+    def append(self, x: np.ndarray, l0_xy: np.ndarray, cell_rc: np.ndarray, y: np.ndarray | None = None) -> None:
+        k = x.shape[0]
+        if k == 0:
+            return
+        for ds, v in ((self._x, x), (self._xy, l0_xy), (self._rc, cell_rc)):
+            ds.resize(self.n + k, axis=0)
+            ds[self.n :] = v
+        if self._y is not None:
+            if y is None:
+                raise UsageError("labelled patch file: every append needs labels")
+            self._y.resize(self.n + k, axis=0)
+            self._y[self.n :] = np.asarray(y, dtype=np.uint8).reshape(k, 1, 1, 1)
+        self.n += k
+
+    def close(self, ok: bool = True) -> list[Path]:
+        for f in self._files:
+            f.close()
+        for tmp, t in zip(self._tmps, self._targets):
+            if ok:
+                tmp.replace(t)
+            elif tmp.exists():
+                tmp.unlink()
+        return self._targets if ok else []
