@@ -79,7 +79,7 @@ def test_dense_equals_patch_with_trained_network(make_slide, tmp_path):
 def test_block_size_does_not_change_results(make_slide, mock_model, tmp_path):
     slide = make_slide(tumour=TUMOUR)
     a = scan_slide(slide, tmp_path / "a.zarr", ScanConfig(block_cells=4), model=mock_model)
-    b = scan_slide(slide, tmp_path / "b.zarr", ScanConfig(block_cells=64, workers=1), model=mock_model)
+    b = scan_slide(slide, tmp_path / "b.zarr", ScanConfig(block_cells=64, threads=1), model=mock_model)
     np.testing.assert_allclose(open_heatmap(a.out).probs, open_heatmap(b.out).probs, atol=1e-6, equal_nan=True)
 
 

@@ -43,7 +43,7 @@ class ScanConfig:
     device: DeviceName = "auto"
     block_cells: int = 32  # cells per block side: one region read and one dense pass each
     batch_size: int = 256  # windows per forward pass in patch mode
-    workers: int = 2  # Dask threads: blocks read and computed concurrently
+    threads: int = 2  # Dask threads per slide: blocks read and computed concurrently
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     tta: bool = False  # average the 8 dihedral views
     max_upsample: float = 1.1  # a slide at most this much coarser than the model is accepted

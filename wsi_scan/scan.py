@@ -42,7 +42,7 @@ class ScanResult:
 def settings_hash(model_sha256: str, cfg: ScanConfig) -> str:
     """Identifies the model and every setting that changes the numbers of a heatmap."""
     d = cfg.to_dict()
-    for k in ("overwrite", "workers", "device", "batch_size", "backend"):
+    for k in ("overwrite", "threads", "device", "batch_size", "backend"):
         d.pop(k, None)  # do not change results
     payload = json.dumps({"model": model_sha256, "config": d}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -147,7 +147,7 @@ def scan_slide(
         bar = _Progress(len(block_list), slide_path.name, progress)
         try:
             with bar.callback():
-                results = dask.compute(*tasks, scheduler=scheduler, num_workers=max(1, config.workers))
+                results = dask.compute(*tasks, scheduler=scheduler, num_workers=max(1, config.threads))
         finally:
             bar.close()
         for (r0, c0, nr, nc), res in zip(block_list, results):
