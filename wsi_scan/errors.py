@@ -61,3 +61,9 @@ class HeatmapError(WsiScanError, ValueError):
     """A heatmap store is missing, incomplete or does not follow the contract."""
 
     exit_code = 7
+
+
+class SlidesFailedError(WsiScanError):
+    """A folder run finished but some of its slides failed (each is listed in the run report)."""
+
+    exit_code = 8
