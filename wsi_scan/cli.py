@@ -69,7 +69,7 @@ def _scan_options(f: F) -> F:
         click.option("--mpp", type=float, default=None, help="level-0 micrometers per pixel, overriding the slide's metadata"),
         click.option("--block-cells", type=click.IntRange(1, 512), default=_SCAN.block_cells, help="cells per block side (one read + one dense pass)"),
         click.option("--batch-size", type=click.IntRange(1), default=_SCAN.batch_size, help="windows per batch in patch mode"),
-        click.option("--workers", type=click.IntRange(1), default=_SCAN.workers, help="threads reading and classifying blocks"),
+        click.option("--threads", type=click.IntRange(1), default=_SCAN.threads, help="threads per slide reading and classifying blocks"),
         click.option("--tta/--no-tta", default=_SCAN.tta, help="average the 8 rotations/flips (8x slower)"),
         click.option("--amp/--no-amp", default=_SCAN.amp, help="mixed precision on CUDA"),
         click.option("--tissue-mpp", type=float, default=_TISSUE.mask_mpp, help="um/px of the tissue-mask thumbnail"),
@@ -99,15 +99,32 @@ def _scan_config(kw: dict[str, Any]) -> ScanConfig:
 @main.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="heatmap .zarr (or a folder for a folder of slides)")
+@click.option("--recursive", is_flag=True, help="folder: also scan slides in subfolders")
+@click.option("--mpp-csv", type=click.Path(path_type=Path), default=None, help="folder: per-slide um/px overrides, CSV with columns slide,mpp")
+@click.option("--workers", type=click.IntRange(1), default=None, help="folder: start a local Dask cluster of N processes, one slide per task")
+@click.option("--scheduler", "scheduler_address", default=None, help="folder: address of a running Dask scheduler (tcp://host:8786)")
 @_scan_options
-def scan(source: Path, out: Path, model_path: Path | None, quiet: bool, **kw: Any) -> None:
+def scan(source: Path, out: Path, model_path: Path | None, quiet: bool,
+         recursive: bool = False, mpp_csv: Path | None = None, workers: int | None = None,
+         scheduler_address: str | None = None, **kw: Any) -> None:
     """Scan a slide (or a folder of slides) and write a tumour heatmap as OME-Zarr.
 
-    This is the default command: `wsi-scan slide.svs --out heatmap.zarr`.
+    This is the default command: `wsi-scan slide.svs --out heatmap.zarr`. With a folder,
+    `wsi-scan slides/ --out results/` writes results/<slide>.zarr for every slide, skips those
+    already done with the same model and settings, and writes summary.csv/json and report.html;
+    exit code 8 when some slides failed.
     """
     from .scan import scan_slide
 
     cfg = _scan_config(kw)
+    if source.is_dir():
+        _scan_folder_cmd(source, out, cfg, model_path, quiet, None, recursive, mpp_csv, workers, scheduler_address)
+        return
+    folder_only = [n for n, v in (("--recursive", recursive), ("--mpp-csv", mpp_csv), ("--workers", workers),
+                                  ("--scheduler", scheduler_address)) if v]
+    if folder_only:
+        click.echo(f"wsi-scan: error: {', '.join(folder_only)} apply to a folder of slides; {source} is not a folder", err=True)
+        sys.exit(2)
     res = _run(lambda: scan_slide(source, out, cfg, model_path, progress=not quiet))
     if res.n_tissue_cells == 0:
         click.echo(f"{source.name}: no tissue found; wrote an all-NaN heatmap to {res.out}", err=True)
@@ -117,6 +134,28 @@ def scan(source: Path, out: Path, model_path: Path | None, quiet: bool, **kw: An
         f"{res.timings_s['total']:.1f} s [{res.mode}, {res.device}]; max tumour probability "
         f"{res.max_prob:.3f}, area above threshold {res.tumour_area_mm2:.3f} mm2 -> {res.out}"
     )
+
+
+def _scan_folder_cmd(source: Path, out: Path, cfg: ScanConfig, model_path: Path | None, quiet: bool, overlay: Path | None,
+                     recursive: bool, mpp_csv: Path | None, workers: int | None, scheduler_address: str | None) -> None:
+    from .batch import scan_folder
+    from .errors import SlidesFailedError
+
+    if overlay is not None:
+        click.echo("wsi-scan: error: --overlay is for one slide; a folder run embeds overlays in OUT/report.html", err=True)
+        sys.exit(2)
+    res = _run(lambda: scan_folder(source, out, cfg, model_path, recursive=recursive, mpp_csv=mpp_csv,
+                                   workers=workers, scheduler_address=scheduler_address, progress=not quiet))
+    if not quiet:
+        click.echo(f"{len(res.outcomes)} slides: {res.n_ok} scanned, {res.n_skipped} already done, {res.n_failed} failed "
+                   f"in {res.seconds:.1f} s -> {res.summary_csv}, {res.report_html}")
+    if res.n_failed:
+        first = res.failed[0]
+        err = SlidesFailedError(
+            f"{res.n_failed} of {len(res.outcomes)} slides failed (first: {first.slide}: {first.error_type}: {first.error}); "
+            f"every failure is listed in {res.summary_csv} and {out / 'wsi-scan.log'}")
+        click.echo(f"wsi-scan: error: {err}", err=True)
+        sys.exit(err.exit_code)
 
 
 @main.command()
