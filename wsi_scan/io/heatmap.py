@@ -216,7 +216,9 @@ def open_heatmap(path: str | Path) -> Heatmap:
         raise HeatmapError(f"heatmap {p} does not exist")
     try:
         root = zarr.open_group(str(p), mode="r")
-        meta = dict(root.attrs["wsi_scan"])
+        meta: dict[str, Any] = dict(root.attrs["wsi_scan"])  # type: ignore[arg-type]
+        arr0: Any = root["0"]
+        arr_tissue: Any = root["labels/tissue/0"]
     except Exception as exc:  # noqa: BLE001
         raise HeatmapError(f"{p}: not a wsi-scan heatmap store ({type(exc).__name__}: {exc})") from None
     if meta.get("status") != "complete":
@@ -224,8 +226,8 @@ def open_heatmap(path: str | Path) -> Heatmap:
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise HeatmapError(f"{p}: format_version {meta.get('format_version')} is newer than this wsi-scan understands ({FORMAT_VERSION})")
     grid = grid_from_attrs(meta["grid"])
-    probs = np.asarray(root["0"][...], dtype=np.float32)
-    tissue = np.asarray(root["labels/tissue/0"][...]).astype(bool)
+    probs = np.asarray(arr0[...], dtype=np.float32)
+    tissue = np.asarray(arr_tissue[...]).astype(bool)
     if probs.shape != grid.shape_rc:
         raise HeatmapError(f"{p}: array shape {probs.shape} disagrees with grid shape_rc {grid.shape_rc}")
     return Heatmap(str(p), probs, tissue, grid, meta)
