@@ -59,6 +59,18 @@ def _pyramid(probs: np.ndarray) -> list[np.ndarray]:
     return levels
 
 
+def _label_pyramid(mask: np.ndarray, n_levels: int) -> list[np.ndarray]:
+    """2x coarser masks matching the image levels; a coarse pixel is tissue if any of its cells is."""
+    levels = [mask]
+    for _ in range(1, n_levels):
+        a = levels[-1]
+        h, w = a.shape
+        pad = np.zeros((h + h % 2, w + w % 2), dtype=bool)
+        pad[:h, :w] = a
+        levels.append(pad.reshape(pad.shape[0] // 2, 2, pad.shape[1] // 2, 2).any(axis=(1, 3)))
+    return levels
+
+
 def ome_multiscales(grid: GridGeometry, mpp_xy: tuple[float, float], n_levels: int, name: str) -> list[dict[str, Any]]:
     sx_um = grid.l0_cell_size_xy[0] * mpp_xy[0]
     sy_um = grid.l0_cell_size_xy[1] * mpp_xy[1]
@@ -120,12 +132,14 @@ def write_heatmap(
         labels = root.create_group("labels")
         labels.attrs["ome"] = {"version": OME_VERSION, "labels": ["tissue"]}
         lab = labels.create_group("tissue")
-        zt = lab.create_array("0", shape=tissue.shape, chunks=_chunks(tissue.shape), dtype="uint8",
-                              fill_value=0, dimension_names=["y", "x"])
-        zt[...] = tissue.astype(np.uint8)
+        # as many levels as the image: OME-Zarr validators (ome-zarr-models) require it
+        for k, t in enumerate(_label_pyramid(tissue.astype(bool), len(levels))):
+            zt = lab.create_array(str(k), shape=t.shape, chunks=_chunks(t.shape), dtype="uint8",
+                                  fill_value=0, dimension_names=["y", "x"])
+            zt[...] = t.astype(np.uint8)
         lab.attrs["ome"] = {
             "version": OME_VERSION,
-            "multiscales": ome_multiscales(grid, mpp_xy, 1, "tissue"),
+            "multiscales": ome_multiscales(grid, mpp_xy, len(levels), "tissue"),
             "image-label": {
                 "version": OME_VERSION,
                 "colors": [{"label-value": 1, "rgba": [0, 160, 0, 255]}],
