@@ -21,8 +21,8 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) scripts/fetch_sample.py --out $(DEMO_DIR)/cmu-1-small-region.svs
 	$(VENV)/bin/wsi-scan info $(DEMO_DIR)/cmu-1-small-region.svs
-	$(VENV)/bin/wsi-scan $(DEMO_DIR)/cmu-1-small-region.svs --out $(DEMO_DIR)/cmu-1-small-region.zarr --overwrite
-	@echo "heatmap: $(DEMO_DIR)/cmu-1-small-region.zarr"
+	$(VENV)/bin/wsi-scan $(DEMO_DIR)/cmu-1-small-region.svs --out $(DEMO_DIR)/cmu-1-small-region.zarr --overlay $(DEMO_DIR)/overlay.png --overwrite
+	@echo "heatmap: $(DEMO_DIR)/cmu-1-small-region.zarr  overlay: $(DEMO_DIR)/overlay.png"
 
 test: setup
 	$(PY) -m pytest -q
