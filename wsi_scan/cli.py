@@ -99,12 +99,13 @@ def _scan_config(kw: dict[str, Any]) -> ScanConfig:
 @main.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="heatmap .zarr (or a folder for a folder of slides)")
+@click.option("--overlay", type=click.Path(path_type=Path), default=None, help="also write an overlay picture (.png/.jpg)")
 @click.option("--recursive", is_flag=True, help="folder: also scan slides in subfolders")
 @click.option("--mpp-csv", type=click.Path(path_type=Path), default=None, help="folder: per-slide um/px overrides, CSV with columns slide,mpp")
 @click.option("--workers", type=click.IntRange(1), default=None, help="folder: start a local Dask cluster of N processes, one slide per task")
 @click.option("--scheduler", "scheduler_address", default=None, help="folder: address of a running Dask scheduler (tcp://host:8786)")
 @_scan_options
-def scan(source: Path, out: Path, model_path: Path | None, quiet: bool,
+def scan(source: Path, out: Path, model_path: Path | None, quiet: bool, overlay: Path | None = None,
          recursive: bool = False, mpp_csv: Path | None = None, workers: int | None = None,
          scheduler_address: str | None = None, **kw: Any) -> None:
     """Scan a slide (or a folder of slides) and write a tumour heatmap as OME-Zarr.
@@ -118,14 +119,22 @@ def scan(source: Path, out: Path, model_path: Path | None, quiet: bool,
 
     cfg = _scan_config(kw)
     if source.is_dir():
-        _scan_folder_cmd(source, out, cfg, model_path, quiet, None, recursive, mpp_csv, workers, scheduler_address)
+        _scan_folder_cmd(source, out, cfg, model_path, quiet, overlay, recursive, mpp_csv, workers, scheduler_address)
         return
     folder_only = [n for n, v in (("--recursive", recursive), ("--mpp-csv", mpp_csv), ("--workers", workers),
                                   ("--scheduler", scheduler_address)) if v]
     if folder_only:
         click.echo(f"wsi-scan: error: {', '.join(folder_only)} apply to a folder of slides; {source} is not a folder", err=True)
         sys.exit(2)
+    if overlay is not None:
+        from .io.exports import check_image_out
+
+        _run(lambda: check_image_out(overlay, cfg.overwrite))
     res = _run(lambda: scan_slide(source, out, cfg, model_path, progress=not quiet))
+    if overlay is not None:
+        from .export.overlay import render_overlay
+
+        _run(lambda: render_overlay(res.out, overlay, slide=source, overwrite=cfg.overwrite))
     if res.n_tissue_cells == 0:
         click.echo(f"{source.name}: no tissue found; wrote an all-NaN heatmap to {res.out}", err=True)
         return
@@ -287,3 +296,46 @@ def evaluate(data: Path, model_path: Path | None, split: str, tta: bool, as_json
     click.echo(f"{ev.dataset}: n={m.n}  AUC {m.auc:.4f}  accuracy {m.accuracy:.4f}  "
                f"sensitivity {m.sensitivity:.4f}  specificity {m.specificity:.4f}  (threshold {m.threshold}, TTA {'on' if tta else 'off'})")
     click.echo(f"confusion matrix [[TN FP] [FN TP]]: [[{m.tn} {m.fp}] [{m.fn} {m.tp}]]")
+
+
+@main.command()
+@click.argument("heatmap", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="picture file, .png or .jpg")
+@click.option("--slide", "slide_path", type=click.Path(path_type=Path), default=None, help="the slide (default: the path recorded in the heatmap)")
+@click.option("--max-size", type=click.IntRange(16), default=2048, help="longest side of the slide thumbnail, px")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, help="opacity of the heatmap over tissue")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="outline regions at or above this probability (default: the model's threshold)")
+@click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile"]), default=_SCAN.backend)
+@click.option("--overwrite", is_flag=True, help="replace an existing picture")
+def overlay(heatmap: Path, out: Path, slide_path: Path | None, max_size: int, alpha: float, threshold: float | None,
+            backend: str, overwrite: bool) -> None:
+    """A picture of the slide with its tumour heatmap, colour bar, scale bar and caption."""
+    from .export.overlay import render_overlay
+
+    click.echo(str(_run(lambda: render_overlay(heatmap, out, slide_path, max_size, alpha, threshold, overwrite, backend))))
+
+
+@main.command()
+@click.argument("heatmap", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="GeoJSON file for QuPath")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="tumour probability cut-off (default: the model's threshold)")
+@click.option("--tissue", is_flag=True, help="add the scanned tissue outline as 'Tissue' annotations")
+@click.option("--overwrite", is_flag=True, help="replace an existing file")
+def geojson(heatmap: Path, out: Path, threshold: float | None, tissue: bool, overwrite: bool) -> None:
+    """Tumour regions as QuPath annotations (GeoJSON, level-0 pixel coordinates)."""
+    from .export.geojson import write_geojson
+
+    click.echo(str(_run(lambda: write_geojson(heatmap, out, threshold, tissue, overwrite))))
+
+
+@main.command("heatmap-tiff")
+@click.argument("heatmap", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="pyramidal TIFF, the slide's level-0 size")
+@click.option("--probability", is_flag=True, help="float32 probabilities (NaN off tissue) instead of colour-mapped RGBA")
+@click.option("--opacity", type=click.FloatRange(0, 1), default=1.0, help="alpha of scanned pixels in the RGBA image")
+@click.option("--overwrite", is_flag=True, help="replace an existing file")
+def heatmap_tiff(heatmap: Path, out: Path, probability: bool, opacity: float, overwrite: bool) -> None:
+    """The heatmap as a tiled pyramidal TIFF in the slide's level-0 frame, for slide viewers."""
+    from .export.heatmap_tiff import write_heatmap_tiff
+
+    click.echo(str(_run(lambda: write_heatmap_tiff(heatmap, out, probability, opacity, overwrite=overwrite))))

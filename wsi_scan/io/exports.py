@@ -48,6 +48,14 @@ def image_format(out: Path) -> str:
     return fmt
 
 
+def check_image_out(out: str | Path, overwrite: bool) -> None:
+    """Fail on a bad picture name or an existing picture before a long scan, not after it."""
+    out = Path(out)
+    image_format(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it or choose another --overlay")
+
+
 def write_image(out: str | Path, rgb: np.ndarray, overwrite: bool = False) -> Path:
     """An (h, w, 3) uint8 image as PNG or JPEG, chosen by the file's extension."""
     from PIL import Image

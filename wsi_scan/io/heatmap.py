@@ -67,7 +67,7 @@ def _label_pyramid(mask: np.ndarray, n_levels: int) -> list[np.ndarray]:
         h, w = a.shape
         pad = np.zeros((h + h % 2, w + w % 2), dtype=bool)
         pad[:h, :w] = a
-        levels.append(pad.reshape(pad.shape[0] // 2, 2, pad.shape[1] // 2, 2).any(axis=(1, 3)))
+        levels.append(np.asarray(pad.reshape(pad.shape[0] // 2, 2, pad.shape[1] // 2, 2).any(axis=(1, 3)), dtype=bool))
     return levels
 
 
