@@ -73,17 +73,73 @@ def _paint(spec: SyntheticSlide, lv_ds_xy: tuple[float, float], x0: int, y0: int
     return out
 
 
-def _tiles(spec: SyntheticSlide, level: int) -> Iterator[np.ndarray]:
+def _tile_key(spec: SyntheticSlide, ds: tuple[float, float], tx: int, ty: int, w: int, h: int) -> tuple[object, ...] | None:
+    """A key shared by tiles that render identically, or None when the tile must be rendered.
+
+    Large slides are mostly glass or the interior of a textured tissue box; rendering and
+    encoding those tiles once each is what makes a multi-gigapixel benchmark slide writable in
+    minutes. Tests are conservative: a tile that might touch an edge or a tumour is rendered.
+    """
+    dx, dy = ds
+    cx0, cx1 = (tx + 0.5) * dx, (tx + w - 0.5) * dx  # first and last pixel centre, l0
+    cy0, cy1 = (ty + 0.5) * dy, (ty + h - 0.5) * dy
+
+    def touches(b: Box) -> bool:
+        return cx1 >= b[0] and cx0 < b[2] and cy1 >= b[1] and cy0 < b[3]
+
+    if any(touches(b) for b in spec.tumour):
+        return None
+    if not any(touches(b) for b in spec.tissue):
+        return ("glass", w, h)
+    inside = any(cx0 >= b[0] and cx1 < b[2] and cy0 >= b[1] and cy1 < b[3] for b in spec.tissue)
+    if inside and spec.texture is not None:
+        # the texture is indexed by level pixel modulo its size (see _paint)
+        return ("texture", tx % spec.texture.shape[1], ty % spec.texture.shape[0], w, h)
+    return None
+
+
+def _render_tile(spec: SyntheticSlide, ds: tuple[float, float], tx: int, ty: int, w: int, h: int) -> np.ndarray:
+    t = spec.tile_px
+    tile = np.full((t, t, 3), 255, dtype=np.uint8)
+    tile[:h, :w] = _paint(spec, ds, tx, ty, w, h)
+    return tile
+
+
+def _jpeg_args(spec: SyntheticSlide) -> dict[str, object]:
+    # what tifffile passes to its JPEG compressor for an RGB page, so pre-encoded tiles are the
+    # very bytes tifffile would have written itself
+    return {"level": spec.quality, "subsampling": (2, 2), "colorspace": "RGB", "outcolorspace": "YCBCR"}
+
+
+def _tiles(spec: SyntheticSlide, level: int) -> Iterator[np.ndarray | bytes]:
+    """The tiles of a level in file order: arrays, or encoded bytes for JPEG pages."""
+    import tifffile
+
     w0, h0 = spec.size_wh
     lw, lh = spec.level_sizes()[level]
     ds = (w0 / lw, h0 / lh)
     t = spec.tile_px
+    encode = None
+    if spec.compression == "jpeg":
+        compressor = tifffile.TIFF.COMPRESSORS[7]
+        kwargs = _jpeg_args(spec)
+
+        def encode(a: np.ndarray) -> bytes:
+            return bytes(compressor(a, **kwargs))
+
+    cache: dict[tuple[object, ...], np.ndarray | bytes] = {}
     for ty in range(0, lh, t):
         for tx in range(0, lw, t):
-            tile = np.full((t, t, 3), 255, dtype=np.uint8)
             w, h = min(t, lw - tx), min(t, lh - ty)
-            tile[:h, :w] = _paint(spec, ds, tx, ty, w, h)
-            yield tile
+            key = _tile_key(spec, ds, tx, ty, w, h)
+            if key is not None and key in cache:
+                yield cache[key]
+                continue
+            tile = _render_tile(spec, ds, tx, ty, w, h)
+            out = encode(tile) if encode is not None else tile
+            if key is not None and len(cache) < 4096:
+                cache[key] = out
+            yield out
 
 
 def write_synthetic_slide(path: str | Path, spec: SyntheticSlide) -> Path:
