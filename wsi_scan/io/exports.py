@@ -75,6 +75,21 @@ def write_json(out: str | Path, obj: Mapping[str, Any], overwrite: bool = False)
     return out
 
 
+def read_json(path: str | Path) -> dict[str, Any]:
+    from ..errors import DataError
+
+    p = Path(path)
+    try:
+        obj = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{p} does not exist; expected a GeoJSON file of tumour annotations") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{p}: not a readable JSON file ({exc}); expected GeoJSON (e.g. exported from QuPath)") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{p}: expected a GeoJSON object, found a JSON {type(obj).__name__}")
+    return obj
+
+
 def write_pyramid_tiff(
     out: str | Path,
     level_sizes_wh: list[tuple[int, int]],

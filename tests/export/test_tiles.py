@@ -1,0 +1,77 @@
+"""Patch sets cut from a slide: the windows a scan sees, level-0 coordinates, PCam labels and layout."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from tests._support import expected_share
+from tests.export.conftest import MPP, SIZE_WH, TISSUE
+from wsi_scan.errors import DataError
+from wsi_scan.export.tiles import tile_slide
+from wsi_scan.geometry import plan_grid
+from wsi_scan.io.datasets import open_patch_data
+from wsi_scan.io.synthetic import TUMOUR_RGB
+
+TUMOUR = ((1013, 707, 1511, 1209),)
+
+
+def _geojson(tmp_path, boxes):
+    feats = [{"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
+              "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}}
+             for x0, y0, x1, y1 in boxes]
+    # a non-tumour annotation is ignored
+    feats.append({"type": "Feature", "properties": {"classification": {"name": "Stroma"}},
+                  "geometry": {"type": "Polygon", "coordinates": [[[300, 300], [900, 300], [900, 600], [300, 300]]]}})
+    p = tmp_path / "labels.geojson"
+    p.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    return p
+
+
+def test_tiles_single_file(make_slide, tmp_path):
+    slide = make_slide(size_wh=SIZE_WH, mpp=MPP, tissue=TISSUE, tumour=TUMOUR)
+    res = tile_slide(slide, tmp_path / "p.h5", stride_cells=2, labels_geojson=_geojson(tmp_path, TUMOUR))
+    grid = plan_grid((0, 0, *SIZE_WH), (MPP, MPP), 0.972, 32, 96)
+    with h5py.File(res.files[0], "r") as f:
+        x, y, l0_xy, rc = f["x"][...], f["y"][...], f["l0_xy"][...], f["cell_rc"][...]
+    n = res.n_patches
+    assert x.shape == (n, 96, 96, 3) and x.dtype == np.uint8 and y.shape == (n, 1, 1, 1) and l0_xy.shape == (n, 2)
+    assert n > 50 and (rc % 2 == 0).all()
+    # windows are centred on their cell; the window top-left is one cell (margin) before it
+    for (r, c), (wx, wy) in zip(rc, l0_xy):
+        cx0, cy0, _, _ = grid.cell_to_l0_rect(int(r), int(c))
+        assert (wx, wy) == pytest.approx((cx0 - 128, cy0 - 128))
+    # labels follow PCam's rule on the painted square, in level-0 coordinates
+    want = np.array([expected_share(grid.cell_to_l0_rect(int(r), int(c)), TUMOUR) > 0 for r, c in rc])
+    np.testing.assert_array_equal(y.reshape(-1).astype(bool), want)
+    assert res.n_positive == int(want.sum()) > 0
+    # a window whose central cell lies wholly inside the painted square shows the tumour colour there
+    inside = [i for i, (r, c) in enumerate(rc) if expected_share(grid.cell_to_l0_rect(int(r), int(c)), TUMOUR) == 1.0]
+    assert inside
+    for i in inside:
+        np.testing.assert_allclose(x[i, 32:64, 32:64].reshape(-1, 3).mean(axis=0), TUMOUR_RGB, atol=8)
+
+
+def test_tiles_pcam_folder_is_trainable_data(make_slide, tmp_path):
+    slide = make_slide(size_wh=SIZE_WH, mpp=MPP, tissue=TISSUE, tumour=TUMOUR)
+    res = tile_slide(slide, tmp_path / "data", stride_cells=3, labels_geojson=_geojson(tmp_path, TUMOUR))
+    assert sorted(p.name for p in res.files) == ["camelyonpatch_level_2_split_train_x.h5", "camelyonpatch_level_2_split_train_y.h5"]
+    pd = open_patch_data(tmp_path / "data", cache_dir=tmp_path / "cache")
+    ps = pd.splits["train"]
+    assert len(ps) == res.n_patches and int(ps.labels.sum()) == res.n_positive
+    assert ps.read(0).shape == (96, 96, 3)
+
+
+def test_tiles_without_labels_and_bad_labels(make_slide, tmp_path):
+    slide = make_slide(size_wh=SIZE_WH, mpp=MPP, tissue=TISSUE)
+    res = tile_slide(slide, tmp_path / "p.h5")
+    with h5py.File(res.files[0], "r") as f:
+        assert "y" not in f and f["x"].shape[0] == res.n_patches > 0
+    bad = tmp_path / "bad.geojson"
+    bad.write_text("not json")
+    with pytest.raises(DataError, match="GeoJSON"):
+        tile_slide(slide, tmp_path / "q.h5", labels_geojson=bad)
+    assert not (tmp_path / "q.h5").exists()

@@ -1,0 +1,172 @@
+"""Patch data sets cut from a slide: tissue-masked 96x96 windows at the model's mpp.
+
+The windows are exactly those a scan classifies (same grid, same block reads and resampling),
+so a model trained on them sees what it will see when scanning. Labels, when a GeoJSON of
+tumour annotations is given, follow PCam: a window is positive when its central cell holds
+any tumour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import PCAM_CELL_PX, PCAM_MPP, PCAM_PATCH_PX, ScanConfig, TissueConfig
+from ..errors import DataError, UsageError
+
+
+@dataclass(frozen=True)
+class TileResult:
+    files: list[Path]
+    n_patches: int
+    n_positive: int | None
+    target_mpp: float
+    stride_cells: int
+    l0_window_size_xy: tuple[float, float]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def tumour_geometry(geojson: dict[str, Any], where: str, class_name: str = "Tumor") -> Any:
+    """Union of the (multi)polygons of a GeoJSON, keeping only ``class_name`` when classes are given."""
+    import shapely
+    from shapely.geometry import shape
+
+    feats = geojson.get("features") if geojson.get("type") == "FeatureCollection" else [geojson]
+    if not isinstance(feats, list):
+        raise DataError(f"{where}: expected a GeoJSON FeatureCollection, found type {geojson.get('type')!r}")
+    geoms = []
+    for f in feats:
+        cls = ((f.get("properties") or {}).get("classification") or {}).get("name")
+        if cls is not None and cls.lower() not in (class_name.lower(), "tumour"):
+            continue
+        g = shape(f["geometry"])
+        if g.geom_type in ("Polygon", "MultiPolygon"):
+            geoms.append(g if g.is_valid else shapely.make_valid(g))
+    return shapely.union_all(geoms) if geoms else None
+
+
+def cell_labels(grid: Any, cells_rc: np.ndarray, tumour: Any) -> np.ndarray:
+    """1 where the cell's level-0 rectangle shares area with ``tumour`` (PCam's rule), else 0."""
+    import shapely
+
+    if tumour is None or len(cells_rc) == 0:
+        return np.zeros(len(cells_rc), dtype=np.uint8)
+    rects = np.array([grid.cell_to_l0_rect(int(r), int(c)) for r, c in cells_rc])
+    boxes = shapely.box(rects[:, 0], rects[:, 1], rects[:, 2], rects[:, 3])
+    shapely.prepare(tumour)
+    hit = shapely.intersects(tumour, boxes)
+    out = np.zeros(len(cells_rc), dtype=np.uint8)
+    idx = np.flatnonzero(hit)
+    if idx.size:
+        # touching along an edge is not tumour inside the cell
+        out[idx] = (shapely.area(shapely.intersection(boxes[idx], tumour)) > 0).astype(np.uint8)
+    return out
+
+
+def tile_slide(
+    slide_path: str | Path,
+    out: str | Path,
+    stride_cells: int = 3,
+    labels_geojson: str | Path | None = None,
+    model: Any = None,
+    backend: str = "auto",
+    mpp: float | None = None,
+    tissue_config: TissueConfig = TissueConfig(),
+    split: str = "train",
+    block_cells: int = 16,
+    workers: int = 2,
+    overwrite: bool = False,
+) -> TileResult:
+    """Cut the tissue windows of a slide into a PCam-layout HDF5 patch set.
+
+    ``out`` ending in ``.h5`` gets one file with ``x``, ``y`` (with labels), ``l0_xy`` (window
+    top-left, level-0 px) and ``cell_rc``; any other ``out`` is a folder that receives
+    ``camelyonpatch_level_2_split_<split>_{x,y}.h5``, which ``wsi-scan train`` reads.
+    ``stride_cells`` is the step between windows in cells (32 px at the model's mpp): 3 gives
+    non-overlapping 96 px windows. ``model`` (a path or LoadedModel) sets mpp and window size;
+    the default is PCam's 0.972 um/px, 96 px windows, 32 px cells.
+    """
+    import dask
+
+    from ..geometry import check_resolution, plan_grid
+    from ..grid import tissue_blocks, tissue_cells
+    from ..io.exports import PatchWriter, read_json
+    from ..io.mpp import resolve_mpp
+    from ..io.slide import open_slide
+    from ..regions import block_windows, make_read_plan, read_block, read_thumbnail
+    from ..tissue import TissueMask, compute_mask
+
+    if stride_cells < 1:
+        raise UsageError(f"--stride-cells must be at least 1, found {stride_cells}")
+    if split not in ("train", "valid", "test"):
+        raise UsageError(f"split must be train, valid or test, found {split!r}")
+    target_mpp, patch_px, cell_px = PCAM_MPP, PCAM_PATCH_PX, PCAM_CELL_PX
+    if model is not None:
+        from ..io.checkpoint import LoadedModel, load_model
+
+        card = (model if isinstance(model, LoadedModel) else load_model(model)).card
+        target_mpp, patch_px, cell_px = card.mpp, card.input_px, card.cell_px
+    tumour = None
+    if labels_geojson is not None:
+        tumour = tumour_geometry(read_json(labels_geojson), str(labels_geojson))
+
+    slide_path = Path(slide_path)
+    slide = open_slide(slide_path, backend)
+    try:
+        info = slide.info
+        res = resolve_mpp(info.metadata, mpp, str(slide_path), ScanConfig().mpp_xy_tolerance)
+        check_resolution(res.xy, target_mpp, ScanConfig().max_upsample, str(slide_path))
+        thumb, l0_per_mask = read_thumbnail(slide, res.xy, tissue_config.mask_mpp)
+        grid = plan_grid(info.l0_bounds_xywh, res.xy, target_mpp, cell_px, patch_px)
+        plan = make_read_plan(slide, res.xy, grid)
+    finally:
+        slide.close()
+    mask_mpp = (l0_per_mask[0] * res.x, l0_per_mask[1] * res.y)
+    mask, thr = compute_mask(thumb, mask_mpp, tissue_config)
+    cells = tissue_cells(grid, TissueMask(mask, l0_per_mask, mask_mpp, thr), tissue_config.min_cell_fraction)
+    rr, cc = np.indices(grid.shape_rc)
+    cells &= (rr % stride_cells == 0) & (cc % stride_cells == 0)
+    # blocks start on multiples of the stride, so every block sees the same window phase
+    block_list = tissue_blocks(cells, max(block_cells // stride_cells, 1) * stride_cells)
+
+    fx, fy = grid.l0_per_tgt_xy
+    l0_window_wh = (patch_px * fx, patch_px * fy)
+    attrs = {
+        "slide": {"path": str(slide_path.resolve()), "name": slide_path.name, "mpp_xy": list(res.xy), "mpp_source": res.source,
+                  "level0_size_wh": list(info.level0_size_wh)},
+        "target_mpp": target_mpp, "patch_px": patch_px, "cell_px": cell_px, "stride_cells": stride_cells,
+        "l0_xy": "top-left corner of each window, level-0 px", "l0_window_size_xy": list(l0_window_wh),
+        "labels": str(labels_geojson) if labels_geojson is not None else None,
+        "label_rule": "1 where the central cell_px square shares area with a Tumor annotation",
+    }
+
+    def cut(block: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        r0, c0, nr, nc = block
+        sel = cells[r0 : r0 + nr, c0 : c0 + nc]
+        region = read_block(plan, block)
+        r, c = np.nonzero(sel)
+        return block_windows(region, sel, patch_px, cell_px), np.stack([r + r0, c + c0], axis=1)
+
+    writer = PatchWriter(out, (patch_px, patch_px, 3), labels_geojson is not None, attrs, split, overwrite)
+    ok = False
+    n_pos = 0
+    try:
+        task = dask.delayed(cut, pure=False)
+        step = max(1, 4 * workers)  # a few blocks in flight: bounded memory, both cores busy
+        for i in range(0, len(block_list), step):
+            parts = dask.compute(*[task(b) for b in block_list[i : i + step]], scheduler="threads", num_workers=workers)
+            for x, rc in parts:
+                m = grid.margin_px
+                l0_xy = np.array([grid.tgt_to_l0(float(c * cell_px - m), float(r * cell_px - m)) for r, c in rc]).reshape(-1, 2)
+                y = cell_labels(grid, rc, tumour) if labels_geojson is not None else None
+                n_pos += int(y.sum()) if y is not None else 0
+                writer.append(x, l0_xy, rc, y)
+        ok = True
+    finally:
+        files = writer.close(ok)
+    return TileResult(files, writer.n, n_pos if labels_geojson is not None else None, target_mpp, stride_cells,
+                      l0_window_wh, attrs)
+
