@@ -21,29 +21,33 @@ TISSUE_CLASS = {"name": "Tissue", "color": [0, 160, 220]}
 PRECISION_L0 = 1e-3  # coordinates are rounded to this grid (level-0 px); keeps files small
 
 
-def region_polygons(mask: np.ndarray, hm: Heatmap) -> list[tuple[Any, np.ndarray]]:
-    """(shapely polygon in level-0 px, cell mask) of every 4-connected region of ``mask``."""
+def region_polygons(mask: np.ndarray, hm: Heatmap) -> list[tuple[Any, tuple[slice, slice], np.ndarray]]:
+    """(shapely polygon in level-0 px, bounding slices, cell mask within them) of every
+    4-connected region of ``mask``."""
     import shapely
+    from scipy import ndimage
     from shapely.geometry import box
-    from skimage.measure import label
 
     from ..geometry import cell_edges_l0
 
     xs, ys = cell_edges_l0(hm.grid)
     w0, h0 = (int(v) for v in hm.attrs["slide"]["level0_size_wh"])
     slide_box = box(0, 0, w0, h0)
-    labels, n = label(mask, connectivity=1, return_num=True)
+    labels, _ = ndimage.label(mask)  # the default structure is 4-connectivity
     out = []
-    for k in range(1, n + 1):
-        region = labels == k
-        r_idx = np.flatnonzero(region.any(axis=1))
+    # work inside each region's bounding box: whole-grid masks per region cost O(regions x cells)
+    for k, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        region = labels[sl] == k
+        r_off, c_off = sl[0].start, sl[1].start
         rects = []
         # one rectangle per horizontal run of cells: far fewer pieces to union than cells
-        for r in r_idx:
+        for r in range(region.shape[0]):
             row = np.concatenate(([False], region[r], [False]))
             d = np.diff(row.astype(np.int8))
-            for c0, c1 in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1)):
-                rects.append(box(xs[c0], ys[r], xs[c1], ys[r + 1]))
+            for c0, c1 in zip(np.flatnonzero(d == 1) + c_off, np.flatnonzero(d == -1) + c_off):
+                rects.append(box(xs[c0], ys[r + r_off], xs[c1], ys[r + r_off + 1]))
         geom = shapely.union_all(rects).intersection(slide_box)
         # simplify(0) drops the collinear vertices every cell corner leaves on straight edges
         geom = shapely.set_precision(geom, PRECISION_L0).simplify(0)
@@ -51,7 +55,7 @@ def region_polygons(mask: np.ndarray, hm: Heatmap) -> list[tuple[Any, np.ndarray
             geom = shapely.make_valid(geom)
         if geom.is_empty:
             continue
-        out.append((geom, region))
+        out.append((geom, (sl[0], sl[1]), region))
     return out
 
 
@@ -93,8 +97,8 @@ def to_geojson(heatmap: str | Path | Heatmap, threshold: float | None = None, in
     probs = hm.probs
     tumour = np.isfinite(probs) & (np.nan_to_num(probs, nan=-1.0) >= thr)
     features = []
-    for i, (geom, cells) in enumerate(region_polygons(tumour, hm), start=1):
-        p = probs[cells]
+    for i, (geom, sl, cells) in enumerate(region_polygons(tumour, hm), start=1):
+        p = probs[sl][cells]
         features.append(_feature(geom, TUMOR_CLASS, {
             "area_um2": float(geom.area * mx * my),
             "mean_probability": float(p.mean()),
@@ -102,7 +106,7 @@ def to_geojson(heatmap: str | Path | Heatmap, threshold: float | None = None, in
             "cells": int(cells.sum()),
         }, f"Tumor {i}"))
     if include_tissue:
-        for i, (geom, cells) in enumerate(region_polygons(hm.tissue, hm), start=1):
+        for i, (geom, _, cells) in enumerate(region_polygons(hm.tissue, hm), start=1):
             features.append(_feature(geom, TISSUE_CLASS, {"area_um2": float(geom.area * mx * my), "cells": int(cells.sum())},
                                      f"Tissue {i}"))
     model = hm.attrs.get("model", {})
