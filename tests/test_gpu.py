@@ -1,0 +1,85 @@
+"""The CUDA path: AMP dense == patch, CUDA agrees with the CPU, pinned copies from many threads.
+
+Marked ``gpu``; every test skips on a machine without CUDA, so the suite passes anywhere.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from wsi_scan.config import ScanConfig
+from wsi_scan.inference import Predictor, auto_batch_size
+from wsi_scan.io.checkpoint import load_model
+from wsi_scan.io.heatmap import open_heatmap
+from wsi_scan.scan import scan_slide
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+TUMOUR = ((1013, 707, 1511, 1209), (2203, 1500, 2431, 1699))
+AMP_ATOL = 0.02  # bf16/fp16 rounding of a probability; float32 paths are held to 1e-5
+
+
+def _probs(out):
+    p = open_heatmap(out).probs
+    return p, np.isfinite(p)
+
+
+def test_dense_equals_patch_on_cuda_with_amp(make_slide, tmp_path):
+    slide = make_slide(tumour=TUMOUR)
+    a = scan_slide(slide, tmp_path / "d.zarr", ScanConfig(device="cuda", mode="dense", block_cells=5, amp=True))
+    b = scan_slide(slide, tmp_path / "p.zarr", ScanConfig(device="cuda", mode="patch", block_cells=5, amp=True))
+    (pa, fa), (pb, fb) = _probs(a.out), _probs(b.out)
+    assert fa.sum() > 100
+    np.testing.assert_array_equal(fa, fb)
+    np.testing.assert_allclose(pa[fa], pb[fb], atol=AMP_ATOL, rtol=0)
+
+
+def test_cuda_float32_matches_cpu(make_slide, tmp_path):
+    slide = make_slide(tumour=TUMOUR)
+    torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions would round like AMP
+    try:
+        g = scan_slide(slide, tmp_path / "g.zarr", ScanConfig(device="cuda", mode="dense", block_cells=6, amp=False))
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+    c = scan_slide(slide, tmp_path / "c.zarr", ScanConfig(device="cpu", mode="dense", block_cells=6))
+    (pg, fg), (pc, fc) = _probs(g.out), _probs(c.out)
+    np.testing.assert_array_equal(fg, fc)
+    np.testing.assert_allclose(pg[fg], pc[fc], atol=1e-4, rtol=0)
+
+
+def test_cuda_amp_close_to_cpu(make_slide, tmp_path):
+    slide = make_slide(tumour=TUMOUR)
+    g = scan_slide(slide, tmp_path / "g.zarr", ScanConfig(device="cuda", mode="dense", block_cells=6, amp=True, threads=4))
+    c = scan_slide(slide, tmp_path / "c.zarr", ScanConfig(device="cpu", mode="dense", block_cells=6))
+    (pg, fg), (pc, fc) = _probs(g.out), _probs(c.out)
+    np.testing.assert_array_equal(fg, fc)
+    np.testing.assert_allclose(pg[fg], pc[fc], atol=AMP_ATOL, rtol=0)
+
+
+def test_reader_threads_share_one_gpu():
+    """Blocks classified concurrently from several threads (own streams, pinned copies) equal a serial run."""
+    loaded = load_model(None)
+    pred = Predictor(loaded.net, loaded.card, torch.device("cuda"), "dense", amp=False)
+    rng = np.random.default_rng(0)
+    blocks = [rng.integers(0, 256, (96 + 32 * 7, 96 + 32 * 7, 3), dtype=np.uint8) for _ in range(16)]
+    cells = np.ones((8, 8), dtype=bool)
+    serial = [pred.predict_block(b, cells) for b in blocks]
+    with ThreadPoolExecutor(4) as ex:
+        parallel = list(ex.map(lambda b: pred.predict_block(b, cells), blocks))
+    for s, p in zip(serial, parallel):
+        np.testing.assert_array_equal(s, p)
+
+
+def test_batch_size_is_chosen_for_the_card():
+    card = load_model(None).card
+    n = auto_batch_size(torch.device("cuda"), card)
+    assert 64 <= n <= 8192
+    pred = Predictor(load_model(None).net, card, torch.device("cuda"), "patch", batch_size=0)
+    assert pred.batch_size == n
