@@ -1,0 +1,371 @@
+#!/usr/bin/env python
+"""Benchmark of wsi-scan on a large synthetic 40x slide; needs nothing but the package.
+
+The slide is written once into a cache folder (default ~/.cache/wsi-scan/bench): 0.25 um/px,
+256 px JPEG tiles, a 1/4/16 pyramid, about a third tissue. Its tissue texture is a mosaic of
+real PCam patches when ``../shared/data/pcam-kaggle-sample`` exists, procedural otherwise.
+
+Stages measured (each printed as a table row and written to JSON):
+  tissue     thumbnail read + tissue mask + grid + tissue blocks, seconds
+  read       every tissue block read and resampled to the model's frame (Dask threads), MP/s
+             of target-frame pixels, and decoded / needed pixels from the reads' tile footprint
+  dense      model compute alone on those block images, cells/s
+  patch      patch mode at the same stride on a subset of blocks, cells/s (per cell, so it
+             extrapolates), plus the largest difference from dense on the same cells
+  e2e        scan_slide in a child process: seconds per slide and the child's peak RSS
+
+    python scripts/benchmark.py                    # the default 60000 x 50000 slide
+    python scripts/benchmark.py --scale4 --only e2e  # 4x the area, for the memory claim
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+PCAM_DIR = ROOT.parent / "shared" / "data" / "pcam-kaggle-sample"
+WRITER_VERSION = 1  # bump when the slide content changes, so cached slides are rewritten
+STAGES = ("tissue", "read", "dense", "patch", "e2e")
+
+
+@dataclass
+class Report:
+    rows: list[tuple[str, str, str]] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, stage: str, value: str, note: str = "") -> None:
+        self.rows.append((stage, value, note))
+        print(f"  {stage:<34} {value:>16}  {note}", flush=True)
+
+
+def real_texture(n: int = 8, scale: int = 4, seed: int = 0) -> np.ndarray | None:
+    """A mosaic of n x n real H&E patches (0.97 um/px) enlarged to about 0.25 um/px.
+
+    Enlarging by 4 (not 3.89) keeps the mosaic a whole number of 256 px tiles, so the writer can
+    reuse encoded tiles; the 3% scale error does not matter for timing.
+    """
+    from PIL import Image
+
+    if not PCAM_DIR.is_dir():
+        return None
+    files = sorted((PCAM_DIR / "train").glob("*.webp"))
+    if len(files) < n * n:
+        return None
+    rng = np.random.default_rng(seed)
+    pick = [files[i] for i in sorted(rng.choice(len(files), n * n, replace=False))]
+    tiles = [np.asarray(Image.open(f).convert("RGB")) for f in pick]
+    p = tiles[0].shape[0]
+    mosaic = np.zeros((n * p, n * p, 3), dtype=np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, n)
+        mosaic[r * p : (r + 1) * p, c * p : (c + 1) * p] = t
+    big = Image.fromarray(mosaic).resize((n * p * scale, n * p * scale), Image.Resampling.BICUBIC)
+    return np.asarray(big)
+
+
+def slide_spec(size_wh: tuple[int, int], texture: np.ndarray | None) -> Any:
+    """Three tissue sections covering about a third of the slide, with a few tumour foci."""
+    from wsi_scan.io.synthetic import SyntheticSlide
+
+    w, h = size_wh
+    # fractions of the slide; areas 0.18 + 0.09 + 0.06 = 0.33 of the slide
+    sections = ((0.05, 0.08, 0.50, 0.48), (0.55, 0.10, 0.925, 0.34), (0.30, 0.60, 0.675, 0.76))
+    tissue = tuple((int(a * w), int(b * h), int(c * w), int(d * h)) for a, b, c, d in sections)
+    foci = ((0.12, 0.15, 0.02), (0.40, 0.30, 0.03), (0.70, 0.20, 0.015), (0.45, 0.68, 0.025))
+    tumour = tuple((int(x * w), int(y * h), int(x * w + s * w), int(y * h + s * w)) for x, y, s in foci)
+    return SyntheticSlide(size_wh=size_wh, mpp=0.25, downsamples=(1, 4, 16), tile_px=256, quality=90,
+                          tissue=tissue, tumour=tumour, texture=texture)
+
+
+def ensure_slide(cache: Path, size_wh: tuple[int, int], report: Report) -> Path:
+    from wsi_scan.io.synthetic import write_synthetic_slide
+
+    texture = real_texture()
+    kind = "pcam" if texture is not None else "procedural"
+    path = cache / f"bench-v{WRITER_VERSION}-{size_wh[0]}x{size_wh[1]}-{kind}.tif"
+    report.data["slide"] = {"path": str(path), "size_wh": list(size_wh), "mpp": 0.25, "texture": kind,
+                            "downsamples": [1, 4, 16], "tile_px": 256}
+    if path.exists():
+        report.add("slide", "cached", f"{path.name}, {path.stat().st_size / 1e9:.2f} GB")
+        return path
+    t = time.perf_counter()
+    write_synthetic_slide(path, slide_spec(size_wh, texture))
+    dt = time.perf_counter() - t
+    gpx = size_wh[0] * size_wh[1] * (1 + 1 / 16 + 1 / 256) / 1e9
+    report.data["slide"]["write_s"] = dt
+    report.add("slide written", f"{dt:.1f} s", f"{gpx / dt * 1e3:.0f} MP/s over all levels, {path.stat().st_size / 1e9:.2f} GB")
+    return path
+
+
+class CountingSlide:
+    """Wraps a slide and records the footprint of every read, in the benchmark only."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.info = inner.info
+        self.reads: list[tuple[int, int, int, int, int]] = []  # level, lv x, y, w, h
+        self._lock = threading.Lock()
+
+    def read_region(self, l0_xy: tuple[int, int], level: int, lv_size_wh: tuple[int, int]) -> Any:
+        region = self.inner.read_region(l0_xy, level, lv_size_wh)
+        lx, ly = region.lv_origin_xy
+        with self._lock:
+            self.reads.append((level, math.floor(lx), math.floor(ly), lv_size_wh[0], lv_size_wh[1]))
+        return region
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def tile_footprint(reads: list[tuple[int, int, int, int, int]], levels_wh: list[tuple[int, int]], tile: int) -> tuple[int, int]:
+    """(tiles decoded when every read decodes its own tiles, distinct tiles touched)."""
+    total = 0
+    seen: set[tuple[int, int, int]] = set()
+    for level, x, y, w, h in reads:
+        lw, lh = levels_wh[level]
+        x0, y0 = max(x, 0) // tile, max(y, 0) // tile
+        x1, y1 = (min(x + w, lw) - 1) // tile, (min(y + h, lh) - 1) // tile
+        if x1 < x0 or y1 < y0:
+            continue
+        total += (x1 - x0 + 1) * (y1 - y0 + 1)
+        seen.update((level, tx, ty) for ty in range(y0, y1 + 1) for tx in range(x0, x1 + 1))
+    return total, len(seen)
+
+
+def needed_level_px(cells: np.ndarray, grid: Any, downsample_xy: tuple[float, float]) -> float:
+    """Read-level pixels under the 96 px windows of all tissue cells (their union)."""
+    from scipy.ndimage import binary_dilation
+
+    m = (grid.patch_px - grid.cell_px) // (2 * grid.cell_px)  # margin in cells (1 for PCam)
+    under = binary_dilation(cells, np.ones((2 * m + 1, 2 * m + 1), dtype=bool)) if m else cells
+    cell_lv_px = grid.l0_cell_size_xy[0] / downsample_xy[0] * grid.l0_cell_size_xy[1] / downsample_xy[1]
+    return float(under.sum()) * cell_lv_px
+
+
+def run_child_scan(slide: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """scan_slide in a fresh process; its peak RSS is that process's alone."""
+    with tempfile.TemporaryDirectory(prefix="wsi-bench-") as tmp:
+        out = Path(tmp) / "h.zarr"
+        code = (
+            "import json, resource, sys\n"
+            "from wsi_scan.config import ScanConfig\n"
+            "from wsi_scan.scan import scan_slide\n"
+            "cfg = ScanConfig(**json.loads(sys.argv[3]))\n"
+            "r = scan_slide(sys.argv[1], sys.argv[2], cfg)\n"
+            "print('RESULT ' + json.dumps({'timings_s': r.timings_s, 'tissue_cells': r.n_tissue_cells,"
+            " 'maxrss_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))\n"
+        )
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", code, str(slide), str(out), json.dumps(cfg)],
+                              capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            raise RuntimeError(f"scan child failed:\n{proc.stderr[-4000:]}")
+        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+        res: dict[str, Any] = json.loads(line[len("RESULT "):])
+        res["wall_s"] = wall
+        return res
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+    import torch
+
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for ln in f:
+            if ln.startswith("model name"):
+                cpu = ln.split(":", 1)[1].strip()
+                break
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+                            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    from wsi_scan.config import ScanConfig
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "wsi-scan" / "bench")
+    ap.add_argument("--size", default="60000x50000", help="level-0 WxH of the benchmark slide")
+    ap.add_argument("--scale4", action="store_true", help="a slide of 4x the area (2x each side)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    ap.add_argument("--batch-size", type=int, default=ScanConfig.batch_size, help="windows per patch-mode pass")
+    ap.add_argument("--block-cells", type=int, default=ScanConfig.block_cells)
+    ap.add_argument("--threads", type=int, default=ScanConfig.threads, help="Dask threads per slide")
+    ap.add_argument("--mode", default="both", choices=("both", "dense", "patch"), help="modes to time")
+    ap.add_argument("--patch-blocks", type=int, default=6, help="blocks timed in patch mode (it is slow)")
+    ap.add_argument("--only", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    ap.add_argument("--json", type=Path, default=None, help="where to write the results (default: in --cache)")
+    args = ap.parse_args(argv)
+
+    import dask
+    import torch
+
+    from wsi_scan.geometry import plan_grid
+    from wsi_scan.grid import tissue_blocks, tissue_cells
+    from wsi_scan.inference import Predictor, resolve_device
+    from wsi_scan.io.checkpoint import load_model
+    from wsi_scan.io.mpp import resolve_mpp
+    from wsi_scan.io.slide import open_slide
+    from wsi_scan.regions import make_read_plan, read_thumbnail, resample_region
+    from wsi_scan.tissue import TissueMask, compute_mask
+
+    w, h = (int(v) for v in args.size.lower().split("x"))
+    if args.scale4:
+        w, h = 2 * w, 2 * h
+    only = set(args.only.split(","))
+    report = Report()
+    report.data["machine"] = machine()
+    report.data["args"] = {k: str(v) for k, v in vars(args).items()}
+    print(f"machine: {report.data['machine']}")
+    args.cache.mkdir(parents=True, exist_ok=True)
+    path = ensure_slide(args.cache, (w, h), report)
+
+    cfg = ScanConfig(device=args.device, block_cells=args.block_cells, batch_size=args.batch_size, threads=args.threads)
+    slide = open_slide(path, cfg.backend)
+    mpp = resolve_mpp(slide.info.metadata, None, str(path), cfg.mpp_xy_tolerance)
+    loaded = load_model(None)
+    card = loaded.card
+
+    t = time.perf_counter()
+    thumb, l0_per_mask = read_thumbnail(slide, mpp.xy, cfg.tissue.mask_mpp)
+    mask_mpp = (l0_per_mask[0] * mpp.x, l0_per_mask[1] * mpp.y)
+    mask, thr = compute_mask(thumb, mask_mpp, cfg.tissue)
+    tissue = TissueMask(mask, l0_per_mask, mask_mpp, thr)
+    grid = plan_grid(slide.info.l0_bounds_xywh, mpp.xy, card.mpp, card.cell_px, card.input_px)
+    cells = tissue_cells(grid, tissue, cfg.tissue.min_cell_fraction)
+    block_list = tissue_blocks(cells, cfg.block_cells)
+    plan = make_read_plan(slide, mpp.xy, grid)
+    t_tissue = time.perf_counter() - t
+    n_cells = int(cells.sum())
+    report.data["grid"] = {"shape_rc": list(grid.shape_rc), "tissue_cells": n_cells, "blocks": len(block_list),
+                           "tissue_fraction": tissue.fraction, "read_level": plan.level,
+                           "read_downsample": plan.downsample_xy[0]}
+    print(f"grid {grid.shape_rc}, {n_cells} tissue cells ({tissue.fraction:.0%} of the slide), "
+          f"{len(block_list)} blocks of {cfg.block_cells}^2 cells, read level {plan.level}")
+    if "tissue" in only:
+        report.data["tissue_s"] = t_tissue
+        report.add("tissue detection", f"{t_tissue:.2f} s", "thumbnail at 8 um/px, mask, grid, blocks")
+
+    images: list[np.ndarray] = []
+    if only & {"read", "dense", "patch"}:
+        counting = CountingSlide(open_slide(path, slide.info.backend))
+        g = plan.grid
+
+        def read(b: tuple[int, int, int, int]) -> np.ndarray:
+            x0, y0, x1, y1 = g.block_tgt_box(*b)
+            return resample_region(counting, plan.level, plan.downsample_xy, g.block_l0_box(*b), (x1 - x0, y1 - y0))
+
+        t = time.perf_counter()
+        images = list(dask.compute(*[dask.delayed(read, pure=False)(b) for b in block_list],
+                                   scheduler="threads", num_workers=args.threads))
+        t_read = time.perf_counter() - t
+        tgt_mp = sum(im.shape[0] * im.shape[1] for im in images) / 1e6
+        levels_wh = [lv.size_wh for lv in slide.info.levels]
+        decoded_tiles, distinct_tiles = tile_footprint(counting.reads, levels_wh, 256)
+        needed = needed_level_px(cells, grid, plan.downsample_xy)
+        lv_read_mp = sum(r[3] * r[4] for r in counting.reads) / 1e6
+        report.data["read"] = {"s": t_read, "target_mp": tgt_mp, "level_mp_read": lv_read_mp,
+                               "target_mp_per_s": tgt_mp / t_read, "level_mp_per_s": lv_read_mp / t_read,
+                               "decoded_px": decoded_tiles * 256 * 256, "distinct_tile_px": distinct_tiles * 256 * 256,
+                               "needed_px": needed, "decoded_over_needed": decoded_tiles * 65536 / needed,
+                               "distinct_over_needed": distinct_tiles * 65536 / needed}
+        if "read" in only:
+            report.add("read + resample", f"{tgt_mp / t_read:.1f} MP/s",
+                       f"target frame; {lv_read_mp / t_read:.0f} MP/s of level {plan.level}; {t_read:.1f} s, {args.threads} threads")
+            report.add("decoded / needed", f"{decoded_tiles * 65536 / needed:.2f}",
+                       f"each read decodes its own tiles; {distinct_tiles * 65536 / needed:.2f} with a perfect tile cache")
+
+    device = resolve_device(args.device)
+    dense: Predictor | None = None
+    if images and ("dense" in only or "patch" in only) and args.mode in ("both", "dense"):
+        dense = Predictor(loaded.net, card, device, "dense", batch_size=args.batch_size)
+    if dense is not None and "dense" in only:
+        b0 = block_list[0]
+        dense.predict_block(images[0], cells[b0[0] : b0[0] + b0[2], b0[1] : b0[1] + b0[3]])  # warm-up: first-call allocations
+        t = time.perf_counter()
+        for b, im in zip(block_list, images):
+            dense.predict_block(im, cells[b[0] : b[0] + b[2], b[1] : b[1] + b[3]])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t_dense = time.perf_counter() - t
+        report.data["dense"] = {"s": t_dense, "cells_per_s": n_cells / t_dense}
+        report.add("dense model compute alone", f"{n_cells / t_dense:.0f} cells/s",
+                   f"{t_dense:.1f} s for {n_cells} cells, blocks in memory, torch {torch.get_num_threads()} threads")
+
+    if images and "patch" in only and args.mode in ("both", "patch"):
+        patch = Predictor(loaded.net, card, device, "patch", batch_size=args.batch_size)
+        # the blocks with the most tissue cells, so the subset measures full batches
+        order = sorted(range(len(block_list)), key=lambda i: -int(cells[block_list[i][0] : block_list[i][0] + block_list[i][2],
+                                                                         block_list[i][1] : block_list[i][1] + block_list[i][3]].sum()))
+        subset = order[: max(1, args.patch_blocks)]
+        sel = [cells[block_list[i][0] : block_list[i][0] + block_list[i][2], block_list[i][1] : block_list[i][1] + block_list[i][3]] for i in subset]
+        n_sub = int(sum(int(s.sum()) for s in sel))
+        t = time.perf_counter()
+        outs_p = [patch.predict_block(images[i], s) for i, s in zip(subset, sel)]
+        t_patch = time.perf_counter() - t
+        pdata: dict[str, Any] = {"s": t_patch, "cells": n_sub, "blocks": len(subset), "cells_per_s": n_sub / t_patch}
+        note = f"{len(subset)} blocks, {n_sub} cells; extrapolated per cell"
+        if dense is not None:
+            t = time.perf_counter()
+            outs_d = [dense.predict_block(images[i], s) for i, s in zip(subset, sel)]
+            t_dense_sub = time.perf_counter() - t
+            diff = max(float(np.nanmax(np.abs(a - b))) for a, b in zip(outs_p, outs_d))
+            same_nan = all(np.array_equal(np.isnan(a), np.isnan(b)) for a, b in zip(outs_p, outs_d))
+            pdata.update({"dense_s_same_cells": t_dense_sub, "speedup": t_patch / t_dense_sub,
+                          "max_abs_diff": diff, "same_nan": same_nan})
+            report.add("dense / patch speed-up", f"{t_patch / t_dense_sub:.1f}x",
+                       f"same {n_sub} cells; max |p_dense - p_patch| = {diff:.1e}, NaN pattern equal: {same_nan}")
+        report.data["patch"] = pdata
+        report.add("patch mode", f"{n_sub / t_patch:.0f} cells/s", note)
+        if "dense" in report.data:
+            report.add("patch mode, whole slide (extrap.)", f"{n_cells / (n_sub / t_patch):.0f} s",
+                       f"vs {report.data['dense']['s']:.0f} s dense")
+    images.clear()
+
+    if "e2e" in only:
+        child_cfg = {"device": args.device, "block_cells": args.block_cells, "batch_size": args.batch_size,
+                     "threads": args.threads, "mode": "patch" if args.mode == "patch" else "dense"}
+        res = run_child_scan(path, child_cfg)
+        ts = res["timings_s"]
+        rss_gb = res["maxrss_kb"] / 2**20
+        report.data["e2e"] = {**res, "peak_rss_gb": rss_gb}
+        report.add("end-to-end per slide", f"{ts['total']:.1f} s",
+                   f"scan {ts['scan']:.1f}, tissue {ts['tissue']:.1f}, write {ts['write']:.1f}; {res['tissue_cells'] / ts['total']:.0f} cells/s")
+        report.add("peak RSS (scan process)", f"{rss_gb:.2f} GB", f"slide {w}x{h}")
+        if "dense" in report.data:
+            ratio = ts["total"] / report.data["dense"]["s"]
+            report.data["e2e"]["over_model_alone"] = ratio
+            report.add("end-to-end / model alone", f"{ratio:.2f}x", "target <= 1.5x")
+        if device.type == "cuda":
+            report.add("slides per hour", f"{3600 / ts['total']:.0f}", str(report.data["machine"].get("gpu")))
+
+    out = args.json or args.cache / f"results-{w}x{h}-{args.device}.json"
+    out.write_text(json.dumps(report.data, indent=2, default=str))
+    print(f"\nwritten {out}")
+    print("\n| stage | value | note |\n|---|---:|---|")
+    for stage, value, note in report.rows:
+        print(f"| {stage} | {value} | {note} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
