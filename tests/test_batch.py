@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -52,6 +53,16 @@ def mixed_folder(d: Path) -> Path:
 
 def probs(path: Path) -> np.ndarray:
     return open_heatmap(path).probs
+
+
+def mark_incomplete(store: Path) -> None:
+    """Make a store look like one whose writer died before setting status "complete"."""
+    import zarr
+
+    g = zarr.open_group(str(store), mode="r+")
+    meta: dict[str, Any] = dict(g.attrs["wsi_scan"])  # type: ignore[arg-type]
+    meta["status"] = "writing"
+    g.attrs["wsi_scan"] = meta
 
 
 def read_summary(out: Path) -> dict[str, dict[str, str]]:
@@ -136,13 +147,7 @@ def test_stale_incomplete_and_overwrite_are_redone(tmp_path, mock_model):
     # settings that do not change the numbers keep the results
     res = scan_folder(slides, out, ScanConfig(tta=True, threads=1, block_cells=32), model=mock_model)
     assert [o.status for o in res.outcomes] == ["skipped", "skipped"]
-    # incomplete: a store whose status never became "complete"
-    import zarr
-
-    g = zarr.open_group(str(out / "b.zarr"), mode="r+")
-    meta = dict(g.attrs["wsi_scan"])
-    meta["status"] = "writing"
-    g.attrs["wsi_scan"] = meta
+    mark_incomplete(out / "b.zarr")
     res = scan_folder(slides, out, ScanConfig(), model=mock_model)
     assert [o.status for o in res.outcomes] == ["ok", "ok"]
     np.testing.assert_array_equal(probs(out / "b.zarr"), ref)
@@ -308,10 +313,7 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path):
     shutil.copytree(ref / "s2.zarr", out / ".s2.zarr.tmp-99999-deadbeef")
     shutil.rmtree(out / "s3.zarr", ignore_errors=True)
     shutil.copytree(ref / "s3.zarr", out / "s3.zarr")
-    import zarr
-
-    g = zarr.open_group(str(out / "s3.zarr"), mode="r+")
-    g.attrs["wsi_scan"] = {**dict(g.attrs["wsi_scan"]), "status": "writing"}
+    mark_incomplete(out / "s3.zarr")
 
     r = subprocess.run(cli_cmd(slides, "--out", out), env=env(), cwd=tmp_path, timeout=300, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -368,3 +370,24 @@ def test_local_cluster_of_two_processes_equals_serial(tmp_path):
         np.testing.assert_array_equal(probs(tmp_path / "dask" / f"s{i}.zarr"), ref)
         np.testing.assert_array_equal(probs(tmp_path / "cli" / f"s{i}.zarr"), ref)
     assert read_summary(tmp_path / "cli")["s1.tif"]["status"] == "ok"
+
+
+def test_report_fallback_thumbnail_without_overlay_renderer(tmp_path, mock_model):
+    from wsi_scan.report import heatmap_thumbnail
+
+    slides, out = tmp_path / "slides", tmp_path / "out"
+    small_slide(slides / "a.tif", 0)
+    scan_folder(slides, out, ScanConfig(), model=mock_model, report=False)
+    assert not (out / "report.html").exists()
+    on_slide = heatmap_thumbnail(out / "a.zarr", str(slides / "a.tif"), max_px=100)
+    alone = heatmap_thumbnail(out / "a.zarr", None, max_px=100)
+    assert on_slide.shape == alone.shape and max(on_slide.shape[:2]) == 100 and on_slide.dtype == np.uint8
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs Debian chromium (scripts/check_report.sh installs it)")
+def test_report_renders_and_sorts_in_headless_chromium(tmp_path):
+    r = subprocess.run(["bash", str(REPO / "scripts" / "check_report.sh"), "", str(tmp_path / "report.png")],
+                       env={**env(), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "sorted by tumour area" in r.stdout and (tmp_path / "report.png").stat().st_size > 10_000

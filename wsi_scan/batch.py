@@ -290,6 +290,8 @@ def _outcome_from_attrs(job: SlideJob, status: Status, attrs: dict[str, Any]) ->
     summary = attrs.get("summary", {})
     slide = attrs.get("slide", {})
     timings = {k: float(v) for k, v in attrs.get("timings_s", {}).items()}
+    if timings and "total" not in timings:  # the store records its stages before writing itself
+        timings["total"] = sum(timings.values())
     n_tissue = attrs.get("tissue", {}).get("tissue_cells")
     scan_s = timings.get("scan", 0.0)
     mpp_xy = slide.get("mpp_xy") or [None]

@@ -25,6 +25,7 @@ log = logging.getLogger("wsi_scan.report")
 
 THUMB_PX = 280  # longest side of a thumbnail in the report
 OVERLAY_ALPHA = 0.55  # heatmap opacity over the slide
+FALLBACK_CMAP = "inferno"  # as the export overlay, so thumbnails look alike either way
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
@@ -33,19 +34,20 @@ table{border-collapse:collapse} th,td{border-bottom:1px solid #ddd;padding:6px 1
 th{background:#f3f3f3;cursor:pointer;user-select:none;position:sticky;top:0} th:hover{background:#e6e6e6}
 td.num{text-align:right;font-variant-numeric:tabular-nums} img{display:block;max-width:280px;border:1px solid #ccc}
 .ok{color:#17702a;font-weight:600} .skipped{color:#555;font-weight:600} .failed{color:#b00020;font-weight:600}
-.err{color:#b00020;max-width:28em;font-size:12px} .legend{display:inline-block;width:160px;height:12px;vertical-align:middle;
-background:linear-gradient(to right,#30123b,#4686fb,#1ae4b6,#a2fc3c,#fabA39,#e4460a,#7a0403)}
+.err{color:#b00020;max-width:28em;font-size:12px}
 """
 
-# click a header to sort by it; numbers compare numerically, empty cells always last
+# click a header to sort by it (first click: largest first); empty cells always last;
+# report.html#sort=3 opens sorted by tumour area, for links and for the headless check
 _JS = """
 function sortBy(th){const t=th.closest('table'),i=[...th.parentNode.children].indexOf(th),
-b=t.tBodies[0],asc=th.dataset.dir!=='asc';[...th.parentNode.children].forEach(h=>delete h.dataset.dir);
+b=t.tBodies[0],asc=th.dataset.dir==='desc';[...th.parentNode.children].forEach(h=>delete h.dataset.dir);
 th.dataset.dir=asc?'asc':'desc';const v=r=>r.children[i].dataset.v;
 [...b.rows].sort((x,y)=>{const a=v(x),c=v(y);if(a===''&&c==='')return 0;if(a==='')return 1;if(c==='')return -1;
 const na=parseFloat(a),nc=parseFloat(c);const d=(!isNaN(na)&&!isNaN(nc))?na-nc:a.localeCompare(c);return asc?d:-d;})
 .forEach(r=>b.appendChild(r));}
 document.querySelectorAll('th').forEach(th=>th.addEventListener('click',()=>sortBy(th)));
+const m=location.hash.match(/^#sort=(\\d+)$/);if(m&&document.querySelectorAll('th')[+m[1]])sortBy(document.querySelectorAll('th')[+m[1]]);
 """
 
 
@@ -97,7 +99,7 @@ def heatmap_thumbnail(heatmap_path: str | Path, slide_path: str | None = None, m
     s = max_px / max(rows, cols, 1)
     size_wh = (max(1, round(cols * s)), max(1, round(rows * s)))
     finite = np.isfinite(hm.probs)
-    rgba = colormaps["turbo"](np.where(finite, hm.probs, 0.0))
+    rgba = colormaps[FALLBACK_CMAP](np.where(finite, hm.probs, 0.0))
     heat = (rgba[..., :3] * 255).astype(np.uint8)
     heat_img = np.asarray(Image.fromarray(heat).resize(size_wh, Image.Resampling.NEAREST)).astype(np.float32)
     mask = np.asarray(Image.fromarray(finite.astype(np.uint8) * 255).resize(size_wh, Image.Resampling.NEAREST)) > 0
@@ -169,7 +171,7 @@ def write_report(out_dir: Path, outcomes: Sequence[SlideOutcome], meta: dict[str
 <div class="meta">{html.escape(str(meta.get('slides_dir', '')))} &rarr; {html.escape(str(meta.get('out_dir', '')))}<br>
 {counts.get('ok', 0)} scanned, {counts.get('skipped', 0)} already done, {counts.get('failed', 0)} failed &middot;
 model {html.escape(str(model.get('name', '')))} (sha256 {html.escape(str(model.get('sha256', ''))[:12])}),
-tumour = probability &ge; {model.get('threshold', '')} &middot; colour: probability 0 <span class="legend"></span> 1
+tumour = probability &ge; {model.get('threshold', '')}
 &middot; click a column header to sort</div>
 <table><thead><tr>{''.join(f'<th>{h}</th>' for h in heads)}</tr></thead>
 <tbody>
