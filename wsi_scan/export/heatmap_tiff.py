@@ -52,22 +52,23 @@ def write_heatmap_tiff(
     hm = heatmap if isinstance(heatmap, Heatmap) else open_heatmap(heatmap)
     w0, h0 = (int(v) for v in hm.attrs["slide"]["level0_size_wh"])
     sizes = pyramid_sizes((w0, h0))
-    a = round(opacity * 255)
+    rows, cols = hm.grid.shape_rc
+    # one value per cell plus a last row and column for "outside the grid": image_cells marks
+    # those pixels -1, which indexes that padding, so a tile is a single gather
+    if probability:
+        cell_img = np.full((rows + 1, cols + 1, 1), np.nan, dtype=np.float32)
+        cell_img[:rows, :cols, 0] = hm.probs
+    else:
+        cell_img = np.zeros((rows + 1, cols + 1, 4), dtype=np.uint8)
+        ok = np.isfinite(hm.probs)
+        rgba = cell_img[:rows, :cols]
+        rgba[ok, :3] = colormap_rgb(hm.probs[ok])
+        rgba[ok, 3] = round(opacity * 255)
 
     def render(level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         lw, lh = sizes[level]
         r, c = image_cells(hm.grid, (w0 / lw, h0 / lh), (x0, y0), (w, h))
-        inside = (r[:, None] >= 0) & (c[None, :] >= 0)
-        p = np.full((h, w), np.nan, dtype=np.float32)
-        rr, cc = np.broadcast_to(r[:, None], inside.shape), np.broadcast_to(c[None, :], inside.shape)
-        p[inside] = hm.probs[rr[inside], cc[inside]]
-        if probability:
-            return p
-        rgba = np.zeros((h, w, 4), dtype=np.uint8)
-        ok = np.isfinite(p)
-        rgba[ok, :3] = colormap_rgb(p[ok])
-        rgba[ok, 3] = a
-        return rgba
+        return np.take(np.take(cell_img, r, axis=0), c, axis=1)
 
     if probability:
         return write_pyramid_tiff(out, sizes, render, 1, np.float32, hm.mpp_xy, tile_px, overwrite)

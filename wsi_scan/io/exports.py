@@ -134,6 +134,8 @@ def write_pyramid_tiff(
                 photometric=photometric,
                 extrasamples=extrasamples,
                 compression="zlib",
+                compressionargs={"level": 1},  # mostly empty or flat tiles: speed matters more than size
+                maxworkers=2,  # compression is most of the time; tiles compress independently
                 subfiletype=0 if level == 0 else 1,
                 resolution=(1e4 / (mpp_xy[0] * dx), 1e4 / (mpp_xy[1] * dy)),
                 resolutionunit="CENTIMETER",
