@@ -14,6 +14,7 @@ import contextlib
 import csv
 import dataclasses
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -221,7 +222,9 @@ class SlideLock:
     """
 
     def __init__(self, out_dir: Path, rel: str) -> None:
-        self.path = out_dir / LOCK_DIR / (rel.replace("/", "__") + ".lock")
+        # a readable name plus a hash of the exact path: "a/b.tif" and "a__b.tif" stay distinct
+        digest = hashlib.sha1(rel.encode()).hexdigest()[:8]
+        self.path = out_dir / LOCK_DIR / f"{rel.replace('/', '__')}.{digest}.lock"
         self.fd: int | None = None
 
     def acquire(self, blocking: bool) -> bool:
