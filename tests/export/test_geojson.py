@@ -100,3 +100,11 @@ def test_tissue_layer_and_threshold(scanned, tmp_path):
         to_geojson(hm_path, threshold=1.5)
     out = write_geojson(hm_path, tmp_path / "t.geojson", include_tissue=True)
     assert json.loads(out.read_text())["features"][0]["properties"]["classification"]["name"] == "Tumor"
+
+
+def test_empty_slide_gives_empty_exports(scanned, tmp_path):
+    from wsi_scan.export.overlay import render_overlay
+
+    _, hm_path = scanned(tumour=(), tissue=())
+    assert to_geojson(hm_path, include_tissue=True)["features"] == []
+    assert render_overlay(hm_path, tmp_path / "o.png", max_size=200).exists()
