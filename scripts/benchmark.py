@@ -39,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 PCAM_DIR = ROOT.parent / "shared" / "data" / "pcam-kaggle-sample"
 WRITER_VERSION = 1  # bump when the slide content changes, so cached slides are rewritten
-STAGES = ("tissue", "read", "dense", "patch", "e2e")
+STAGES = ("tissue", "read", "dense", "patch", "bf16", "e2e")
 
 
 @dataclass
@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=ScanConfig.batch_size, help="windows per patch-mode pass")
     ap.add_argument("--block-cells", type=int, default=ScanConfig.block_cells)
     ap.add_argument("--threads", type=int, default=ScanConfig.threads, help="Dask threads per slide")
+    ap.add_argument("--backend", default="auto", choices=("auto", "openslide", "tifffile"), help="slide reader")
+    ap.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads, here and in the scan child (0: torch's default)")
     ap.add_argument("--mode", default="both", choices=("both", "dense", "patch"), help="modes to time")
     ap.add_argument("--patch-blocks", type=int, default=6, help="blocks timed in patch mode (it is slow)")
     ap.add_argument("--only", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
@@ -228,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     from wsi_scan.regions import make_read_plan, read_thumbnail, resample_region
     from wsi_scan.tissue import TissueMask, compute_mask
 
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # read by torch in the scan child
     w, h = (int(v) for v in args.size.lower().split("x"))
     if args.scale4:
         w, h = 2 * w, 2 * h
@@ -239,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     path = ensure_slide(args.cache, (w, h), report)
 
-    cfg = ScanConfig(device=args.device, block_cells=args.block_cells, batch_size=args.batch_size, threads=args.threads)
+    cfg = ScanConfig(backend=args.backend, device=args.device, block_cells=args.block_cells, batch_size=args.batch_size, threads=args.threads)
     slide = open_slide(path, cfg.backend)
     mpp = resolve_mpp(slide.info.metadata, None, str(path), cfg.mpp_xy_tolerance)
     loaded = load_model(None)
@@ -260,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                            "tissue_fraction": tissue.fraction, "read_level": plan.level,
                            "read_downsample": plan.downsample_xy[0]}
     print(f"grid {grid.shape_rc}, {n_cells} tissue cells ({tissue.fraction:.0%} of the slide), "
-          f"{len(block_list)} blocks of {cfg.block_cells}^2 cells, read level {plan.level}")
+          f"{len(block_list)} blocks of {cfg.block_cells}^2 cells, read level {plan.level} with {slide.info.backend}")
     if "tissue" in only:
         report.data["tissue_s"] = t_tissue
         report.add("tissue detection", f"{t_tissue:.2f} s", "thumbnail at 8 um/px, mask, grid, blocks")
@@ -335,6 +340,18 @@ def main(argv: list[str] | None = None) -> int:
             report.add("dense / patch speed-up", f"{t_patch / t_dense_sub:.1f}x",
                        f"same {n_sub} cells; max |p_dense - p_patch| = {diff:.1e}, NaN pattern equal: {same_nan}")
         report.data["patch"] = pdata
+        if "bf16" in only and dense is not None and device.type == "cpu":
+            # informative only: bf16 (AMX/AVX-512 where the CPU has it) changes the numbers,
+            # so it is not what the tool does by default
+            t = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outs_b = [dense.predict_block(images[i], s) for i, s in zip(subset, sel)]
+            t_bf16 = time.perf_counter() - t
+            diff_b = max(float(np.nanmax(np.abs(a - b))) for a, b in zip(outs_b, outs_d))
+            report.data["bf16"] = {"s": t_bf16, "cells_per_s": n_sub / t_bf16, "max_abs_diff": diff_b,
+                                   "speedup_over_fp32": t_dense_sub / t_bf16}
+            report.add("dense, CPU bf16 autocast (info)", f"{n_sub / t_bf16:.0f} cells/s",
+                       f"{t_dense_sub / t_bf16:.2f}x fp32 on the same cells; max |diff| {diff_b:.1e}")
         report.add("patch mode", f"{n_sub / t_patch:.0f} cells/s", note)
         if "dense" in report.data:
             report.add("patch mode, whole slide (extrap.)", f"{n_cells / (n_sub / t_patch):.0f} s",
@@ -342,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     images.clear()
 
     if "e2e" in only:
-        child_cfg = {"device": args.device, "block_cells": args.block_cells, "batch_size": args.batch_size,
+        child_cfg = {"backend": args.backend, "device": args.device, "block_cells": args.block_cells, "batch_size": args.batch_size,
                      "threads": args.threads, "mode": "patch" if args.mode == "patch" else "dense"}
         res = run_child_scan(path, child_cfg)
         ts = res["timings_s"]
