@@ -39,10 +39,13 @@ def small_slide(path: Path, i: int = 0, **kw: object) -> Path:
 
 
 def mixed_folder(d: Path) -> Path:
-    """Two good slides, a text file named .svs, a zero-byte slide, a slide without mpp, debris."""
+    """Two good slides, a truncated one, a text file named .svs, a zero-byte slide, a slide
+    without mpp, and files that are not slides."""
     small_slide(d / "a.tif", 0)
     small_slide(d / "b.tif", 1)
     small_slide(d / "nompp.tif", 2, resolution_unit=None)
+    full = small_slide(d / "cut.tif", 3).read_bytes()
+    (d / "cut.tif").write_bytes(full[: len(full) // 2])  # truncated mid-file, as by a failed copy
     (d / "text.svs").write_text("this is not a slide\n")
     (d / "zero.tif").write_bytes(b"")
     (d / ".hidden.tif").write_bytes(b"")
@@ -94,13 +97,14 @@ def test_mixed_folder_contains_failures_and_resumes(tmp_path, mock_model):
     slides, out = mixed_folder(tmp_path / "slides"), tmp_path / "out"
     res = scan_folder(slides, out, ScanConfig(), model=mock_model)
     st = {o.slide: o for o in res.outcomes}
-    assert sorted(st) == ["a.tif", "b.tif", "nompp.tif", "text.svs", "zero.tif"]
+    assert sorted(st) == ["a.tif", "b.tif", "cut.tif", "nompp.tif", "text.svs", "zero.tif"]
+    assert (st["cut.tif"].status, st["cut.tif"].error_type) == ("failed", "SlideFormatError")
     assert st["a.tif"].status == st["b.tif"].status == "ok"
     assert (st["nompp.tif"].status, st["nompp.tif"].error_type) == ("failed", "MppError")
     assert "--mpp" in st["nompp.tif"].error
     assert (st["text.svs"].status, st["text.svs"].error_type) == ("failed", "SlideFormatError")
     assert (st["zero.tif"].status, st["zero.tif"].error_type) == ("failed", "SlideFormatError")
-    assert (res.n_ok, res.n_failed, res.n_skipped) == (2, 3, 0)
+    assert (res.n_ok, res.n_failed, res.n_skipped) == (2, 4, 0)
     for name in ("a", "b"):
         assert read_attrs(out / f"{name}.zarr")["status"] == "complete"  # type: ignore[index]
     assert not (out / "text.zarr").exists() and not (out / "nompp.zarr").exists()
@@ -113,15 +117,15 @@ def test_mixed_folder_contains_failures_and_resumes(tmp_path, mock_model):
     assert float(a["seconds_scan"]) >= 0 and float(a["cells_per_s"]) > 0
     assert rows["zero.tif"]["error_type"] == "SlideFormatError" and rows["zero.tif"]["error"]
     js = json.loads((out / "summary.json").read_text())
-    assert js["counts"] == {"ok": 2, "skipped": 0, "failed": 3} and len(js["slides"]) == 5
+    assert js["counts"] == {"ok": 2, "skipped": 0, "failed": 4} and len(js["slides"]) == 6
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "<script>" in page and "http" not in page.replace("http-equiv", "")
-    assert "failed 3" in (out / "wsi-scan.log").read_text() or "3 failed" in (out / "wsi-scan.log").read_text()
+    assert "2 ok, 0 skipped, 4 failed" in (out / "wsi-scan.log").read_text()
 
     before = {n: probs(out / f"{n}.zarr") for n in ("a", "b")}
     mtime = (out / "a.zarr" / "zarr.json").stat().st_mtime_ns
     res2 = scan_folder(slides, out, ScanConfig(), model=mock_model)
-    assert [o.status for o in res2.outcomes] == ["skipped", "skipped", "failed", "failed", "failed"]
+    assert [o.status for o in res2.outcomes] == ["skipped", "skipped", "failed", "failed", "failed", "failed"]
     assert (out / "a.zarr" / "zarr.json").stat().st_mtime_ns == mtime
     skipped = {o.slide: o for o in res2.outcomes}["a.tif"]
     assert skipped.tumour_area_mm2 == st["a.tif"].tumour_area_mm2  # the report still shows its scores
@@ -269,7 +273,7 @@ def test_cli_exit_codes(tmp_path):
     mixed = mixed_folder(tmp_path / "mixed")
     code, err = run_cli(mixed, "--out", tmp_path / "o2", "--quiet")
     lines = err.strip().splitlines()
-    assert code == 8 and len(lines) == 1 and lines[0].startswith("wsi-scan: error: 3 of 5 slides failed"), err
+    assert code == 8 and len(lines) == 1 and lines[0].startswith("wsi-scan: error: 4 of 6 slides failed"), err
     (tmp_path / "bad.csv").write_text("x,y\n")
     code, err = run_cli(good, "--out", tmp_path / "o3", "--quiet", "--mpp-csv", tmp_path / "bad.csv")
     assert code == 2 and "slide,mpp" in err and "Traceback" not in err

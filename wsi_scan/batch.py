@@ -374,12 +374,19 @@ def _file_log(out_dir: Path) -> Iterator[None]:
     pkg = logging.getLogger("wsi_scan")
     old_level = pkg.level
     pkg.addHandler(handler)
+    # readers warn about damaged files on stderr; in a folder run the slide's failure is already
+    # recorded, so their warnings go to the log file instead of between the progress bars
+    readers = [logging.getLogger(n) for n in ("tifffile", "openslide")]
+    for lg in readers:
+        lg.addHandler(handler)
     if pkg.level == logging.NOTSET or pkg.level > logging.INFO:
         pkg.setLevel(logging.INFO)
     try:
         yield
     finally:
         pkg.removeHandler(handler)
+        for lg in readers:
+            lg.removeHandler(handler)
         pkg.setLevel(old_level)
         handler.close()
 
