@@ -185,6 +185,8 @@ def machine() -> dict[str, Any]:
     import psutil
     import torch
 
+    import wsi_scan
+
     cpu = "unknown"
     with open("/proc/cpuinfo") as f:
         for ln in f:
@@ -193,7 +195,7 @@ def machine() -> dict[str, Any]:
                 break
     info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
                             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                            "python": platform.python_version()}
+                            "python": platform.python_version(), "wsi_scan": str(Path(wsi_scan.__file__).parent)}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
