@@ -440,7 +440,33 @@ def _run_serial(jobs: Sequence[SlideJob], model: Any, progress: bool, bar: _Fold
     return done
 
 
+def _pin_worker_gpu(config: ScanConfig) -> None:
+    """One GPU per worker: worker k of a local cluster uses GPU k (mod the GPUs it sees).
+
+    Left alone where CUDA_VISIBLE_DEVICES is set: dask-cuda and Slurm's --gres already give each
+    worker its own device there.
+    """
+    if config.device == "cpu" or "CUDA_VISIBLE_DEVICES" in os.environ:
+        return
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return
+    from distributed import get_worker
+
+    try:
+        name = get_worker().name
+    except ValueError:  # not inside a worker
+        return
+    if isinstance(name, int):
+        torch.cuda.set_device(name % torch.cuda.device_count())
+
+
 def _worker_task(job: SlideJob, model: Any, blocking: bool) -> SlideOutcome:
+    try:
+        _pin_worker_gpu(job.config)
+    except Exception as exc:  # noqa: BLE001 - contained like any other failure of this slide
+        return _failure(job, exc)
     return process_slide(job, model, blocking=blocking, progress=False)
 
 
