@@ -157,6 +157,11 @@ def test_stale_incomplete_and_overwrite_are_redone(tmp_path, mock_model):
     np.testing.assert_array_equal(probs(out / "b.zarr"), ref)
     res = scan_folder(slides, out, ScanConfig(overwrite=True), model=mock_model)
     assert [o.status for o in res.outcomes] == ["ok", "ok"]
+    # a slide replaced by another file under the same name
+    small_slide(slides / "a.tif", 5, size_wh=(1300, 1000))
+    res = scan_folder(slides, out, ScanConfig(), model=mock_model)
+    assert [o.status for o in res.outcomes] == ["ok", "skipped"]
+    assert "changed size" in (out / "wsi-scan.log").read_text()
 
 
 def test_recursive_layout_and_mpp_csv_by_relative_path(tmp_path, mock_model):

@@ -347,11 +347,15 @@ def process_slide(job: SlideJob, model: Any = None, blocking: bool = False, prog
         want = settings_hash(loaded.sha256, job.config)
         cfg = job.config
         if out.exists():
-            attrs = read_attrs(out)
-            if not job.config.overwrite and attrs is not None and attrs.get("status") == "complete" and attrs.get("settings_hash") == want:
+            attrs = read_attrs(out) or {}
+            complete = attrs.get("status") == "complete"
+            same_hash = complete and attrs.get("settings_hash") == want
+            # a slide replaced by another file of the same name must not keep the old result
+            same_slide = complete and attrs.get("slide", {}).get("size_bytes") == os.stat(job.path).st_size
+            if not job.config.overwrite and same_hash and same_slide:
                 return _outcome_from_attrs(job, "skipped", attrs)
-            why = ("--overwrite" if job.config.overwrite else "incomplete" if not attrs or attrs.get("status") != "complete"
-                   else "made with another model or settings")
+            why = ("--overwrite" if job.config.overwrite else "incomplete" if not complete
+                   else "made with another model or settings" if not same_hash else "the slide file changed size")
             log.info("%s: redoing existing %s (%s)", job.rel, out, why)
             cfg = dataclasses.replace(cfg, overwrite=True)
         res = scan_slide(job.path, out, cfg, model=loaded, progress=progress)
