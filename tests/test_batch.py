@@ -135,6 +135,7 @@ def test_mixed_folder_contains_failures_and_resumes(tmp_path, mock_model):
     res3 = scan_folder(slides, out, ScanConfig(), model=mock_model, mpp_csv=tmp_path / "mpp.csv")
     st3 = {o.slide: o for o in res3.outcomes}
     assert st3["nompp.tif"].status == "ok" and st3["nompp.tif"].mpp == 0.5
+    assert st3["nompp.tif"].mpp_source == "user (--mpp-csv, row nompp.tif)"
     assert st3["a.tif"].status == "skipped"
     np.testing.assert_array_equal(probs(out / "a.zarr"), before["a"])
 

@@ -199,7 +199,7 @@ def plan_jobs(
         cfg = config
         for k in (key, rel.name):  # the relative path wins over a bare file name
             if k in mpp_overrides:
-                cfg = dataclasses.replace(config, mpp=mpp_overrides[k])
+                cfg = dataclasses.replace(config, mpp=mpp_overrides[k], mpp_source=f"user (--mpp-csv, row {k})")
                 used_keys.add(k)
                 break
         jobs.append(SlideJob(str(p), key, str(out), str(out_dir), cfg))

@@ -39,6 +39,7 @@ class ScanConfig:
 
     backend: Backend = "auto"
     mpp: float | None = None  # user override of the slide's um/px
+    mpp_source: str = "user (--mpp)"  # where that override came from, recorded in the outputs
     mode: Mode = "auto"
     device: DeviceName = "auto"
     block_cells: int = 32  # cells per block side: one region read and one dense pass each

@@ -42,7 +42,7 @@ class ScanResult:
 def settings_hash(model_sha256: str, cfg: ScanConfig) -> str:
     """Identifies the model and every setting that changes the numbers of a heatmap."""
     d = cfg.to_dict()
-    for k in ("overwrite", "threads", "device", "batch_size", "backend"):
+    for k in ("overwrite", "threads", "device", "batch_size", "backend", "mpp_source"):
         d.pop(k, None)  # do not change results
     payload = json.dumps({"model": model_sha256, "config": d}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -104,7 +104,7 @@ def scan_slide(
     from .inference import Predictor, resolve_device
     from .io.checkpoint import LoadedModel, card_summary, load_model
     from .io.heatmap import FORMAT_VERSION, check_output, write_heatmap
-    from .io.mpp import resolve_mpp
+    from .io.mpp import Mpp, resolve_mpp
     from .io.slide import open_slide
     from .regions import build_graph, make_read_plan, read_thumbnail
     from .tissue import TissueMask, compute_mask
@@ -119,6 +119,8 @@ def scan_slide(
     slide = open_slide(slide_path, config.backend)
     info = slide.info
     mpp = resolve_mpp(info.metadata, config.mpp, str(slide_path), config.mpp_xy_tolerance)
+    if config.mpp is not None:
+        mpp = Mpp(mpp.x, mpp.y, config.mpp_source)
     timings["open"] = time.perf_counter() - t
 
     t = time.perf_counter()
