@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -374,6 +375,13 @@ def test_local_cluster_of_two_processes_equals_serial(tmp_path):
             cached = client.run(lambda: len(__import__("wsi_scan.batch").batch._MODEL_CACHE))
         # each worker loaded the model once, by path, for all the slides it scanned
         assert all(n <= 1 for n in cached.values()) and sum(cached.values()) >= 1, cached
+        # a slide held by another run is left for later, then done once its lock is free
+        held = SlideLock(tmp_path / "busy", "s1.tif")
+        assert held.acquire(blocking=False)
+        threading.Timer(2.0, held.release).start()
+        busy = scan_folder(slides, tmp_path / "busy", ScanConfig(threads=1), scheduler_address=cluster.scheduler_address)
+        assert [o.status for o in busy.outcomes] == ["ok"] * 3
+        assert "s1.tif: locked by another run" in (tmp_path / "busy" / "wsi-scan.log").read_text()
     assert [o.status for o in res.outcomes] == ["ok"] * 3
     for i in range(3):
         ref = probs(tmp_path / "serial" / f"s{i}.zarr")

@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -498,18 +499,22 @@ def _run_distributed(jobs: Sequence[SlideJob], model: Any, workers: int | None, 
         elif model is not None:
             ref = str(Path(model).resolve())
         order = {j.rel: i for i, j in enumerate(jobs)}
-        futures = [client.submit(_worker_task, j, ref, False, key=f"slide-{i}-{j.rel}", pure=False) for i, j in enumerate(jobs)]
-        by_rel = {j.rel: j for j in jobs}
+        run = uuid.uuid4().hex[:8]  # task keys must not meet those of another run on the same cluster
+        futures = [client.submit(_worker_task, j, ref, False, key=f"slide-{run}-{i}", pure=False) for i, j in enumerate(jobs)]
+        job_of = {f.key: j for f, j in zip(futures, jobs)}
         done: list[SlideOutcome] = []
         ac = as_completed(futures)
         for fut in ac:
+            job = job_of[fut.key]
             try:
                 o = fut.result()
-            except (Exception, MemoryError) as exc:  # noqa: BLE001 - a worker died or the task could not run
-                idx = futures.index(fut)
-                o = _failure(jobs[idx], exc)
+            except (Exception, MemoryError) as exc:  # noqa: BLE001 - a worker died (KilledWorker) or the task could not run
+                o = _failure(job, exc)
             if o.status == "busy":
-                ac.add(client.submit(_worker_task, by_rel[o.slide], ref, True, pure=False))
+                log.info("%s: %s; coming back to it later", job.rel, o.error)
+                again = client.submit(_worker_task, job, ref, True, key=f"slide-{run}-{order[job.rel]}-wait", pure=False)
+                job_of[again.key] = job
+                ac.add(again)
                 continue
             _log_outcome(o)
             bar.update(o)
