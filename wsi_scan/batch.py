@@ -78,7 +78,8 @@ class SlideOutcome:
 
     def row(self) -> dict[str, Any]:
         """Flat columns for CSV/JSON; timings become ``seconds_<stage>`` columns."""
-        d = dataclasses.asdict(self)
+        # JSON has no NaN: a value that is not finite is simply unknown
+        d = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in dataclasses.asdict(self).items()}
         timings = d.pop("timings_s")
         for stage in STAGES:
             v = timings.get(stage)
@@ -555,8 +556,9 @@ def scan_folder(
 
     ``model`` is a path, a ``LoadedModel`` or None (bundled default). ``workers`` starts a local
     Dask distributed cluster of that many processes; ``scheduler_address`` uses an existing one;
-    neither: slides run one after the other in this process. Raises only for problems of the
-    whole run (bad folder, bad --mpp-csv, unloadable model); a slide's problem is in its outcome.
+    neither: slides run one after the other in this process. ``report=False`` skips report.html
+    (summary.csv/json are always written). Raises only for problems of the whole run (bad
+    folder, bad --mpp-csv, unloadable model); a slide's problem is in its outcome.
     """
     t0 = time.perf_counter()
     slides_dir = Path(slides_dir)
