@@ -79,8 +79,9 @@ class SlideOutcome:
     def row(self) -> dict[str, Any]:
         """Flat columns for CSV/JSON; timings become ``seconds_<stage>`` columns."""
         # JSON has no NaN: a value that is not finite is simply unknown
-        d = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in dataclasses.asdict(self).items()}
-        timings = d.pop("timings_s")
+        d: dict[str, Any] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                             for k, v in dataclasses.asdict(self).items()}
+        timings: dict[str, float] = d.pop("timings_s")
         for stage in STAGES:
             v = timings.get(stage)
             d[f"seconds_{stage}"] = round(v, 3) if v is not None else None
