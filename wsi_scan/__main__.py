@@ -1,3 +1,4 @@
 from wsi_scan.cli import main
 
-main()
+if __name__ == "__main__":  # Dask process workers re-import the main module
+    main()
