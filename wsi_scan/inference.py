@@ -57,7 +57,7 @@ class Predictor:
     """
 
     def __init__(self, net: torch.nn.Module, card: Any, device: torch.device, mode: str,
-                 tta: bool = False, batch_size: int = 256, amp: bool = True) -> None:
+                 tta: bool = False, batch_size: int = 256, amp: bool = True, cpu_threads: int = 0) -> None:
         if mode == "auto":
             mode = "dense" if card.dense_exact else "patch"
         if mode == "dense" and not card.dense_exact:
@@ -72,6 +72,8 @@ class Predictor:
         self.amp = amp and device.type == "cuda"
         self.net = net.to(device).eval().to(memory_format=torch.channels_last)
         self._local = threading.local()
+        # torch threads per calling thread on the CPU (0: leave torch's setting alone)
+        self.cpu_threads = cpu_threads
 
     def _stream(self) -> Any:
         """One CUDA stream per reader thread, so one block's copy overlaps another's compute."""
@@ -85,6 +87,11 @@ class Predictor:
         from .model.transforms import predict_logits, to_input
 
         if self.device.type != "cuda":
+            # Dask threads each call torch; with torch's default of one thread per core the
+            # two pools oversubscribe the cores. The setting is per OS thread for threads that
+            # already ran torch (Dask reuses its pool), so it is applied where the work runs.
+            if self.cpu_threads > 0 and torch.get_num_threads() != self.cpu_threads:
+                torch.set_num_threads(self.cpu_threads)
             x = to_input(rgb, self.card, self.device)
             return torch.sigmoid(predict_logits(self.net, x, self.tta).float()).numpy()
         # uint8 goes over the bus (4x less than float) from pinned memory, so the copy is a

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -128,7 +129,9 @@ def scan_slide(
     card = loaded.card
     check_resolution(mpp.xy, card.mpp, config.max_upsample, str(slide_path))
     device = resolve_device(config.device)
-    predictor = Predictor(loaded.net, card, device, config.mode, config.tta, config.batch_size, config.amp)
+    # the cores are shared by the Dask threads: each gets its share of torch threads
+    cpu_threads = max(1, (os.cpu_count() or 1) // max(1, config.threads)) if device.type == "cpu" else 0
+    predictor = Predictor(loaded.net, card, device, config.mode, config.tta, config.batch_size, config.amp, cpu_threads)
     timings["model"] = time.perf_counter() - t
 
     t = time.perf_counter()
