@@ -46,5 +46,21 @@ def tissue_blocks(cells: np.ndarray, block_cells: int) -> list[tuple[int, int, i
     return [b for b in blocks(cells.shape, block_cells) if cells[b[0] : b[0] + b[2], b[1] : b[1] + b[3]].any()]
 
 
+def crop_to_tissue(cells: np.ndarray, block_list: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """Each block cropped to the bounding box of its tissue cells; blocks without any are dropped.
+
+    Results do not change (a cell's window is the same whatever block holds it), but blocks on
+    the tissue's edge stop reading and classifying glass: without it, the benchmark slide
+    decoded 2.4x the pixels its tissue cells need (docs/benchmarks.md).
+    """
+    out = []
+    for r0, c0, nr, nc in block_list:
+        sub = cells[r0 : r0 + nr, c0 : c0 + nc]
+        rows, cols = np.flatnonzero(sub.any(axis=1)), np.flatnonzero(sub.any(axis=0))
+        if rows.size:
+            out.append((r0 + int(rows[0]), c0 + int(cols[0]), int(rows[-1] - rows[0]) + 1, int(cols[-1] - cols[0]) + 1))
+    return out
+
+
 def block_count(shape_rc: tuple[int, int], block_cells: int) -> int:
     return math.ceil(shape_rc[0] / block_cells) * math.ceil(shape_rc[1] / block_cells)

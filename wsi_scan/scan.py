@@ -101,7 +101,7 @@ def scan_slide(
     import dask
 
     from .geometry import check_resolution, plan_grid
-    from .grid import tissue_blocks, tissue_cells
+    from .grid import crop_to_tissue, tissue_blocks, tissue_cells
     from .inference import Predictor, resolve_device
     from .io.checkpoint import LoadedModel, card_summary, load_model
     from .io.heatmap import FORMAT_VERSION, check_output, write_heatmap
@@ -141,7 +141,7 @@ def scan_slide(
     tissue = TissueMask(mask, l0_per_mask, mask_mpp, thr)
     grid = plan_grid(info.l0_bounds_xywh, mpp.xy, card.mpp, card.cell_px, card.input_px)
     cells = tissue_cells(grid, tissue, config.tissue.min_cell_fraction)
-    block_list = tissue_blocks(cells, config.block_cells)
+    block_list = crop_to_tissue(cells, tissue_blocks(cells, config.block_cells))
     plan = make_read_plan(slide, mpp.xy, grid)
     timings["tissue"] = time.perf_counter() - t
 
