@@ -113,8 +113,10 @@ class OpenSlideSlide:
             img = self._osr.read_region((int(l0_xy[0]), int(l0_xy[1])), level, lv_size_wh)
         except openslide.OpenSlideError as exc:
             raise SlideFormatError(f"{self.info.path}: cannot read pixels, the file is damaged or truncated ({exc})") from None
+        rgba = np.asarray(img)
+        del img  # np.asarray copied it: free the PIL copy before _flatten_alpha makes another
         d = self.info.levels[level].downsample_xy
-        return Region(_flatten_alpha(np.asarray(img)), (l0_xy[0] / d[0], l0_xy[1] / d[1]))
+        return Region(_flatten_alpha(rgba), (l0_xy[0] / d[0], l0_xy[1] / d[1]))
 
     def close(self) -> None:
         self._osr.close()
