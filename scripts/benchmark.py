@@ -166,8 +166,12 @@ def run_child_scan(slide: Path, cfg: dict[str, Any]) -> dict[str, Any]:
             "from wsi_scan.scan import scan_slide\n"
             "cfg = ScanConfig(**json.loads(sys.argv[3]))\n"
             "r = scan_slide(sys.argv[1], sys.argv[2], cfg)\n"
+            # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so it would report the
+            # benchmark process's own size (block images, torch) whenever that was larger
+            "hwm = [int(ln.split()[1]) for ln in open('/proc/self/status') if ln.startswith('VmHWM:')]\n"
             "print('RESULT ' + json.dumps({'timings_s': r.timings_s, 'tissue_cells': r.n_tissue_cells,"
-            " 'maxrss_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))\n"
+            " 'maxrss_kb': hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
+            " 'ru_maxrss_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))\n"
         )
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", code, str(slide), str(out), json.dumps(cfg)],
@@ -260,6 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     grid = plan_grid(slide.info.l0_bounds_xywh, mpp.xy, card.mpp, card.cell_px, card.input_px)
     cells = tissue_cells(grid, tissue, cfg.tissue.min_cell_fraction)
     block_list = tissue_blocks(cells, cfg.block_cells)
+    try:  # as scan_slide does, in trees that have it (before/after runs of older commits)
+        from wsi_scan.grid import crop_to_tissue
+
+        block_list = crop_to_tissue(cells, block_list)
+    except ImportError:
+        pass
     plan = make_read_plan(slide, mpp.xy, grid)
     t_tissue = time.perf_counter() - t
     n_cells = int(cells.sum())
