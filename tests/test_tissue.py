@@ -49,3 +49,17 @@ def test_cell_fraction_and_blocks():
     bl = tissue_blocks(cells, 8)
     assert all(cells[r0 : r0 + nr, c0 : c0 + nc].any() for r0, c0, nr, nc in bl)
     assert sorted(bl) == [(0, 0, 8, 8), (0, 8, 8, 8), (8, 0, 8, 8), (8, 8, 8, 8)]  # none of the 12 empty blocks
+
+
+def test_saturation_lookup_equals_skimage_rgb2hsv_exactly():
+    from skimage.color import rgb2hsv
+
+    from wsi_scan.tissue import _saturation
+
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (120, 170, 3), dtype=np.uint8)
+    rgb[0, :4] = [(0, 0, 0), (255, 255, 255), (7, 7, 7), (255, 0, 0)]  # zero max, grey, saturated
+    hsv = rgb2hsv(rgb)
+    sat, not_dark = _saturation(rgb, 0.1)
+    assert np.array_equal(sat, hsv[..., 1])
+    assert np.array_equal(not_dark, hsv[..., 2] > 0.1)

@@ -83,7 +83,7 @@ def block_windows(region: np.ndarray, cells: np.ndarray, patch_px: int, cell_px:
     return np.ascontiguousarray(view[rows, cols].transpose(0, 2, 3, 1))
 
 
-def read_thumbnail(slide: Slide, mpp_xy: tuple[float, float], mask_mpp: float, max_read_px: int = 4096) -> tuple[np.ndarray, tuple[float, float]]:
+def read_thumbnail(slide: Slide, mpp_xy: tuple[float, float], mask_mpp: float, max_read_px: int = 2048) -> tuple[np.ndarray, tuple[float, float]]:
     """The whole level-0 frame at about ``mask_mpp``, read in pieces of bounded size.
 
     Returns the image and its exact level-0 pixels per thumbnail pixel (x, y).

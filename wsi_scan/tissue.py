@@ -39,18 +39,36 @@ def _otsu(values: np.ndarray) -> float:
     return float(threshold_otsu(values))
 
 
+def _saturation(rgb: np.ndarray, max_value_dark: float) -> tuple[np.ndarray, np.ndarray]:
+    """HSV saturation (float64) and value > ``max_value_dark``, equal to skimage's ``rgb2hsv``.
+
+    Computed from each pixel's uint8 max and min through 256 x 256 lookup tables, because
+    ``rgb2hsv`` keeps several float64 copies of the image: 1.1 GB of peak memory for the
+    3750 x 3125 px mask of a 120000 x 100000 px slide (measured, docs/benchmarks.md).
+    """
+    hi = rgb.max(axis=-1)
+    lo = rgb.min(axis=-1)
+    v = np.arange(256, dtype=np.float64) * (1.0 / 255.0)  # exactly skimage's img_as_float of uint8
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s_lut = (v[:, None] - v[None, :]) / v[:, None]  # [max, min], as rgb2hsv: ptp / max
+    s_lut[~np.isfinite(s_lut)] = 0.0
+    sat = s_lut[hi, lo]
+    not_dark = (v > max_value_dark)[hi]
+    return sat, not_dark
+
+
 def compute_mask(rgb: np.ndarray, mask_mpp_xy: tuple[float, float], cfg: TissueConfig) -> tuple[np.ndarray, float]:
     """Boolean tissue mask of an (h, w, 3) uint8 thumbnail and the saturation threshold used."""
     from skimage import morphology
-    from skimage.color import rgb2hsv
 
-    hsv = rgb2hsv(rgb)
-    sat, val = hsv[..., 1], hsv[..., 2]
+    sat, not_dark = _saturation(rgb, cfg.max_value_dark)
     # Otsu over every non-dark pixel: glass and tissue form the two modes; the floor keeps a
     # slide of glass only from having its noise split in two.
-    candidates = sat[val > cfg.max_value_dark]
+    candidates = sat[not_dark]
     thr = max(_otsu(candidates), cfg.min_saturation) if candidates.size > 16 else float("inf")
-    mask = (sat >= thr) & (val > cfg.max_value_dark)
+    del candidates
+    mask = (sat >= thr) & not_dark
+    del sat, not_dark
     px_area = mask_mpp_xy[0] * mask_mpp_xy[1]
     radius = int(round(cfg.closing_um / math.sqrt(px_area)))
     if radius > 0 and mask.any():
