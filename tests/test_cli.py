@@ -54,6 +54,17 @@ def test_scan_literal_command_and_info(make_slide, tmp_path):
     assert code == 0 and "downsample" in stdout and "tissue" in stdout and "0.243" in stdout
 
 
+def test_patch_mode_with_batch_size_chosen_for_device_matches_dense(make_slide, tmp_path):
+    slide = make_slide(size_wh=(1600, 1300), tissue=((200, 200, 1400, 1100),))
+    code, _, err = run(slide, "--out", tmp_path / "d.zarr", "--quiet")
+    assert code == 0, err
+    code, _, err = run(slide, "--out", tmp_path / "p.zarr", "--quiet", "--mode", "patch", "--batch-size", "0")
+    assert code == 0, err
+    p = open_heatmap(tmp_path / "p.zarr")
+    assert p.attrs["config"]["batch_size"] == 0 and p.attrs["config"]["mode"] == "patch"
+    np.testing.assert_allclose(p.probs, open_heatmap(tmp_path / "d.zarr").probs, atol=1e-5, equal_nan=True)
+
+
 def test_help_lists_options_with_defaults():
     code, stdout, _ = run("scan", "--help")
     assert code == 0

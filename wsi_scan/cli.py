@@ -68,7 +68,7 @@ def _scan_options(f: F) -> F:
         click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile"]), default=_SCAN.backend),
         click.option("--mpp", type=float, default=None, help="level-0 micrometers per pixel, overriding the slide's metadata"),
         click.option("--block-cells", type=click.IntRange(1, 512), default=_SCAN.block_cells, help="cells per block side (one read + one dense pass)"),
-        click.option("--batch-size", type=click.IntRange(1), default=_SCAN.batch_size, help="windows per batch in patch mode"),
+        click.option("--batch-size", type=click.IntRange(0), default=_SCAN.batch_size, help="windows per batch in patch mode (0: chosen for the device's memory)"),
         click.option("--threads", type=click.IntRange(1), default=_SCAN.threads, help="threads per slide reading and classifying blocks"),
         click.option("--tta/--no-tta", default=_SCAN.tta, help="average the 8 rotations/flips (8x slower)"),
         click.option("--amp/--no-amp", default=_SCAN.amp, help="mixed precision on CUDA"),

@@ -42,7 +42,9 @@ def auto_batch_size(device: torch.device, card: Any) -> int:
     few hundred windows, so it keeps the default of ScanConfig.
     """
     if device.type != "cuda":
-        return 256
+        from .config import ScanConfig
+
+        return ScanConfig.batch_size
     total = torch.cuda.get_device_properties(device).total_memory
     per_window = (card.input_px // 2) ** 2 * 32 * 4 * 4
     return int(min(8192, max(64, total // 4 // per_window)))
