@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         report.data["e2e"] = {**res, "peak_rss_gb": rss_gb}
         report.add("end-to-end per slide", f"{ts['total']:.1f} s",
                    f"scan {ts['scan']:.1f}, tissue {ts['tissue']:.1f}, write {ts['write']:.1f}; {res['tissue_cells'] / ts['total']:.0f} cells/s")
-        report.add("peak RSS (scan process)", f"{rss_gb:.2f} GB", f"slide {w}x{h}")
+        report.add("peak RSS (scan process)", f"{rss_gb:.2f} GiB", f"{rss_gb * 2**30 / 1e9:.2f} GB; slide {w}x{h}")
         if "dense" in report.data:
             ratio = ts["total"] / report.data["dense"]["s"]
             report.data["e2e"]["over_model_alone"] = ratio

@@ -347,17 +347,19 @@ def heatmap_tiff(heatmap: Path, out: Path, probability: bool, opacity: float, ov
               help="patches.h5 (one file), or a folder for the PCam pair camelyonpatch_level_2_split_<split>_{x,y}.h5")
 @click.option("--stride-cells", type=click.IntRange(1), default=3, help="step between windows in 32 px cells (3: no overlap)")
 @click.option("--labels-geojson", type=click.Path(path_type=Path), default=None, help="tumour annotations (QuPath GeoJSON) for labels y")
+@click.option("--labels-mask", type=click.Path(path_type=Path), default=None,
+              help="or a mask image (PNG/TIFF) of the slide at any downsample, non-zero = tumour, for labels y")
 @click.option("--split", type=click.Choice(["train", "valid", "test"]), default="train", help="split name of the folder output")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None, help="take mpp and window size from this model (default: PCam's)")
 @click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile"]), default=_SCAN.backend)
 @click.option("--mpp", type=float, default=None, help="level-0 um/px, overriding the slide's metadata")
 @click.option("--overwrite", is_flag=True, help="replace existing files")
-def tile(slide_path: Path, out: Path, stride_cells: int, labels_geojson: Path | None, split: str, model_path: Path | None,
-         backend: str, mpp: float | None, overwrite: bool) -> None:
+def tile(slide_path: Path, out: Path, stride_cells: int, labels_geojson: Path | None, labels_mask: Path | None, split: str,
+         model_path: Path | None, backend: str, mpp: float | None, overwrite: bool) -> None:
     """Cut the tissue of a slide into 96x96 patches (PCam HDF5) with level-0 coordinates."""
     from .export.tiles import tile_slide
 
     res = _run(lambda: tile_slide(slide_path, out, stride_cells, labels_geojson, model_path, backend, mpp,
-                                  _TISSUE, split, overwrite=overwrite))
+                                  _TISSUE, split, overwrite=overwrite, labels_mask=labels_mask))
     pos = f", {res.n_positive} positive" if res.n_positive is not None else ""
     click.echo(f"{res.n_patches} patches{pos} at {res.target_mpp:g} um/px -> {', '.join(str(p) for p in res.files)}")

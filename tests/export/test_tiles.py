@@ -75,3 +75,49 @@ def test_tiles_without_labels_and_bad_labels(make_slide, tmp_path):
     with pytest.raises(DataError, match="GeoJSON"):
         tile_slide(slide, tmp_path / "q.h5", labels_geojson=bad)
     assert not (tmp_path / "q.h5").exists()
+
+
+def _label_mask(boxes, downsample):
+    w, h = -(-SIZE_WH[0] // downsample), -(-SIZE_WH[1] // downsample)  # ceil, as slide pyramids round
+    m = np.zeros((h, w), np.uint8)
+    for x0, y0, x1, y1 in boxes:
+        m[y0 // downsample : -(-y1 // downsample), x0 // downsample : -(-x1 // downsample)] = 255
+    return m
+
+
+@pytest.mark.parametrize("downsample,fmt", [(1, "png"), (8, "tif")])
+def test_tiles_labels_from_mask_follow_pcam_rule(make_slide, tmp_path, downsample, fmt):
+    from PIL import Image
+
+    # boxes on multiples of the downsample, so the mask holds them exactly
+    boxes = ((1016, 704, 1512, 1208), (2200, 1496, 2432, 1696))
+    slide = make_slide(size_wh=SIZE_WH, mpp=MPP, tissue=TISSUE, tumour=boxes)
+    mask_path = tmp_path / f"mask.{fmt}"
+    Image.fromarray(_label_mask(boxes, downsample)).save(mask_path)
+    res = tile_slide(slide, tmp_path / "p.h5", stride_cells=1, labels_mask=mask_path)
+    grid = plan_grid((0, 0, *SIZE_WH), (MPP, MPP), 0.972, 32, 96)
+    with h5py.File(res.files[0], "r") as f:
+        y, rc = f["y"][...].reshape(-1), f["cell_rc"][...]
+        attrs = json.loads(f.attrs["wsi_scan"])
+    assert "mask pixel" in attrs["label_rule"] and attrs["labels"] == str(mask_path)
+    want = np.array([expected_share(grid.cell_to_l0_rect(int(r), int(c)), boxes) > 0 for r, c in rc])
+    np.testing.assert_array_equal(y.astype(bool), want)
+    assert 0 < res.n_positive == int(want.sum()) < res.n_patches
+
+
+def test_tiles_label_mask_errors(make_slide, tmp_path):
+    from PIL import Image
+
+    from wsi_scan.errors import UsageError
+
+    slide = make_slide(size_wh=SIZE_WH, mpp=MPP, tissue=TISSUE)
+    square = tmp_path / "square.png"
+    Image.fromarray(np.zeros((300, 300), np.uint8)).save(square)  # slide is 3000 x 2400: not its shape
+    with pytest.raises(DataError, match="does not have the shape"):
+        tile_slide(slide, tmp_path / "a.h5", labels_mask=square)
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(DataError, match="not a readable mask"):
+        tile_slide(slide, tmp_path / "b.h5", labels_mask=tmp_path / "text.png")
+    with pytest.raises(UsageError, match="not both"):
+        tile_slide(slide, tmp_path / "c.h5", labels_mask=square, labels_geojson=_geojson(tmp_path, TUMOUR))
+    assert not list(tmp_path.glob("*.h5"))

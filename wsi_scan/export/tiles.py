@@ -2,8 +2,8 @@
 
 The windows are exactly those a scan classifies (same grid, same block reads and resampling),
 so a model trained on them sees what it will see when scanning. Labels, when a GeoJSON of
-tumour annotations is given, follow PCam: a window is positive when its central cell holds
-any tumour.
+tumour annotations or a label mask is given, follow PCam: a window is positive when its
+central cell holds any tumour.
 """
 
 from __future__ import annotations
@@ -66,6 +66,39 @@ def cell_labels(grid: Any, cells_rc: np.ndarray, tumour: Any) -> np.ndarray:
     return out
 
 
+def mask_cell_labels(grid: Any, cells_rc: np.ndarray, mask: np.ndarray, l0_size_wh: tuple[int, int], where: str) -> np.ndarray:
+    """1 where the cell's level-0 rectangle overlaps a non-zero pixel of ``mask`` (PCam's rule).
+
+    The mask covers the slide's level-0 frame at one scale in x and y (any downsample), as
+    CAMELYON16's masks and most annotation exports do; its pixels are areas, so a cell counts a
+    mask pixel it overlaps by any area.
+    """
+    mh, mw = mask.shape
+    w0, h0 = l0_size_wh
+    sx, sy = mw / w0, mh / h0
+    # a mask made by downsampling by d rounds w0 / d and h0 / d: some d must give both sizes
+    # within one mask pixel
+    d_lo = max(w0 / (mw + 1), h0 / (mh + 1))
+    d_hi = min(w0 / max(mw - 1, 1e-9), h0 / max(mh - 1, 1e-9))
+    if d_lo > d_hi:
+        raise DataError(
+            f"{where}: mask of {mw} x {mh} px does not have the shape of the slide's level 0 ({w0} x {h0} px); "
+            "expected the slide's frame at one downsample in x and y"
+        )
+    if len(cells_rc) == 0:
+        return np.zeros(0, dtype=np.uint8)
+    sat = np.zeros((mh + 1, mw + 1), dtype=np.int64)  # summed-area table of the mask
+    sat[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
+    rects = np.array([grid.cell_to_l0_rect(int(r), int(c)) for r, c in cells_rc], dtype=np.float64)
+    eps = 1e-9  # a cell edge on a mask pixel edge does not reach into that pixel
+    x0 = np.clip(np.floor(rects[:, 0] * sx + eps), 0, mw).astype(np.int64)
+    y0 = np.clip(np.floor(rects[:, 1] * sy + eps), 0, mh).astype(np.int64)
+    x1 = np.clip(np.ceil(rects[:, 2] * sx - eps), 0, mw).astype(np.int64)
+    y1 = np.clip(np.ceil(rects[:, 3] * sy - eps), 0, mh).astype(np.int64)
+    count = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
+    return (count > 0).astype(np.uint8)
+
+
 def tile_slide(
     slide_path: str | Path,
     out: str | Path,
@@ -79,9 +112,12 @@ def tile_slide(
     block_cells: int = 16,
     workers: int = 2,
     overwrite: bool = False,
+    labels_mask: str | Path | None = None,
 ) -> TileResult:
     """Cut the tissue windows of a slide into a PCam-layout HDF5 patch set.
 
+    Labels come from ``labels_geojson`` (tumour annotations) or ``labels_mask`` (an image of the
+    slide's level-0 frame at any downsample, non-zero = tumour), never both.
     ``out`` ending in ``.h5`` gets one file with ``x``, ``y`` (with labels), ``l0_xy`` (window
     top-left, level-0 px) and ``cell_rc``; any other ``out`` is a folder that receives
     ``camelyonpatch_level_2_split_<split>_{x,y}.h5``, which ``wsi-scan train`` reads.
@@ -93,7 +129,7 @@ def tile_slide(
 
     from ..geometry import check_resolution, plan_grid
     from ..grid import tissue_blocks, tissue_cells
-    from ..io.exports import PatchWriter, read_json
+    from ..io.exports import PatchWriter, read_json, read_label_mask
     from ..io.mpp import resolve_mpp
     from ..io.slide import open_slide
     from ..regions import block_windows, make_read_plan, read_block, read_thumbnail
@@ -109,9 +145,13 @@ def tile_slide(
 
         card = (model if isinstance(model, LoadedModel) else load_model(model)).card
         target_mpp, patch_px, cell_px = card.mpp, card.input_px, card.cell_px
+    if labels_geojson is not None and labels_mask is not None:
+        raise UsageError("give labels as a GeoJSON or as a mask, not both")
     tumour = None
     if labels_geojson is not None:
         tumour = tumour_geometry(read_json(labels_geojson), str(labels_geojson))
+    label_mask = read_label_mask(labels_mask) if labels_mask is not None else None
+    labelled = labels_geojson is not None or labels_mask is not None
 
     slide_path = Path(slide_path)
     slide = open_slide(slide_path, backend)
@@ -139,8 +179,11 @@ def tile_slide(
                   "level0_size_wh": list(info.level0_size_wh)},
         "target_mpp": target_mpp, "patch_px": patch_px, "cell_px": cell_px, "stride_cells": stride_cells,
         "l0_xy": "top-left corner of each window, level-0 px", "l0_window_size_xy": list(l0_window_wh),
-        "labels": str(labels_geojson) if labels_geojson is not None else None,
-        "label_rule": "1 where the central cell_px square shares area with a Tumor annotation",
+        "labels": str(labels_geojson or labels_mask) if labelled else None,
+        "label_rule": (
+            "1 where the central cell_px square shares area with a Tumor annotation" if labels_geojson is not None
+            else "1 where the central cell_px square overlaps a non-zero mask pixel"
+        ) if labelled else None,
     }
 
     def cut(block: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +193,12 @@ def tile_slide(
         r, c = np.nonzero(sel)
         return block_windows(region, sel, patch_px, cell_px), np.stack([r + r0, c + c0], axis=1)
 
-    writer = PatchWriter(out, (patch_px, patch_px, 3), labels_geojson is not None, attrs, split, overwrite)
+    def labels(rc: np.ndarray) -> np.ndarray | None:
+        if label_mask is not None:
+            return mask_cell_labels(grid, rc, label_mask, info.level0_size_wh, str(labels_mask))
+        return cell_labels(grid, rc, tumour) if labels_geojson is not None else None
+
+    writer = PatchWriter(out, (patch_px, patch_px, 3), labelled, attrs, split, overwrite)
     ok = False
     n_pos = 0
     try:
@@ -161,12 +209,12 @@ def tile_slide(
             for x, rc in parts:
                 m = grid.margin_px
                 l0_xy = np.array([grid.tgt_to_l0(float(c * cell_px - m), float(r * cell_px - m)) for r, c in rc]).reshape(-1, 2)
-                y = cell_labels(grid, rc, tumour) if labels_geojson is not None else None
+                y = labels(rc)
                 n_pos += int(y.sum()) if y is not None else 0
                 writer.append(x, l0_xy, rc, y)
         ok = True
     finally:
         files = writer.close(ok)
-    return TileResult(files, writer.n, n_pos if labels_geojson is not None else None, target_mpp, stride_cells,
+    return TileResult(files, writer.n, n_pos if labelled else None, target_mpp, stride_cells,
                       l0_window_wh, attrs)
 

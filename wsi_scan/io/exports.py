@@ -90,6 +90,43 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return obj
 
 
+def read_label_mask(path: str | Path, max_px: int = 1 << 28) -> np.ndarray:
+    """A label mask image as a bool array (True where a pixel is non-zero).
+
+    PNG, JPEG or TIFF; of a pyramidal TIFF (e.g. a CAMELYON16 mask) the finest level with at
+    most ``max_px`` pixels, so that a 200k x 100k px mask does not fill the memory.
+    """
+    from ..errors import DataError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"label mask {p} does not exist or is not a file; expected a PNG or TIFF mask of the slide")
+    try:
+        with p.open("rb") as fh:
+            magic = fh.read(4)
+        if magic in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+            import tifffile
+
+            with tifffile.TiffFile(str(p)) as tf:
+                levels = tf.series[0].levels
+                fits = [lv for lv in levels if int(np.prod(lv.shape[:2])) <= max_px] or [levels[-1]]
+                arr = fits[0].asarray()
+        else:
+            from PIL import Image
+
+            with Image.open(p) as im:
+                arr = np.asarray(im)
+    except DataError:
+        raise
+    except Exception as exc:  # codec and format errors of a broken or foreign file
+        raise DataError(f"{p}: not a readable mask image ({exc}); expected a PNG or TIFF, non-zero = tumour") from None
+    if arr.ndim == 3:
+        arr = arr.max(axis=-1) if arr.shape[-1] <= 4 else arr.max(axis=0)
+    if arr.ndim != 2:
+        raise DataError(f"{p}: expected a 2-D mask image, found an array of shape {arr.shape}")
+    return arr > 0
+
+
 def write_pyramid_tiff(
     out: str | Path,
     level_sizes_wh: list[tuple[int, int]],
