@@ -42,7 +42,7 @@ class ScanConfig:
     mpp_source: str = "user (--mpp)"  # where that override came from, recorded in the outputs
     mode: Mode = "auto"
     device: DeviceName = "auto"
-    block_cells: int = 32  # cells per block side: one region read and one dense pass each
+    block_cells: int = 16  # cells per block side: one region read and one dense pass each; 16 keeps peak RSS under 1.5 GB (docs/benchmarks.md)
     batch_size: int = 256  # windows per forward pass in patch mode
     threads: int = 2  # Dask threads per slide: blocks read and computed concurrently
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
