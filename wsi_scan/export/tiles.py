@@ -66,16 +66,14 @@ def cell_labels(grid: Any, cells_rc: np.ndarray, tumour: Any) -> np.ndarray:
     return out
 
 
-def mask_cell_labels(grid: Any, cells_rc: np.ndarray, mask: np.ndarray, l0_size_wh: tuple[int, int], where: str) -> np.ndarray:
-    """1 where the cell's level-0 rectangle overlaps a non-zero pixel of ``mask`` (PCam's rule).
+def mask_table(mask: np.ndarray, l0_size_wh: tuple[int, int], where: str) -> np.ndarray:
+    """Summed-area table of a label mask, once its shape is checked against the slide's level 0.
 
     The mask covers the slide's level-0 frame at one scale in x and y (any downsample), as
-    CAMELYON16's masks and most annotation exports do; its pixels are areas, so a cell counts a
-    mask pixel it overlaps by any area.
+    CAMELYON16's masks and most annotation exports do.
     """
     mh, mw = mask.shape
     w0, h0 = l0_size_wh
-    sx, sy = mw / w0, mh / h0
     # a mask made by downsampling by d rounds w0 / d and h0 / d: some d must give both sizes
     # within one mask pixel
     d_lo = max(w0 / (mw + 1), h0 / (mh + 1))
@@ -85,10 +83,21 @@ def mask_cell_labels(grid: Any, cells_rc: np.ndarray, mask: np.ndarray, l0_size_
             f"{where}: mask of {mw} x {mh} px does not have the shape of the slide's level 0 ({w0} x {h0} px); "
             "expected the slide's frame at one downsample in x and y"
         )
+    sat = np.zeros((mh + 1, mw + 1), dtype=np.int64)
+    sat[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
+    return sat
+
+
+def mask_cell_labels(grid: Any, cells_rc: np.ndarray, sat: np.ndarray, l0_size_wh: tuple[int, int]) -> np.ndarray:
+    """1 where the cell's level-0 rectangle overlaps a non-zero mask pixel (PCam's rule).
+
+    ``sat`` is the mask's ``mask_table``; mask pixels are areas, so a cell counts a mask pixel
+    it overlaps by any area.
+    """
     if len(cells_rc) == 0:
         return np.zeros(0, dtype=np.uint8)
-    sat = np.zeros((mh + 1, mw + 1), dtype=np.int64)  # summed-area table of the mask
-    sat[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
+    mh, mw = sat.shape[0] - 1, sat.shape[1] - 1
+    sx, sy = mw / l0_size_wh[0], mh / l0_size_wh[1]
     rects = np.array([grid.cell_to_l0_rect(int(r), int(c)) for r, c in cells_rc], dtype=np.float64)
     eps = 1e-9  # a cell edge on a mask pixel edge does not reach into that pixel
     x0 = np.clip(np.floor(rects[:, 0] * sx + eps), 0, mw).astype(np.int64)
@@ -150,7 +159,7 @@ def tile_slide(
     tumour = None
     if labels_geojson is not None:
         tumour = tumour_geometry(read_json(labels_geojson), str(labels_geojson))
-    label_mask = read_label_mask(labels_mask) if labels_mask is not None else None
+    mask_sat = None
     labelled = labels_geojson is not None or labels_mask is not None
 
     slide_path = Path(slide_path)
@@ -162,6 +171,8 @@ def tile_slide(
         thumb, l0_per_mask = read_thumbnail(slide, res.xy, tissue_config.mask_mpp)
         grid = plan_grid(info.l0_bounds_xywh, res.xy, target_mpp, cell_px, patch_px)
         plan = make_read_plan(slide, res.xy, grid)
+        if labels_mask is not None:
+            mask_sat = mask_table(read_label_mask(labels_mask), info.level0_size_wh, str(labels_mask))
     finally:
         slide.close()
     mask_mpp = (l0_per_mask[0] * res.x, l0_per_mask[1] * res.y)
@@ -194,8 +205,8 @@ def tile_slide(
         return block_windows(region, sel, patch_px, cell_px), np.stack([r + r0, c + c0], axis=1)
 
     def labels(rc: np.ndarray) -> np.ndarray | None:
-        if label_mask is not None:
-            return mask_cell_labels(grid, rc, label_mask, info.level0_size_wh, str(labels_mask))
+        if mask_sat is not None:
+            return mask_cell_labels(grid, rc, mask_sat, info.level0_size_wh)
         return cell_labels(grid, rc, tumour) if labels_geojson is not None else None
 
     writer = PatchWriter(out, (patch_px, patch_px, 3), labelled, attrs, split, overwrite)
