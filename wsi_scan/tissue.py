@@ -43,8 +43,8 @@ def _saturation(rgb: np.ndarray, max_value_dark: float) -> tuple[np.ndarray, np.
     """HSV saturation (float64) and value > ``max_value_dark``, equal to skimage's ``rgb2hsv``.
 
     Computed from each pixel's uint8 max and min through 256 x 256 lookup tables, because
-    ``rgb2hsv`` keeps several float64 copies of the image: 1.1 GB of peak memory for the
-    3750 x 3125 px mask of a 120000 x 100000 px slide (measured, docs/benchmarks.md).
+    ``rgb2hsv`` keeps several float64 copies of the image: the mask stage peaked at 1.28 GB for
+    the 3750 x 3125 px mask of a 120000 x 100000 px slide, 0.47 GB this way (docs/benchmarks.md).
     """
     hi = rgb.max(axis=-1)
     lo = rgb.min(axis=-1)

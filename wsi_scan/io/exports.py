@@ -97,6 +97,7 @@ def read_label_mask(path: str | Path, max_px: int = 1 << 28) -> np.ndarray:
     most ``max_px`` pixels, so that a 200k x 100k px mask does not fill the memory.
     """
     from ..errors import DataError
+    from .slide import TIFF_MAGIC
 
     p = Path(path)
     if not p.is_file():
@@ -104,7 +105,7 @@ def read_label_mask(path: str | Path, max_px: int = 1 << 28) -> np.ndarray:
     try:
         with p.open("rb") as fh:
             magic = fh.read(4)
-        if magic in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        if magic in TIFF_MAGIC:
             import tifffile
 
             with tifffile.TiffFile(str(p)) as tf:
