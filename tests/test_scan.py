@@ -109,3 +109,33 @@ def test_tissue_blocks_only_are_read(make_slide, mock_model, tmp_path, monkeypat
     for r0, c0, nr, nc in seen:
         assert hm.tissue[r0 : r0 + nr, c0 : c0 + nc].any()
     assert len(seen) < (hm.grid.shape_rc[0] // 8) * (hm.grid.shape_rc[1] // 8) / 4
+
+
+def test_scan_decodes_each_tile_once(make_slide, mock_model, tmp_path):
+    """Neighbouring blocks share their margins' tiles; with the reads announced, each is decoded once."""
+    from wsi_scan.regions import cached_slide
+
+    slide = make_slide(size_wh=(3001, 2399), mpp=0.25, tumour=TUMOUR)  # read at level 0, 256 px tiles
+    handle = cached_slide(str(slide), "tifffile")
+    before = handle.read_stats.tiles_decoded
+    res = scan_slide(slide, tmp_path / "h.zarr", ScanConfig(backend="tifffile", block_cells=4), model=mock_model)
+    hm = open_heatmap(res.out)
+    plan_level = hm.attrs["grid"]["read_level"]
+    decoded = handle.read_stats.tiles_decoded - before
+    # the distinct tiles under the blocks' reads, from the same geometry the scan used
+    from wsi_scan.grid import crop_to_tissue, tissue_blocks
+    from wsi_scan.regions import ReadPlan, block_reads
+
+    blocks = crop_to_tissue(hm.tissue, tissue_blocks(hm.tissue, 4))
+    plan = ReadPlan(str(slide), "tifffile", plan_level, handle.info.levels[plan_level].downsample_xy, hm.grid)
+    reads = block_reads(plan, blocks)
+    per_read = [handle._tile_keys(plan_level, handle._lv_box(xy, plan_level, wh)) for xy, wh in reads]
+    distinct = {k for keys in per_read for k in keys}
+    assert decoded == len(distinct) < sum(len(k) for k in per_read)
+    assert handle._cache.nbytes == 0
+    np.testing.assert_allclose(
+        hm.probs,
+        open_heatmap(scan_slide(slide, tmp_path / "o.zarr", ScanConfig(backend="openslide", block_cells=4), model=mock_model).out).probs,
+        atol=1e-6,
+        equal_nan=True,
+    )

@@ -10,15 +10,17 @@ processes or a distributed cluster alike.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .geometry import GridGeometry, box_in_read, choose_level, level_read_plan
-from .io.slide import Slide, open_slide
+from .io.slide import ReadRequest, Slide, open_slide
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,14 @@ def make_read_plan(slide: Slide, mpp_xy: tuple[float, float], grid: GridGeometry
     return ReadPlan(slide.info.path, slide.info.backend, level, ds[level], grid)
 
 
+def region_read(l0_box: tuple[float, float, float, float], downsample_xy: tuple[float, float], out_wh: tuple[int, int]) -> ReadRequest:
+    """The ``read_region`` call (l0_xy, level size) that ``resample_region`` makes for ``l0_box``."""
+    out_w, out_h = out_wh
+    scale = max((l0_box[2] - l0_box[0]) / downsample_xy[0] / out_w, (l0_box[3] - l0_box[1]) / downsample_xy[1] / out_h)
+    pad = math.ceil(scale) + 2  # bilinear support when shrinking by `scale`
+    return level_read_plan(l0_box, downsample_xy, pad)
+
+
 def resample_region(
     slide: Slide, level: int, downsample_xy: tuple[float, float], l0_box: tuple[float, float, float, float], out_wh: tuple[int, int]
 ) -> np.ndarray:
@@ -51,9 +61,7 @@ def resample_region(
     from PIL import Image
 
     out_w, out_h = out_wh
-    scale = max((l0_box[2] - l0_box[0]) / downsample_xy[0] / out_w, (l0_box[3] - l0_box[1]) / downsample_xy[1] / out_h)
-    pad = math.ceil(scale) + 2  # bilinear support when shrinking by `scale`
-    l0_xy, lv_size = level_read_plan(l0_box, downsample_xy, pad)
+    l0_xy, lv_size = region_read(l0_box, downsample_xy, out_wh)
     region = slide.read_region(l0_xy, level, lv_size)
     box = box_in_read(l0_box, downsample_xy, region.lv_origin_xy)
     bw, bh = box[2] - box[0], box[3] - box[1]
@@ -67,13 +75,35 @@ def resample_region(
     return np.array(img)  # writable: torch refuses read-only buffers
 
 
+def _block_box_and_size(plan: ReadPlan, block: tuple[int, int, int, int]) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+    x0, y0, x1, y1 = plan.grid.block_tgt_box(*block)
+    return plan.grid.block_l0_box(*block), (x1 - x0, y1 - y0)
+
+
 def read_block(plan: ReadPlan, block: tuple[int, int, int, int]) -> np.ndarray:
     """The target-frame image of a block's windows: (32 nr + 64, 32 nc + 64, 3) uint8."""
-    r0, c0, nr, nc = block
-    g = plan.grid
-    x0, y0, x1, y1 = g.block_tgt_box(r0, c0, nr, nc)
     slide = cached_slide(plan.slide_path, plan.backend)
-    return resample_region(slide, plan.level, plan.downsample_xy, g.block_l0_box(r0, c0, nr, nc), (x1 - x0, y1 - y0))
+    return resample_region(slide, plan.level, plan.downsample_xy, *_block_box_and_size(plan, block))
+
+
+def block_reads(plan: ReadPlan, block_list: list[tuple[int, int, int, int]]) -> list[ReadRequest]:
+    """The slide reads ``read_block`` will make for these blocks, for ``Slide.expect_reads``."""
+    return [region_read(box, plan.downsample_xy, size) for box, size in (_block_box_and_size(plan, b) for b in block_list)]
+
+
+@contextlib.contextmanager
+def expected_reads(plan: ReadPlan, block_list: list[tuple[int, int, int, int]], cache_bytes: int) -> Iterator[None]:
+    """Announce the blocks' reads to this process's slide handle while they run.
+
+    Tiles shared by neighbouring blocks are then decoded once (``io.tilecache``). Tasks run in
+    other processes read with their own handles, unannounced: the same pixels, decoded per read.
+    """
+    slide = cached_slide(plan.slide_path, plan.backend)
+    slide.expect_reads(plan.level, block_reads(plan, block_list), cache_bytes)
+    try:
+        yield
+    finally:
+        slide.forget_reads()
 
 
 def block_windows(region: np.ndarray, cells: np.ndarray, patch_px: int, cell_px: int) -> np.ndarray:
@@ -111,12 +141,19 @@ def block_task(plan: ReadPlan, block: tuple[int, int, int, int], cells: np.ndarr
     return predictor.predict_block(region, cells)
 
 
+def block_key(block: tuple[int, int, int, int]) -> str:
+    """The Dask key of a block's task.
+
+    Dask's local schedulers run independent tasks in (reverse) order of their keys; zero-padded
+    cell positions make that order row by row, so neighbouring blocks run close together and
+    the tiles they share leave the tile cache soon after their first decode.
+    """
+    return f"block-{block[0]:07d}-{block[1]:07d}"
+
+
 def build_graph(plan: ReadPlan, cells: np.ndarray, block_list: list[tuple[int, int, int, int]], predictor: Any) -> list[Any]:
     """One Dask task per tissue block (read, then classify), in the order of ``block_list``."""
     import dask
 
     task = dask.delayed(block_task, pure=False)
-    return [
-        task(plan, b, cells[b[0] : b[0] + b[2], b[1] : b[1] + b[3]], predictor, dask_key_name=f"block-{b[0]}-{b[1]}")
-        for b in block_list
-    ]
+    return [task(plan, b, cells[b[0] : b[0] + b[2], b[1] : b[1] + b[3]], predictor, dask_key_name=block_key(b)) for b in block_list]

@@ -45,7 +45,7 @@ def settings_hash(model_sha256: str, cfg: ScanConfig) -> str:
     d = cfg.to_dict()
     # how the work is cut and run does not change the numbers beyond float rounding (tests:
     # block size, batch size, threads and backends give the same heatmap)
-    for k in ("overwrite", "threads", "device", "batch_size", "block_cells", "backend", "mpp_source"):
+    for k in ("overwrite", "threads", "device", "batch_size", "block_cells", "backend", "mpp_source", "tile_cache_mb"):
         d.pop(k, None)
     payload = json.dumps({"model": model_sha256, "config": d}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -109,7 +109,7 @@ def scan_slide(
     from .io.heatmap import FORMAT_VERSION, check_output, write_heatmap
     from .io.mpp import Mpp, resolve_mpp
     from .io.slide import open_slide
-    from .regions import build_graph, make_read_plan, read_thumbnail
+    from .regions import build_graph, expected_reads, make_read_plan, read_thumbnail
     from .tissue import TissueMask, compute_mask
 
     t_start = time.perf_counter()
@@ -153,7 +153,7 @@ def scan_slide(
         tasks = build_graph(plan, cells, block_list, predictor)
         bar = _Progress(len(block_list), slide_path.name, progress)
         try:
-            with bar.callback():
+            with bar.callback(), expected_reads(plan, block_list, config.tile_cache_mb << 20):
                 results = dask.compute(*tasks, scheduler=scheduler, num_workers=max(1, config.threads))
         finally:
             bar.close()

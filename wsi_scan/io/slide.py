@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,11 +21,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import SlideFormatError, SlideNotFoundError, UsageError
+from .tilecache import ReadStats, TileCache, TileKey
 
 SLIDE_EXTS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".czi", ".qptiff",
 )
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+ReadRequest = tuple[tuple[int, int], tuple[int, int]]  # (l0_xy, lv_size_wh) of one read_region call
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,14 @@ class Slide(Protocol):
     info: SlideInfo
 
     def read_region(self, l0_xy: tuple[int, int], level: int, lv_size_wh: tuple[int, int]) -> Region: ...
+
+    def expect_reads(self, level: int, reads: Sequence[ReadRequest], max_bytes: int) -> None:
+        """Announce the reads a scan will make, so that tiles shared by several are decoded once."""
+        ...
+
+    def forget_reads(self) -> None:
+        """End of the announced reads: drop what was kept for them."""
+        ...
 
     def close(self) -> None: ...
 
@@ -118,6 +129,12 @@ class OpenSlideSlide:
         d = self.info.levels[level].downsample_xy
         return Region(_flatten_alpha(rgba), (l0_xy[0] / d[0], l0_xy[1] / d[1]))
 
+    def expect_reads(self, level: int, reads: Sequence[ReadRequest], max_bytes: int) -> None:
+        pass  # OpenSlide keeps its own tile cache and decodes inside read_region
+
+    def forget_reads(self) -> None:
+        pass
+
     def close(self) -> None:
         self._osr.close()
 
@@ -157,8 +174,38 @@ def _tiff_metadata(tf: Any) -> dict[str, str]:
     return meta
 
 
+@dataclass(frozen=True)
+class _TiledLevel:
+    """A level stored as one tiled, chunky, 8-bit RGB(A) page: decoded tile by tile here."""
+
+    page: Any  # tifffile.TiffPage
+    tile_wh: tuple[int, int]
+    tiles_across: int
+
+
+def _tiled_level(series_level: Any) -> _TiledLevel | None:
+    page = series_level.keyframe
+    simple = (
+        len(series_level.pages) == 1
+        and page.is_tiled
+        and page.planarconfig == 1
+        and page.imagedepth == 1
+        and page.samplesperpixel in (3, 4)
+        and page.dtype == np.uint8
+        and series_level.axes == "YXS"
+    )
+    if not simple:
+        return None
+    return _TiledLevel(page, (page.tilewidth, page.tilelength), math.ceil(page.imagewidth / page.tilewidth))
+
+
 class TiffFileSlide:
-    """Pyramidal TIFF / OME-TIFF read with tifffile; only the tiles a read touches are decoded."""
+    """Pyramidal TIFF / OME-TIFF read with tifffile; only the tiles a read touches are decoded.
+
+    Tiled RGB levels are decoded tile by tile into the read's buffer (no intermediate array) and
+    go through a ``TileCache``, so tiles shared by announced reads are decoded once; other
+    layouts are read through tifffile's zarr store.
+    """
 
     def __init__(self, path: Path) -> None:
         import tifffile
@@ -171,6 +218,7 @@ class TiffFileSlide:
             for lv in range(len(series.levels)):
                 store = series.aszarr(level=lv)
                 levels_arr.append(zarr.open_array(store, mode="r"))
+            tiled = [_tiled_level(series.levels[lv]) for lv in range(len(series.levels))]
         except (tifffile.TiffFileError, ValueError, IndexError, KeyError, OSError) as exc:
             raise SlideFormatError(f"{path}: not a readable TIFF slide ({exc})") from None
         self._axes = series.axes
@@ -181,6 +229,10 @@ class TiffFileSlide:
         if "S" not in self._axes or len(levels_arr[0].shape) != 3:
             raise SlideFormatError(f"{path}: expected an RGB image (axes YXS), found axes {self._axes}")
         self._levels = levels_arr
+        self._tiled = tiled
+        # pread on a descriptor of our own: threads read tiles without sharing a file position
+        self._fd = os.open(str(path), os.O_RDONLY)
+        self._cache = TileCache(0)
         w0, h0 = shapes[0]
         levels = tuple(Level((w, h), (w0 / w, h0 / h)) for w, h in shapes)
         self.info = SlideInfo(
@@ -193,33 +245,106 @@ class TiffFileSlide:
             metadata=_tiff_metadata(self._tf),
         )
 
+    @property
+    def read_stats(self) -> ReadStats:
+        """Tiles decoded and taken from the cache by this handle so far (tiled levels only)."""
+        return self._cache.stats
+
     def _hw(self, shape: tuple[int, ...]) -> tuple[int, int]:
         return (shape[self._axes.index("Y")], shape[self._axes.index("X")])
 
+    def _lv_box(self, l0_xy: tuple[int, int], level: int, lv_size_wh: tuple[int, int]) -> tuple[int, int, int, int]:
+        dx, dy = self.info.levels[level].downsample_xy
+        return math.floor(l0_xy[0] / dx), math.floor(l0_xy[1] / dy), lv_size_wh[0], lv_size_wh[1]
+
+    def _tile_keys(self, level: int, lv_box: tuple[int, int, int, int]) -> list[TileKey]:
+        tl = self._tiled[level]
+        assert tl is not None
+        lx, ly, w, h = lv_box
+        W, H = self.info.levels[level].size_wh
+        tw, th = tl.tile_wh
+        x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + w, W), min(ly + h, H)
+        if x1 <= x0 or y1 <= y0:
+            return []
+        return [(level, tx, ty) for ty in range(y0 // th, (y1 - 1) // th + 1) for tx in range(x0 // tw, (x1 - 1) // tw + 1)]
+
+    def expect_reads(self, level: int, reads: Sequence[ReadRequest], max_bytes: int) -> None:
+        if self._tiled[level] is None:
+            return
+        self._cache.max_bytes = max_bytes
+        for l0_xy, lv_size in reads:
+            box = self._lv_box(l0_xy, level, lv_size)
+            self._cache.expect(box + (level,), self._tile_keys(level, box))
+
+    def forget_reads(self) -> None:
+        self._cache.forget()
+
+    def _decode_tile(self, key: TileKey) -> np.ndarray:
+        level, tx, ty = key
+        tl = self._tiled[level]
+        assert tl is not None
+        page = tl.page
+        index = ty * tl.tiles_across + tx
+        tw, th = tl.tile_wh
+        nbytes = int(page.databytecounts[index])
+        if nbytes == 0:  # a tile the writer left out holds no data: white, as OpenSlide shows it
+            return np.full((th, tw, 3), 255, dtype=np.uint8)
+        data = self._pread(nbytes, int(page.dataoffsets[index]))
+        seg, pos, _ = page.decode(data, index, jpegtables=page.jpegtables, jpegheader=page.jpegheader)
+        if (pos[2], pos[3]) != (ty * th, tx * tw):  # tiles are stored row by row; say so if not
+            raise SlideFormatError(f"{self.info.path}: tile {index} lies at {pos[2:4]}, expected {(ty * th, tx * tw)}")
+        return _flatten_alpha(seg.reshape(seg.shape[-3:]))
+
+    def _pread(self, nbytes: int, offset: int) -> bytes:
+        if hasattr(os, "pread"):
+            return os.pread(self._fd, nbytes, offset)
+        with self._tf.filehandle.lock:  # Windows: no pread, share tifffile's handle under its lock
+            self._tf.filehandle.seek(offset)
+            return bytes(self._tf.filehandle.read(nbytes))
+
     def read_region(self, l0_xy: tuple[int, int], level: int, lv_size_wh: tuple[int, int]) -> Region:
-        lvl = self.info.levels[level]
-        dx, dy = lvl.downsample_xy
-        lx, ly = math.floor(l0_xy[0] / dx), math.floor(l0_xy[1] / dy)
-        w, h = lv_size_wh
-        W, H = lvl.size_wh
+        lx, ly, w, h = self._lv_box(l0_xy, level, lv_size_wh)
+        W, H = self.info.levels[level].size_wh
         out = np.full((h, w, 3), 255, dtype=np.uint8)
         x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + w, W), min(ly + h, H)
         if x1 > x0 and y1 > y0:
-            arr = self._levels[level]
-            sl: list[slice] = [slice(None)] * len(self._axes)
-            sl[self._axes.index("Y")] = slice(y0, y1)
-            sl[self._axes.index("X")] = slice(x0, x1)
             try:
-                data = np.asarray(arr[tuple(sl)])
+                if self._tiled[level] is not None:
+                    self._read_tiles(level, (lx, ly, w, h), out)
+                else:
+                    self._read_store(level, (x0, y0, x1, y1), out[y0 - ly : y1 - ly, x0 - lx : x1 - lx])
+            except SlideFormatError:
+                raise
             except Exception as exc:  # codec and file errors of a damaged slide
                 raise SlideFormatError(f"{self.info.path}: cannot decode tiles, the file is damaged or truncated ({exc})") from None
-            if self._axes.index("S") == 0:
-                data = np.moveaxis(data, 0, -1)
-            out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = _flatten_alpha(data)[..., :3]
         return Region(out, (float(lx), float(ly)))
+
+    def _read_tiles(self, level: int, lv_box: tuple[int, int, int, int], out: np.ndarray) -> None:
+        lx, ly, w, h = lv_box
+        W, H = self.info.levels[level].size_wh
+        tl = self._tiled[level]
+        assert tl is not None
+        tw, th = tl.tile_wh
+        planned = self._cache.begin_read(lv_box + (level,))
+        for (_, tx, ty), tile in self._cache.tiles(self._tile_keys(level, lv_box), planned, self._decode_tile):
+            # the part of this tile inside both the read and the level (edge tiles are padded)
+            ax0, ay0 = max(tx * tw, lx), max(ty * th, ly)
+            ax1, ay1 = min((tx + 1) * tw, lx + w, W), min((ty + 1) * th, ly + h, H)
+            out[ay0 - ly : ay1 - ly, ax0 - lx : ax1 - lx] = tile[ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw]
+
+    def _read_store(self, level: int, box: tuple[int, int, int, int], out: np.ndarray) -> None:
+        x0, y0, x1, y1 = box
+        sl: list[slice] = [slice(None)] * len(self._axes)
+        sl[self._axes.index("Y")] = slice(y0, y1)
+        sl[self._axes.index("X")] = slice(x0, x1)
+        data = np.asarray(self._levels[level][tuple(sl)])
+        if self._axes.index("S") == 0:
+            data = np.moveaxis(data, 0, -1)
+        out[...] = _flatten_alpha(data)[..., :3]
 
     def close(self) -> None:
         self._tf.close()
+        os.close(self._fd)
 
 
 def _sniff(path: Path) -> None:
