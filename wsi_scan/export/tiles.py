@@ -141,7 +141,7 @@ def tile_slide(
     from ..io.exports import PatchWriter, read_json, read_label_mask
     from ..io.mpp import resolve_mpp
     from ..io.slide import open_slide
-    from ..regions import block_windows, make_read_plan, read_block, read_thumbnail
+    from ..regions import block_windows, expected_reads, make_read_plan, read_block, read_thumbnail
     from ..tissue import TissueMask, compute_mask
 
     if stride_cells < 1:
@@ -215,14 +215,15 @@ def tile_slide(
     try:
         task = dask.delayed(cut, pure=False)
         step = max(1, 4 * workers)  # a few blocks in flight: bounded memory, both cores busy
-        for i in range(0, len(block_list), step):
-            parts = dask.compute(*[task(b) for b in block_list[i : i + step]], scheduler="threads", num_workers=workers)
-            for x, rc in parts:
-                m = grid.margin_px
-                l0_xy = np.array([grid.tgt_to_l0(float(c * cell_px - m), float(r * cell_px - m)) for r, c in rc]).reshape(-1, 2)
-                y = labels(rc)
-                n_pos += int(y.sum()) if y is not None else 0
-                writer.append(x, l0_xy, rc, y)
+        with expected_reads(plan, block_list, ScanConfig().tile_cache_mb << 20):
+            for i in range(0, len(block_list), step):
+                parts = dask.compute(*[task(b) for b in block_list[i : i + step]], scheduler="threads", num_workers=workers)
+                for x, rc in parts:
+                    m = grid.margin_px
+                    l0_xy = np.array([grid.tgt_to_l0(float(c * cell_px - m), float(r * cell_px - m)) for r, c in rc]).reshape(-1, 2)
+                    y = labels(rc)
+                    n_pos += int(y.sum()) if y is not None else 0
+                    writer.append(x, l0_xy, rc, y)
         ok = True
     finally:
         files = writer.close(ok)

@@ -305,8 +305,10 @@ class TiffFileSlide:
     def read_region(self, l0_xy: tuple[int, int], level: int, lv_size_wh: tuple[int, int]) -> Region:
         lx, ly, w, h = self._lv_box(l0_xy, level, lv_size_wh)
         W, H = self.info.levels[level].size_wh
-        out = np.full((h, w, 3), 255, dtype=np.uint8)
         x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + w, W), min(ly + h, H)
+        inside = (x0, y0, x1, y1) == (lx, ly, lx + w, ly + h)
+        # a read inside the level is overwritten entirely by its tiles; only the rest needs white
+        out = np.empty((h, w, 3), dtype=np.uint8) if inside else np.full((h, w, 3), 255, dtype=np.uint8)
         if x1 > x0 and y1 > y0:
             try:
                 if self._tiled[level] is not None:
