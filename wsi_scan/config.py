@@ -76,6 +76,8 @@ class TrainConfig:
     stain_jitter: float = 0.05  # HED channel scale/shift amplitude
     jpeg_prob: float = 0.5  # share of patches re-encoded as JPEG during training
     jpeg_quality: tuple[int, int] = (50, 95)
+    soften_prob: float = 0.3  # share of patches shrunk by up to soften_max and enlarged back
+    soften_max: float = 1.15
     threads: int = 0  # torch CPU threads, 0 = all cores
     loader_workers: int = 1
     device: DeviceName = "auto"

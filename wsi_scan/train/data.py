@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..io.datasets import PatchData, PatchSet
-from .augment import jpeg_roundtrip
+from .augment import jpeg_roundtrip, soften
 
 
 @dataclass(frozen=True)
@@ -87,12 +87,16 @@ class RowsDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
         seed: int = 0,
         jpeg_prob: float = 0.0,
         jpeg_quality: tuple[int, int] = (50, 95),
+        soften_prob: float = 0.0,
+        soften_max: float = 1.15,
     ) -> None:
         self.sets = list(sets)
         self.rows = rows
         self.seed = seed
         self.jpeg_prob = jpeg_prob
         self.jpeg_quality = jpeg_quality
+        self.soften_prob = soften_prob
+        self.soften_max = soften_max
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -102,10 +106,13 @@ class RowsDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
         s, i = self.rows[pos]
         ps = self.sets[int(s)]
         patch = ps.read(int(i))
-        if self.jpeg_prob > 0:
+        if self.jpeg_prob > 0 or self.soften_prob > 0:
             rng = np.random.default_rng([self.seed, epoch, pos])
             if rng.random() < self.jpeg_prob:
                 patch = jpeg_roundtrip(patch, rng, self.jpeg_quality)
+            # after the JPEG step, as a scan resamples the slide's decoded pixels
+            if self.soften_prob > 0 and rng.random() < self.soften_prob:
+                patch = soften(patch, rng, self.soften_max)
         return torch.from_numpy(np.array(patch, copy=True)), int(ps.labels[int(i)])
 
 

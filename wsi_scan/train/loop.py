@@ -147,7 +147,10 @@ def train(
         history = json.loads(state["history"])
         best_auc, best_epoch, start = float(state["best_auc"]), int(state["best_epoch"]), int(state["epoch"]) + 1
 
-    ds_train = RowsDataset(splits.sets, train_rows, cfg.seed, cfg.jpeg_prob if cfg.augment else 0.0, cfg.jpeg_quality)
+    ds_train = RowsDataset(
+        splits.sets, train_rows, cfg.seed, cfg.jpeg_prob if cfg.augment else 0.0, cfg.jpeg_quality,
+        cfg.soften_prob if cfg.augment else 0.0, cfg.soften_max,
+    )
     ds_valid = RowsDataset(splits.sets, splits.valid)
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
