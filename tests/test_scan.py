@@ -139,3 +139,17 @@ def test_scan_decodes_each_tile_once(make_slide, mock_model, tmp_path):
         atol=1e-6,
         equal_nan=True,
     )
+
+
+@pytest.mark.real_data
+def test_real_svs_gives_the_same_heatmap_with_either_backend(mock_model, tmp_path):
+    from tests._support import shared_path
+
+    cmu = shared_path("slides", "cmu-1-small-region.svs")
+    a = scan_slide(cmu, tmp_path / "a.zarr", ScanConfig(block_cells=8), model=mock_model)  # auto: tifffile
+    b = scan_slide(cmu, tmp_path / "b.zarr", ScanConfig(backend="openslide", block_cells=8), model=mock_model)
+    ha, hb = open_heatmap(a.out), open_heatmap(b.out)
+    assert (ha.attrs["slide"]["backend"], hb.attrs["slide"]["backend"]) == ("tifffile", "openslide")
+    assert ha.attrs["slide"]["mpp_source"] == hb.attrs["slide"]["mpp_source"]
+    assert np.isfinite(ha.probs).sum() > 100
+    np.testing.assert_allclose(ha.probs, hb.probs, atol=1e-6, equal_nan=True)

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import tifffile
 
+from tests._support import shared_path
 from wsi_scan.io.mpp import resolve_mpp
-from wsi_scan.io.slide import TiffFileSlide, open_slide
+from wsi_scan.io.slide import Region, TiffFileSlide, open_slide
 
 
 def test_auto_reads_plain_pyramidal_tiff_with_tifffile_and_same_pixels_as_openslide(make_slide):
@@ -78,3 +79,31 @@ def test_announced_reads_decode_each_tile_once_with_the_same_pixels(make_slide):
     cached.forget_reads()
     for s in (plain, cached):
         s.close()
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("name", ["cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs"])
+def test_auto_reads_aperio_svs_with_tifffile_and_same_pixels(name):
+    path = shared_path("slides", name)  # JPEG tiles, and JPEG 2000 (Aperio 33005) tiles
+    auto, osr = open_slide(path, "auto"), open_slide(path, "openslide")
+    assert (auto.info.backend, auto.info.vendor) == ("tifffile", "aperio")
+    assert auto.info.metadata == osr.info.metadata  # OpenSlide's properties, mpp included
+    w0, h0 = osr.info.level0_size_wh
+    for l0_xy, wh in (((0, 0), (300, 200)), ((w0 - 150, h0 - 100), (300, 200)), ((-30, 700), (512, 512)), ((1000, 1500), (777, 333))):
+        assert np.array_equal(auto.read_region(l0_xy, 0, wh).rgb, osr.read_region(l0_xy, 0, wh).rgb), l0_xy
+    auto.close()
+    osr.close()
+
+
+def test_auto_keeps_openslide_when_tifffile_pixels_differ(make_slide, monkeypatch):
+    path = make_slide(size_wh=(1200, 900), downsamples=(1, 4))
+    orig = TiffFileSlide.read_region
+
+    def inverted(self, l0_xy, level, lv_size_wh):  # any disagreement, on glass as on tissue
+        r = orig(self, l0_xy, level, lv_size_wh)
+        return Region(255 - r.rgb, r.lv_origin_xy)
+
+    monkeypatch.setattr(TiffFileSlide, "read_region", inverted)
+    slide = open_slide(path, "auto")
+    assert slide.info.backend == "openslide"
+    slide.close()

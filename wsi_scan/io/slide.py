@@ -11,6 +11,7 @@ lets the resampler place every pixel exactly, whichever backend read it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,8 @@ SLIDE_EXTS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".czi", ".qptiff",
 )
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+#: OpenSlide vendors whose files ``auto`` reads with tifffile when the pixels agree
+TIFFFILE_VENDORS = ("generic-tiff", "aperio")
 
 ReadRequest = tuple[tuple[int, int], tuple[int, int]]  # (l0_xy, lv_size_wh) of one read_region call
 
@@ -388,16 +391,35 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> Slide:
             return TiffFileSlide(p)
         except SlideFormatError:
             raise first from None
-    if osr.info.vendor != "generic-tiff":
-        return osr  # vendor formats: OpenSlide knows their bounds, offsets and quirks
-    # A plain pyramidal TIFF holds nothing OpenSlide would interpret, and tifffile decodes its
-    # tiles to the same pixels 2.2x faster (docs/benchmarks.md); keep OpenSlide if it disagrees.
+    if osr.info.vendor not in TIFFFILE_VENDORS:
+        return osr  # other vendor formats: OpenSlide knows their bounds, offsets and quirks
+    # A plain pyramidal TIFF or an Aperio SVS is a TIFF pyramid that OpenSlide reads as is, with
+    # no bounds or offsets to interpret; tifffile decodes its tiles to the same pixels faster
+    # and lets a scan decode shared tiles once (docs/benchmarks.md). Keep OpenSlide wherever
+    # the two disagree on the levels or on a probe of pixels.
     try:
         tfs = TiffFileSlide(p)
     except SlideFormatError:
         return osr
-    if [lv.size_wh for lv in tfs.info.levels] != [lv.size_wh for lv in osr.info.levels]:
+    if [lv.size_wh for lv in tfs.info.levels] != [lv.size_wh for lv in osr.info.levels] or not _same_pixels(osr, tfs):
         tfs.close()
         return osr
+    # OpenSlide's properties (its normalised mpp among them) describe the same file
+    tfs.info = dataclasses.replace(tfs.info, vendor=osr.info.vendor, metadata=osr.info.metadata)
     osr.close()
     return tfs
+
+
+def _same_pixels(a: Slide, b: Slide, probe_px: int = 256) -> bool:
+    """Whether both read the same level-0 pixels at three places (a colour-space or codec
+    difference shows on any tile, glass included)."""
+    w0, h0 = a.info.level0_size_wh
+    for fx, fy in ((0.5, 0.5), (0.25, 0.33), (0.75, 0.67)):
+        xy = (int(w0 * fx), int(h0 * fy))
+        wh = (min(probe_px, w0 - xy[0]), min(probe_px, h0 - xy[1]))
+        try:
+            if not np.array_equal(a.read_region(xy, 0, wh).rgb, b.read_region(xy, 0, wh).rgb):
+                return False
+        except SlideFormatError:
+            return False
+    return True
