@@ -2,6 +2,7 @@
 scan it end to end, and score the cells whose windows are the patches.
 
     python scripts/mosaic_eval.py ../shared/data/pcam-jpeg-sample --split valid [--model M] [--tta]
+    python scripts/mosaic_eval.py ../shared/data/pcam-jpeg-sample --split valid --scan-mpp 0.25  # as a 40x scan
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ def main() -> int:
     ap.add_argument("--mode", default="auto")
     ap.add_argument("--tta", action="store_true")
     ap.add_argument("--limit", type=int, default=0, help="use the first N patches only")
+    ap.add_argument("--scan-mpp", type=float, default=None,
+                    help="enlarge the mosaic to this um/px (e.g. 0.25, a 40x scan) and store it JPEG-tiled with a pyramid")
     args = ap.parse_args()
     ps = open_patch_data(args.data).splits[args.split]
     idx = np.arange(len(ps) if not args.limit else min(args.limit, len(ps)))
     model = load_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:
-        mosaic = write_mosaic(Path(tmp) / "mosaic.tif", ps, idx)
+        mosaic = write_mosaic(Path(tmp) / "mosaic.tif", ps, idx, scan_mpp=args.scan_mpp)
         cfg = ScanConfig(mode=args.mode, tta=args.tta,  # type: ignore[arg-type]
                          tissue=TissueConfig(min_cell_fraction=0.0, min_object_um2=0.0, min_hole_um2=1e9))
         t = time.perf_counter()
@@ -49,7 +52,7 @@ def main() -> int:
     # a patch the tissue mask left out counts as "no tumour found" (probability 0)
     m = binary_metrics(mosaic.labels, np.where(scanned, probs, 0.0), model.card.threshold)
     out = {**m.to_dict(), "dataset": f"{ps.name} as a mosaic slide", "patches_scanned": int(scanned.sum()),
-           "tta": args.tta, "mode": res.mode, "scan_seconds": round(seconds, 2), "model": model.card.name}
+           "tta": args.tta, "mode": res.mode, "scan_mpp": args.scan_mpp, "slide_mpp": list(res.mpp_xy), "scan_seconds": round(seconds, 2), "model": model.card.name}
     print(json.dumps(out))
     return 0
 
