@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,7 @@ def write_mosaic(
     big = np.asarray(Image.fromarray(img).resize((big_w, big_h), Image.Resampling.BICUBIC))
     del img
     res_x, res_y = 1e4 / (mpp * w / big_w), 1e4 / (mpp * h / big_h)
-    opts = {"tile": (tile_px, tile_px), "photometric": "rgb", "compression": "jpeg", "compressionargs": {"level": 90}}
+    opts: dict[str, Any] = {"tile": (tile_px, tile_px), "photometric": "rgb", "compression": "jpeg", "compressionargs": {"level": 90}}
     # levels as successive pages, the layout both OpenSlide (generic-tiff) and tifffile read
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
         tw.write(big, subfiletype=0, resolution=(res_x, res_y), resolutionunit="CENTIMETER", metadata=None, **opts)
