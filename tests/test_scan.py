@@ -153,3 +153,54 @@ def test_real_svs_gives_the_same_heatmap_with_either_backend(mock_model, tmp_pat
     assert ha.attrs["slide"]["mpp_source"] == hb.attrs["slide"]["mpp_source"]
     assert np.isfinite(ha.probs).sum() > 100
     np.testing.assert_allclose(ha.probs, hb.probs, atol=1e-6, equal_nan=True)
+
+
+def test_interrupted_scan_resumes_with_its_finished_blocks(make_slide, mock_model, tmp_path, monkeypatch):
+    import wsi_scan.regions as regions
+    from wsi_scan.io.heatmap import partial_path
+
+    slide = make_slide(tumour=TUMOUR)
+    cfg = ScanConfig(block_cells=4, threads=1, checkpoint_s=1e-9)  # save after every block
+    whole = scan_slide(slide, tmp_path / "whole.zarr", cfg, model=mock_model)
+    out = tmp_path / "h.zarr"
+    orig = regions.block_task
+    calls: list[tuple[int, int, int, int]] = []
+
+    def dies_after_5(plan, block, cells, predictor):
+        if len(calls) == 5:
+            raise RuntimeError("killed")
+        calls.append(block)
+        return orig(plan, block, cells, predictor)
+
+    monkeypatch.setattr(regions, "block_task", dies_after_5)
+    with pytest.raises(RuntimeError, match="killed"):
+        scan_slide(slide, out, cfg, model=mock_model)
+    assert partial_path(out).is_file() and not out.exists()
+
+    calls.clear()
+    monkeypatch.setattr(regions, "block_task", lambda *a: (calls.append(a[1]), orig(*a))[1])
+    res = scan_slide(slide, out, cfg, model=mock_model)
+    n_blocks = len(calls)
+    assert res.resumed_cells > 0 and open_heatmap(out).attrs["resumed_cells"] == res.resumed_cells
+    np.testing.assert_array_equal(open_heatmap(out).probs, open_heatmap(whole.out).probs)
+    assert not partial_path(out).exists()  # gone once the store is complete
+
+    # the same output again with --overwrite, or another setting: nothing is taken over
+    calls.clear()
+    monkeypatch.setattr(regions, "block_task", dies_after_5)
+    with pytest.raises(RuntimeError):
+        scan_slide(slide, tmp_path / "t.zarr", cfg, model=mock_model)
+    calls.clear()
+    monkeypatch.setattr(regions, "block_task", lambda *a: (calls.append(a[1]), orig(*a))[1])
+    other = scan_slide(slide, tmp_path / "t.zarr", ScanConfig(block_cells=4, threads=1, tta=True), model=mock_model)
+    assert other.resumed_cells == 0 and len(calls) == n_blocks + 5
+
+
+def test_a_damaged_partial_file_is_ignored(make_slide, mock_model, tmp_path):
+    from wsi_scan.io.heatmap import partial_path
+
+    slide = make_slide(tumour=TUMOUR)
+    out = tmp_path / "h.zarr"
+    partial_path(out).write_bytes(b"not an npz")
+    res = scan_slide(slide, out, ScanConfig(), model=mock_model)
+    assert res.resumed_cells == 0 and not partial_path(out).exists()

@@ -142,6 +142,7 @@ def scan(source: Path, out: Path, model_path: Path | None, quiet: bool, overlay:
         f"{source.name}: {res.n_tissue_cells} tissue cells ({res.tissue_area_mm2:.2f} mm2) in "
         f"{res.timings_s['total']:.1f} s [{res.mode}, {res.device}]; max tumour probability "
         f"{res.max_prob:.3f}, area above threshold {res.tumour_area_mm2:.3f} mm2 -> {res.out}"
+        + (f" ({res.resumed_cells} cells kept from the interrupted scan)" if res.resumed_cells else "")
     )
 
 

@@ -45,6 +45,7 @@ class ScanConfig:
     block_cells: int = 16  # cells per block side: one region read and one dense pass each; 16 keeps peak RSS under 1.5 GB (docs/benchmarks.md)
     batch_size: int = 256  # windows per forward pass in patch mode
     threads: int = 2  # Dask threads per slide: blocks read and computed concurrently
+    checkpoint_s: float = 30.0  # save finished blocks this often, so an interrupted scan resumes (0: never)
     tile_cache_mb: int = 256  # bound on decoded tiles kept for later blocks (peak 80 MB on a 60000 px wide slide, 161 MB at 120000 px)
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     tta: bool = False  # average the 8 dihedral views

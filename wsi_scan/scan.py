@@ -33,6 +33,7 @@ class ScanResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     mode: str = "dense"
     device: str = "cpu"
+    resumed_cells: int = 0  # tissue cells taken from an interrupted scan of the same output
 
     @property
     def cells_per_s(self) -> float:
@@ -45,7 +46,7 @@ def settings_hash(model_sha256: str, cfg: ScanConfig) -> str:
     d = cfg.to_dict()
     # how the work is cut and run does not change the numbers beyond float rounding (tests:
     # block size, batch size, threads and backends give the same heatmap)
-    for k in ("overwrite", "threads", "device", "batch_size", "block_cells", "backend", "mpp_source", "tile_cache_mb"):
+    for k in ("overwrite", "threads", "device", "batch_size", "block_cells", "backend", "mpp_source", "tile_cache_mb", "checkpoint_s"):
         d.pop(k, None)
     payload = json.dumps({"model": model_sha256, "config": d}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -88,6 +89,55 @@ class _Progress:
         self.bar.close()
 
 
+class _Checkpoint:
+    """Keeps the cells of finished blocks and saves them every ``every_s`` seconds (and when
+    the scan fails), so that a scan killed at any point resumes with the blocks it finished."""
+
+    def __init__(self, out: Path, key: str, probs: np.ndarray, done: np.ndarray,
+                 blocks: dict[str, tuple[int, int, int, int]], every_s: float) -> None:
+        self.out, self.key, self.probs, self.done, self.blocks, self.every_s = out, key, probs, done, blocks, every_s
+        self.dirty = False
+        self.last = time.monotonic()
+
+    def record(self, name: str, result: np.ndarray) -> None:
+        block = self.blocks.get(name)
+        if block is None:
+            return
+        r0, c0, nr, nc = block
+        self.probs[r0 : r0 + nr, c0 : c0 + nc] = result
+        self.done[r0 : r0 + nr, c0 : c0 + nc] = True
+        self.dirty = True
+        if self.every_s > 0 and time.monotonic() - self.last >= self.every_s:
+            self.save()
+
+    def save(self) -> None:
+        from .io.heatmap import save_partial
+
+        if self.dirty and self.every_s > 0:
+            save_partial(self.out, self.key, self.probs, self.done)
+            self.dirty = False
+            self.last = time.monotonic()
+
+    def callback(self) -> Any:
+        from dask.callbacks import Callback
+
+        record = self.record
+
+        class _CB(Callback):
+            def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:  # noqa: A002
+                record(str(key[0] if isinstance(key, tuple) else key), result)
+
+        return _CB()
+
+
+def partial_key(settings: str, slide_identity: str, grid: Any, read_level: int) -> str:
+    """What an interrupted scan's finished cells depend on: model and settings, the slide file,
+    the cell grid and the pyramid level read."""
+    payload = json.dumps([settings, slide_identity, list(grid.l0_origin_xy), list(grid.l0_cell_size_xy),
+                          list(grid.shape_rc), grid.patch_px, grid.cell_px, read_level])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
 def scan_slide(
     slide_path: str | Path,
     out: str | Path,
@@ -106,10 +156,10 @@ def scan_slide(
     from .grid import crop_to_tissue, tissue_blocks, tissue_cells
     from .inference import Predictor, resolve_device
     from .io.checkpoint import LoadedModel, card_summary, load_model
-    from .io.heatmap import FORMAT_VERSION, check_output, write_heatmap
+    from .io.heatmap import FORMAT_VERSION, check_output, drop_partial, load_partial, write_heatmap
     from .io.mpp import Mpp, resolve_mpp
-    from .io.slide import open_slide
-    from .regions import build_graph, expected_reads, make_read_plan, read_thumbnail
+    from .io.slide import file_identity, open_slide
+    from .regions import block_key, build_graph, expected_reads, make_read_plan, read_thumbnail
     from .tissue import TissueMask, compute_mask
 
     t_start = time.perf_counter()
@@ -148,16 +198,24 @@ def scan_slide(
     timings["tissue"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    probs = np.full(grid.shape_rc, np.nan, dtype=np.float32)
-    if block_list:
-        tasks = build_graph(plan, cells, block_list, predictor)
-        bar = _Progress(len(block_list), slide_path.name, progress)
+    key = partial_key(settings_hash(loaded.sha256, config), file_identity(slide_path), grid, plan.level)
+    if config.overwrite:
+        drop_partial(out)  # --overwrite redoes everything
+    resumed = load_partial(out, key, grid.shape_rc)
+    probs, done = resumed if resumed is not None else (np.full(grid.shape_rc, np.nan, dtype=np.float32), np.zeros(grid.shape_rc, dtype=bool))
+    resumed_cells = int((done & cells).sum())
+    todo = [b for b in block_list if not done[b[0] : b[0] + b[2], b[1] : b[1] + b[3]].all()]
+    if todo:
+        tasks = build_graph(plan, cells, todo, predictor)
+        bar = _Progress(len(todo), slide_path.name, progress)
+        ckpt = _Checkpoint(out, key, probs, done, {block_key(b): b for b in todo}, config.checkpoint_s)
         try:
-            with bar.callback(), expected_reads(plan, block_list, config.tile_cache_mb << 20):
+            with bar.callback(), ckpt.callback(), expected_reads(plan, todo, config.tile_cache_mb << 20):
                 results = dask.compute(*tasks, scheduler=scheduler, num_workers=max(1, config.threads))
         finally:
             bar.close()
-        for (r0, c0, nr, nc), res in zip(block_list, results):
+            ckpt.save()  # finished blocks survive an error or Ctrl-C as well as a kill
+        for (r0, c0, nr, nc), res in zip(todo, results):
             probs[r0 : r0 + nr, c0 : c0 + nc] = res
     timings["scan"] = time.perf_counter() - t
 
@@ -208,11 +266,13 @@ def scan_slide(
             "max_prob": float(finite.max()) if finite.size else None,
             "mean_prob": float(finite.mean()) if finite.size else None,
         },
+        "resumed_cells": resumed_cells,
         "software": software_versions(),
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
     }
     timings["write"] = 0.0
     write_heatmap(out, probs, cells, grid, mpp.xy, attrs, overwrite=config.overwrite)
+    drop_partial(out)
     timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     return ScanResult(
@@ -229,6 +289,7 @@ def scan_slide(
         timings_s=timings,
         mode=predictor.mode,
         device=str(device),
+        resumed_cells=resumed_cells,
     )
 
 

@@ -249,3 +249,45 @@ def open_heatmap(path: str | Path) -> Heatmap:
 
 def finite_or_none(x: float) -> float | None:
     return None if (x is None or not math.isfinite(x)) else float(x)
+
+
+def partial_path(out: Path) -> Path:
+    """Where a scan of ``out`` keeps the cells of its finished blocks until the store is written."""
+    return out.with_name(f".{out.name}.partial.npz")
+
+
+def save_partial(out: Path, key: str, probs: np.ndarray, done: np.ndarray) -> None:
+    """Write the finished cells atomically: a kill at any moment leaves the old file or the new."""
+    path = partial_path(out)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, key=np.array(key), probs=probs, done=done)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_partial(out: Path, key: str, shape_rc: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The (probs, done) of an interrupted scan of ``out`` made with the same ``key``, else None.
+
+    A file from another slide, model, setting or grid, or one that cannot be read, is ignored
+    (and replaced by the next save): it can only cost the work it held, never mix results.
+    """
+    path = partial_path(out)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None
+            probs, done = z["probs"], z["done"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if probs.shape != shape_rc or done.shape != shape_rc or probs.dtype != np.float32 or done.dtype != bool:
+        return None
+    return probs, done
+
+
+def drop_partial(out: Path) -> None:
+    partial_path(out).unlink(missing_ok=True)

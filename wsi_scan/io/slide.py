@@ -352,6 +352,12 @@ class TiffFileSlide:
         os.close(self._fd)
 
 
+def file_identity(path: str | os.PathLike[str]) -> str:
+    """Size and modification time of a slide file: what tells a rescan that it is the same file."""
+    st = os.stat(path)
+    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def _sniff(path: Path) -> None:
     """Refuse what is clearly not a slide before a backend produces a confusing message."""
     if not path.exists():
