@@ -20,10 +20,9 @@ import numpy as np
 
 
 def main() -> int:
-    from PIL import Image
-
     from wsi_scan.io.checkpoint import load_model
     from wsi_scan.io.datasets import PatchSet, open_patch_data
+    from wsi_scan.train.augment import shrink_enlarge
     from wsi_scan.train.evaluate import evaluate_patchset
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,11 +43,7 @@ def main() -> int:
 
         def read(self, i: int) -> np.ndarray:
             arr = base.read(i)
-            if self.f == 1.0:
-                return arr
-            small = round(96 / self.f)
-            img = Image.fromarray(arr).resize((small, small), Image.Resampling.BILINEAR, reducing_gap=None)
-            return np.asarray(img.resize((96, 96), Image.Resampling.BILINEAR))
+            return arr if self.f == 1.0 else shrink_enlarge(arr, self.f)
 
     rows = []
     for f in (float(x) for x in args.factors.split(",")):

@@ -215,6 +215,8 @@ def scan_slide(
         finally:
             bar.close()
             ckpt.save()  # finished blocks survive an error or Ctrl-C as well as a kill
+        # the checkpoint callback has recorded these already on Dask's local schedulers; a
+        # distributed scheduler runs no local callbacks, so the results are placed here too
         for (r0, c0, nr, nc), res in zip(todo, results):
             probs[r0 : r0 + nr, c0 : c0 + nc] = res
     timings["scan"] = time.perf_counter() - t

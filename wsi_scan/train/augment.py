@@ -32,16 +32,21 @@ def jpeg_roundtrip(patch: np.ndarray, rng: np.random.Generator, quality: tuple[i
         return np.asarray(im.convert("RGB"))
 
 
-def soften(patch: np.ndarray, rng: np.random.Generator, max_factor: float) -> np.ndarray:
-    """Shrink by a random factor in [1, max_factor] and enlarge back, both bilinear (antialiased),
-    about the patch centre, so the labelled centre square stays where it was."""
+def shrink_enlarge(patch: np.ndarray, factor: float) -> np.ndarray:
+    """Shrink by ``factor`` and enlarge back, both bilinear (antialiased), about the patch
+    centre, so the labelled centre square stays where it was: the pixels a scanner's ``factor``
+    times coarser view of the same tissue gives once resampled to the model's frame."""
     from PIL import Image
 
     h, w = patch.shape[:2]
-    f = float(rng.uniform(1.0, max_factor))
-    small = (max(1, round(w / f)), max(1, round(h / f)))
+    small = (max(1, round(w / factor)), max(1, round(h / factor)))
     img = Image.fromarray(patch).resize(small, Image.Resampling.BILINEAR, reducing_gap=None)
     return np.asarray(img.resize((w, h), Image.Resampling.BILINEAR))
+
+
+def soften(patch: np.ndarray, rng: np.random.Generator, max_factor: float) -> np.ndarray:
+    """``shrink_enlarge`` by a random factor in [1, max_factor]."""
+    return shrink_enlarge(patch, float(rng.uniform(1.0, max_factor)))
 
 
 def random_dihedral(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
