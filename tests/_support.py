@@ -69,3 +69,29 @@ def expected_share(cell_rect: tuple[float, float, float, float], boxes: tuple[tu
         h = max(0.0, min(y1, by1) - max(y0, by0))
         cover += w * h
     return cover / area
+
+
+def run(*args: Any) -> tuple[int, str, str]:
+    """The CLI in-process: (exit code, stdout, stderr); an uncaught exception fails the test."""
+    from click.testing import CliRunner
+
+    from wsi_scan.cli import main
+
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception  # a traceback would have been printed: fail loudly
+    return res.exit_code, res.stdout, res.stderr
+
+
+def assert_clean_failure(code: int, err: str, out_path: Path | None, *needles: str) -> None:
+    """One 'wsi-scan: error:' line, no traceback, the needles in it, and no output left."""
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("wsi-scan: error:")
+    assert "Traceback" not in err
+    for n in needles:
+        assert n.lower() in lines[0].lower(), (n, lines[0])
+    if out_path is not None:
+        assert not out_path.exists()
+        assert not [p for p in out_path.parent.iterdir() if p.name.startswith(f".{out_path.name}.tmp")]

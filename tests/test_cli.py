@@ -8,37 +8,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
-from tests._support import shared_path
-from wsi_scan.cli import main
+from tests._support import assert_clean_failure, run, shared_path
 from wsi_scan.io.heatmap import open_heatmap
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise res.exception  # a traceback would have been printed: fail loudly
-    return res.exit_code, res.stdout, res.stderr
-
-
-def assert_clean_failure(code: int, err: str, out_path: Path | None, *needles: str) -> None:
-    assert code != 0
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("wsi-scan: error:")
-    assert "Traceback" not in err
-    for n in needles:
-        assert n.lower() in lines[0].lower(), (n, lines[0])
-    if out_path is not None:
-        assert not out_path.exists()
-        assert not [p for p in out_path.parent.iterdir() if p.name.startswith(f".{out_path.name}.tmp")]
 
 
 def test_scan_literal_command_and_info(make_slide, tmp_path):
@@ -159,9 +136,14 @@ def test_output_exists(make_slide, tmp_path):
     (out / "keep").write_text("x")
     code, _, err = run(slide, "--out", out)
     assert code == 4 and "--overwrite" in err and (out / "keep").exists()
+    # a folder that is not a wsi-scan store is never replaced, whatever the flags
     code, _, err = run(slide, "--out", out, "--overwrite", "--quiet")
+    assert code == 4 and "not a wsi-scan heatmap store" in err and (out / "keep").read_text() == "x"
+    ours = tmp_path / "ours.zarr"
+    assert run(slide, "--out", ours, "--quiet")[0] == 0
+    code, _, err = run(slide, "--out", ours, "--overwrite", "--quiet")
     assert code == 0, err
-    assert not (out / "keep").exists()
+    assert not [p.name for p in tmp_path.iterdir() if ".old-" in p.name or ".tmp-" in p.name]
 
 
 def test_unloadable_model(make_slide, tmp_path):

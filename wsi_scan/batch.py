@@ -30,12 +30,14 @@ from typing import Any, Literal
 
 from .config import ScanConfig
 from .errors import MppError, UsageError, WsiScanError
+from .io.outputs import MARK
 
 log = logging.getLogger("wsi_scan.batch")
 
 Status = Literal["ok", "skipped", "failed", "busy"]
 STAGES = ("open", "model", "tissue", "scan", "write", "total")
 LOG_NAME = "wsi-scan.log"
+SUMMARY_CSV, SUMMARY_JSON, REPORT_HTML = "summary.csv", "summary.json", "report.html"
 LOCK_DIR = ".locks"
 # names editors, copy tools and our own writers leave behind while a file is incomplete
 _TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
@@ -361,7 +363,9 @@ def process_slide(job: SlideJob, model: Any = None, blocking: bool = False, prog
                    else "made with another model or settings" if not same_hash else "the slide file changed size")
             log.info("%s: redoing existing %s (%s)", job.rel, out, why)
             cfg = dataclasses.replace(cfg, overwrite=True)
-        res = scan_slide(job.path, out, cfg, model=loaded, progress=progress)
+        # a stale store is replaced, but its interrupted scan's finished blocks are kept unless
+        # the user asked to start afresh
+        res = scan_slide(job.path, out, cfg, model=loaded, progress=progress, restart=job.config.overwrite)
         attrs = read_attrs(out) or {}
         o = _outcome_from_attrs(job, "ok", attrs)
         return dataclasses.replace(o, timings_s=dict(res.timings_s), cells_per_s=res.cells_per_s)
@@ -526,7 +530,7 @@ def _run_distributed(jobs: Sequence[SlideJob], model: Any, workers: int | None, 
 
 def _write_summary(out_dir: Path, outcomes: Sequence[SlideOutcome], meta: dict[str, Any]) -> tuple[Path, Path]:
     rows = [o.row() for o in outcomes]
-    csv_path, json_path = out_dir / "summary.csv", out_dir / "summary.json"
+    csv_path, json_path = out_dir / SUMMARY_CSV, out_dir / SUMMARY_JSON
     tmp = out_dir / f".summary.csv.tmp-{os.getpid()}"
     fields = list(SlideOutcome("", "", "", "ok").row())
     with tmp.open("w", newline="", encoding="utf-8") as fh:
@@ -536,7 +540,7 @@ def _write_summary(out_dir: Path, outcomes: Sequence[SlideOutcome], meta: dict[s
             w.writerow({k: ("" if v is None else v) for k, v in r.items()})
     os.replace(tmp, csv_path)  # concurrent runs: a reader sees one whole file or the other
     tmp = out_dir / f".summary.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({**meta, "slides": rows}, indent=1, allow_nan=False), encoding="utf-8")
+    tmp.write_text(json.dumps({"generator": MARK, **meta, "slides": rows}, indent=1, allow_nan=False), encoding="utf-8")
     os.replace(tmp, json_path)
     return csv_path, json_path
 
@@ -580,7 +584,12 @@ def scan_folder(
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} is a file; a folder of slides needs an output folder")
     mpp_overrides = read_mpp_csv(mpp_csv) if mpp_csv is not None else {}
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from .io.outputs import check_replaceable, prepare_parent
+
+    # the run rewrites these at its end: refuse at the start, not after hours, if one is a user's file
+    for name in (SUMMARY_CSV, SUMMARY_JSON, REPORT_HTML):
+        check_replaceable(out_dir / name, True, kind="file")
+    prepare_parent(out_dir / SUMMARY_CSV)
     with _file_log(out_dir):
         jobs, outcomes = plan_jobs(slides_dir, out_dir, config, recursive, mpp_overrides)
         log.info("folder run: %d slides in %s -> %s (%s)", len(jobs) + len(outcomes), slides_dir, out_dir,

@@ -229,15 +229,16 @@ def _train_options(f: F) -> F:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="model file (.pt or .safetensors)")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None, help="folder for figures")
 @click.option("--resume", is_flag=True, help="continue from the training state saved beside --out")
+@click.option("--overwrite", is_flag=True, help="replace an existing model file written by wsi-scan")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @_train_options
-def train(data: tuple[Path, ...], out: Path, report_dir: Path | None, resume: bool, quiet: bool, **kw: Any) -> None:
+def train(data: tuple[Path, ...], out: Path, report_dir: Path | None, resume: bool, overwrite: bool, quiet: bool, **kw: Any) -> None:
     """Train a patch classifier on Kaggle-layout or PCam-HDF5 folders."""
     from .train.loop import train as run_train
 
     cfg = TrainConfig(**kw)
     command = "wsi-scan " + " ".join(sys.argv[1:])
-    res = _run(lambda: run_train(list(data), out, cfg, report_dir, resume, not quiet, command))
+    res = _run(lambda: run_train(list(data), out, cfg, report_dir, resume, not quiet, command, overwrite))
     v = res.best_metrics.get("valid", {})
     vt = res.best_metrics.get("valid_tta", {})
     click.echo(

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .io.outputs import HTML_MARK
+
 if TYPE_CHECKING:
     from .batch import SlideOutcome
 
@@ -165,7 +167,7 @@ def write_report(out_dir: Path, outcomes: Sequence[SlideOutcome], meta: dict[str
     counts = meta.get("counts", {})
     model = meta.get("model", {})
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>wsi-scan report</title>
+<html lang="en"><head><meta charset="utf-8">{HTML_MARK}<title>wsi-scan report</title>
 <style>{_CSS}</style></head><body>
 <h1>wsi-scan report</h1>
 <div class="meta">{html.escape(str(meta.get('slides_dir', '')))} &rarr; {html.escape(str(meta.get('out_dir', '')))}<br>

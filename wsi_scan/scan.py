@@ -145,10 +145,13 @@ def scan_slide(
     model: Any = None,
     progress: bool = False,
     scheduler: str = "threads",
+    restart: bool | None = None,
 ) -> ScanResult:
     """Scan one slide and write its heatmap store to ``out``; returns a summary.
 
-    ``model`` is a path, a ``LoadedModel`` or None for the bundled default.
+    ``model`` is a path, a ``LoadedModel`` or None for the bundled default. ``restart`` drops the
+    finished blocks of an interrupted scan of ``out`` (default: ``config.overwrite``, as the
+    CLI's --overwrite means "start afresh"); a folder run replaces a stale store but keeps them.
     """
     import dask
 
@@ -199,8 +202,8 @@ def scan_slide(
 
     t = time.perf_counter()
     key = partial_key(settings_hash(loaded.sha256, config), file_identity(slide_path), grid, plan.level)
-    if config.overwrite:
-        drop_partial(out)  # --overwrite redoes everything
+    if config.overwrite if restart is None else restart:
+        drop_partial(out)
     resumed = load_partial(out, key, grid.shape_rc)
     probs, done = resumed if resumed is not None else (np.full(grid.shape_rc, np.nan, dtype=np.float32), np.zeros(grid.shape_rc, dtype=bool))
     resumed_cells = int((done & cells).sum())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,24 +17,26 @@ from typing import Any
 import numpy as np
 
 from ..errors import OutputExistsError, UsageError
+from .outputs import MARK, check_replaceable, prepare_parent, temp_name
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
+def _check_out(out: Path, overwrite: bool, flag: str = "--out") -> Path:
+    """Refuse an output that exists and is not a replaceable wsi-scan file; create its folder."""
+    out_abs = check_replaceable(out, overwrite, kind="file", flag=flag)
+    prepare_parent(out, flag)
+    return out_abs
 
 
 @contextmanager
 def _atomic(out: Path, overwrite: bool) -> Iterator[Path]:
     """A temporary path beside ``out``, moved onto it only if the block finishes."""
-    _check_out(out, overwrite)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    out_abs = _check_out(out, overwrite)
+    tmp = temp_name(out_abs)
     try:
         yield tmp
-        tmp.replace(out)
+        os.replace(tmp, out_abs)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -52,8 +53,8 @@ def check_image_out(out: str | Path, overwrite: bool) -> None:
     """Fail on a bad picture name or an existing picture before a long scan, not after it."""
     out = Path(out)
     image_format(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it or choose another --overlay")
+    check_replaceable(out, overwrite, kind="file", flag="--overlay")
+    prepare_parent(out, "--overlay")
 
 
 def write_image(out: str | Path, rgb: np.ndarray, overwrite: bool = False) -> Path:
@@ -63,7 +64,15 @@ def write_image(out: str | Path, rgb: np.ndarray, overwrite: bool = False) -> Pa
     out = Path(out)
     fmt = image_format(out)
     with _atomic(out, overwrite) as tmp:
-        kw: dict[str, Any] = {"quality": 92} if fmt == "JPEG" else {"optimize": True}
+        from PIL.PngImagePlugin import PngInfo
+
+        kw: dict[str, Any]
+        if fmt == "JPEG":  # the mark that lets a later --overwrite know the file is ours
+            kw = {"quality": 92, "comment": MARK.encode()}
+        else:
+            info = PngInfo()
+            info.add_text("Software", MARK)
+            kw = {"optimize": True, "pnginfo": info}
         Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format=fmt, **kw)
     return out
 
@@ -71,7 +80,7 @@ def write_image(out: str | Path, rgb: np.ndarray, overwrite: bool = False) -> Pa
 def write_json(out: str | Path, obj: Mapping[str, Any], overwrite: bool = False) -> Path:
     out = Path(out)
     with _atomic(out, overwrite) as tmp:
-        tmp.write_text(json.dumps(obj, allow_nan=False))
+        tmp.write_text(json.dumps({**obj, "generator": MARK}, allow_nan=False))
     return out
 
 
@@ -177,6 +186,7 @@ def write_pyramid_tiff(
                 subfiletype=0 if level == 0 else 1,
                 resolution=(1e4 / (mpp_xy[0] * dx), 1e4 / (mpp_xy[1] * dy)),
                 resolutionunit="CENTIMETER",
+                software=MARK,
                 metadata=None,
             )
     return out
@@ -200,12 +210,13 @@ class PatchWriter:
         if self.out.suffix.lower() in (".h5", ".hdf5"):
             targets = [self.out]
         else:
-            self.out.mkdir(parents=True, exist_ok=True)
+            if self.out.exists() and not self.out.is_dir():
+                raise OutputExistsError(f"--out {self.out} is a file; give a folder for the PCam pair or a .h5 file name")
             targets = [self.out / f"{H5_PREFIX}{split}_x.h5"] + ([self.out / f"{H5_PREFIX}{split}_y.h5"] if labelled else [])
         for t in targets:
             _check_out(t, overwrite)
         self._targets = targets
-        self._tmps = [t.with_name(f".{t.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}") for t in targets]
+        self._tmps = [temp_name(t) for t in targets]
         self._files = [h5py.File(t, "w") for t in self._tmps]
         fx = self._files[0]
         fy = self._files[-1]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import HeatmapError, OutputExistsError
+from ..errors import HeatmapError
 from ..geometry import GridGeometry
 
 FORMAT_VERSION = 1
@@ -34,13 +33,13 @@ MIN_LEVEL_SIZE = 64  # stop the pyramid once a level fits in this many cells per
 
 
 def check_output(out: Path, overwrite: bool, slide_path: str | None = None) -> None:
-    """Refuse to clobber an existing output (or the slide) before any work is done."""
-    if slide_path is not None and out.resolve() == Path(slide_path).resolve():
-        raise OutputExistsError(f"--out {out} is the slide itself; a slide is never written to")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it or choose another --out")
-    if not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
+    """Refuse, before any work is done, an output that may not be written: the slide, a folder
+    holding it, anything that is not a wsi-scan store, an existing store without ``overwrite``,
+    or a folder that cannot be written."""
+    from .outputs import check_replaceable, prepare_parent
+
+    check_replaceable(out, overwrite, kind="store", protect=[slide_path] if slide_path else [])
+    prepare_parent(out)
 
 
 def _pyramid(probs: np.ndarray) -> list[np.ndarray]:
@@ -118,10 +117,11 @@ def write_heatmap(
     """Write the store under a temporary name and move it into place once complete."""
     import zarr
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    from .outputs import check_replaceable, move_into_place, remove_path, temp_name
+
+    given = Path(out)
+    out = check_replaceable(given, overwrite, kind="store")
+    tmp = temp_name(out)
     try:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         levels = _pyramid(probs.astype(np.float32))
@@ -153,18 +153,11 @@ def write_heatmap(
         root.attrs.update({"ome": {"version": OME_VERSION, "multiscales": ome_multiscales(grid, mpp_xy, len(levels), f"{name} tumour probability")}, "wsi_scan": meta})
         meta["status"] = "complete"  # last: a store without it was interrupted
         root.attrs["wsi_scan"] = meta
-        if out.exists():
-            # overwrite: move the old store aside first so the switch is one rename
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        move_into_place(tmp, out)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+            remove_path(tmp)
+    return given
 
 
 @dataclass(frozen=True)

@@ -78,11 +78,19 @@ def train(
     resume: bool = False,
     progress: bool = True,
     command: str | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
-    """Train a classifier on one or more data folders and write the best epoch to ``out``."""
+    """Train a classifier on one or more data folders and write the best epoch to ``out``.
+
+    An existing ``out`` is replaced only when it is a wsi-scan model file and ``overwrite`` or
+    ``resume`` is given (a resumed run rewrites its own best epoch)."""
+    from ..io.outputs import check_replaceable, prepare_parent
+
     out = Path(out)
     if out.suffix not in (".pt", ".pth", ".safetensors"):
         raise UsageError(f"--out must end in .pt, .pth or .safetensors, found {out.name}")
+    check_replaceable(out, overwrite or resume, kind="file")
+    prepare_parent(out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -1,0 +1,186 @@
+"""Which paths wsi-scan may write to, and how it replaces what it wrote before.
+
+One rule for every command: an existing path is replaced only with ``overwrite`` *and* only when
+it is something wsi-scan wrote itself (a heatmap store, or a file carrying the wsi-scan mark
+that every writer puts in it). A user's folder, a slide, or any foreign file is refused with
+exit code 4 whatever the flags, because ``--overwrite`` onto the wrong ``--out`` must never
+delete a user's files.
+
+The marks, per kind of file:
+
+- heatmap store: a folder whose ``zarr.json`` has ``attributes.wsi_scan`` and that holds only
+  the entries a store has (``zarr.json``, ``labels``, numbered levels, ``lesions``);
+- PNG: a ``Software`` text chunk ``wsi-scan``; JPEG: a comment starting ``wsi-scan``;
+- TIFF: the Software tag ``wsi-scan``; HDF5: a ``wsi_scan`` attribute; JSON: a top-level
+  ``generator`` starting ``wsi-scan`` (or the summary's ``wsi_scan`` version key);
+- CSV: the folder summary's first columns; HTML: a ``<meta name="generator" content="wsi-scan">``;
+- model files: a model card in their metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..errors import OutputExistsError, UsageError
+
+MARK = "wsi-scan"
+STORE_ENTRIES = {"zarr.json", "labels", "lesions"}
+CSV_MARK = "slide,path,out,status,"  # the folder summary's first columns
+HTML_MARK = f'<meta name="generator" content="{MARK}">'
+#: first bytes of a file read to find its mark (marks sit in headers)
+_HEAD_BYTES = 1 << 16
+
+
+def absolute(out: str | Path) -> Path:
+    """``out`` made absolute without following links, so that ``.`` has a name and a parent."""
+    return Path(os.path.abspath(os.fspath(out)))
+
+
+def _lexists(p: Path) -> bool:
+    try:
+        os.lstat(p)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise UsageError(f"--out {p}: cannot be examined ({exc.strerror}); choose another path") from None
+    return True
+
+
+def is_heatmap_store(path: Path) -> bool:
+    """A folder wsi-scan wrote as a heatmap store (complete or not), holding nothing else."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        meta = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
+        names = os.listdir(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if not (isinstance(meta, dict) and isinstance(meta.get("attributes"), dict) and "wsi_scan" in meta["attributes"]):
+        return False
+    return all(n in STORE_ENTRIES or n.isdigit() for n in names)
+
+
+def _head(path: Path) -> bytes:
+    with path.open("rb") as fh:
+        return fh.read(_HEAD_BYTES)
+
+
+def written_by_wsi_scan(path: Path) -> bool:
+    """Whether a regular file carries the mark of one of wsi-scan's writers."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".png", ".jpg", ".jpeg"):
+            from PIL import Image
+
+            with Image.open(path) as im:
+                software = im.info.get("Software", "") if suffix == ".png" else im.info.get("comment", b"")
+            if isinstance(software, bytes):
+                software = software.decode("latin-1")
+            return str(software).startswith(MARK)
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(str(path)) as tf:
+                tag = tf.pages[0].tags.get("Software")  # type: ignore[union-attr]
+                return tag is not None and str(tag.value).startswith(MARK)
+        if suffix in (".h5", ".hdf5"):
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                return "wsi_scan" in f.attrs
+        if suffix in (".json", ".geojson"):
+            obj = json.loads(path.read_text(encoding="utf-8"))
+            return isinstance(obj, dict) and (str(obj.get("generator", "")).startswith(MARK) or "wsi_scan" in obj)
+        if suffix == ".csv":
+            first = _head(path).decode("utf-8-sig", "replace").splitlines()[:1]
+            return bool(first) and first[0].startswith(CSV_MARK)
+        if suffix in (".html", ".htm"):
+            return HTML_MARK.encode() in _head(path)
+        if suffix in (".safetensors", ".pt", ".pth"):
+            from .checkpoint import _read_weights
+
+            _read_weights(path)
+            return True
+    except Exception:  # noqa: BLE001 - any file that cannot be read as ours is not ours
+        return False
+    return False
+
+
+def check_replaceable(out: str | Path, overwrite: bool, kind: str = "file", flag: str = "--out",
+                      protect: Iterable[str | Path] = ()) -> Path:
+    """Refuse, before any work, an output that exists and may not be replaced; returns ``out`` absolute.
+
+    ``kind`` is "store" (a heatmap store folder) or "file". ``protect`` are inputs (slides)
+    that must be neither the output nor inside it.
+    """
+    out_abs = absolute(out)
+    for p in protect:
+        p_abs = absolute(p)
+        if p_abs == out_abs or out_abs in p_abs.parents:
+            raise OutputExistsError(f"{flag} {out} is or holds the input {p}; an input is never written to, choose another {flag}")
+    if not _lexists(out_abs):
+        return out_abs
+    if not overwrite:
+        raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it or choose another {flag}")
+    if out_abs.is_symlink():
+        raise OutputExistsError(f"{flag} {out} is a symbolic link; wsi-scan replaces only its own outputs, "
+                                f"give the real path or another {flag}")
+    ours = is_heatmap_store(out_abs) if kind == "store" else written_by_wsi_scan(out_abs)
+    if not ours:
+        what = "folder" if out_abs.is_dir() else "file" if out_abs.is_file() else "special file"
+        expected = "a wsi-scan heatmap store" if kind == "store" else "a file written by wsi-scan"
+        raise OutputExistsError(f"{flag} {out} is a {what} that is not {expected}; wsi-scan only ever replaces its "
+                                f"own outputs, whatever the flags: move it away or choose another {flag}")
+    return out_abs
+
+
+def prepare_parent(out: Path, flag: str = "--out") -> None:
+    """Create the output's folder and check that it can be written, before a long job."""
+    parent = absolute(out).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"{flag} {out}: {parent} is a file, not a folder") from None
+    except OSError as exc:
+        raise UsageError(f"{flag} {out}: cannot create the folder {parent} ({exc.strerror})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {out}: the folder {parent} is not writable; choose another {flag}")
+
+
+def temp_name(out: Path) -> Path:
+    """A hidden name beside ``out`` for writing it before the final rename."""
+    return out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def remove_path(p: Path) -> None:
+    """Delete a file or a folder tree we wrote (never follows a link out of it)."""
+    if p.is_symlink() or not p.is_dir():
+        p.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(p)
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Put a finished ``tmp`` at ``out``; an existing ``out`` (already checked replaceable) is
+    moved aside first, so the switch is one rename, then deleted."""
+    if not _lexists(out):
+        os.rename(tmp, out)
+        return
+    if not tmp.is_dir() and not out.is_dir():
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(old, out)  # put the previous output back rather than lose both
+        raise
+    remove_path(old)
