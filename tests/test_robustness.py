@@ -170,3 +170,275 @@ def test_train_never_replaces_a_foreign_file(tmp_path):
     code, _, err = run("train", tmp_path / "no-data", "--out", target, "--overwrite", "--quiet")
     assert_clean_failure(code, err, None, "not a file written by wsi-scan")
     assert target.read_bytes() == b"somebody else's weights"
+
+
+# ----------------------------------------------------------------------------- options and sizes
+
+
+@pytest.mark.parametrize("opt", [
+    ["--tissue-mpp", "-1"], ["--tissue-mpp", "0"], ["--tissue-mpp", "nan"], ["--min-cell-fraction", "2"],
+    ["--min-cell-fraction", "nan"], ["--mpp", "1e-4"], ["--mpp", "inf"], ["--min-saturation", "-0.5"],
+    ["--min-object-um2", "nan"],
+])
+def test_invalid_option_values_are_usage_errors(make_slide, tmp_path, opt):
+    slide = make_slide()
+    out = tmp_path / "h.zarr"
+    code, _, err = run(slide, "--out", out, "--quiet", *opt)
+    assert_clean_failure(code, err, out, opt[0])
+    assert code == 2
+
+
+def test_option_ranges_hold_in_the_python_api_too():
+    from wsi_scan.config import ScanConfig, TissueConfig
+    from wsi_scan.errors import UsageError
+
+    with pytest.raises(UsageError):
+        TissueConfig(mask_mpp=float("nan"))
+    with pytest.raises(UsageError):
+        ScanConfig(mpp=1e-9)
+
+
+@pytest.mark.parametrize("mpp", [1e-4, 1e4])
+def test_absurd_pixel_size_in_metadata_is_refused(make_slide, tmp_path, mpp):
+    slide = make_slide(mpp=mpp)
+    out = tmp_path / "h.zarr"
+    code, _, err = run(slide, "--out", out, "--quiet")
+    assert_clean_failure(code, err, out, "--mpp")
+    assert code == 3
+
+
+def test_a_header_declaring_a_huge_image_is_refused_at_once(make_slide, tmp_path):
+    import time
+
+    import tifffile
+
+    slide = make_slide(size_wh=(512, 512), downsamples=(1,), tissue=((0, 0, 512, 512),))
+    with tifffile.TiffFile(slide, mode="r+b") as tf:
+        tf.pages[0].tags["ImageWidth"].overwrite(1_000_000)
+        tf.pages[0].tags["ImageLength"].overwrite(1_000_000)
+    out = tmp_path / "h.zarr"
+    t0 = time.monotonic()
+    code, _, err = run(slide, "--out", out, "--quiet")
+    assert_clean_failure(code, err, out)
+    assert code == 3 and time.monotonic() - t0 < 30
+    # a plausible size with a lying pixel size is refused before anything is allocated
+    code, _, err = run(make_slide("big.tif", size_wh=(4000, 3000)), "--out", out, "--mpp", "40", "--quiet")
+    assert code == 3, err
+
+
+def test_mpp_override_of_a_different_recorded_value_warns_and_records_both(make_slide, tmp_path):
+    from wsi_scan.io.heatmap import open_heatmap
+
+    slide = make_slide(mpp=0.243)
+    out = tmp_path / "h.zarr"
+    code, _, err = run(slide, "--out", out, "--mpp", "0.25", "--quiet")
+    assert code == 0 and "wsi-scan: warning:" in err and "0.243" in err
+    s = open_heatmap(out).attrs["slide"]
+    assert s["mpp_xy"] == [0.25, 0.25] and s["mpp_recorded_xy"] == pytest.approx([0.243, 0.243], rel=1e-6)
+    assert s["mpp_source"] == "user (--mpp)" and "mpp" in s["mpp_recorded_source"]
+
+
+def test_config_names_no_override_when_the_metadata_was_used(heatmap):
+    from wsi_scan.io.heatmap import open_heatmap
+
+    attrs = open_heatmap(heatmap[1]).attrs
+    assert attrs["config"]["mpp_source"] == "" and attrs["config"]["mpp"] is None
+    assert "user" not in attrs["slide"]["mpp_source"]
+
+
+# ----------------------------------------------------------------------------- lying models
+
+
+def _model_file(path: Path, **card_changes) -> Path:
+    """The bundled network's weights under an edited card (a model file is data from anywhere)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from wsi_scan.io.checkpoint import CARD_KEY, load_model
+
+    m = load_model()
+    card = {**m.card.to_dict(), **card_changes}
+    state = {k: v.contiguous() for k, v in m.net.state_dict().items()}
+    save_file(state, str(path), metadata={CARD_KEY: json.dumps(card)})
+    return path
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"cell_px": 16}, "cell_px"),
+    ({"input_px": 64}, "input"),
+    ({"input_px": 128}, "input"),
+    ({"mpp": 1e9}, "mpp"),
+    ({"mean": "0.5"}, "mean"),
+    ({"threshold": "high"}, "threshold"),
+    ({"arch_kwargs": {"width": 1_000_000}}, "width"),
+    ({"arch_kwargs": {"width": 32, "depth": 9}}, "depth"),
+    ({"temperature": 2.0}, "temperature"),
+])
+@pytest.mark.parametrize("mode", ["dense", "patch"])
+def test_a_card_that_disagrees_with_its_network_is_refused_at_load(make_slide, tmp_path, change, needle, mode):
+    slide = make_slide()
+    model = _model_file(tmp_path / "lying.safetensors", **change)
+    out = tmp_path / "h.zarr"
+    code, _, err = run(slide, "--out", out, "--model", model, "--mode", mode, "--quiet")
+    assert_clean_failure(code, err, out, needle)
+    assert code == 5
+
+
+def test_a_model_with_nan_weights_is_refused(make_slide, tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from wsi_scan.io.checkpoint import CARD_KEY, load_model
+
+    m = load_model()
+    state = {k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v).contiguous() for k, v in m.net.state_dict().items()}
+    path = tmp_path / "nan.safetensors"
+    save_file(state, str(path), metadata={CARD_KEY: json.dumps(m.card.to_dict())})
+    out = tmp_path / "h.zarr"
+    code, _, err = run(make_slide(), "--out", out, "--model", path, "--quiet")
+    assert_clean_failure(code, err, out, "non-finite")
+    assert code == 5
+
+
+def test_nan_outputs_on_tissue_never_make_a_complete_store(make_slide, mock_model, tmp_path):
+    import dataclasses
+
+    import torch
+
+    from wsi_scan.errors import ModelError
+    from wsi_scan.io.heatmap import read_attrs
+
+    class NanOnTissue(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            y = self.inner(x)
+            return torch.where(torch.sigmoid(y) > 0.3, torch.full_like(y, float("nan")), y)
+
+    broken = dataclasses.replace(mock_model, net=NanOnTissue(mock_model.net))
+    slide = make_slide(tumour=((1000, 700, 1500, 1200),))
+    out = tmp_path / "h.zarr"
+    with pytest.raises(ModelError, match="non-finite"):
+        scan_slide(slide, out, ScanConfig(checkpoint_s=0), model=broken)
+    assert read_attrs(out) is None and not out.exists()
+
+
+# ----------------------------------------------------------------------------- damaged stores
+
+
+def _damage(store: Path, how: str) -> None:
+    import json
+
+    if how == "chunk":
+        chunks = sorted(p for p in (store / "0").rglob("*") if p.is_file() and p.name != "zarr.json")
+        chunks[0].unlink()
+        return
+    meta_path = store / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    if how == "garbled-chunk":
+        chunk = sorted(p for p in (store / "0").rglob("*") if p.is_file() and p.name != "zarr.json")[0]
+        chunk.write_bytes(chunk.read_bytes()[:-7] + b"garbage")
+        return
+    del meta["attributes"]["wsi_scan"][how]
+    meta_path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("how", ["chunk", "garbled-chunk", "grid", "slide", "model"])
+@pytest.mark.parametrize(("command", "name"), [
+    ("overlay", "o.png"), ("geojson", "t.geojson"), ("heatmap-tiff", "h.tif"),
+])
+def test_every_export_refuses_a_damaged_store(heatmap, tmp_path, how, command, name):
+    _, hm = heatmap
+    _damage(hm, how)
+    out = tmp_path / name
+    code, _, err = run(command, hm, "--out", out)
+    assert_clean_failure(code, err, out, "damaged")
+    assert code == 7
+
+
+def test_a_truncated_resume_file_is_ignored(heatmap, make_slide):
+    from wsi_scan.io.heatmap import partial_path
+
+    slide, out = heatmap
+    for content in (b"", b"PK\x03\x04 truncated", b"\x93NUMPY"):
+        partial_path(out).write_bytes(content)
+        code, _, err = run(slide, "--out", out, "--overwrite", "--quiet")
+        assert code == 0, err
+
+
+def test_l0_to_cell_refuses_points_off_the_grid(heatmap):
+    from wsi_scan.errors import OutsideGridError
+    from wsi_scan.io.heatmap import open_heatmap
+
+    hm = open_heatmap(heatmap[1])
+    x0, y0 = hm.grid.l0_origin_xy
+    assert hm.l0_to_cell(x0 + 0.5, y0 + 0.5) == (0, 0)
+    rows, cols = hm.grid.shape_rc
+    sx, sy = hm.grid.l0_cell_size_xy
+    for pt in ((x0 - 1, y0), (x0, y0 - 1), (x0 + cols * sx, y0), (x0, y0 + rows * sy)):
+        with pytest.raises(OutsideGridError):
+            hm.l0_to_cell(*pt)
+
+
+# ----------------------------------------------------------------------------- handles
+
+
+def test_scans_leak_no_file_descriptors(make_slide, mock_model, tmp_path):
+    slide = make_slide()
+    scan_slide(slide, tmp_path / "warm.zarr", ScanConfig(), model=mock_model)
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(3):
+        scan_slide(slide, tmp_path / f"h{i}.zarr", ScanConfig(backend="tifffile"), model=mock_model)
+        scan_slide(slide, tmp_path / f"o{i}.zarr", ScanConfig(backend="openslide"), model=mock_model)
+    assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_a_slide_replaced_on_disk_is_read_anew(make_slide, mock_model, tmp_path):
+    from wsi_scan.io.heatmap import open_heatmap
+
+    slide = make_slide("s.tif", tumour=())
+    a = scan_slide(slide, tmp_path / "a.zarr", ScanConfig(), model=mock_model)
+    make_slide("s.tif", tumour=((1000, 700, 1500, 1200),))  # same path, new content
+    b = scan_slide(slide, tmp_path / "b.zarr", ScanConfig(), model=mock_model)
+    pa, pb = open_heatmap(a.out).probs, open_heatmap(b.out).probs
+    assert np.nanmax(pb) > 0.8 > 0.2 > np.nanmax(pa)
+
+
+def test_resumed_scan_rate_counts_only_the_cells_it_classified():
+    from wsi_scan.scan import ScanResult
+
+    r = ScanResult(Path("x"), "s", 100, 80, 1.0, 0.0, None, None, (0.25, 0.25), "m", {"scan": 2.0}, resumed_cells=60)
+    assert r.cells_per_s == 10.0
+
+
+# ----------------------------------------------------------------------------- damaged slides, odd paths
+
+
+@pytest.mark.parametrize("keep", [0.99, 0.9, 0.5])
+@pytest.mark.parametrize("backend", ["auto", "openslide", "tifffile"])
+def test_a_truncated_slide_is_refused(make_slide, tmp_path, keep, backend):
+    slide = make_slide()
+    data = slide.read_bytes()
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(data[: int(len(data) * keep)])
+    out = tmp_path / "h.zarr"
+    code, _, err = run(cut, "--out", out, "--backend", backend, "--quiet")
+    assert_clean_failure(code, err, out)
+    assert code == 3
+
+
+def test_a_folder_named_like_a_slide_is_not_scanned_as_an_empty_folder(tmp_path):
+    d = tmp_path / "x.svs"
+    d.mkdir()
+    out = tmp_path / "results"
+    code, _, err = run(d, "--out", out, "--quiet")
+    assert_clean_failure(code, err, out, "no slide files")
+    assert code == 3
+    (d / "notes.txt").write_text("not a slide")
+    code, _, err = run(d, "--out", out, "--quiet")
+    assert code == 3 and not out.exists()

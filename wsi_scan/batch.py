@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import ScanConfig
-from .errors import MppError, UsageError, WsiScanError
+from .errors import MppError, SlideNotFoundError, UsageError, WsiScanError
 from .io.outputs import MARK
 
 log = logging.getLogger("wsi_scan.batch")
@@ -313,7 +313,7 @@ def _outcome_from_attrs(job: SlideJob, status: Status, attrs: dict[str, Any]) ->
         mpp=mpp_xy[0],
         mpp_source=slide.get("mpp_source", ""),
         timings_s=timings,
-        cells_per_s=(n_tissue / scan_s) if n_tissue and scan_s > 0 else None,
+        cells_per_s=((n_tissue - int(attrs.get("resumed_cells") or 0)) / scan_s) if n_tissue and scan_s > 0 else None,
         settings_hash=attrs.get("settings_hash", ""),
     )
 
@@ -585,6 +585,14 @@ def scan_folder(
         raise UsageError(f"--out {out_dir} is a file; a folder of slides needs an output folder")
     mpp_overrides = read_mpp_csv(mpp_csv) if mpp_csv is not None else {}
     from .io.outputs import check_replaceable, prepare_parent
+    from .io.slide import SLIDE_EXTS
+
+    if not list_slides(slides_dir, recursive, exclude=out_dir):
+        named = slides_dir.suffix.lower() in SLIDE_EXTS
+        raise SlideNotFoundError(
+            f"{slides_dir} is a folder{' named like a slide' if named else ''} with no slide files "
+            f"({', '.join(SLIDE_EXTS)}){'' if recursive else ' at its top level (--recursive looks in subfolders)'}; "
+            "nothing was written")
 
     # the run rewrites these at its end: refuse at the start, not after hours, if one is a user's file
     for name in (SUMMARY_CSV, SUMMARY_JSON, REPORT_HTML):

@@ -8,6 +8,7 @@ command name is taken as a slide or folder to scan.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,22 @@ class DefaultGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
+class _WarningLine(logging.Handler):
+    """The library's warnings as 'wsi-scan: warning: ...' lines on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith("wsi_scan.batch"):
+            return  # a folder run reports per slide in its summary and log, not between progress bars
+        click.echo(f"wsi-scan: warning: {record.getMessage()}", err=True)
+
+
+def _show_warnings() -> None:
+    log = logging.getLogger("wsi_scan")
+    if not any(isinstance(h, _WarningLine) for h in log.handlers):
+        h = _WarningLine(logging.WARNING)
+        log.addHandler(h)
+
+
 def _run(fn: Callable[[], Any]) -> Any:
     """Call into the library; a WsiScanError becomes one line on stderr and its exit code."""
     try:
@@ -58,6 +75,7 @@ def main() -> None:
     wsi-scan train DATA --out model.pt         train a patch classifier
     wsi-scan evaluate DATA --json              score a model on labelled patches
     """
+    _show_warnings()
 
 
 def _scan_options(f: F) -> F:
@@ -117,7 +135,7 @@ def scan(source: Path, out: Path, model_path: Path | None, quiet: bool, overlay:
     """
     from .scan import scan_slide
 
-    cfg = _scan_config(kw)
+    cfg: ScanConfig = _run(lambda: _scan_config(kw))
     if source.is_dir():
         _scan_folder_cmd(source, out, cfg, model_path, quiet, overlay, recursive, mpp_csv, workers, scheduler_address)
         return
@@ -177,6 +195,7 @@ def info(slide_path: Path, backend: str, mpp: float | None, as_json: bool) -> No
     """Format, levels, pixel size and its source, bounds and tissue fraction of a slide."""
     from .info import slide_info
 
+    _run(lambda: ScanConfig(mpp=mpp))  # the one range check of --mpp
     d = _run(lambda: slide_info(slide_path, backend, mpp, _TISSUE))
     if as_json:
         click.echo(json.dumps(d))
@@ -236,7 +255,7 @@ def train(data: tuple[Path, ...], out: Path, report_dir: Path | None, resume: bo
     """Train a patch classifier on Kaggle-layout or PCam-HDF5 folders."""
     from .train.loop import train as run_train
 
-    cfg = TrainConfig(**kw)
+    cfg: TrainConfig = _run(lambda: TrainConfig(**kw))
     command = "wsi-scan " + " ".join(sys.argv[1:])
     res = _run(lambda: run_train(list(data), out, cfg, report_dir, resume, not quiet, command, overwrite))
     v = res.best_metrics.get("valid", {})
@@ -363,6 +382,7 @@ def tile(slide_path: Path, out: Path, stride_cells: int, labels_geojson: Path | 
     """Cut the tissue of a slide into 96x96 patches (PCam HDF5) with level-0 coordinates."""
     from .export.tiles import tile_slide
 
+    _run(lambda: ScanConfig(mpp=mpp))
     res = _run(lambda: tile_slide(slide_path, out, stride_cells, labels_geojson, model_path, backend, mpp,
                                   _TISSUE, split, overwrite=overwrite, labels_mask=labels_mask))
     pos = f", {res.n_positive} positive" if res.n_positive is not None else ""

@@ -19,6 +19,25 @@ PCAM_MPP = 0.972
 PCAM_PATCH_PX = 96
 PCAM_CELL_PX = 32
 
+#: physical sense: slide scanners image at 0.1-0.5 um/px, thumbnails and masks up to tens of um/px;
+#: a pixel size outside this range is a lying file or a typo, and would ask for absurd allocations
+MPP_RANGE_UM = (0.05, 50.0)
+#: a glass slide is 75 x 25 mm: an image wider or taller than this is not a slide at its stated scale
+MAX_SLIDE_EXTENT_MM = 100.0
+#: the tissue thumbnail is held in memory whole; beyond this, ask for a coarser --tissue-mpp
+MAX_THUMBNAIL_BYTES = 1 << 30
+
+
+def _in_range(owner: str, name: str, value: Any, lo: float, hi: float, lo_open: bool = False, flag: str | None = None) -> None:
+    """Raise UsageError unless lo <= value <= hi (lo < value when ``lo_open``); NaN never passes."""
+    from .errors import UsageError
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        lo_s = f"> {lo:g}" if lo_open else f">= {lo:g}"
+        opt = flag or "--" + name.replace("_", "-")
+        raise UsageError(f"{opt} must be a number {lo_s} and <= {hi:g} ({owner}.{name}), found {value!r}")
+
 
 @dataclass(frozen=True)
 class TissueConfig:
@@ -32,6 +51,19 @@ class TissueConfig:
     min_hole_um2: float = 20_000.0  # smaller holes inside tissue are filled
     min_cell_fraction: float = 0.05  # share of a cell's area that must be tissue to scan it
 
+    def __post_init__(self) -> None:
+        # the one place where tissue settings are range-checked (CLI and Python API alike)
+        for name, lo, hi, lo_open, flag in (
+            ("mask_mpp", 1.0, 64.0, False, "--tissue-mpp"),
+            ("min_saturation", 0.0, 1.0, False, None),
+            ("max_value_dark", 0.0, 1.0, False, None),
+            ("closing_um", 0.0, 1000.0, False, None),
+            ("min_object_um2", 0.0, 1e12, False, None),
+            ("min_hole_um2", 0.0, 1e12, False, None),
+            ("min_cell_fraction", 0.0, 1.0, False, None),
+        ):
+            _in_range("tissue", name, getattr(self, name), lo, hi, lo_open, flag)
+
 
 @dataclass(frozen=True)
 class ScanConfig:
@@ -39,7 +71,7 @@ class ScanConfig:
 
     backend: Backend = "auto"
     mpp: float | None = None  # user override of the slide's um/px
-    mpp_source: str = "user (--mpp)"  # where that override came from, recorded in the outputs
+    mpp_source: str = ""  # where an override came from ("" = the --mpp option), recorded in the outputs
     mode: Mode = "auto"
     device: DeviceName = "auto"
     block_cells: int = 16  # cells per block side: one region read and one dense pass each; 16 keeps peak RSS under 1.5 GB (docs/benchmarks.md)
@@ -53,6 +85,25 @@ class ScanConfig:
     mpp_xy_tolerance: float = 0.02  # relative disagreement of x and y pixel size that is an error
     overwrite: bool = False
     tissue: TissueConfig = field(default_factory=TissueConfig)
+
+    def __post_init__(self) -> None:
+        if self.mpp is not None:
+            _in_range("scan", "mpp", self.mpp, *MPP_RANGE_UM)
+        for name, lo, hi in (
+            ("block_cells", 1, 512), ("batch_size", 0, 65536), ("threads", 1, 1024), ("checkpoint_s", 0.0, 1e6),
+            ("tile_cache_mb", 0, 1 << 20), ("max_upsample", 1.0, 4.0), ("mpp_xy_tolerance", 0.0, 0.5),
+        ):
+            _in_range("scan", name, getattr(self, name), lo, hi)
+        for name, allowed in (("mode", ("auto", "dense", "patch")), ("device", ("auto", "cpu", "cuda")),
+                              ("backend", ("auto", "openslide", "tifffile"))):
+            if getattr(self, name) not in allowed:
+                from .errors import UsageError
+
+                raise UsageError(f"--{name} must be one of {', '.join(allowed)}, found {getattr(self, name)!r}")
+
+    @property
+    def mpp_override_source(self) -> str:
+        return self.mpp_source or "user (--mpp)"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,6 +134,16 @@ class TrainConfig:
     loader_workers: int = 1
     device: DeviceName = "auto"
     max_train: int = 0  # cap on training patches (0 = all), for smoke runs
+
+    def __post_init__(self) -> None:
+        for name, lo, hi, lo_open in (
+            ("width", 4, 256, False), ("epochs", 1, 100_000, False), ("batch_size", 1, 65536, False),
+            ("lr", 0.0, 10.0, True), ("weight_decay", 0.0, 1.0, False), ("label_smoothing", 0.0, 0.5, False),
+            ("val_fraction", 0.0, 0.9, True), ("stain_jitter", 0.0, 1.0, False), ("jpeg_prob", 0.0, 1.0, False),
+            ("soften_prob", 0.0, 1.0, False), ("soften_max", 1.0, 4.0, False), ("threads", 0, 1024, False),
+            ("loader_workers", 0, 256, False), ("max_train", 0, 1 << 40, False),
+        ):
+            _in_range("train", name, getattr(self, name), lo, hi, lo_open)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -21,6 +21,10 @@ class UsageError(WsiScanError, ValueError):
     exit_code = 2
 
 
+class OutsideGridError(UsageError, IndexError):
+    """A level-0 point or cell index lies outside a heatmap's grid."""
+
+
 class SlideError(WsiScanError):
     """A slide cannot be used."""
 

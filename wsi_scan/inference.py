@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UsageError
+from .errors import ModelError, UsageError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,9 +115,17 @@ class Predictor:
             return out
         if self.mode == "dense":
             probs = self._probs(region)[0, 0]
+            if probs.shape != cells.shape:
+                raise ModelError(f"model {self.card.name!r} gave {probs.shape} outputs for a block of {cells.shape} cells; "
+                                 "its card's cell_px/input_px do not match the network")
             out[cells] = probs[cells]
-            return out
-        windows = block_windows(region, cells, self.card.input_px, self.card.cell_px)
-        vals = [self._probs(windows[i : i + self.batch_size]).reshape(-1) for i in range(0, len(windows), self.batch_size)]
-        out[cells] = np.concatenate(vals)
+        else:
+            windows = block_windows(region, cells, self.card.input_px, self.card.cell_px)
+            vals = [self._probs(windows[i : i + self.batch_size]).reshape(-1) for i in range(0, len(windows), self.batch_size)]
+            out[cells] = np.concatenate(vals)
+        bad = int((~np.isfinite(out[cells])).sum())
+        if bad:
+            # NaN marks "no tissue" in a heatmap: a NaN output would read as "no tumour"
+            raise ModelError(f"model {self.card.name!r} gave non-finite probabilities (NaN or infinity) for {bad} of "
+                             f"{int(cells.sum())} windows of a block; the model is broken, no heatmap is written")
         return out

@@ -10,13 +10,21 @@ from .errors import MppError
 
 
 def slide_info(path: str | Path, backend: str = "auto", mpp_override: float | None = None, tissue_cfg: TissueConfig = TissueConfig()) -> dict[str, Any]:
-    from .geometry import level_mpp
-    from .io.mpp import resolve_mpp
     from .io.slide import open_slide
+
+    slide = open_slide(path, backend)
+    try:
+        return _describe(slide, path, mpp_override, tissue_cfg)
+    finally:
+        slide.close()
+
+
+def _describe(slide: Any, path: str | Path, mpp_override: float | None, tissue_cfg: TissueConfig) -> dict[str, Any]:
+    from .geometry import level_mpp
+    from .io.mpp import check_extent, resolve_mpp
     from .regions import read_thumbnail
     from .tissue import compute_mask
 
-    slide = open_slide(path, backend)
     info = slide.info
     d: dict[str, Any] = {
         "path": info.path,
@@ -31,6 +39,7 @@ def slide_info(path: str | Path, backend: str = "auto", mpp_override: float | No
     }
     try:
         mpp = resolve_mpp(info.metadata, mpp_override, str(path))
+        check_extent(info.level0_size_wh, mpp, str(path))
     except MppError as exc:
         d["mpp_error"] = str(exc)
         return d

@@ -11,14 +11,17 @@ processes or a distributed cluster alike.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .config import MAX_THUMBNAIL_BYTES
+from .errors import UsageError
 from .geometry import GridGeometry, box_in_read, choose_level, level_read_plan
 from .io.slide import ReadRequest, Slide, open_slide
 
@@ -34,10 +37,54 @@ class ReadPlan:
     grid: GridGeometry
 
 
-@functools.lru_cache(maxsize=8)
+class _Handles:
+    """Open slide handles of this process, keyed by the file's identity as well as its path.
+
+    A slide replaced on disk under the same name gets a new handle (the old one would read the
+    old file's pixels under the new file's tissue mask), and handles are closed when evicted
+    or released, so a long folder run does not leak file descriptors.
+    """
+
+    def __init__(self, max_open: int = 8) -> None:
+        self.max_open = max_open
+        self._open: OrderedDict[tuple[str, str, str], Slide] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: str, backend: str) -> Slide:
+        from .io.slide import file_identity
+
+        key = (path, backend, file_identity(path))
+        with self._lock:
+            slide = self._open.get(key)
+            if slide is not None:
+                self._open.move_to_end(key)
+                return slide
+            slide = open_slide(path, backend)
+            self._open[key] = slide
+            stale = [k for k in self._open if k[:2] == (path, backend) and k != key]
+            while len(self._open) - len(stale) > self.max_open:
+                stale.append(next(k for k in self._open if k not in stale))
+            for k in stale:
+                self._open.pop(k).close()
+            return slide
+
+    def release(self, path: str) -> None:
+        """Close every handle of ``path`` (a scan of it has finished)."""
+        with self._lock:
+            for k in [k for k in self._open if k[0] == path]:
+                self._open.pop(k).close()
+
+
+_HANDLES = _Handles()  # per process by necessity: Dask tasks in worker processes reuse handles
+
+
 def cached_slide(path: str, backend: str) -> Slide:
-    """One open handle per slide and process: OpenSlide handles are thread-safe for reads."""
-    return open_slide(path, backend)
+    """One open handle per slide file and process: handles are thread-safe for reads."""
+    return _HANDLES.get(path, backend)
+
+
+def release_slide(path: str) -> None:
+    _HANDLES.release(path)
 
 
 def make_read_plan(slide: Slide, mpp_xy: tuple[float, float], grid: GridGeometry) -> ReadPlan:
@@ -122,6 +169,9 @@ def read_thumbnail(slide: Slide, mpp_xy: tuple[float, float], mask_mpp: float, m
     tw = max(1, math.ceil(w0 * mpp_xy[0] / mask_mpp))
     th = max(1, math.ceil(h0 * mpp_xy[1] / mask_mpp))
     kx, ky = w0 / tw, h0 / th
+    if tw * th * 3 > MAX_THUMBNAIL_BYTES:
+        raise UsageError(f"a thumbnail of {slide.info.path} at {mask_mpp:g} um/px would be {tw} x {th} px "
+                         f"(over {MAX_THUMBNAIL_BYTES >> 20} MiB); pass a coarser --tissue-mpp")
     ds = [lv.downsample_xy for lv in slide.info.levels]
     level = choose_level(ds, mpp_xy, mask_mpp)
     d = ds[level]

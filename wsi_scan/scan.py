@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -37,8 +38,10 @@ class ScanResult:
 
     @property
     def cells_per_s(self) -> float:
+        """Cells classified per second of this run (cells taken over from an interrupted scan
+        were not classified in it)."""
         t = self.timings_s.get("scan", 0.0)
-        return self.n_tissue_cells / t if t > 0 else 0.0
+        return (self.n_tissue_cells - self.resumed_cells) / t if t > 0 else 0.0
 
 
 def settings_hash(model_sha256: str, cfg: ScanConfig) -> str:
@@ -153,30 +156,44 @@ def scan_slide(
     finished blocks of an interrupted scan of ``out`` (default: ``config.overwrite``, as the
     CLI's --overwrite means "start afresh"); a folder run replaces a stale store but keeps them.
     """
-    import dask
-
-    from .geometry import check_resolution, plan_grid
-    from .grid import crop_to_tissue, tissue_blocks, tissue_cells
-    from .inference import Predictor, resolve_device
-    from .io.checkpoint import LoadedModel, card_summary, load_model
-    from .io.heatmap import FORMAT_VERSION, check_output, drop_partial, load_partial, write_heatmap
-    from .io.mpp import Mpp, resolve_mpp
-    from .io.slide import file_identity, open_slide
-    from .regions import block_key, build_graph, expected_reads, make_read_plan, read_thumbnail
-    from .tissue import TissueMask, compute_mask
+    from .io.heatmap import check_output
+    from .io.slide import open_slide
+    from .regions import release_slide
 
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
     out = Path(out)
     slide_path = Path(slide_path)
     check_output(out, config.overwrite, str(slide_path) if slide_path.exists() else None)
 
     t = time.perf_counter()
     slide = open_slide(slide_path, config.backend)
+    try:
+        return _scan_opened(slide, slide_path, out, config, model, progress, scheduler, restart, t_start, t)
+    finally:
+        slide.close()
+        release_slide(slide.info.path)  # the handles the block tasks opened: no descriptor outlives a scan
+
+
+def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, model: Any, progress: bool,
+                 scheduler: str, restart: bool | None, t_start: float, t: float) -> ScanResult:
+    import dask
+
+    from .geometry import check_resolution, plan_grid
+    from .grid import crop_to_tissue, tissue_blocks, tissue_cells
+    from .inference import Predictor, resolve_device
+    from .io.checkpoint import LoadedModel, card_summary, load_model
+    from .io.heatmap import FORMAT_VERSION, drop_partial, load_partial, write_heatmap
+    from .io.mpp import check_extent, resolve_mpp
+    from .io.slide import file_identity
+    from .regions import block_key, build_graph, expected_reads, make_read_plan, read_thumbnail
+    from .tissue import TissueMask, compute_mask
+
+    timings: dict[str, float] = {}
     info = slide.info
     mpp = resolve_mpp(info.metadata, config.mpp, str(slide_path), config.mpp_xy_tolerance)
     if config.mpp is not None:
-        mpp = Mpp(mpp.x, mpp.y, config.mpp_source)
+        mpp = dataclasses.replace(mpp, source=config.mpp_override_source)
+    check_extent(info.level0_size_wh, mpp, str(slide_path))
     timings["open"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -240,6 +257,8 @@ def scan_slide(
             "l0_bounds_xywh": list(info.l0_bounds_xywh),
             "mpp_xy": [mpp.x, mpp.y],
             "mpp_source": mpp.source,
+            "mpp_recorded_xy": list(mpp.recorded_xy) if mpp.recorded_xy else None,
+            "mpp_recorded_source": mpp.recorded_source or None,
             "vendor": info.vendor,
             "backend": info.backend,
             "levels": [{"size_wh": list(lv.size_wh), "downsample_xy": list(lv.downsample_xy)} for lv in info.levels],

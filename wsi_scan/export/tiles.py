@@ -139,7 +139,7 @@ def tile_slide(
     from ..geometry import check_resolution, plan_grid
     from ..grid import tissue_blocks, tissue_cells
     from ..io.exports import PatchWriter, read_json, read_label_mask
-    from ..io.mpp import resolve_mpp
+    from ..io.mpp import check_extent, resolve_mpp
     from ..io.slide import open_slide
     from ..regions import block_windows, expected_reads, make_read_plan, read_block, read_thumbnail
     from ..tissue import TissueMask, compute_mask
@@ -167,6 +167,7 @@ def tile_slide(
     try:
         info = slide.info
         res = resolve_mpp(info.metadata, mpp, str(slide_path), ScanConfig().mpp_xy_tolerance)
+        check_extent(info.level0_size_wh, res, str(slide_path))
         check_resolution(res.xy, target_mpp, ScanConfig().max_upsample, str(slide_path))
         thumb, l0_per_mask = read_thumbnail(slide, res.xy, tissue_config.mask_mpp)
         grid = plan_grid(info.l0_bounds_xywh, res.xy, target_mpp, cell_px, patch_px)

@@ -154,6 +154,7 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
         raise ModelError(f"model path {p} is a directory; expected a .pt, .safetensors or .ts file")
     if p.suffix in (".ts", ".torchscript"):
         net, card = _load_torchscript(p)
+        check_card_against_network(net, card, str(p))
         return LoadedModel(net=net, card=card, path=str(p), sha256=_sha256(p))
     card, state = _read_weights(p)
     net = build_network(card.arch, **card.arch_kwargs)
@@ -167,7 +168,33 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
     net.eval()
     if card.dense_exact != bool(getattr(net, "dense_exact", False)):
         card = ModelCard.from_dict({**card.to_dict(), "dense_exact": bool(net.dense_exact)})
+    check_card_against_network(net, card, str(p))
     return LoadedModel(net=net, card=card, path=str(p.resolve()), sha256=_sha256(p))
+
+
+def check_card_against_network(net: Any, card: ModelCard, where: str) -> None:
+    """Run the network on blank inputs of the card's sizes: a card that disagrees with its
+    network (another window or cell size) would otherwise crash mid-scan or, in patch mode,
+    write a heatmap on the wrong grid. A dense-exact network must give one output for a window
+    and 2 x 2 for a window grown by one cell."""
+    import torch
+
+    sizes = [card.input_px] + ([card.input_px + card.cell_px] if card.dense_exact else [])
+    for n, px in enumerate(sizes):
+        try:
+            with torch.inference_mode():
+                y = net(torch.zeros(1, 3, px, px))
+        except Exception as exc:  # noqa: BLE001 - any failure here is the card's or the network's
+            msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{where}: the network cannot run on the card's {px} x {px} px input ({msg}); "
+                             f"the card (input_px {card.input_px}, cell_px {card.cell_px}) does not fit the network") from None
+        want = (1, 1, 1 + n, 1 + n)
+        if tuple(y.shape) != want:
+            raise ModelError(f"{where}: on a {px} x {px} px input the network gives an output of shape {tuple(y.shape)}, "
+                             f"the card (input_px {card.input_px}, cell_px {card.cell_px}) needs {want}")
+        if not bool(torch.isfinite(y).all()):
+            raise ModelError(f"{where}: the network gives non-finite outputs (NaN or infinity) on a blank input; "
+                             "the weights are damaged")
 
 
 def card_summary(card: ModelCard) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import HeatmapError
+from ..errors import HeatmapError, OutsideGridError
 from ..geometry import GridGeometry
 
 FORMAT_VERSION = 1
@@ -149,6 +149,9 @@ def write_heatmap(
         }
         name = str(attrs.get("slide", {}).get("name", "heatmap"))
         meta = dict(attrs)
+        # a reader checks the arrays against this: a deleted or damaged chunk would otherwise
+        # read back as NaN, i.e. as "no tissue", and every export would go on silently
+        meta["data_sha256"] = data_digest(levels[0], tissue.astype(bool))
         meta["status"] = "writing"
         root.attrs.update({"ome": {"version": OME_VERSION, "multiscales": ome_multiscales(grid, mpp_xy, len(levels), f"{name} tumour probability")}, "wsi_scan": meta})
         meta["status"] = "complete"  # last: a store without it was interrupted
@@ -183,12 +186,46 @@ class Heatmap:
         return self.grid.cell_to_l0_rect(r, c)
 
     def l0_to_cell(self, l0_x: float, l0_y: float) -> tuple[int, int]:
-        return self.grid.l0_to_cell(l0_x, l0_y)
+        """The (row, col) of the cell holding a level-0 point; raises OutsideGridError for a point
+        off the grid (a negative or too large index would silently wrap or fail in numpy)."""
+        r, c = self.grid.l0_to_cell(l0_x, l0_y)
+        rows, cols = self.grid.shape_rc
+        if not (0 <= r < rows and 0 <= c < cols):
+            raise OutsideGridError(f"level-0 point ({l0_x}, {l0_y}) lies outside the heatmap's grid "
+                                   f"(cells 0..{rows - 1} x 0..{cols - 1}, origin {self.grid.l0_origin_xy})")
+        return r, c
 
     def cell_area_um2(self) -> float:
         sx, sy = self.grid.l0_cell_size_xy
         mx, my = self.mpp_xy
         return sx * mx * sy * my
+
+
+def data_digest(probs: np.ndarray, tissue: np.ndarray) -> str:
+    import hashlib
+
+    canon = np.where(np.isnan(probs), np.float32(np.nan), probs).astype(np.float32)  # one NaN bit pattern
+    h = hashlib.sha256(np.ascontiguousarray(canon).tobytes())
+    h.update(np.ascontiguousarray(tissue, dtype=np.uint8).tobytes())
+    return h.hexdigest()
+
+
+def _check_contract(p: Path, meta: Mapping[str, Any]) -> GridGeometry:
+    """The attrs every reader relies on, checked for presence, type and sense."""
+    try:
+        grid = grid_from_attrs(meta["grid"])
+        slide = meta["slide"]
+        mpp_xy = [float(v) for v in slide["mpp_xy"]]
+        threshold = float(meta["model"].get("threshold", 0.5))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise HeatmapError(f"{p}: damaged heatmap store, its attrs lack or garble {exc!s:.80} "
+                           "(expected wsi_scan.grid, .slide.mpp_xy and .model); rerun the scan") from None
+    ok = (len(mpp_xy) == 2 and all(math.isfinite(v) and v > 0 for v in mpp_xy) and 0.0 <= threshold <= 1.0
+          and min(grid.shape_rc) >= 1 and all(math.isfinite(v) and v > 0 for v in grid.l0_cell_size_xy)
+          and grid.cell_px > 0 and grid.patch_px >= grid.cell_px and grid.target_mpp > 0)
+    if not ok:
+        raise HeatmapError(f"{p}: damaged heatmap store, its grid, mpp_xy or threshold make no sense; rerun the scan")
+    return grid
 
 
 def grid_from_attrs(g: Mapping[str, Any]) -> GridGeometry:
@@ -232,11 +269,20 @@ def open_heatmap(path: str | Path) -> Heatmap:
         raise HeatmapError(f"{p}: heatmap is incomplete (status {meta.get('status')!r}); rerun the scan")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise HeatmapError(f"{p}: format_version {meta.get('format_version')} is newer than this wsi-scan understands ({FORMAT_VERSION})")
-    grid = grid_from_attrs(meta["grid"])
-    probs = np.asarray(arr0[...], dtype=np.float32)
-    tissue = np.asarray(arr_tissue[...]).astype(bool)
-    if probs.shape != grid.shape_rc:
-        raise HeatmapError(f"{p}: array shape {probs.shape} disagrees with grid shape_rc {grid.shape_rc}")
+    grid = _check_contract(p, meta)
+    if tuple(arr0.shape) != grid.shape_rc or tuple(arr_tissue.shape) != grid.shape_rc:
+        raise HeatmapError(f"{p}: array shapes {tuple(arr0.shape)} / {tuple(arr_tissue.shape)} disagree with grid shape_rc {grid.shape_rc}")
+    try:
+        probs = np.asarray(arr0[...], dtype=np.float32)
+        tissue = np.asarray(arr_tissue[...]).astype(bool)
+    except Exception as exc:  # noqa: BLE001 - codec or file errors of a damaged chunk
+        raise HeatmapError(f"{p}: damaged heatmap store, a data chunk cannot be read ({type(exc).__name__}); rerun the scan") from None
+    want = meta.get("data_sha256")
+    if want is not None and data_digest(probs, tissue) != want:
+        raise HeatmapError(f"{p}: damaged heatmap store, its data differ from what was written (a chunk is missing or "
+                           "altered); rerun the scan")
+    if want is None and bool((tissue & ~np.isfinite(probs)).any()):
+        raise HeatmapError(f"{p}: damaged heatmap store, tissue cells without a probability (a chunk is missing); rerun the scan")
     return Heatmap(str(p), probs, tissue, grid, meta)
 
 
@@ -275,7 +321,7 @@ def load_partial(out: Path, key: str, shape_rc: tuple[int, int]) -> tuple[np.nda
             if str(z["key"]) != key:
                 return None
             probs, done = z["probs"], z["done"]
-    except (OSError, ValueError, KeyError):
+    except Exception:  # noqa: BLE001 - truncated, empty or foreign: BadZipFile, EOFError, OSError, ValueError...
         return None
     if probs.shape != shape_rc or done.shape != shape_rc or probs.dtype != np.float32 or done.dtype != bool:
         return None

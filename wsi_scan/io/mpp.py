@@ -8,11 +8,15 @@ metadata); Aperio's ``MPP``; OME ``PhysicalSizeX/Y``; TIFF resolution tags with 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..config import MAX_SLIDE_EXTENT_MM, MPP_RANGE_UM
 from ..errors import MppError
+
+log = logging.getLogger("wsi_scan")
 
 _UM_PER = {"inch": 25_400.0, "centimeter": 10_000.0, "cm": 10_000.0}
 _OME_UNIT_UM = {"µm": 1.0, "um": 1.0, "micrometer": 1.0, "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3}
@@ -23,6 +27,9 @@ class Mpp:
     x: float
     y: float
     source: str
+    # what the slide itself records when an override replaced it (kept so outputs show both)
+    recorded_xy: tuple[float, float] | None = None
+    recorded_source: str = ""
 
     @property
     def xy(self) -> tuple[float, float]:
@@ -64,12 +71,19 @@ def _from_metadata(meta: Mapping[str, str]) -> Mpp | None:
 def resolve_mpp(
     meta: Mapping[str, str], override: float | None, where: str, tolerance: float = 0.02
 ) -> Mpp:
-    """Level-0 um/px of a slide; raises MppError (naming --mpp) when it cannot be known."""
+    """Level-0 um/px of a slide; raises MppError (naming --mpp) when it cannot be known or
+    lies outside physical sense (``MPP_RANGE_UM``)."""
+    lo, hi = MPP_RANGE_UM
+    recorded = _from_metadata(meta)
     if override is not None:
-        if not (math.isfinite(override) and override > 0):
-            raise MppError(f"--mpp must be a positive number of micrometers per pixel, found {override}")
-        return Mpp(float(override), float(override), "user (--mpp)")
-    mpp = _from_metadata(meta)
+        if not (math.isfinite(override) and lo <= override <= hi):
+            raise MppError(f"--mpp must be between {lo:g} and {hi:g} micrometers per pixel, found {override}")
+        if recorded is not None and abs(recorded.mean - override) > tolerance * max(recorded.mean, override):
+            log.warning("%s: --mpp %g replaces the %.5g um/px the slide records (%s); both are recorded in the output",
+                        where, override, recorded.mean, recorded.source)
+        return Mpp(float(override), float(override), "user (--mpp)",
+                   recorded.xy if recorded is not None else None, recorded.source if recorded is not None else "")
+    mpp = recorded
     if mpp is None:
         raise MppError(
             f"{where}: the slide records no physical pixel size (no vendor mpp, no OME or TIFF "
@@ -82,4 +96,21 @@ def resolve_mpp(
             f"than {tolerance:.0%} (source: {mpp.source}); non-square pixels are not supported, "
             "pass --mpp if the metadata is wrong"
         )
+    if not (lo <= mpp.x <= hi and lo <= mpp.y <= hi):
+        raise MppError(
+            f"{where}: the slide records {mpp.x:.4g} x {mpp.y:.4g} um/px ({mpp.source}), outside the {lo:g}-{hi:g} "
+            "um/px of any scanner; the metadata is wrong: pass the true pixel size with --mpp"
+        )
     return mpp
+
+
+def check_extent(level0_size_wh: tuple[int, int], mpp: Mpp, where: str) -> None:
+    """Refuse an image larger than a glass slide at its stated scale (a lying header or --mpp),
+    before anything is allocated for it."""
+    w_mm, h_mm = level0_size_wh[0] * mpp.x / 1000, level0_size_wh[1] * mpp.y / 1000
+    if max(w_mm, h_mm) > MAX_SLIDE_EXTENT_MM:
+        raise MppError(
+            f"{where}: {level0_size_wh[0]} x {level0_size_wh[1]} px at {mpp.x:.4g} um/px ({mpp.source}) would be "
+            f"{w_mm:.0f} x {h_mm:.0f} mm, larger than any glass slide (at most {MAX_SLIDE_EXTENT_MM:g} mm); "
+            "the file's size or pixel size is wrong"
+        )

@@ -367,6 +367,42 @@ def _sniff(path: Path) -> None:
     size = path.stat().st_size
     if size == 0:
         raise SlideFormatError(f"slide {path} is an empty file (0 bytes); expected a whole-slide image")
+    if path.is_file():
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+        if magic in TIFF_MAGIC:
+            _check_tiff_complete(path, size)
+
+
+def _check_tiff_complete(path: Path, size: int) -> None:
+    """Refuse a TIFF (SVS, NDPI, generic) whose pages point past its end: a truncated copy.
+
+    Backends would otherwise open it and fail, or show white, only where a scan first touches a
+    missing tile, or (OpenSlide) drop the levels whose directories were cut off. A file that
+    tifffile cannot parse at all is left to the backends, whose message says more.
+    """
+    import tifffile
+
+    try:
+        tf = tifffile.TiffFile(str(path))
+    except Exception:  # noqa: BLE001 - not parseable here: the backends decide
+        return
+    with tf:
+        try:
+            pages = list(tf.pages)
+        except Exception as exc:  # noqa: BLE001 - a directory chain cut off mid-way
+            raise SlideFormatError(f"{path}: damaged or truncated TIFF, its image directories cannot be read ({exc!s:.80})") from None
+        for i, page in enumerate(pages):
+            offsets = np.asarray(getattr(page, "dataoffsets", ()), dtype=np.uint64)
+            counts = np.asarray(getattr(page, "databytecounts", ()), dtype=np.uint64)
+            if offsets.size == 0 or offsets.size != counts.size:
+                continue
+            ends = offsets + counts
+            end = int(ends[counts > 0].max()) if bool((counts > 0).any()) else 0
+            if end > size:
+                raise SlideFormatError(
+                    f"{path}: truncated slide: image {i} needs {end:,} bytes but the file has {size:,}; "
+                    "copy the slide again from its source")
 
 
 def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> Slide:

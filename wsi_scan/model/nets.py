@@ -93,8 +93,25 @@ def _resnet18() -> nn.Module:
 ARCHITECTURES = ("dense-cnn", "resnet18")
 
 
+#: the settings each architecture takes, with their allowed ranges (a card is data from a file)
+ARCH_KWARGS: dict[str, dict[str, tuple[float, float]]] = {
+    "dense-cnn": {"width": (4, 256), "dropout": (0.0, 0.9)},
+    "resnet18": {},
+}
+
+
 def build_network(arch: str, **kwargs: Any) -> nn.Module:
-    """Build an untrained network by its card name."""
+    """Build an untrained network by its card name; settings are checked before any allocation."""
+    allowed = ARCH_KWARGS.get(arch)
+    if allowed is not None:
+        for k, v in kwargs.items():
+            if k not in allowed:
+                raise ModelError(f"architecture {arch!r} has no setting {k!r} (it takes: {', '.join(allowed) or 'none'})")
+            lo, hi = allowed[k]
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (lo <= v <= hi):
+                raise ModelError(f"architecture {arch!r}: {k} must lie in [{lo:g}, {hi:g}], found {v!r:.40}")
+        if "width" in kwargs and not isinstance(kwargs["width"], int):
+            raise ModelError(f"architecture {arch!r}: width must be an integer, found {kwargs['width']!r}")
     if arch == "dense-cnn":
         return DenseCNN(**kwargs)
     if arch == "resnet18":
