@@ -442,3 +442,39 @@ def test_a_folder_named_like_a_slide_is_not_scanned_as_an_empty_folder(tmp_path)
     (d / "notes.txt").write_text("not a slide")
     code, _, err = run(d, "--out", out, "--quiet")
     assert code == 3 and not out.exists()
+
+
+def _flip_bytes_in_a_tile(slide: Path, dest: Path, tile: int = 5) -> Path:
+    import tifffile
+
+    b = bytearray(slide.read_bytes())
+    with tifffile.TiffFile(slide) as tf:
+        page = tf.pages[0]
+        off, n = int(page.dataoffsets[tile]), int(page.databytecounts[tile])
+    for i in range(off + n // 2, off + n // 2 + 40, 3):
+        b[i] ^= 0xFF
+    dest.write_bytes(bytes(b))
+    return dest
+
+
+def test_corrupt_jpeg_data_is_recorded_or_refused(make_slide, mock_model, tmp_path):
+    from wsi_scan.errors import SlideFormatError
+    from wsi_scan.io.heatmap import open_heatmap
+
+    slide = make_slide(size_wh=(2048, 2048), downsamples=(1,), mpp=0.9, tissue=((0, 0, 2048, 2048),))
+    bad = _flip_bytes_in_a_tile(slide, tmp_path / "bad.tif")
+    # tifffile path: the damage is decoded with a warning that the store and the CLI report
+    res = scan_slide(bad, tmp_path / "t.zarr", ScanConfig(backend="tifffile"), model=mock_model)
+    assert res.decoder_warnings >= 1 and "Corrupt JPEG data" in res.decoder_warning
+    dw = open_heatmap(res.out).attrs["slide"]["decoder_warnings"]
+    assert dw["count"] == res.decoder_warnings and "tile 5" in dw["first"]
+    code, _, err = run(bad, "--out", tmp_path / "cli.zarr", "--backend", "tifffile", "--quiet")
+    assert code == 0 and "wsi-scan: warning:" in err and "corrupt" in err
+    # OpenSlide treats the same damage as a read error: the scan fails with one line
+    out = tmp_path / "o.zarr"
+    with pytest.raises(SlideFormatError):
+        scan_slide(bad, out, ScanConfig(backend="openslide"), model=mock_model)
+    assert not out.exists()
+    # an intact slide reports none
+    ok = scan_slide(slide, tmp_path / "ok.zarr", ScanConfig(backend="tifffile"), model=mock_model)
+    assert ok.decoder_warnings == 0 and open_heatmap(ok.out).attrs["slide"]["decoder_warnings"]["count"] == 0

@@ -77,6 +77,8 @@ class SlideOutcome:
     timings_s: dict[str, float] = field(default_factory=dict)
     cells_per_s: float | None = None
     settings_hash: str = ""
+    decoder_warnings: int | None = None  # corrupt tiles decoded with damage (see slide.decoder_warnings)
+    decoder_warning: str = ""  # the first such warning
 
     def row(self) -> dict[str, Any]:
         """Flat columns for CSV/JSON; timings become ``seconds_<stage>`` columns."""
@@ -315,6 +317,8 @@ def _outcome_from_attrs(job: SlideJob, status: Status, attrs: dict[str, Any]) ->
         timings_s=timings,
         cells_per_s=((n_tissue - int(attrs.get("resumed_cells") or 0)) / scan_s) if n_tissue and scan_s > 0 else None,
         settings_hash=attrs.get("settings_hash", ""),
+        decoder_warnings=(slide.get("decoder_warnings") or {}).get("count"),
+        decoder_warning=(slide.get("decoder_warnings") or {}).get("first") or "",
     )
 
 

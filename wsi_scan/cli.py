@@ -153,6 +153,9 @@ def scan(source: Path, out: Path, model_path: Path | None, quiet: bool, overlay:
         from .export.overlay import render_overlay
 
         _run(lambda: render_overlay(res.out, overlay, slide=source, overwrite=cfg.overwrite))
+    if res.decoder_warnings:
+        click.echo(f"wsi-scan: warning: {source.name}: {res.decoder_warnings} tiles held corrupt data and were decoded "
+                   f"with damage (first: {res.decoder_warning}); their cells may be wrong, recorded in the heatmap's attrs", err=True)
     if res.n_tissue_cells == 0:
         click.echo(f"{source.name}: no tissue found; wrote an all-NaN heatmap to {res.out}", err=True)
         return

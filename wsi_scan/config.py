@@ -24,6 +24,9 @@ PCAM_CELL_PX = 32
 MPP_RANGE_UM = (0.05, 50.0)
 #: a glass slide is 75 x 25 mm: an image wider or taller than this is not a slide at its stated scale
 MAX_SLIDE_EXTENT_MM = 100.0
+#: a tumour annotation labels a cell only if they share at least this area (level-0 px^2): less is
+#: the rounding of an edge they share, since cell edges fall between level-0 pixels
+MIN_LABEL_OVERLAP_L0_PX2 = 0.5
 #: the tissue thumbnail is held in memory whole; beyond this, ask for a coarser --tissue-mpp
 MAX_THUMBNAIL_BYTES = 1 << 30
 

@@ -70,6 +70,12 @@ def _slide_background(slide_path: str, attrs: dict[str, Any], size_wh: tuple[int
 
     try:
         slide = open_slide(slide_path, attrs.get("slide", {}).get("backend", "auto"))
+    except Exception as exc:  # noqa: BLE001 - the report still shows the heatmap alone
+        log.info("report: no slide thumbnail for %s (%s: %s)", slide_path, type(exc).__name__, exc)
+        return None
+    try:
+        if list(slide.info.level0_size_wh) != list(attrs["slide"]["level0_size_wh"]):
+            raise ValueError("the file at the recorded path is not the slide the heatmap was made from")
         mpp_xy = tuple(attrs["slide"]["mpp_xy"])
         g = attrs["grid"]
         l0_w = g["shape_rc"][1] * g["l0_cell_size_xy"][0]
@@ -84,6 +90,8 @@ def _slide_background(slide_path: str, attrs: dict[str, Any], size_wh: tuple[int
     except Exception as exc:  # noqa: BLE001 - the report still shows the heatmap alone
         log.info("report: no slide thumbnail for %s (%s: %s)", slide_path, type(exc).__name__, exc)
         return None
+    finally:
+        slide.close()
 
 
 def heatmap_thumbnail(heatmap_path: str | Path, slide_path: str | None = None, max_px: int = THUMB_PX) -> np.ndarray:

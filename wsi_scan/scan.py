@@ -35,6 +35,8 @@ class ScanResult:
     mode: str = "dense"
     device: str = "cpu"
     resumed_cells: int = 0  # tissue cells taken from an interrupted scan of the same output
+    decoder_warnings: int = 0  # tiles the decoder found corrupt (decoded with damage) in this run
+    decoder_warning: str = ""  # the first of them
 
     @property
     def cells_per_s(self) -> float:
@@ -185,7 +187,7 @@ def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, mo
     from .io.heatmap import FORMAT_VERSION, drop_partial, load_partial, write_heatmap
     from .io.mpp import check_extent, resolve_mpp
     from .io.slide import file_identity
-    from .regions import block_key, build_graph, expected_reads, make_read_plan, read_thumbnail
+    from .regions import block_key, build_graph, cached_slide, expected_reads, make_read_plan, read_thumbnail
     from .tissue import TissueMask, compute_mask
 
     timings: dict[str, float] = {}
@@ -225,6 +227,7 @@ def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, mo
     probs, done = resumed if resumed is not None else (np.full(grid.shape_rc, np.nan, dtype=np.float32), np.zeros(grid.shape_rc, dtype=bool))
     resumed_cells = int((done & cells).sum())
     todo = [b for b in block_list if not done[b[0] : b[0] + b[2], b[1] : b[1] + b[3]].all()]
+    decoder = None
     if todo:
         tasks = build_graph(plan, cells, todo, predictor)
         bar = _Progress(len(todo), slide_path.name, progress)
@@ -235,6 +238,7 @@ def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, mo
         finally:
             bar.close()
             ckpt.save()  # finished blocks survive an error or Ctrl-C as well as a kill
+        decoder = cached_slide(plan.slide_path, plan.backend).decoder_warnings
         # the checkpoint callback has recorded these already on Dask's local schedulers; a
         # distributed scheduler runs no local callbacks, so the results are placed here too
         for (r0, c0, nr, nc), res in zip(todo, results):
@@ -261,6 +265,9 @@ def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, mo
             "mpp_recorded_source": mpp.recorded_source or None,
             "vendor": info.vendor,
             "backend": info.backend,
+            # corrupt data the decoder passed over (wrong pixels in those tiles); null when no
+            # block was read in this process (all resumed, or a distributed scheduler)
+            "decoder_warnings": decoder.to_dict() if decoder is not None else None,
             "levels": [{"size_wh": list(lv.size_wh), "downsample_xy": list(lv.downsample_xy)} for lv in info.levels],
         },
         "grid": {
@@ -314,6 +321,8 @@ def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, mo
         mode=predictor.mode,
         device=str(device),
         resumed_cells=resumed_cells,
+        decoder_warnings=decoder.count if decoder is not None else 0,
+        decoder_warning=(decoder.first or "") if decoder is not None else "",
     )
 
 

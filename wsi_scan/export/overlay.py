@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SlideNotFoundError, UsageError
+from ..errors import SlideError, SlideNotFoundError, UsageError
 from ..io.heatmap import Heatmap, open_heatmap
 
 CMAP = "inferno"  # perceptually uniform and readable in greyscale
@@ -45,6 +45,21 @@ def resolve_slide_path(hm: Heatmap, slide: str | Path | None) -> Path:
         how = "the --slide given" if slide is not None else "the slide path recorded in the heatmap"
         raise SlideNotFoundError(f"{how}, {p}, does not exist; pass --slide with the slide's current location")
     return p
+
+
+def check_same_slide(hm: Heatmap, info: Any) -> None:
+    """Refuse to draw a heatmap over another slide than the one it was made from: the picture
+    would look right and be wrong. Level-0 size and file size must both match."""
+    rec = hm.attrs.get("slide", {})
+    want_wh = [int(v) for v in rec.get("level0_size_wh", [])]
+    want_bytes = rec.get("size_bytes")
+    found_wh = [int(v) for v in info.level0_size_wh]
+    if want_wh and want_wh != found_wh:
+        raise SlideError(f"{info.path} is {found_wh[0]} x {found_wh[1]} px but the heatmap was made from "
+                         f"{rec.get('name')} of {want_wh[0]} x {want_wh[1]} px; pass the slide the heatmap was made from")
+    if want_bytes is not None and int(want_bytes) != int(info.size_bytes):
+        raise SlideError(f"{info.path} has {info.size_bytes:,} bytes but the heatmap was made from {rec.get('name')} "
+                         f"of {int(want_bytes):,} bytes; pass the slide the heatmap was made from")
 
 
 def _outline(mask: np.ndarray, width: int) -> np.ndarray:
@@ -160,6 +175,7 @@ def render_overlay(
     hm = _as_heatmap(heatmap)
     s = open_slide(resolve_slide_path(hm, slide), backend)
     try:
+        check_same_slide(hm, s.info)
         w0, h0 = s.info.level0_size_wh
         mx, my = hm.mpp_xy
         # a hair coarser than exact, so that ceil() in read_thumbnail stays within max_size

@@ -49,8 +49,14 @@ def tumour_geometry(geojson: dict[str, Any], where: str, class_name: str = "Tumo
 
 
 def cell_labels(grid: Any, cells_rc: np.ndarray, tumour: Any) -> np.ndarray:
-    """1 where the cell's level-0 rectangle shares area with ``tumour`` (PCam's rule), else 0."""
+    """1 where the cell's level-0 rectangle shares area with ``tumour`` (PCam's rule), else 0.
+
+    "Shares area" means at least ``MIN_LABEL_OVERLAP_L0_PX2``: annotations are drawn to the
+    level-0 pixel and cell edges fall between pixels, so a sliver below half a pixel is the
+    rounding of a shared edge, not tumour inside the cell."""
     import shapely
+
+    from ..config import MIN_LABEL_OVERLAP_L0_PX2
 
     if tumour is None or len(cells_rc) == 0:
         return np.zeros(len(cells_rc), dtype=np.uint8)
@@ -62,7 +68,7 @@ def cell_labels(grid: Any, cells_rc: np.ndarray, tumour: Any) -> np.ndarray:
     idx = np.flatnonzero(hit)
     if idx.size:
         # touching along an edge is not tumour inside the cell
-        out[idx] = (shapely.area(shapely.intersection(boxes[idx], tumour)) > 0).astype(np.uint8)
+        out[idx] = (shapely.area(shapely.intersection(boxes[idx], tumour)) >= MIN_LABEL_OVERLAP_L0_PX2).astype(np.uint8)
     return out
 
 

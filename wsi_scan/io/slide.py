@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ class Region:
 
 class Slide(Protocol):
     info: SlideInfo
+    decoder_warnings: DecoderWarnings
 
     def read_region(self, l0_xy: tuple[int, int], level: int, lv_size_wh: tuple[int, int]) -> Region: ...
 
@@ -100,6 +102,8 @@ class OpenSlideSlide:
             raise SlideFormatError(f"{path}: OpenSlide does not recognise this file as a slide") from None
         except openslide.OpenSlideError as exc:
             raise SlideFormatError(f"{path}: damaged or truncated slide ({exc})") from None
+        # OpenSlide turns libjpeg's corrupt-data warnings into read errors: none are left to count
+        self.decoder_warnings = DecoderWarnings()
         props = dict(self._osr.properties)
         dims = self._osr.level_dimensions
         ds = self._osr.level_downsamples
@@ -177,6 +181,39 @@ def _tiff_metadata(tf: Any) -> dict[str, str]:
     return meta
 
 
+class DecoderWarnings:
+    """Corrupt-data warnings of a slide handle's decoder: how many, and the first one.
+
+    A flipped byte inside a JPEG tile decodes to wrong pixels with only a warning from libjpeg;
+    a scan records them (attrs ``slide.decoder_warnings``) so that a damaged slide does not go
+    unnoticed. Thread-safe: block tasks decode concurrently."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: str | None = None
+        self._lock = threading.Lock()
+
+    def add(self, message: str) -> None:
+        with self._lock:
+            self.count += 1
+            if self.first is None:
+                self.first = message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "first": self.first}
+
+
+_JPEG = 7  # TIFF compression code of JPEG tiles
+
+
+def _jpeg_stream(page: Any, data: bytes) -> bytes:
+    """A tile's JPEG bytes as a complete stream: tables shared in the TIFF header spliced in."""
+    tables = page.jpegtables
+    if tables and len(tables) > 4 and data[:2] == b"\xff\xd8":
+        return bytes(tables[:-2]) + bytes(data[2:])
+    return bytes(data)
+
+
 @dataclass(frozen=True)
 class _TiledLevel:
     """A level stored as one tiled, chunky, 8-bit RGB(A) page: decoded tile by tile here."""
@@ -184,6 +221,7 @@ class _TiledLevel:
     page: Any  # tifffile.TiffPage
     tile_wh: tuple[int, int]
     tiles_across: int
+    strict_jpeg: bool = False  # decoded by simplejpeg, which reports corrupt data (checked equal at open)
 
 
 def _tiled_level(series_level: Any) -> _TiledLevel | None:
@@ -232,9 +270,10 @@ class TiffFileSlide:
         if "S" not in self._axes or len(levels_arr[0].shape) != 3:
             raise SlideFormatError(f"{path}: expected an RGB image (axes YXS), found axes {self._axes}")
         self._levels = levels_arr
-        self._tiled = tiled
         # pread on a descriptor of our own: threads read tiles without sharing a file position
         self._fd = os.open(str(path), os.O_RDONLY)
+        self.decoder_warnings = DecoderWarnings()
+        self._tiled = [self._with_strict_jpeg(tl) if tl is not None else None for tl in tiled]
         self._cache = TileCache(0)
         w0, h0 = shapes[0]
         levels = tuple(Level((w, h), (w0 / w, h0 / h)) for w, h in shapes)
@@ -282,6 +321,47 @@ class TiffFileSlide:
     def forget_reads(self) -> None:
         self._cache.forget()
 
+    def _with_strict_jpeg(self, tl: _TiledLevel) -> _TiledLevel:
+        """Use simplejpeg (strict: it reports corrupt data, which tifffile's decoder passes over
+        in silence) for a JPEG level where it decodes a tile to exactly tifffile's pixels."""
+        page = tl.page
+        if page.compression != _JPEG or page.samplesperpixel != 3:
+            return tl
+        try:
+            import simplejpeg
+        except ImportError:
+            return tl
+        counts = np.asarray(page.databytecounts)
+        nonzero = np.flatnonzero(counts)
+        if nonzero.size == 0:
+            return tl
+        index = int(nonzero[0])
+        data = self._pread(int(counts[index]), int(page.dataoffsets[index]))
+        try:
+            ref = page.decode(data, index, jpegtables=page.jpegtables, jpegheader=page.jpegheader)[0]
+            mine = simplejpeg.decode_jpeg(_jpeg_stream(page, data), colorspace="RGB", strict=False)
+        except Exception:  # noqa: BLE001 - either decoder failing here: keep tifffile's
+            return tl
+        ref = ref.reshape(ref.shape[-3:])
+        if mine.shape != ref.shape[:2] + (3,) or not np.array_equal(mine, ref[..., :3]):
+            return tl
+        return dataclasses.replace(tl, strict_jpeg=True)
+
+    def _decode_jpeg(self, page: Any, data: bytes, where: str) -> np.ndarray:
+        import simplejpeg
+
+        stream = _jpeg_stream(page, data)
+        try:
+            return simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=True)
+        except ValueError as exc:
+            warning = str(exc)
+        try:
+            rgb = simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=False)
+        except ValueError as exc:
+            raise SlideFormatError(f"{self.info.path}: {where} cannot be decoded, the file is damaged ({exc})") from None
+        self.decoder_warnings.add(f"{where}: {warning}")
+        return rgb
+
     def _decode_tile(self, key: TileKey) -> np.ndarray:
         level, tx, ty = key
         tl = self._tiled[level]
@@ -293,6 +373,11 @@ class TiffFileSlide:
         if nbytes == 0:  # a tile the writer left out holds no data: white, as OpenSlide shows it
             return np.full((th, tw, 3), 255, dtype=np.uint8)
         data = self._pread(nbytes, int(page.dataoffsets[index]))
+        if tl.strict_jpeg:
+            rgb = self._decode_jpeg(page, data, f"level {level} tile {index}")
+            if rgb.shape != (th, tw, 3):
+                raise SlideFormatError(f"{self.info.path}: level {level} tile {index} decodes to {rgb.shape}, expected {(th, tw, 3)}")
+            return rgb
         seg, pos, _ = page.decode(data, index, jpegtables=page.jpegtables, jpegheader=page.jpegheader)
         if (pos[2], pos[3]) != (ty * th, tx * tw):  # tiles are stored row by row; say so if not
             raise SlideFormatError(f"{self.info.path}: tile {index} lies at {pos[2:4]}, expected {(ty * th, tx * tw)}")
@@ -446,8 +531,9 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> Slide:
     if [lv.size_wh for lv in tfs.info.levels] != [lv.size_wh for lv in osr.info.levels] or not _same_pixels(osr, tfs):
         tfs.close()
         return osr
-    # OpenSlide's properties (its normalised mpp among them) describe the same file
-    tfs.info = dataclasses.replace(tfs.info, vendor=osr.info.vendor, metadata=osr.info.metadata)
+    # OpenSlide's properties (its normalised mpp among them) describe the same file; tifffile's
+    # own (OME PhysicalSize, which OpenSlide does not read) stay where OpenSlide has no key
+    tfs.info = dataclasses.replace(tfs.info, vendor=osr.info.vendor, metadata={**tfs.info.metadata, **osr.info.metadata})
     osr.close()
     return tfs
 

@@ -61,6 +61,37 @@ def state_path(out: Path) -> Path:
     return out.with_name(out.name + ".train-state.pt")
 
 
+STATE_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_auc", "best_epoch", "history", "mean", "std")
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Write the resumable state atomically: a kill mid-write leaves the previous epoch's."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """The training state beside a model; a missing or damaged one is a clear error."""
+    if not path.is_file():
+        raise UsageError(f"--resume: no training state at {path}; start without --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, foreign or unsafe files alike
+        raise UsageError(f"--resume: the training state {path} cannot be read ({type(exc).__name__}); "
+                         "delete it and start without --resume") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UsageError(f"--resume: the training state {path} lacks {', '.join(missing)}; delete it and start without --resume")
+    return state
+
+
 def _augment_batch(x_u8: torch.Tensor, cfg: TrainConfig, card: ModelCard, gen: torch.Generator, device: torch.device) -> torch.Tensor:
     rgb = x_u8.permute(0, 3, 1, 2).float() / 255.0
     rgb = random_dihedral(rgb, gen)
@@ -105,9 +136,7 @@ def train(
     spath = state_path(out)
     state: dict[str, Any] | None = None
     if resume:
-        if not spath.is_file():
-            raise UsageError(f"--resume: no training state at {spath}; start without --resume")
-        state = torch.load(spath, map_location="cpu", weights_only=True)
+        state = load_state(spath)
     arch_kwargs: dict[str, Any] = {"width": cfg.width} if cfg.arch == "dense-cnn" else {}
     if state is not None:
         mean, std = tuple(state["mean"]), tuple(state["std"])
@@ -148,10 +177,14 @@ def train(
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     history: list[dict[str, Any]] = []
     best_auc, best_epoch, start = -math.inf, -1, 0
+    # fp16 autocast (CUDA without bf16) underflows small gradients to zero without loss scaling
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     if state is not None:
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         history = json.loads(state["history"])
         best_auc, best_epoch, start = float(state["best_auc"]), int(state["best_epoch"]), int(state["epoch"]) + 1
 
@@ -175,8 +208,9 @@ def train(
                 logits = net(x)
             loss = F.binary_cross_entropy_with_logits(logits.float(), target)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             losses.append(float(loss.detach()))
             if len(losses) % 10 == 0:
@@ -206,8 +240,8 @@ def train(
                 {**card.to_dict(), "metrics": {"valid": m.to_dict(), "epoch": epoch + 1}, "training": {**card.training, "history": history}}
             )
             save_model(out, net, best_card)
-        spath.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(
+        save_state(
+            spath,
             {
                 "model": net.state_dict(),
                 "optimizer": opt.state_dict(),
@@ -218,8 +252,8 @@ def train(
                 "history": json.dumps(history),
                 "mean": list(mean),
                 "std": list(std),
+                "scaler": scaler.state_dict(),
             },
-            spath,
         )
     result = finalize(out, splits, device, history, report_dir, progress)
     return result
