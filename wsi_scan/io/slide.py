@@ -206,12 +206,22 @@ class DecoderWarnings:
 _JPEG = 7  # TIFF compression code of JPEG tiles
 
 
+#: an Adobe APP14 segment with transform 0: "these three components are R, G, B, not YCbCr"
+_ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+_PHOTOMETRIC_RGB = 2
+
+
 def _jpeg_stream(page: Any, data: bytes) -> bytes:
-    """A tile's JPEG bytes as a complete stream: tables shared in the TIFF header spliced in."""
+    """A tile's JPEG bytes as a complete stream: tables shared in the TIFF header spliced in and,
+    for RGB-coded tiles (Aperio), the Adobe marker that tells libjpeg not to convert from YCbCr
+    (the TIFF says so in its photometric tag, which a JPEG decoder does not see)."""
     tables = page.jpegtables
-    if tables and len(tables) > 4 and data[:2] == b"\xff\xd8":
-        return bytes(tables[:-2]) + bytes(data[2:])
-    return bytes(data)
+    stream = bytes(data)
+    if tables and len(tables) > 4 and stream[:2] == b"\xff\xd8":
+        stream = bytes(tables[:-2]) + stream[2:]
+    if int(page.photometric) == _PHOTOMETRIC_RGB and stream[:2] == b"\xff\xd8":
+        stream = stream[:2] + _ADOBE_RGB + stream[2:]
+    return stream
 
 
 @dataclass(frozen=True)
