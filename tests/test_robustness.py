@@ -478,3 +478,61 @@ def test_corrupt_jpeg_data_is_recorded_or_refused(make_slide, mock_model, tmp_pa
     # an intact slide reports none
     ok = scan_slide(slide, tmp_path / "ok.zarr", ScanConfig(backend="tifffile"), model=mock_model)
     assert ok.decoder_warnings == 0 and open_heatmap(ok.out).attrs["slide"]["decoder_warnings"]["count"] == 0
+
+
+# ----------------------------------------------------------------------------- full and read-only disks
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """mount_fs(size, read_only) -> a folder on a tmpfs of that size; skipped where mounting is not allowed."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount_fs(size: str = "256k", read_only: bool = False) -> Path:
+        d = tmp_path / f"fs{len(mounted)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a small filesystem here (needs root in a container that allows it): {r.stderr!r:.80}")
+        mounted.append(d)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(d)], check=True)
+        return d
+
+    yield mount_fs
+
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def test_full_disk_single_slide_gives_one_line_and_no_debris(make_slide, small_fs):
+    slide = make_slide(size_wh=(6000, 4800), tissue=((100, 100, 5900, 4700),))
+    fs = small_fs("24k")
+    out = fs / "h.zarr"
+    code, _, err = run(slide, "--out", out, "--quiet")
+    assert_clean_failure(code, err, out, "no space")
+    assert code == 9 and not [p.name for p in fs.iterdir() if not p.name.startswith(".") or ".tmp-" in p.name]
+
+
+def test_full_disk_folder_run_gives_one_line_and_no_debris(make_slide, small_fs, tmp_path):
+    slides = tmp_path / "slides"
+    make_slide("slides/a.tif")
+    make_slide("slides/b.tif")
+    fs = small_fs("48k")
+    out = fs / "results"
+    code, _, err = run(slides, "--out", out, "--quiet")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code in (8, 9) and len(lines) == 1 and "Traceback" not in err, err
+    debris = [p for p in out.rglob("*") if ".tmp-" in p.name or p.suffix == ".lock"]
+    assert not debris
+
+
+def test_read_only_output_folder_fails_before_the_scan(make_slide, small_fs):
+    slide = make_slide()
+    fs = small_fs(read_only=True)
+    for args in ([slide, "--out", fs / "h.zarr"], [slide.parent, "--out", fs / "results"]):
+        code, _, err = run(*args, "--quiet")
+        assert_clean_failure(code, err, None, "writable")
+        assert code == 2

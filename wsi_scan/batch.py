@@ -384,7 +384,10 @@ def process_slide(job: SlideJob, model: Any = None, blocking: bool = False, prog
 
 @contextlib.contextmanager
 def _file_log(out_dir: Path) -> Iterator[None]:
-    handler = logging.FileHandler(out_dir / LOG_NAME, encoding="utf-8")
+    from .io.outputs import writing
+
+    with writing(out_dir / LOG_NAME, "run log"):
+        handler = logging.FileHandler(out_dir / LOG_NAME, encoding="utf-8")
     handler.setFormatter(logging.Formatter(f"%(asctime)s pid {os.getpid()} %(levelname)s %(message)s"))
     pkg = logging.getLogger("wsi_scan")
     old_level = pkg.level
@@ -533,19 +536,29 @@ def _run_distributed(jobs: Sequence[SlideJob], model: Any, workers: int | None, 
 
 
 def _write_summary(out_dir: Path, outcomes: Sequence[SlideOutcome], meta: dict[str, Any]) -> tuple[Path, Path]:
+    from .io.outputs import writing
+
     rows = [o.row() for o in outcomes]
     csv_path, json_path = out_dir / SUMMARY_CSV, out_dir / SUMMARY_JSON
-    tmp = out_dir / f".summary.csv.tmp-{os.getpid()}"
     fields = list(SlideOutcome("", "", "", "ok").row())
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-    os.replace(tmp, csv_path)  # concurrent runs: a reader sees one whole file or the other
+    tmp = out_dir / f".summary.csv.tmp-{os.getpid()}"
+    try:
+        with writing(csv_path, "run summary"):
+            with tmp.open("w", newline="", encoding="utf-8") as fh:
+                w = csv.DictWriter(fh, fieldnames=fields)
+                w.writeheader()
+                for r in rows:
+                    w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+            os.replace(tmp, csv_path)  # concurrent runs: a reader sees one whole file or the other
+    finally:
+        tmp.unlink(missing_ok=True)
     tmp = out_dir / f".summary.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"generator": MARK, **meta, "slides": rows}, indent=1, allow_nan=False), encoding="utf-8")
-    os.replace(tmp, json_path)
+    try:
+        with writing(json_path, "run summary"):
+            tmp.write_text(json.dumps({"generator": MARK, **meta, "slides": rows}, indent=1, allow_nan=False), encoding="utf-8")
+            os.replace(tmp, json_path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return csv_path, json_path
 
 

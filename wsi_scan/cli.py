@@ -7,6 +7,7 @@ command name is taken as a slide or folder to scan.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 import click
 
 from .config import ScanConfig, TissueConfig, TrainConfig
-from .errors import WsiScanError
+from .errors import OutputWriteError, WsiScanError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -45,6 +46,12 @@ class _WarningLine(logging.Handler):
 
 
 def _show_warnings() -> None:
+    # the readers log what they find wrong in a damaged file; the error line already says so,
+    # and Python would print their records unformatted to stderr (logging's last resort)
+    for name in ("tifffile", "openslide", "PIL"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(h, logging.NullHandler) for h in lg.handlers):
+            lg.addHandler(logging.NullHandler())
     log = logging.getLogger("wsi_scan")
     if not any(isinstance(h, _WarningLine) for h in log.handlers):
         h = _WarningLine(logging.WARNING)
@@ -61,6 +68,16 @@ def _run(fn: Callable[[], Any]) -> Any:
     except KeyboardInterrupt:
         click.echo("wsi-scan: interrupted", err=True)
         sys.exit(130)
+    except MemoryError:
+        click.echo("wsi-scan: error: out of memory; retry with a smaller --block-cells or fewer --threads", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        # a write the library did not anticipate (the library converts the ones it knows):
+        # still one line, with the code of an output that cannot be written
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            click.echo(f"wsi-scan: error: {exc.strerror}: {exc.filename or ''}", err=True)
+            sys.exit(OutputWriteError.exit_code)
+        raise
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

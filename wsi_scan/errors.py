@@ -67,6 +67,12 @@ class HeatmapError(WsiScanError, ValueError):
     exit_code = 7
 
 
+class OutputWriteError(WsiScanError, OSError):
+    """An output could not be written: the disk is full, the folder read-only, or permission denied."""
+
+    exit_code = 9
+
+
 class SlidesFailedError(WsiScanError):
     """A folder run finished but some of its slides failed (each is listed in the run report)."""
 

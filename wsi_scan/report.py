@@ -190,8 +190,14 @@ tumour = probability &ge; {model.get('threshold', '')}
 <script>{_JS}</script>
 </body></html>
 """
+    from .io.outputs import writing
+
     path = out_dir / "report.html"
     tmp = out_dir / f".report.html.tmp-{os.getpid()}"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with writing(path, "run report"):
+            tmp.write_text(page, encoding="utf-8")
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

@@ -238,7 +238,9 @@ def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, mo
         finally:
             bar.close()
             ckpt.save()  # finished blocks survive an error or Ctrl-C as well as a kill
-        decoder = cached_slide(plan.slide_path, plan.backend).decoder_warnings
+        if scheduler in ("threads", "sync", "synchronous", "single-threaded"):
+            # the handles that decoded the blocks live in this process only on a local scheduler
+            decoder = cached_slide(plan.slide_path, plan.backend).decoder_warnings
         # the checkpoint callback has recorded these already on Dask's local schedulers; a
         # distributed scheduler runs no local callbacks, so the results are placed here too
         for (r0, c0, nr, nc), res in zip(todo, results):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import OutputExistsError, UsageError
-from .outputs import MARK, check_replaceable, prepare_parent, temp_name
+from .outputs import MARK, check_replaceable, prepare_parent, temp_name, writing
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
@@ -35,8 +35,9 @@ def _atomic(out: Path, overwrite: bool) -> Iterator[Path]:
     out_abs = _check_out(out, overwrite)
     tmp = temp_name(out_abs)
     try:
-        yield tmp
-        os.replace(tmp, out_abs)
+        with writing(out):
+            yield tmp
+            os.replace(tmp, out_abs)
     finally:
         if tmp.exists():
             tmp.unlink()

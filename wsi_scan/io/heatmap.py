@@ -24,19 +24,22 @@ from typing import Any
 
 import numpy as np
 
+from ..config import MAX_SLIDE_EXTENT_MM, MPP_RANGE_UM
 from ..errors import HeatmapError, OutsideGridError
 from ..geometry import GridGeometry
+from .outputs import check_replaceable, move_into_place, remove_path, temp_name, writing
 
 FORMAT_VERSION = 1
 OME_VERSION = "0.5"
 MIN_LEVEL_SIZE = 64  # stop the pyramid once a level fits in this many cells per side
+MAX_GRID_SIDE = 1 << 20  # cells per side of any real slide are far fewer (100 mm / 31 um ~ 3,200)
 
 
 def check_output(out: Path, overwrite: bool, slide_path: str | None = None) -> None:
     """Refuse, before any work is done, an output that may not be written: the slide, a folder
     holding it, anything that is not a wsi-scan store, an existing store without ``overwrite``,
     or a folder that cannot be written."""
-    from .outputs import check_replaceable, prepare_parent
+    from .outputs import prepare_parent
 
     check_replaceable(out, overwrite, kind="store", protect=[slide_path] if slide_path else [])
     prepare_parent(out)
@@ -115,13 +118,18 @@ def write_heatmap(
     overwrite: bool = False,
 ) -> Path:
     """Write the store under a temporary name and move it into place once complete."""
-    import zarr
-
-    from .outputs import check_replaceable, move_into_place, remove_path, temp_name
-
     given = Path(out)
     out = check_replaceable(given, overwrite, kind="store")
     tmp = temp_name(out)
+    with writing(given, "heatmap store"):
+        _write_store(tmp, out, probs, tissue, grid, mpp_xy, attrs)
+    return given
+
+
+def _write_store(tmp: Path, out: Path, probs: np.ndarray, tissue: np.ndarray, grid: GridGeometry,
+                 mpp_xy: tuple[float, float], attrs: Mapping[str, Any]) -> None:
+    import zarr
+
     try:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         levels = _pyramid(probs.astype(np.float32))
@@ -160,7 +168,6 @@ def write_heatmap(
     finally:
         if tmp.exists():
             remove_path(tmp)
-    return given
 
 
 @dataclass(frozen=True)
@@ -216,15 +223,21 @@ def _check_contract(p: Path, meta: Mapping[str, Any]) -> GridGeometry:
         grid = grid_from_attrs(meta["grid"])
         slide = meta["slide"]
         mpp_xy = [float(v) for v in slide["mpp_xy"]]
+        level0_wh = [int(v) for v in slide["level0_size_wh"]]
         threshold = float(meta["model"].get("threshold", 0.5))
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise HeatmapError(f"{p}: damaged heatmap store, its attrs lack or garble {exc!s:.80} "
                            "(expected wsi_scan.grid, .slide.mpp_xy and .model); rerun the scan") from None
-    ok = (len(mpp_xy) == 2 and all(math.isfinite(v) and v > 0 for v in mpp_xy) and 0.0 <= threshold <= 1.0
-          and min(grid.shape_rc) >= 1 and all(math.isfinite(v) and v > 0 for v in grid.l0_cell_size_xy)
-          and grid.cell_px > 0 and grid.patch_px >= grid.cell_px and grid.target_mpp > 0)
+    lo, hi = MPP_RANGE_UM
+    ok = (len(mpp_xy) == 2 and all(lo <= v <= hi for v in mpp_xy) and 0.0 <= threshold <= 1.0
+          and len(level0_wh) == 2 and min(level0_wh) >= 1
+          and max(level0_wh[0] * mpp_xy[0], level0_wh[1] * mpp_xy[1]) <= MAX_SLIDE_EXTENT_MM * 1000
+          and min(grid.shape_rc) >= 1 and max(grid.shape_rc) <= MAX_GRID_SIDE
+          and all(math.isfinite(v) and 0 < v <= max(level0_wh) for v in grid.l0_cell_size_xy)
+          and all(0 <= v <= w for v, w in zip(grid.l0_origin_xy, level0_wh))
+          and 0 < grid.cell_px <= grid.patch_px <= 4096 and lo <= grid.target_mpp <= hi)
     if not ok:
-        raise HeatmapError(f"{p}: damaged heatmap store, its grid, mpp_xy or threshold make no sense; rerun the scan")
+        raise HeatmapError(f"{p}: damaged heatmap store, its slide size, grid, mpp_xy or threshold make no sense; rerun the scan")
     return grid
 
 
@@ -267,7 +280,10 @@ def open_heatmap(path: str | Path) -> Heatmap:
         raise HeatmapError(f"{p}: not a wsi-scan heatmap store ({type(exc).__name__}: {exc})") from None
     if meta.get("status") != "complete":
         raise HeatmapError(f"{p}: heatmap is incomplete (status {meta.get('status')!r}); rerun the scan")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise HeatmapError(f"{p}: damaged heatmap store, format_version is {version!r}; rerun the scan")
+    if version > FORMAT_VERSION:
         raise HeatmapError(f"{p}: format_version {meta.get('format_version')} is newer than this wsi-scan understands ({FORMAT_VERSION})")
     grid = _check_contract(p, meta)
     if tuple(arr0.shape) != grid.shape_rc or tuple(arr_tissue.shape) != grid.shape_rc:
@@ -300,7 +316,7 @@ def save_partial(out: Path, key: str, probs: np.ndarray, done: np.ndarray) -> No
     path = partial_path(out)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, "wb") as fh:
+        with writing(path, "resume file"), open(tmp, "wb") as fh:
             np.savez(fh, key=np.array(key), probs=probs, done=done)
         os.replace(tmp, path)
     finally:

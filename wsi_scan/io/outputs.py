@@ -19,14 +19,16 @@ The marks, per kind of file:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import OutputExistsError, UsageError
+from ..errors import OutputExistsError, OutputWriteError, UsageError
 
 MARK = "wsi-scan"
 STORE_ENTRIES = {"zarr.json", "labels", "lesions"}
@@ -149,9 +151,23 @@ def prepare_parent(out: Path, flag: str = "--out") -> None:
     except FileExistsError:
         raise UsageError(f"{flag} {out}: {parent} is a file, not a folder") from None
     except OSError as exc:
-        raise UsageError(f"{flag} {out}: cannot create the folder {parent} ({exc.strerror})") from None
+        raise UsageError(f"cannot create the output folder {parent} ({exc.strerror}); choose a writable folder for {flag}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {out}: the folder {parent} is not writable; choose another {flag}")
+
+
+@contextmanager
+def writing(out: Path, what: str = "output") -> Iterator[None]:
+    """Turn a failed write (disk full, read-only, permission) into one OutputWriteError."""
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        hint = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
+                errno.EROFS: "choose a writable folder", errno.EACCES: "choose a writable folder"}.get(exc.errno or 0, "check the folder")
+        raise OutputWriteError(f"cannot write the {what} {out}: {reason}; nothing was left behind, {hint} and run again") from None
 
 
 def temp_name(out: Path) -> Path:

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import SlideFormatError, SlideNotFoundError, UsageError
+from ..errors import SlideFormatError, SlideNotFoundError, UsageError, WsiScanError
 from .tilecache import ReadStats, TileCache, TileKey
 
 SLIDE_EXTS = (
@@ -276,6 +276,8 @@ class TiffFileSlide:
         shapes = []
         for arr in levels_arr:
             h, w = self._hw(arr.shape)
+            if w < 1 or h < 1:
+                raise SlideFormatError(f"{path}: a level of {w} x {h} px; the file's image sizes are damaged")
             shapes.append((w, h))
         if "S" not in self._axes or len(levels_arr[0].shape) != 3:
             raise SlideFormatError(f"{path}: expected an RGB image (axes YXS), found axes {self._axes}")
@@ -508,12 +510,21 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> Slide:
     """
     p = Path(path)
     _sniff(p)
+    if backend not in ("auto", "openslide", "tifffile"):
+        raise UsageError(f"backend must be auto, openslide or tifffile, found {backend!r}")
+    try:
+        return _open(p, backend)
+    except (WsiScanError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - parsers of hostile files raise anything; the user gets one line
+        raise SlideFormatError(f"{p}: damaged or unreadable slide ({type(exc).__name__}: {exc!s:.120})") from None
+
+
+def _open(p: Path, backend: str) -> Slide:
     if backend == "openslide":
         return OpenSlideSlide(p)
     if backend == "tifffile":
         return TiffFileSlide(p)
-    if backend != "auto":
-        raise UsageError(f"backend must be auto, openslide or tifffile, found {backend!r}")
     try:
         osr = OpenSlideSlide(p)
     except SlideFormatError as first:
