@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     from wsi_scan.io.mpp import resolve_mpp
     from wsi_scan.io.slide import open_slide
     from wsi_scan.regions import make_read_plan, read_thumbnail, resample_region
-    from wsi_scan.tissue import TissueMask, compute_mask
+    from wsi_scan.tissue import compute_mask
 
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
@@ -272,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     thumb, l0_per_mask = read_thumbnail(slide, mpp.xy, cfg.tissue.mask_mpp)
     mask_mpp = (l0_per_mask[0] * mpp.x, l0_per_mask[1] * mpp.y)
-    mask, thr = compute_mask(thumb, mask_mpp, cfg.tissue)
-    tissue = TissueMask(mask, l0_per_mask, mask_mpp, thr)
+    tissue = compute_mask(thumb, mask_mpp, cfg.tissue, l0_per_mask)
     grid = plan_grid(slide.info.l0_bounds_xywh, mpp.xy, card.mpp, card.cell_px, card.input_px)
     cells = tissue_cells(grid, tissue, cfg.tissue.min_cell_fraction)
     block_list = tissue_blocks(cells, cfg.block_cells)

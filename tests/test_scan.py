@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests._support import expected_share, share_from_prob
+from tests._support import assert_same_heatmap_across_readers, expected_share, share_from_prob
 from wsi_scan.config import ScanConfig
 from wsi_scan.io.heatmap import open_heatmap
 from wsi_scan.scan import scan_slide
@@ -133,11 +133,9 @@ def test_scan_decodes_each_tile_once(make_slide, mock_model, tmp_path):
     distinct = {k for keys in per_read for k in keys}
     assert decoded == len(distinct) < sum(len(k) for k in per_read)
     assert handle._cache.nbytes == 0
-    np.testing.assert_allclose(
+    assert_same_heatmap_across_readers(
         hm.probs,
         open_heatmap(scan_slide(slide, tmp_path / "o.zarr", ScanConfig(backend="openslide", block_cells=4), model=mock_model).out).probs,
-        atol=1e-6,
-        equal_nan=True,
     )
 
 

@@ -19,19 +19,22 @@ def _thumb() -> np.ndarray:
 
 
 def test_mask_finds_tissue_fills_holes_drops_specks():
-    mask, thr = compute_mask(_thumb(), (8.0, 8.0), TissueConfig())
+    tm = compute_mask(_thumb(), (8.0, 8.0), TissueConfig())
+    mask, thr = tm.mask, tm.threshold
     assert mask[50:150, 60:200].all()
     assert not mask[10:12, 10:12].any()
     assert not mask[180:195, 250:290].any()
     assert mask.sum() == 100 * 140
-    assert 0.07 <= thr < 0.4
+    assert TissueConfig().min_saturation <= thr <= TissueConfig().max_saturation
+    assert tm.params["method"] == "glass" and tm.params["glass_seen"] and tm.params["saturation_threshold"] == thr
+    otsu = compute_mask(_thumb(), (8.0, 8.0), TissueConfig(method="otsu"))
+    assert otsu.mask.sum() == 100 * 140 and 0.07 <= otsu.threshold < 0.4
 
 
 def test_glass_only_has_no_tissue():
     rng = np.random.default_rng(1)
     glass = (235 + rng.integers(0, 8, (120, 160, 3))).astype(np.uint8)
-    mask, _ = compute_mask(glass, (8.0, 8.0), TissueConfig())
-    assert not mask.any()
+    assert not compute_mask(glass, (8.0, 8.0), TissueConfig()).mask.any()
 
 
 def test_cell_fraction_and_blocks():
@@ -60,6 +63,6 @@ def test_saturation_lookup_equals_skimage_rgb2hsv_exactly():
     rgb = rng.integers(0, 256, (120, 170, 3), dtype=np.uint8)
     rgb[0, :4] = [(0, 0, 0), (255, 255, 255), (7, 7, 7), (255, 0, 0)]  # zero max, grey, saturated
     hsv = rgb2hsv(rgb)
-    sat, not_dark = _saturation(rgb, 0.1)
-    assert np.array_equal(sat, hsv[..., 1])
+    sat, value, not_dark = _saturation(rgb, 0.1)
+    assert np.array_equal(sat, hsv[..., 1]) and np.array_equal(value, hsv[..., 2])
     assert np.array_equal(not_dark, hsv[..., 2] > 0.1)

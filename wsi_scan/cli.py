@@ -232,7 +232,8 @@ def info(slide_path: Path, backend: str, mpp: float | None, as_json: bool) -> No
         mpp_s = f", {lv['mpp']:.4g} um/px" if lv.get("mpp") else ""
         click.echo(f"  level {i}  {lv['size_wh'][0]} x {lv['size_wh'][1]}  downsample {lv['downsample_xy'][0]:.6g}{mpp_s}")
     if d.get("tissue_fraction") is not None:
-        click.echo(f"  tissue   {d['tissue_fraction']:.1%} of the slide ({d['tissue_area_mm2']:.2f} mm2)")
+        click.echo(f"  tissue   {d['tissue_fraction']:.1%} of the slide: {d['tissue_area_mm2']:.2f} mm2 in the mask "
+                   f"({d['tissue_method']}), {d['scanned_area_mm2']:.2f} mm2 in the {d['tissue_cells']} cells a scan classifies")
 
 
 def _train_options(f: F) -> F:

@@ -44,21 +44,48 @@ def _in_range(owner: str, name: str, value: Any, lo: float, hi: float, lo_open: 
 
 @dataclass(frozen=True)
 class TissueConfig:
-    """Tissue detection on a low-resolution thumbnail."""
+    """Tissue detection on a low-resolution thumbnail (``tissue.py`` says why each step).
 
+    ``method="glass"`` thresholds saturation just above the glass's own (estimated from the
+    thumbnail's bright, grey mode), so fat, loose stroma and small fragments count as tissue;
+    ``"otsu"`` is the former rule (Otsu's threshold between pale and dark tissue, kept for
+    comparison); ``"all"`` takes every cell of the slide's bounds.
+    """
+
+    method: Literal["glass", "otsu", "all"] = "glass"
     mask_mpp: float = 8.0  # thumbnail resolution, um/px
-    min_saturation: float = 0.07  # floor under Otsu's threshold: grey glass never counts as tissue
-    max_value_dark: float = 0.12  # HSV value below this is ink/black background, not tissue
-    closing_um: float = 24.0  # radius of the closing that bridges gaps inside tissue
-    min_object_um2: float = 20_000.0  # smaller specks (dust, debris) are dropped
-    min_hole_um2: float = 20_000.0  # smaller holes inside tissue are filled
+    min_saturation: float = 0.025  # floor of the threshold: scanner glass sits at 0.005-0.02
+    max_saturation: float = 0.08  # cap of the threshold ("glass" method), the value used when no glass is seen
+    glass_min_value: float = 0.7  # glass is bright: HSV value at least this ...
+    glass_max_saturation: float = 0.12  # ... and grey: saturation below this
+    glass_margin: float = 0.02  # threshold = glass saturation mode + max(margin, 4 x its robust spread)
+    max_value_dark: float = 0.12  # HSV value below this is black background or ink, not tissue
+    otsu_min_saturation: float = 0.07  # floor under Otsu's threshold ("otsu" method), as before
+    ink_green_excess: float = 6.0  # G - R above this (0-255) is blue or green pen: H&E never has G > R
+    ink_grey_value: float = 0.45  # darker than this and ...
+    ink_grey_saturation: float = 0.2  # ... less saturated than this: black marker, bubble edges, dirt
+    closing_um: float = 24.0  # radius of the closing that bridges gaps inside tissue (fat membranes)
+    min_object_um2: float = 3_000.0  # smaller specks (dust) are dropped; a 96 px window is ~8,700 um2
+    min_hole_um2: float = 20_000.0  # smaller holes inside tissue (fat cells, vessels) are filled
     min_cell_fraction: float = 0.05  # share of a cell's area that must be tissue to scan it
 
     def __post_init__(self) -> None:
         # the one place where tissue settings are range-checked (CLI and Python API alike)
+        from .errors import UsageError
+
+        if self.method not in ("glass", "otsu", "all"):
+            raise UsageError(f"--tissue must be glass, otsu or all, found {self.method!r}")
         for name, lo, hi, lo_open, flag in (
             ("mask_mpp", 1.0, 64.0, False, "--tissue-mpp"),
             ("min_saturation", 0.0, 1.0, False, None),
+            ("max_saturation", 0.0, 1.0, False, None),
+            ("otsu_min_saturation", 0.0, 1.0, False, None),
+            ("glass_min_value", 0.0, 1.0, False, None),
+            ("glass_max_saturation", 0.0, 1.0, False, None),
+            ("glass_margin", 0.0, 1.0, False, None),
+            ("ink_green_excess", 0.0, 255.0, False, None),
+            ("ink_grey_value", 0.0, 1.0, False, None),
+            ("ink_grey_saturation", 0.0, 1.0, False, None),
             ("max_value_dark", 0.0, 1.0, False, None),
             ("closing_um", 0.0, 1000.0, False, None),
             ("min_object_um2", 0.0, 1e12, False, None),

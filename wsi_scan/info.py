@@ -22,8 +22,6 @@ def slide_info(path: str | Path, backend: str = "auto", mpp_override: float | No
 def _describe(slide: Any, path: str | Path, mpp_override: float | None, tissue_cfg: TissueConfig) -> dict[str, Any]:
     from .geometry import level_mpp
     from .io.mpp import check_extent, resolve_mpp
-    from .regions import read_thumbnail
-    from .tissue import compute_mask
 
     info = slide.info
     d: dict[str, Any] = {
@@ -47,9 +45,16 @@ def _describe(slide: Any, path: str | Path, mpp_override: float | None, tissue_c
     d["mpp_source"] = mpp.source
     for lv, row in zip(info.levels, d["levels"]):
         row["mpp"] = max(level_mpp(mpp.xy, lv.downsample_xy))
-    thumb, k = read_thumbnail(slide, mpp.xy, tissue_cfg.mask_mpp)
-    mask_mpp = (k[0] * mpp.x, k[1] * mpp.y)
-    mask, _ = compute_mask(thumb, mask_mpp, tissue_cfg)
-    d["tissue_fraction"] = float(mask.mean())
-    d["tissue_area_mm2"] = float(mask.sum()) * mask_mpp[0] * mask_mpp[1] / 1e6
+    # the scan's own plan, so that info and the scan name the same tissue: the mask's area and
+    # the area of the cells that a scan would classify (larger: a cell counts whole)
+    from .config import PCAM_CELL_PX, PCAM_MPP, PCAM_PATCH_PX, ScanConfig
+    from .plan import plan_scan
+
+    sp = plan_scan(slide, mpp.xy, PCAM_MPP, PCAM_CELL_PX, PCAM_PATCH_PX, ScanConfig(tissue=tissue_cfg))
+    mx, my = sp.tissue.mask_mpp_xy
+    d["tissue_fraction"] = sp.tissue.fraction
+    d["tissue_area_mm2"] = float(sp.tissue.mask.sum()) * mx * my / 1e6
+    d["tissue_cells"] = int(sp.cells.sum())
+    d["scanned_area_mm2"] = sp.tissue_area_mm2
+    d["tissue_method"] = sp.tissue.params.get("method")
     return d

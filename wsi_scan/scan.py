@@ -180,15 +180,14 @@ def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, mo
                  scheduler: str, restart: bool | None, t_start: float, t: float) -> ScanResult:
     import dask
 
-    from .geometry import check_resolution, plan_grid
-    from .grid import crop_to_tissue, tissue_blocks, tissue_cells
+    from .geometry import check_resolution
     from .inference import Predictor, resolve_device
     from .io.checkpoint import LoadedModel, card_summary, load_model
     from .io.heatmap import FORMAT_VERSION, drop_partial, load_partial, write_heatmap
     from .io.mpp import check_extent, resolve_mpp
     from .io.slide import file_identity
-    from .regions import block_key, build_graph, cached_slide, expected_reads, make_read_plan, read_thumbnail
-    from .tissue import TissueMask, compute_mask
+    from .plan import plan_scan
+    from .regions import block_key, build_graph, cached_slide, expected_reads
 
     timings: dict[str, float] = {}
     info = slide.info
@@ -209,14 +208,8 @@ def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, mo
     timings["model"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    thumb, l0_per_mask = read_thumbnail(slide, mpp.xy, config.tissue.mask_mpp)
-    mask_mpp = (l0_per_mask[0] * mpp.x, l0_per_mask[1] * mpp.y)
-    mask, thr = compute_mask(thumb, mask_mpp, config.tissue)
-    tissue = TissueMask(mask, l0_per_mask, mask_mpp, thr)
-    grid = plan_grid(info.l0_bounds_xywh, mpp.xy, card.mpp, card.cell_px, card.input_px)
-    cells = tissue_cells(grid, tissue, config.tissue.min_cell_fraction)
-    block_list = crop_to_tissue(cells, tissue_blocks(cells, config.block_cells))
-    plan = make_read_plan(slide, mpp.xy, grid)
+    sp = plan_scan(slide, mpp.xy, card.mpp, card.cell_px, card.input_px, config)
+    tissue, grid, cells, block_list, plan = sp.tissue, sp.grid, sp.cells, sp.blocks, sp.read
     timings["tissue"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -283,8 +276,8 @@ def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, mo
             "read_downsample_xy": list(plan.downsample_xy),
         },
         "tissue": {
-            "mask_mpp_xy": list(mask_mpp),
-            "saturation_threshold": thr if np.isfinite(thr) else None,
+            **tissue.params,
+            "mask_mpp_xy": list(tissue.mask_mpp_xy),
             "fraction_of_slide": tissue.fraction,
             "area_mm2": n_tissue * cell_um2 / 1e6,
             "tissue_cells": n_tissue,

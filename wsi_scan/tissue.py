@@ -1,15 +1,22 @@
 """Tissue mask from a low-resolution thumbnail. Pure: arrays in, arrays out.
 
-H&E tissue is coloured and glass is grey, so Otsu's threshold on HSV saturation separates
-them; a floor keeps an empty slide from having its noise called tissue. Very dark pixels (ink,
-black borders of MRXS/NDPI scans) are excluded. Morphology sizes are in micrometers and
-converted with the mask's own pixel size.
+The default ("glass") rule asks "does this pixel differ from the glass?", not "is it as dark as
+the rest of the tissue?". H&E stains everything on a section, fat and loose stroma faintly;
+scanner glass is grey. The glass's saturation is estimated from the thumbnail itself (the mode of
+its bright, grey pixels) and the threshold sits just above it, between a floor and a cap. Otsu's
+threshold on saturation ("otsu", the former rule) splits pale tissue from dark tissue whenever
+tissue is plentiful and drops fat, the subcapsular sinus's neighbour (docs/tissue.md).
+
+Excluded whatever their saturation: black background and very dark pixels, blue and green pen
+(G > R: both H&E stains absorb green more than red), and dark grey marks (black marker, air-bubble
+edges, dirt). Morphology sizes are in micrometers and converted with the mask's own pixel size.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -21,14 +28,12 @@ class TissueMask:
     mask: np.ndarray  # (rows, cols) bool
     l0_per_mask_xy: tuple[float, float]  # level-0 pixels per mask pixel
     mask_mpp_xy: tuple[float, float]
-    threshold: float  # saturation threshold used
+    threshold: float  # saturation threshold used (inf: none, NaN: not thresholded)
+    params: dict[str, Any] = field(default_factory=dict)  # method and every parameter, for the attrs
 
     @property
     def fraction(self) -> float:
         return float(self.mask.mean()) if self.mask.size else 0.0
-
-    def area_um2(self) -> float:
-        return float(self.mask.sum()) * self.mask_mpp_xy[0] * self.mask_mpp_xy[1]
 
 
 def _otsu(values: np.ndarray) -> float:
@@ -39,12 +44,11 @@ def _otsu(values: np.ndarray) -> float:
     return float(threshold_otsu(values))
 
 
-def _saturation(rgb: np.ndarray, max_value_dark: float) -> tuple[np.ndarray, np.ndarray]:
-    """HSV saturation (float64) and value > ``max_value_dark``, equal to skimage's ``rgb2hsv``.
+def _saturation(rgb: np.ndarray, max_value_dark: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """HSV saturation and value (float64, equal to skimage's ``rgb2hsv``) and value > ``max_value_dark``.
 
-    Computed from each pixel's uint8 max and min through 256 x 256 lookup tables, because
-    ``rgb2hsv`` keeps several float64 copies of the image: the mask stage peaked at 1.28 GB for
-    the 3750 x 3125 px mask of a 120000 x 100000 px slide, 0.47 GB this way (docs/benchmarks.md).
+    Computed from each pixel's uint8 max and min through lookup tables, because ``rgb2hsv`` keeps
+    several float64 copies of the image (docs/benchmarks.md: the mask stage's peak memory).
     """
     hi = rgb.max(axis=-1)
     lo = rgb.min(axis=-1)
@@ -54,29 +58,78 @@ def _saturation(rgb: np.ndarray, max_value_dark: float) -> tuple[np.ndarray, np.
     s_lut[~np.isfinite(s_lut)] = 0.0
     sat = s_lut[hi, lo]
     not_dark = (v > max_value_dark)[hi]
-    return sat, not_dark
+    return sat, v[hi], not_dark
 
 
-def compute_mask(rgb: np.ndarray, mask_mpp_xy: tuple[float, float], cfg: TissueConfig) -> tuple[np.ndarray, float]:
-    """Boolean tissue mask of an (h, w, 3) uint8 thumbnail and the saturation threshold used."""
+def glass_threshold(sat: np.ndarray, value: np.ndarray, cfg: TissueConfig) -> tuple[float, dict[str, Any]]:
+    """Saturation threshold just above the glass's: the mode of bright, grey pixels plus a margin.
+
+    Without enough glass in view (a fully covered slide) the cap is used: no scanner's glass is
+    that saturated, and every H&E stain is.
+    """
+    glass = sat[(value >= cfg.glass_min_value) & (sat < cfg.glass_max_saturation)]
+    seen = glass.size >= max(64, int(0.01 * sat.size))
+    if not seen:
+        return cfg.max_saturation, {"glass_seen": False}
+    step = 0.0025
+    hist, edges = np.histogram(glass, bins=int(math.ceil(cfg.glass_max_saturation / step)), range=(0.0, cfg.glass_max_saturation))
+    k = int(np.argmax(hist))
+    mode = float((edges[k] + edges[k + 1]) / 2)
+    below = glass[glass <= mode + 4 * step]  # the glass's own spread: its side of the mode
+    spread = float(1.4826 * np.median(np.abs(below - mode))) if below.size else 0.0
+    thr = min(max(mode + max(cfg.glass_margin, 4 * spread), cfg.min_saturation), cfg.max_saturation)
+    return thr, {"glass_seen": True, "glass_saturation_mode": round(mode, 4), "glass_saturation_spread": round(spread, 4)}
+
+
+def ink(rgb: np.ndarray, sat: np.ndarray, value: np.ndarray, cfg: TissueConfig) -> np.ndarray:
+    """Pen marks and dark grey debris: blue/green ink (G > R) and dark, weakly saturated pixels."""
+    green_excess = rgb[..., 1].astype(np.int16) - rgb[..., 0].astype(np.int16)
+    return (green_excess > cfg.ink_green_excess) | ((value < cfg.ink_grey_value) & (sat < cfg.ink_grey_saturation))
+
+
+def compute_mask(rgb: np.ndarray, mask_mpp_xy: tuple[float, float], cfg: TissueConfig,
+                 l0_per_mask_xy: tuple[float, float] = (1.0, 1.0)) -> TissueMask:
+    """The tissue mask of an (h, w, 3) uint8 thumbnail at ``mask_mpp_xy`` um/px."""
     from skimage import morphology
 
-    sat, not_dark = _saturation(rgb, cfg.max_value_dark)
-    # Otsu over every non-dark pixel: glass and tissue form the two modes; the floor keeps a
-    # slide of glass only from having its noise split in two.
-    candidates = sat[not_dark]
-    thr = max(_otsu(candidates), cfg.min_saturation) if candidates.size > 16 else float("inf")
-    del candidates
-    mask = (sat >= thr) & not_dark
-    del sat, not_dark
+    params: dict[str, Any] = {"method": cfg.method, **{k: v for k, v in vars(cfg).items() if k != "method"}}
+    if cfg.method == "all":
+        return TissueMask(np.ones(rgb.shape[:2], dtype=bool), l0_per_mask_xy, mask_mpp_xy, float("nan"), params)
+    sat, value, not_dark = _saturation(rgb, cfg.max_value_dark)
+    if cfg.method == "otsu":
+        # Otsu over every non-dark pixel, floored so that a slide of glass only is not split in two
+        candidates = sat[not_dark]
+        thr = max(_otsu(candidates), cfg.otsu_min_saturation) if candidates.size > 16 else float("inf")
+        del candidates
+        mask = (sat >= thr) & not_dark
+        excluded = ~not_dark
+    else:
+        # a 3 x 3 median (24 um at 8 um/px) takes the glass's pixel noise and JPEG ringing out of
+        # the decision, so the threshold can sit close to the glass (CLAM and WSInfer blur too)
+        from scipy import ndimage
+
+        smooth = ndimage.median_filter(sat, size=3, mode="nearest")
+        thr, found = glass_threshold(smooth, value, cfg)
+        params.update(found)
+        excluded = ~not_dark | ink(rgb, sat, value, cfg)
+        # a pixel twice as saturated as the threshold is tissue without the median's vote: the
+        # median would take the corners and one-pixel tips of small fragments
+        mask = ((smooth >= thr) | (sat >= 2 * thr)) & ~excluded
+        del smooth
+    del sat, value, not_dark
     px_area = mask_mpp_xy[0] * mask_mpp_xy[1]
     radius = int(round(cfg.closing_um / math.sqrt(px_area)))
     if radius > 0 and mask.any():
         mask = morphology.closing(mask, morphology.disk(radius))
+        if cfg.method == "glass":
+            mask &= ~excluded  # the closing must not carry the mask onto ink next to tissue
     min_obj = int(round(cfg.min_object_um2 / px_area))
     min_hole = int(round(cfg.min_hole_um2 / px_area))
     if min_obj > 0:
         mask = morphology.remove_small_objects(mask, max_size=min_obj)
     if min_hole > 0:
         mask = morphology.remove_small_holes(mask, max_size=min_hole)
-    return mask.astype(bool), float(thr)
+        if cfg.method == "glass":
+            mask &= ~excluded
+    params["saturation_threshold"] = float(thr) if math.isfinite(thr) else None
+    return TissueMask(mask.astype(bool), l0_per_mask_xy, mask_mpp_xy, float(thr), params)

@@ -148,7 +148,7 @@ def tile_slide(
     from ..io.mpp import check_extent, resolve_mpp
     from ..io.slide import open_slide
     from ..regions import block_windows, expected_reads, make_read_plan, read_block, read_thumbnail
-    from ..tissue import TissueMask, compute_mask
+    from ..tissue import compute_mask
 
     if stride_cells < 1:
         raise UsageError(f"--stride-cells must be at least 1, found {stride_cells}")
@@ -183,8 +183,7 @@ def tile_slide(
     finally:
         slide.close()
     mask_mpp = (l0_per_mask[0] * res.x, l0_per_mask[1] * res.y)
-    mask, thr = compute_mask(thumb, mask_mpp, tissue_config)
-    cells = tissue_cells(grid, TissueMask(mask, l0_per_mask, mask_mpp, thr), tissue_config.min_cell_fraction)
+    cells = tissue_cells(grid, compute_mask(thumb, mask_mpp, tissue_config, l0_per_mask), tissue_config.min_cell_fraction)
     rr, cc = np.indices(grid.shape_rc)
     cells &= (rr % stride_cells == 0) & (cc % stride_cells == 0)
     # blocks start on multiples of the stride, so every block sees the same window phase
