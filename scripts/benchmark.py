@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     mask_mpp = (l0_per_mask[0] * mpp.x, l0_per_mask[1] * mpp.y)
     tissue = compute_mask(thumb, mask_mpp, cfg.tissue, l0_per_mask)
     grid = plan_grid(slide.info.l0_bounds_xywh, mpp.xy, card.mpp, card.cell_px, card.input_px)
-    cells = tissue_cells(grid, tissue, cfg.tissue.min_cell_fraction)
+    cells = tissue_cells(grid, tissue, cfg.tissue.min_cell_fraction, cfg.tissue.min_window_fraction)
     block_list = tissue_blocks(cells, cfg.block_cells)
     try:  # as scan_slide does, in trees that have it (before/after runs of older commits)
         from wsi_scan.grid import crop_to_tissue

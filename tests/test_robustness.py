@@ -536,3 +536,115 @@ def test_read_only_output_folder_fails_before_the_scan(make_slide, small_fs):
         code, _, err = run(*args, "--quiet")
         assert_clean_failure(code, err, None, "writable")
         assert code == 2
+
+
+# ----------------------------------------------------------------------------- found by attacking the CLI
+
+
+@pytest.mark.parametrize("args", [["--block-cells", "0"], ["--no-such-option"], ["--threads", "-1"], []])
+def test_click_usage_errors_are_one_line(make_slide, tmp_path, args):
+    slide = make_slide()
+    extra = [] if not args else ["--out", tmp_path / "h.zarr"]
+    code, _, err = run(slide, *extra, *args)
+    assert_clean_failure(code, err, tmp_path / "h.zarr")
+    assert code == 2
+
+
+def test_outputs_inside_a_store_or_the_package_are_refused(heatmap, tmp_path):
+    import wsi_scan
+
+    _, hm = heatmap
+    for command, name in (("geojson", "t.geojson"), ("overlay", "o.png"), ("heatmap-tiff", "h.tif")):
+        code, _, err = run(command, hm, "--out", hm / name)
+        assert_clean_failure(code, err, hm / name, "inside the heatmap store")
+        assert code == 4
+    bundled = Path(wsi_scan.__file__).parent / "model" / "default.safetensors"
+    before = bundled.read_bytes()
+    code, _, err = run("train", tmp_path, "--out", bundled, "--overwrite", "--quiet")
+    assert code == 4 and "package" in err and bundled.read_bytes() == before
+
+
+def test_overlay_threshold_nan_and_unwritable_out(heatmap, make_slide):
+    _, hm = heatmap
+    code, _, err = run("overlay", hm, "--out", hm.parent / "o.png", "--threshold", "nan")
+    assert_clean_failure(code, err, hm.parent / "o.png", "threshold")
+    assert code == 2
+    if Path("/proc/self").exists():
+        code, _, err = run(make_slide("other.tif"), "--out", "/proc/x.zarr", "--quiet")
+        assert_clean_failure(code, err, None, "not writable")
+        assert code == 2
+
+
+def test_a_tile_size_that_would_abort_openslide_is_refused(make_slide, tmp_path):
+    import struct
+
+    import tifffile
+
+    slide = make_slide(size_wh=(1024, 1024), downsamples=(1,))
+    with tifffile.TiffFile(slide) as tf:
+        off = tf.pages[0].tags["TileWidth"].offset
+    b = bytearray(slide.read_bytes())
+    b[off + 2 : off + 4] = struct.pack("<H", 4)  # LONG
+    b[off + 8 : off + 12] = struct.pack("<I", 2**30)
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(bytes(b))
+    for backend in ("auto", "openslide", "tifffile"):
+        code, _, err = run(bad, "--out", tmp_path / "h.zarr", "--backend", backend, "--quiet")
+        assert_clean_failure(code, err, tmp_path / "h.zarr")
+        assert code == 3
+
+
+def test_a_store_whose_slide_is_far_larger_than_its_grid_is_damaged(heatmap, tmp_path):
+    import json
+
+    _, hm = heatmap
+    meta = json.loads((hm / "zarr.json").read_text())
+    meta["attributes"]["wsi_scan"]["slide"]["level0_size_wh"] = [30000, 24000]
+    (hm / "zarr.json").write_text(json.dumps(meta))
+    for command, name in (("geojson", "t.geojson"), ("heatmap-tiff", "h.tif"), ("overlay", "o.png")):
+        code, _, err = run(command, hm, "--out", tmp_path / name)
+        assert_clean_failure(code, err, tmp_path / name, "damaged")
+        assert code == 7
+
+
+def test_a_torchscript_model_that_is_not_a_classifier_is_refused(make_slide, tmp_path):
+    import json
+
+    import torch
+
+    from wsi_scan.io.checkpoint import load_model
+
+    class Identity(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    path = tmp_path / "shape.ts"
+    torch.jit.save(torch.jit.script(Identity()), str(path))
+    path.with_suffix(".json").write_text(json.dumps({**load_model().card.to_dict(), "dense_exact": False}))
+    code, _, err = run(make_slide(), "--out", tmp_path / "h.zarr", "--model", path, "--quiet")
+    assert_clean_failure(code, err, tmp_path / "h.zarr")
+    assert code == 5
+
+
+def test_figures_never_replace_a_users_file(tmp_path):
+    import matplotlib
+    import numpy as np
+    from PIL import Image
+
+    from wsi_scan.train.plots import save_figure
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    user = tmp_path / "samples.png"
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(user)
+    before = user.read_bytes()
+    fig = plt.figure()
+    from wsi_scan.errors import OutputExistsError
+
+    with pytest.raises(OutputExistsError):
+        save_figure(fig, user)
+    assert user.read_bytes() == before
+    save_figure(fig, tmp_path / "ours.png")
+    save_figure(fig, tmp_path / "ours.png")  # its own figure is replaced
+    plt.close(fig)

@@ -38,6 +38,7 @@ Status = Literal["ok", "skipped", "failed", "busy"]
 STAGES = ("open", "model", "tissue", "scan", "write", "total")
 LOG_NAME = "wsi-scan.log"
 SUMMARY_CSV, SUMMARY_JSON, REPORT_HTML = "summary.csv", "summary.json", "report.html"
+SCHEDULER_TIMEOUT_S = 20  # connecting to --scheduler: a wrong address fails in this time, not never
 LOCK_DIR = ".locks"
 # names editors, copy tools and our own writers leave behind while a file is incomplete
 _TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
@@ -161,7 +162,11 @@ def read_mpp_csv(path: str | Path) -> dict[str, float]:
     """``slide,mpp`` rows -> {slide (name or relative path): mpp}."""
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"--mpp-csv {p} does not exist; expected a CSV file with columns slide,mpp")
+        raise UsageError(f"--mpp-csv {p} does not exist or is not a file; expected a CSV file with columns slide,mpp")
+    try:
+        p.read_text(encoding="utf-8-sig")
+    except (UnicodeDecodeError, OSError) as exc:
+        raise UsageError(f"--mpp-csv {p}: not a readable text file ({type(exc).__name__}); expected a CSV file with columns slide,mpp") from None
     with p.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
@@ -496,7 +501,11 @@ def _run_distributed(jobs: Sequence[SlideJob], model: Any, workers: int | None, 
 
     with contextlib.ExitStack() as stack:
         if address:
-            client = stack.enter_context(Client(address))
+            try:
+                client = stack.enter_context(Client(address, timeout=SCHEDULER_TIMEOUT_S))
+            except (OSError, ValueError, TypeError) as exc:  # bad address, refused, timed out
+                raise UsageError(f"--scheduler {address}: cannot reach a Dask scheduler there ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); expected tcp://host:port of a running one") from None
         else:
             # processes, one thread each: a slide task already runs its own thread pool (--threads)
             cluster = stack.enter_context(LocalCluster(n_workers=workers, processes=True, threads_per_worker=1,

@@ -30,6 +30,22 @@ _TRAIN = TrainConfig()
 class DefaultGroup(click.Group):
     """A group whose unknown first argument is handed to the ``scan`` command."""
 
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Click's own usage errors as one line too, like every other error of this tool."""
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.exceptions.UsageError as exc:
+            where = f" (see: {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+            click.echo(f"wsi-scan: error: {' '.join(exc.format_message().split())}{where}", err=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            click.echo("wsi-scan: interrupted", err=True)
+            sys.exit(130)
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
+        return rv
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["scan", *args]
@@ -107,11 +123,19 @@ def _scan_options(f: F) -> F:
         click.option("--threads", type=click.IntRange(1), default=_SCAN.threads, help="threads per slide reading and classifying blocks"),
         click.option("--tta/--no-tta", default=_SCAN.tta, help="average the 8 rotations/flips (8x slower)"),
         click.option("--amp/--no-amp", default=_SCAN.amp, help="mixed precision on CUDA"),
+        click.option("--tissue", "tissue_method", type=click.Choice(["glass", "otsu", "all"]), default=_TISSUE.method,
+                     help="tissue detection: glass (anything that differs from the glass), otsu (the former rule), all (every cell)"),
+        click.option("--tissue-mask", type=click.Path(path_type=Path), default=None,
+                     help="a mask image (PNG/TIFF) of the slide at any downsample, non-zero = tissue, used instead of detection"),
+        click.option("--roi", type=click.Path(path_type=Path), default=None,
+                     help="GeoJSON polygons in level-0 px (QuPath annotations): scan only inside them"),
         click.option("--tissue-mpp", type=float, default=_TISSUE.mask_mpp, help="um/px of the tissue-mask thumbnail"),
         click.option("--min-saturation", type=float, default=_TISSUE.min_saturation, help="lowest saturation threshold for tissue"),
         click.option("--min-object-um2", type=float, default=_TISSUE.min_object_um2, help="drop tissue pieces smaller than this"),
         click.option("--min-hole-um2", type=float, default=_TISSUE.min_hole_um2, help="fill holes smaller than this"),
         click.option("--min-cell-fraction", type=float, default=_TISSUE.min_cell_fraction, help="tissue share of a cell needed to scan it"),
+        click.option("--min-window-fraction", type=float, default=_TISSUE.min_window_fraction,
+                     help="or tissue share of its 3 x 3-cell window (1: off)"),
         click.option("--overwrite", is_flag=True, help="replace existing outputs"),
         click.option("--quiet", is_flag=True, help="no progress bar"),
     ]
@@ -122,12 +146,17 @@ def _scan_options(f: F) -> F:
 
 def _scan_config(kw: dict[str, Any]) -> ScanConfig:
     tissue = TissueConfig(
+        method=kw.pop("tissue_method"),
+        min_window_fraction=kw.pop("min_window_fraction"),
         mask_mpp=kw.pop("tissue_mpp"),
         min_saturation=kw.pop("min_saturation"),
         min_object_um2=kw.pop("min_object_um2"),
         min_hole_um2=kw.pop("min_hole_um2"),
         min_cell_fraction=kw.pop("min_cell_fraction"),
     )
+    for k in ("tissue_mask", "roi"):
+        if kw.get(k) is not None:
+            kw[k] = str(kw[k])
     return ScanConfig(tissue=tissue, **kw)
 
 
@@ -311,7 +340,7 @@ def explore(data: tuple[Path, ...], out_dir: Path) -> None:
 @click.option("--tta", is_flag=True, help="average the 8 rotations/flips")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_SCAN.device)
-@click.option("--batch-size", type=int, default=_SCAN.batch_size)
+@click.option("--batch-size", type=click.IntRange(1, 65536), default=_SCAN.batch_size)
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def evaluate(data: Path, model_path: Path | None, split: str, tta: bool, as_json: bool, device: str, batch_size: int, quiet: bool) -> None:
     """Score a model on labelled patches: AUC, accuracy, sensitivity, specificity."""
@@ -346,7 +375,7 @@ def evaluate(data: Path, model_path: Path | None, split: str, tta: bool, as_json
 @click.argument("heatmap", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="picture file, .png or .jpg")
 @click.option("--slide", "slide_path", type=click.Path(path_type=Path), default=None, help="the slide (default: the path recorded in the heatmap)")
-@click.option("--max-size", type=click.IntRange(16), default=2048, help="longest side of the slide thumbnail, px")
+@click.option("--max-size", type=click.IntRange(16, 16384), default=2048, help="longest side of the picture, px (at most the slide's own size)")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, help="opacity of the heatmap over tissue")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="outline regions at or above this probability (default: the model's threshold)")
 @click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile"]), default=_SCAN.backend)

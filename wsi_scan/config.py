@@ -58,16 +58,19 @@ class TissueConfig:
     max_saturation: float = 0.08  # cap of the threshold ("glass" method), the value used when no glass is seen
     glass_min_value: float = 0.7  # glass is bright: HSV value at least this ...
     glass_max_saturation: float = 0.12  # ... and grey: saturation below this
-    glass_margin: float = 0.02  # threshold = glass saturation mode + max(margin, 4 x its robust spread)
+    glass_margin: float = 0.012  # threshold = glass saturation mode + max(margin, 4 x its robust spread)
     max_value_dark: float = 0.12  # HSV value below this is black background or ink, not tissue
     otsu_min_saturation: float = 0.07  # floor under Otsu's threshold ("otsu" method), as before
     ink_green_excess: float = 6.0  # G - R above this (0-255) is blue or green pen: H&E never has G > R
     ink_grey_value: float = 0.45  # darker than this and ...
     ink_grey_saturation: float = 0.2  # ... less saturated than this: black marker, bubble edges, dirt
-    closing_um: float = 24.0  # radius of the closing that bridges gaps inside tissue (fat membranes)
-    min_object_um2: float = 3_000.0  # smaller specks (dust) are dropped; a 96 px window is ~8,700 um2
+    closing_um: float = 32.0  # radius of the closing that bridges gaps inside tissue (fat membranes)
+    min_object_um2: float = 1_000.0  # smaller specks (dust) are dropped; a 96 px window is ~8,700 um2
+    stained_saturation: float = 0.15  # ... unless they carry stain this strong somewhere ...
+    min_stained_object_um2: float = 400.0  # ... and are at least this large (20 um square; 6 px at 8 um/px)
     min_hole_um2: float = 20_000.0  # smaller holes inside tissue (fat cells, vessels) are filled
     min_cell_fraction: float = 0.05  # share of a cell's area that must be tissue to scan it
+    min_window_fraction: float = 0.1  # or share of its window's (3 x 3 cells) area (1: off)
 
     def __post_init__(self) -> None:
         # the one place where tissue settings are range-checked (CLI and Python API alike)
@@ -89,8 +92,11 @@ class TissueConfig:
             ("max_value_dark", 0.0, 1.0, False, None),
             ("closing_um", 0.0, 1000.0, False, None),
             ("min_object_um2", 0.0, 1e12, False, None),
+            ("stained_saturation", 0.0, 1.0, False, None),
+            ("min_stained_object_um2", 0.0, 1e12, False, None),
             ("min_hole_um2", 0.0, 1e12, False, None),
             ("min_cell_fraction", 0.0, 1.0, False, None),
+            ("min_window_fraction", 0.0, 1.0, False, None),
         ):
             _in_range("tissue", name, getattr(self, name), lo, hi, lo_open, flag)
 
@@ -115,6 +121,8 @@ class ScanConfig:
     mpp_xy_tolerance: float = 0.02  # relative disagreement of x and y pixel size that is an error
     overwrite: bool = False
     tissue: TissueConfig = field(default_factory=TissueConfig)
+    tissue_mask: str | None = None  # a mask image of the slide (any downsample) replacing the detected tissue
+    roi: str | None = None  # GeoJSON polygons in level-0 px: scan only cells whose centre lies inside
 
     def __post_init__(self) -> None:
         if self.mpp is not None:

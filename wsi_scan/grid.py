@@ -36,9 +36,20 @@ def cell_tissue_fraction(grid: GridGeometry, tissue: TissueMask) -> np.ndarray:
     return frac.astype(np.float32)
 
 
-def tissue_cells(grid: GridGeometry, tissue: TissueMask, min_fraction: float) -> np.ndarray:
+def tissue_cells(grid: GridGeometry, tissue: TissueMask, min_fraction: float, min_window_fraction: float = 1.0) -> np.ndarray:
+    """Cells to classify: those with at least ``min_fraction`` of tissue, and those whose window
+    (the cell and its 8 neighbours, what the model sees) holds at least ``min_window_fraction``.
+
+    The second rule keeps the cells of pale tissue that a thumbnail sees only at the edges of
+    the window (fat, whose membranes are all that an 8 um/px mask shows)."""
+    from scipy import ndimage
+
     frac = cell_tissue_fraction(grid, tissue)
-    return (frac >= min_fraction) & (frac > 0)
+    cells = (frac >= min_fraction) & (frac > 0)
+    if min_window_fraction < 1.0:
+        window = ndimage.uniform_filter(frac, size=3, mode="constant", cval=0.0)
+        cells |= window >= min_window_fraction
+    return cells
 
 
 def tissue_blocks(cells: np.ndarray, block_cells: int) -> list[tuple[int, int, int, int]]:

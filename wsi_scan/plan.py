@@ -51,8 +51,58 @@ def plan_scan(slide: Any, mpp_xy: tuple[float, float], target_mpp: float, cell_p
     from .grid import crop_to_tissue, tissue_blocks, tissue_cells
     from .regions import make_read_plan
 
-    tissue = plan_tissue(slide, mpp_xy, config.tissue)
+    if config.tissue_mask is not None:
+        tissue = user_tissue_mask(config.tissue_mask, slide.info.level0_size_wh, mpp_xy)
+    else:
+        tissue = plan_tissue(slide, mpp_xy, config.tissue)
     grid = plan_grid(slide.info.l0_bounds_xywh, mpp_xy, target_mpp, cell_px, patch_px)
-    cells = tissue_cells(grid, tissue, config.tissue.min_cell_fraction)
+    cells = tissue_cells(grid, tissue, config.tissue.min_cell_fraction, config.tissue.min_window_fraction)
+    if config.roi is not None:
+        cells &= roi_cells(grid, config.roi)
     blocks = crop_to_tissue(cells, tissue_blocks(cells, config.block_cells))
     return SlidePlan(tissue, grid, cells, blocks, make_read_plan(slide, mpp_xy, grid))
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    from .errors import DataError
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror}); expected a mask image or a GeoJSON file") from None
+    return h.hexdigest()
+
+
+def user_tissue_mask(path: str, l0_size_wh: tuple[int, int], mpp_xy: tuple[float, float]) -> TissueMask:
+    """``--tissue-mask``: a mask image of the slide's level-0 frame at any downsample (non-zero = tissue)."""
+    from .export.tiles import check_mask_shape
+    from .io.exports import read_label_mask
+
+    mask = read_label_mask(path)
+    check_mask_shape(mask.shape, l0_size_wh, f"--tissue-mask {path}")
+    mh, mw = mask.shape
+    l0_per = (l0_size_wh[0] / mw, l0_size_wh[1] / mh)
+    params = {"method": "user mask (--tissue-mask)", "path": str(path), "sha256": file_sha256(path)}
+    return TissueMask(mask, l0_per, (l0_per[0] * mpp_xy[0], l0_per[1] * mpp_xy[1]), float("nan"), params)
+
+
+def roi_cells(grid: GridGeometry, path: str) -> np.ndarray:
+    """``--roi``: the cells whose centre lies inside a polygon of the GeoJSON (level-0 px, e.g. QuPath)."""
+    import shapely
+
+    from .errors import DataError
+    from .export.tiles import tumour_geometry
+    from .io.exports import read_json
+
+    geom = tumour_geometry(read_json(path), f"--roi {path}", class_name=None)
+    if geom is None:
+        raise DataError(f"--roi {path}: no polygon found; expected QuPath annotations (GeoJSON polygons in level-0 pixels)")
+    rows, cols = grid.shape_rc
+    (ox, oy), (sx, sy) = grid.l0_origin_xy, grid.l0_cell_size_xy
+    cy, cx = np.mgrid[0:rows, 0:cols]
+    return np.asarray(shapely.contains_xy(geom, ox + (cx + 0.5) * sx, oy + (cy + 0.5) * sy), dtype=bool)

@@ -53,8 +53,20 @@ def settings_hash(model_sha256: str, cfg: ScanConfig) -> str:
     # block size, batch size, threads and backends give the same heatmap)
     for k in ("overwrite", "threads", "device", "batch_size", "block_cells", "backend", "mpp_source", "tile_cache_mb", "checkpoint_s"):
         d.pop(k, None)
+    # a user's mask or ROI enters by content: the same file moved gives the same heatmap, an edited one not
+    from .plan import file_sha256
+
+    for k in ("tissue_mask", "roi"):
+        if d.get(k) is not None:
+            d[k] = file_sha256(d[k])
     payload = json.dumps({"model": model_sha256, "config": d}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def settings_roi_digest(config: ScanConfig) -> str | None:
+    from .plan import file_sha256
+
+    return file_sha256(config.roi) if config.roi else None
 
 
 def software_versions() -> dict[str, str]:
@@ -277,6 +289,7 @@ def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, mo
         },
         "tissue": {
             **tissue.params,
+            "roi": {"path": config.roi, "sha256": settings_roi_digest(config)} if config.roi else None,
             "mask_mpp_xy": list(tissue.mask_mpp_xy),
             "fraction_of_slide": tissue.fraction,
             "area_mm2": n_tissue * cell_um2 / 1e6,

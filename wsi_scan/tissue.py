@@ -87,6 +87,23 @@ def ink(rgb: np.ndarray, sat: np.ndarray, value: np.ndarray, cfg: TissueConfig) 
     return (green_excess > cfg.ink_green_excess) | ((value < cfg.ink_grey_value) & (sat < cfg.ink_grey_saturation))
 
 
+def _drop_specks(mask: np.ndarray, sat: np.ndarray, min_px: int, min_stained_px: int, stained: float) -> np.ndarray:
+    """Drop pieces smaller than ``min_px``, except stained ones down to ``min_stained_px``.
+
+    A 90 um fragment of fat or loose stroma shows as a few pixels at 8 um/px, as small as a
+    speck of dust; but dust is grey (the ink rule takes it) and a fragment carries stain."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    index = np.arange(1, n + 1)
+    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index)
+    peak = ndimage.maximum(sat, labels, index)
+    keep = (sizes > min_px) | ((sizes > min_stained_px) & (peak >= stained))
+    return np.concatenate([[False], keep])[labels]
+
+
 def compute_mask(rgb: np.ndarray, mask_mpp_xy: tuple[float, float], cfg: TissueConfig,
                  l0_per_mask_xy: tuple[float, float] = (1.0, 1.0)) -> TissueMask:
     """The tissue mask of an (h, w, 3) uint8 thumbnail at ``mask_mpp_xy`` um/px."""
@@ -104,19 +121,23 @@ def compute_mask(rgb: np.ndarray, mask_mpp_xy: tuple[float, float], cfg: TissueC
         mask = (sat >= thr) & not_dark
         excluded = ~not_dark
     else:
-        # a 3 x 3 median (24 um at 8 um/px) takes the glass's pixel noise and JPEG ringing out of
-        # the decision, so the threshold can sit close to the glass (CLAM and WSInfer blur too)
+        # a 3 x 3 mean (24 um at 8 um/px) takes the glass's pixel noise and JPEG ringing out of
+        # the decision, so the threshold can sit close to the glass (CLAM and WSInfer blur too);
+        # unlike a median it keeps the thin membranes that are all a thumbnail shows of fat
         from scipy import ndimage
 
-        smooth = ndimage.median_filter(sat, size=3, mode="nearest")
+        smooth = ndimage.uniform_filter(sat, size=3, mode="nearest")
         thr, found = glass_threshold(smooth, value, cfg)
         params.update(found)
-        excluded = ~not_dark | ink(rgb, sat, value, cfg)
-        # a pixel twice as saturated as the threshold is tissue without the median's vote: the
-        # median would take the corners and one-pixel tips of small fragments
+        # grown by the mean's reach: glass next to ink would otherwise borrow the ink's saturation
+        # (and by the one-pixel blend of a stroke's antialiased edge with the glass)
+        excluded = ndimage.binary_dilation(~not_dark | ink(rgb, sat, value, cfg), structure=np.ones((5, 5), bool))
+        # a pixel twice as saturated as the threshold is tissue whatever its neighbours: the mean
+        # would take the corners and one-pixel tips of small fragments
         mask = ((smooth >= thr) | (sat >= 2 * thr)) & ~excluded
         del smooth
-    del sat, value, not_dark
+    sat_full = sat
+    del value, not_dark
     px_area = mask_mpp_xy[0] * mask_mpp_xy[1]
     radius = int(round(cfg.closing_um / math.sqrt(px_area)))
     if radius > 0 and mask.any():
@@ -125,7 +146,9 @@ def compute_mask(rgb: np.ndarray, mask_mpp_xy: tuple[float, float], cfg: TissueC
             mask &= ~excluded  # the closing must not carry the mask onto ink next to tissue
     min_obj = int(round(cfg.min_object_um2 / px_area))
     min_hole = int(round(cfg.min_hole_um2 / px_area))
-    if min_obj > 0:
+    if min_obj > 0 and cfg.method == "glass":
+        mask = _drop_specks(mask, sat_full, min_obj, int(round(cfg.min_stained_object_um2 / px_area)), cfg.stained_saturation)
+    elif min_obj > 0:
         mask = morphology.remove_small_objects(mask, max_size=min_obj)
     if min_hole > 0:
         mask = morphology.remove_small_holes(mask, max_size=min_hole)

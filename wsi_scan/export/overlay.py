@@ -170,6 +170,8 @@ def render_overlay(
     image_format(out)  # a wrong suffix fails before any pixel is read
     if max_size < 16:
         raise UsageError(f"--max-size must be at least 16 px, found {max_size}")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise UsageError(f"--threshold must lie in [0, 1], found {threshold}")
     if not 0.0 <= alpha <= 1.0:
         raise UsageError(f"--alpha must lie in [0, 1], found {alpha}")
     hm = _as_heatmap(heatmap)
@@ -179,7 +181,8 @@ def render_overlay(
         w0, h0 = s.info.level0_size_wh
         mx, my = hm.mpp_xy
         # a hair coarser than exact, so that ceil() in read_thumbnail stays within max_size
-        thumb_mpp = max(w0 * mx, h0 * my) / max_size * (1 + 1e-9)
+        # never finer than level 0: a picture larger than the slide only costs memory
+        thumb_mpp = max(max(w0 * mx, h0 * my) / max_size * (1 + 1e-9), mx, my)
         thumb, l0_per_px = read_thumbnail(s, hm.mpp_xy, thumb_mpp)
     finally:
         s.close()

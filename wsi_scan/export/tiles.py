@@ -29,8 +29,9 @@ class TileResult:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
-def tumour_geometry(geojson: dict[str, Any], where: str, class_name: str = "Tumor") -> Any:
-    """Union of the (multi)polygons of a GeoJSON, keeping only ``class_name`` when classes are given."""
+def tumour_geometry(geojson: dict[str, Any], where: str, class_name: str | None = "Tumor") -> Any:
+    """Union of the (multi)polygons of a GeoJSON, keeping only ``class_name`` when classes are
+    given (``None``: every polygon)."""
     import shapely
     from shapely.geometry import shape
 
@@ -40,10 +41,13 @@ def tumour_geometry(geojson: dict[str, Any], where: str, class_name: str = "Tumo
     geoms = []
     for f in feats:
         cls = ((f.get("properties") or {}).get("classification") or {}).get("name")
-        if cls is not None and cls.lower() not in (class_name.lower(), "tumour"):
+        if class_name is not None and cls is not None and cls.lower() not in (class_name.lower(), "tumour"):
             continue
-        g = shape(f["geometry"])
-        if g.geom_type in ("Polygon", "MultiPolygon"):
+        try:
+            g = shape(f["geometry"]) if isinstance(f, dict) and f.get("geometry") else None
+        except Exception as exc:  # noqa: BLE001 - shapely's errors for malformed coordinates vary
+            raise DataError(f"{where}: a feature's geometry cannot be read ({type(exc).__name__}: {exc!s:.80})") from None
+        if g is not None and g.geom_type in ("Polygon", "MultiPolygon"):
             geoms.append(g if g.is_valid else shapely.make_valid(g))
     return shapely.union_all(geoms) if geoms else None
 
@@ -72,13 +76,9 @@ def cell_labels(grid: Any, cells_rc: np.ndarray, tumour: Any) -> np.ndarray:
     return out
 
 
-def mask_table(mask: np.ndarray, l0_size_wh: tuple[int, int], where: str) -> np.ndarray:
-    """Summed-area table of a label mask, once its shape is checked against the slide's level 0.
-
-    The mask covers the slide's level-0 frame at one scale in x and y (any downsample), as
-    CAMELYON16's masks and most annotation exports do.
-    """
-    mh, mw = mask.shape
+def check_mask_shape(shape_rc: tuple[int, ...], l0_size_wh: tuple[int, int], where: str) -> None:
+    """A mask must cover the slide's level-0 frame at one downsample in x and y."""
+    mh, mw = shape_rc[:2]
     w0, h0 = l0_size_wh
     # a mask made by downsampling by d rounds w0 / d and h0 / d: some d must give both sizes
     # within one mask pixel
@@ -89,6 +89,16 @@ def mask_table(mask: np.ndarray, l0_size_wh: tuple[int, int], where: str) -> np.
             f"{where}: mask of {mw} x {mh} px does not have the shape of the slide's level 0 ({w0} x {h0} px); "
             "expected the slide's frame at one downsample in x and y"
         )
+
+
+def mask_table(mask: np.ndarray, l0_size_wh: tuple[int, int], where: str) -> np.ndarray:
+    """Summed-area table of a label mask, once its shape is checked against the slide's level 0.
+
+    The mask covers the slide's level-0 frame at one scale in x and y (any downsample), as
+    CAMELYON16's masks and most annotation exports do.
+    """
+    check_mask_shape(mask.shape, l0_size_wh, where)
+    mh, mw = mask.shape
     sat = np.zeros((mh + 1, mw + 1), dtype=np.int64)
     sat[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
     return sat
@@ -183,7 +193,8 @@ def tile_slide(
     finally:
         slide.close()
     mask_mpp = (l0_per_mask[0] * res.x, l0_per_mask[1] * res.y)
-    cells = tissue_cells(grid, compute_mask(thumb, mask_mpp, tissue_config, l0_per_mask), tissue_config.min_cell_fraction)
+    cells = tissue_cells(grid, compute_mask(thumb, mask_mpp, tissue_config, l0_per_mask), tissue_config.min_cell_fraction,
+                        tissue_config.min_window_fraction)
     rr, cc = np.indices(grid.shape_rc)
     cells &= (rr % stride_cells == 0) & (cc % stride_cells == 0)
     # blocks start on multiples of the stride, so every block sees the same window phase

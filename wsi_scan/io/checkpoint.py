@@ -120,8 +120,12 @@ def _load_torchscript(path: Path) -> tuple[Any, ModelCard]:
             "(JSON with arch, input_px, mpp, mean, std, threshold)"
         )
     card = ModelCard.from_json(card_path.read_text())
+    import warnings
+
     try:
-        net = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # torch's deprecation notice is not the user's business
+            warnings.simplefilter("ignore")
+            net = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError, OSError) as exc:
         raise ModelError(f"{path}: not a readable TorchScript file ({str(exc)[:160]})") from None
     from ..model.nets import PatchClassifier
@@ -133,6 +137,11 @@ def _load_torchscript(path: Path) -> tuple[Any, ModelCard]:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             out = self.inner(x)
+            per_window = out.numel() // max(1, x.shape[0])
+            if per_window not in (1, 2) or out.numel() != per_window * x.shape[0]:
+                # one logit, or two class logits, per window: anything else is not a classifier's output
+                raise ModelError(f"the TorchScript model returns {tuple(out.shape)} for {x.shape[0]} windows; "
+                                 "expected one tumour logit (or two class logits) per window")
             return out.reshape(x.shape[0], -1)[:, -1:]  # last logit is the tumour class
 
     card = ModelCard.from_dict({**card.to_dict(), "dense_exact": False})

@@ -72,8 +72,10 @@ class KagglePatches(PatchSet):
             with Image.open(path) as im:
                 if im.mode != "RGB":
                     raise DataError(f"{path}: expected an RGB patch, found mode {im.mode}")
+                if im.size[0] > 4 * PATCH_SHAPE[1] or im.size[1] > 4 * PATCH_SHAPE[0]:  # before decoding a bomb
+                    raise DataError(f"{path}: expected a {PATCH_SHAPE[1]} x {PATCH_SHAPE[0]} patch, found {im.size[0]} x {im.size[1]} px")
                 arr = np.asarray(im)
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise DataError(f"{path}: not a readable image ({exc})") from None
         return _check_patch(arr, str(path))
 

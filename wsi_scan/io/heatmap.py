@@ -236,6 +236,11 @@ def _check_contract(p: Path, meta: Mapping[str, Any]) -> GridGeometry:
           and all(math.isfinite(v) and 0 < v <= max(level0_wh) for v in grid.l0_cell_size_xy)
           and all(0 <= v <= w for v, w in zip(grid.l0_origin_xy, level0_wh))
           and 0 < grid.cell_px <= grid.patch_px <= 4096 and lo <= grid.target_mpp <= hi)
+    if ok:
+        # the grid covers the slide's bounds (its whole level 0 but for MRXS-like offsets): a slide
+        # size far beyond it would make exports draw the heatmap in a corner of a huge picture
+        ends = [grid.l0_origin_xy[i] + grid.shape_rc[1 - i] * grid.l0_cell_size_xy[i] for i in (0, 1)]
+        ok = all(ends[i] <= level0_wh[i] + 2 * grid.l0_cell_size_xy[i] and level0_wh[i] <= 4 * ends[i] for i in (0, 1))
     if not ok:
         raise HeatmapError(f"{p}: damaged heatmap store, its slide size, grid, mpp_xy or threshold make no sense; rerun the scan")
     return grid

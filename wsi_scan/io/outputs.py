@@ -127,6 +127,13 @@ def check_replaceable(out: str | Path, overwrite: bool, kind: str = "file", flag
         p_abs = absolute(p)
         if p_abs == out_abs or out_abs in p_abs.parents:
             raise OutputExistsError(f"{flag} {out} is or holds the input {p}; an input is never written to, choose another {flag}")
+    for parent in out_abs.parents:
+        if is_heatmap_store(parent):
+            raise OutputExistsError(f"{flag} {out} lies inside the heatmap store {parent}; write it beside the store")
+    package = Path(os.path.realpath(Path(__file__).parents[1]))
+    real = Path(os.path.realpath(out_abs))  # realpath, unlike resolve(), does not raise on a link loop
+    if real == package or package in real.parents:
+        raise OutputExistsError(f"{flag} {out} lies inside the installed wsi-scan package; choose another {flag}")
     if not _lexists(out_abs):
         return out_abs
     if not overwrite:
@@ -152,8 +159,14 @@ def prepare_parent(out: Path, flag: str = "--out") -> None:
         raise UsageError(f"{flag} {out}: {parent} is a file, not a folder") from None
     except OSError as exc:
         raise UsageError(f"cannot create the output folder {parent} ({exc.strerror}); choose a writable folder for {flag}") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {out}: the folder {parent} is not writable; choose another {flag}")
+    probe = parent / f".wsi-scan-write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        # a real file, because os.access says yes to root on read-only mounts and /proc
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"{flag} {out}: the folder {parent} is not writable ({exc.strerror}); choose another {flag}") from None
 
 
 @contextmanager
@@ -167,7 +180,7 @@ def writing(out: Path, what: str = "output") -> Iterator[None]:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         hint = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
                 errno.EROFS: "choose a writable folder", errno.EACCES: "choose a writable folder"}.get(exc.errno or 0, "check the folder")
-        raise OutputWriteError(f"cannot write the {what} {out}: {reason}; nothing was left behind, {hint} and run again") from None
+        raise OutputWriteError(f"cannot write the {what} {out}: {reason}; its temporary file was removed, {hint} and run again") from None
 
 
 def temp_name(out: Path) -> Path:

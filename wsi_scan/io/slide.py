@@ -28,6 +28,8 @@ from .tilecache import ReadStats, TileCache, TileKey
 SLIDE_EXTS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".czi", ".qptiff",
 )
+MAX_TILE_PX = 1 << 26  # 8192 x 8192: scanners write 256-1024 px tiles
+MAX_IMAGE_SIDE_PX = 1 << 22  # 4 million px (400 mm at 0.1 um/px)
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 #: OpenSlide vendors whose files ``auto`` reads with tifffile when the pixels agree
 TIFFFILE_VENDORS = ("generic-tiff", "aperio")
@@ -78,6 +80,10 @@ class Slide(Protocol):
 
     def close(self) -> None: ...
 
+    def __enter__(self) -> Slide: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
 
 def _flatten_alpha(rgba: np.ndarray) -> np.ndarray:
     """Composite premultiplied-free RGBA on white: OpenSlide marks 'no data' as transparent."""
@@ -92,7 +98,20 @@ def _flatten_alpha(rgba: np.ndarray) -> np.ndarray:
     return ((rgb * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
 
 
-class OpenSlideSlide:
+class _Lifetime:
+    """``with open_slide(path) as slide:`` closes the slide's file handles on leaving."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class OpenSlideSlide(_Lifetime):
     def __init__(self, path: Path) -> None:
         import openslide
 
@@ -250,7 +269,7 @@ def _tiled_level(series_level: Any) -> _TiledLevel | None:
     return _TiledLevel(page, (page.tilewidth, page.tilelength), math.ceil(page.imagewidth / page.tilewidth))
 
 
-class TiffFileSlide:
+class TiffFileSlide(_Lifetime):
     """Pyramidal TIFF / OME-TIFF read with tifffile; only the tiles a read touches are decoded.
 
     Tiled RGB levels are decoded tile by tile into the read's buffer (no intermediate array) and
@@ -383,6 +402,8 @@ class TiffFileSlide:
         tw, th = tl.tile_wh
         nbytes = int(page.databytecounts[index])
         if nbytes == 0:  # a tile the writer left out holds no data: white, as OpenSlide shows it
+            # counted, since a damaged file may have lost its tiles' byte counts
+            self.decoder_warnings.add(f"level {level} tile {index}: holds no data, read as white")
             return np.full((th, tw, 3), 255, dtype=np.uint8)
         data = self._pread(nbytes, int(page.dataoffsets[index]))
         if tl.strict_jpeg:
@@ -490,6 +511,15 @@ def _check_tiff_complete(path: Path, size: int) -> None:
         except Exception as exc:  # noqa: BLE001 - a directory chain cut off mid-way
             raise SlideFormatError(f"{path}: damaged or truncated TIFF, its image directories cannot be read ({exc!s:.80})") from None
         for i, page in enumerate(pages):
+            try:
+                tw, tl = int(getattr(page, "tilewidth", 0) or 0), int(getattr(page, "tilelength", 0) or 0)
+                iw, il = int(getattr(page, "imagewidth", 0) or 0), int(getattr(page, "imagelength", 0) or 0)
+            except (TypeError, ValueError):
+                raise SlideFormatError(f"{path}: image {i} has unreadable size tags; the file's header is damaged") from None
+            if tw * tl > MAX_TILE_PX or max(iw, il) > MAX_IMAGE_SIDE_PX:
+                # OpenSlide would try to allocate such a tile and abort the whole process
+                raise SlideFormatError(f"{path}: image {i} declares {iw} x {il} px in tiles of "
+                                       f"{tw} x {tl} px; the file's header is damaged or hostile")
             offsets = np.asarray(getattr(page, "dataoffsets", ()), dtype=np.uint64)
             counts = np.asarray(getattr(page, "databytecounts", ()), dtype=np.uint64)
             if offsets.size == 0 or offsets.size != counts.size:

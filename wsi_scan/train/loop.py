@@ -132,6 +132,13 @@ def train(
     if cfg.max_train and cfg.max_train < len(train_rows):
         train_rows = train_rows[np.random.default_rng([cfg.seed, 5]).permutation(len(train_rows))[: cfg.max_train]]
     val_labels = labels_of(splits, splits.valid)
+    train_labels = labels_of(splits, train_rows)
+    for name, lab in (("training", train_labels), ("validation", val_labels)):
+        if lab.size == 0 or lab.min() == lab.max():
+            from ..errors import DataError
+
+            raise DataError(f"the {name} patches hold {lab.size} patches of {'one class' if lab.size else 'no class'}; "
+                            "training and choosing an epoch need both tumour and normal patches")
 
     spath = state_path(out)
     state: dict[str, Any] | None = None

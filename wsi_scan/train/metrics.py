@@ -54,7 +54,10 @@ class BinaryMetrics:
     fn: int
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        import math
+
+        # JSON has no NaN: a metric that is undefined (one class only) is null
+        d = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
         d["confusion_matrix"] = [[self.tn, self.fp], [self.fn, self.tp]]
         return d
 

@@ -21,12 +21,38 @@ def _plt() -> Any:
     return plt
 
 
+def check_figure_folder(out_dir: Path) -> None:
+    """A folder for figures: refused when it is a file, created otherwise, checked writable."""
+    from ..errors import UsageError
+    from ..io.outputs import prepare_parent
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir} is a file; expected a folder for the figures")
+    prepare_parent(out_dir / "x.png")
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a figure atomically, marked as wsi-scan's; a user's file of that name is never replaced."""
+    import os
+
+    from ..io.outputs import MARK, check_replaceable, temp_name, writing
+
+    path = check_replaceable(path, True, kind="file")
+    tmp = temp_name(path).with_suffix(".png")
+    try:
+        with writing(path, "figure"):
+            fig.savefig(tmp, dpi=120, metadata={"Software": MARK})
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def explore(sets: Sequence[PatchSet], out_dir: Path, per_class: int = 12, seed: int = 0) -> list[Path]:
     """Label distribution, sample patches per class (centre 32x32 outlined), colour histograms."""
     plt = _plt()
     from matplotlib.patches import Rectangle
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_figure_folder(out_dir)
     written: list[Path] = []
 
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(sets), 3.2))
@@ -42,7 +68,7 @@ def explore(sets: Sequence[PatchSet], out_dir: Path, per_class: int = 12, seed: 
     ax.set_title("Label distribution")
     fig.tight_layout()
     written.append(out_dir / "label_distribution.png")
-    fig.savefig(written[-1], dpi=120)
+    save_figure(fig, written[-1])
     plt.close(fig)
 
     rng = np.random.default_rng(seed)
@@ -64,7 +90,7 @@ def explore(sets: Sequence[PatchSet], out_dir: Path, per_class: int = 12, seed: 
     fig.suptitle("Sample patches (green: the labelled central 32x32)", fontsize=9)
     fig.tight_layout()
     written.append(out_dir / "samples.png")
-    fig.savefig(written[-1], dpi=120)
+    save_figure(fig, written[-1])
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 3, figsize=(10, 3))
@@ -81,7 +107,7 @@ def explore(sets: Sequence[PatchSet], out_dir: Path, per_class: int = 12, seed: 
     fig.suptitle("Colour histograms per class (sampled patches)", fontsize=9)
     fig.tight_layout()
     written.append(out_dir / "colour_histograms.png")
-    fig.savefig(written[-1], dpi=120)
+    save_figure(fig, written[-1])
     plt.close(fig)
     return written
 
@@ -91,7 +117,7 @@ def training_report(
 ) -> list[Path]:
     """Loss and AUC per epoch, and the ROC curve of the chosen model on the validation split."""
     plt = _plt()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_figure_folder(out_dir)
     written: list[Path] = []
     ep = [h["epoch"] for h in history]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -106,7 +132,7 @@ def training_report(
     a2.legend()
     fig.tight_layout()
     written.append(out_dir / "curves.png")
-    fig.savefig(written[-1], dpi=120)
+    save_figure(fig, written[-1])
     plt.close(fig)
 
     fpr, tpr = roc_curve(labels, probs)
@@ -119,6 +145,6 @@ def training_report(
     ax.legend(loc="lower right")
     fig.tight_layout()
     written.append(out_dir / "roc.png")
-    fig.savefig(written[-1], dpi=120)
+    save_figure(fig, written[-1])
     plt.close(fig)
     return written
