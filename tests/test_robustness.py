@@ -648,3 +648,26 @@ def test_figures_never_replace_a_users_file(tmp_path):
     save_figure(fig, tmp_path / "ours.png")
     save_figure(fig, tmp_path / "ours.png")  # its own figure is replaced
     plt.close(fig)
+
+
+def test_tile_on_a_full_disk_gives_one_line_and_no_debris(make_slide, small_fs):
+    slide = make_slide(size_wh=(6000, 4800), tissue=((100, 100, 5900, 4700),))
+    fs = small_fs("64k")
+    code, _, err = run("tile", slide, "--out", fs / "p.h5")
+    assert_clean_failure(code, err, fs / "p.h5")
+    assert code == 9 and not list(fs.iterdir())
+
+
+def test_evaluate_on_a_broken_patch_is_one_line(tmp_path):
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = ["id,label"]
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(data / "train" / f"p{i}.png")
+        rows.append(f"p{i},{i % 2}")
+    (data / "train" / "p3.png").write_text("not an image")
+    (data / "train_labels.csv").write_text("\n".join(rows) + "\n")
+    code, _, err = run("evaluate", data, "--quiet")
+    assert_clean_failure(code, err, None, "p3")
+    assert code == 6

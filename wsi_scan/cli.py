@@ -79,7 +79,10 @@ def _run(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except WsiScanError as exc:
-        click.echo(f"wsi-scan: error: {exc}", err=True)
+        msg = str(exc)
+        if "Original Traceback" in msg:  # re-raised by a DataLoader worker: its own last line says it
+            msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
+        click.echo(f"wsi-scan: error: {' '.join(msg.split())}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("wsi-scan: interrupted", err=True)

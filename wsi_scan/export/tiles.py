@@ -76,6 +76,29 @@ def cell_labels(grid: Any, cells_rc: np.ndarray, tumour: Any) -> np.ndarray:
     return out
 
 
+#: the patch file's size as a share of the patches' raw bytes, rounded up from the 0.81 measured
+#: on the sample slide (93 patches, gzip level 4, coordinates included)
+TILE_COMPRESSED_SHARE = 0.9
+
+
+def check_free_space(out: Path, raw_bytes: int) -> None:
+    """Refuse before writing when the disk cannot hold the patches: HDF5 meeting a full disk
+    mid-write can crash the whole process (h5py segfaults when it closes the file)."""
+    import shutil
+
+    from ..errors import OutputWriteError
+    from ..io.outputs import absolute
+
+    folder = absolute(out)
+    while not folder.exists():
+        folder = folder.parent
+    need = int(raw_bytes * TILE_COMPRESSED_SHARE) + (1 << 20)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise OutputWriteError(f"--out {out}: about {need / 2**20:.0f} MiB are needed for the patches and {free / 2**20:.1f} MiB "
+                               "are free there; free some space or choose another --out")
+
+
 def check_mask_shape(shape_rc: tuple[int, ...], l0_size_wh: tuple[int, int], where: str) -> None:
     """A mask must cover the slide's level-0 frame at one downsample in x and y."""
     mh, mw = shape_rc[:2]
@@ -226,6 +249,7 @@ def tile_slide(
             return mask_cell_labels(grid, rc, mask_sat, info.level0_size_wh)
         return cell_labels(grid, rc, tumour) if labels_geojson is not None else None
 
+    check_free_space(Path(out), int(cells.sum()) * patch_px * patch_px * 3)
     writer = PatchWriter(out, (patch_px, patch_px, 3), labelled, attrs, split, overwrite)
     ok = False
     n_pos = 0

@@ -232,6 +232,15 @@ class PatchWriter:
         self.n = 0
 
     def append(self, x: np.ndarray, l0_xy: np.ndarray, cell_rc: np.ndarray, y: np.ndarray | None = None) -> None:
+        try:
+            self._append(x, l0_xy, cell_rc, y)
+        except (OSError, RuntimeError) as exc:  # h5py reports a full disk as either
+            from ..errors import OutputWriteError
+
+            raise OutputWriteError(f"cannot write the patch file {self._targets[0]}: {str(exc).splitlines()[0][:120]}; "
+                                   "its temporary files are removed, free some space and run again") from None
+
+    def _append(self, x: np.ndarray, l0_xy: np.ndarray, cell_rc: np.ndarray, y: np.ndarray | None = None) -> None:
         k = x.shape[0]
         if k == 0:
             return
@@ -247,7 +256,11 @@ class PatchWriter:
 
     def close(self, ok: bool = True) -> list[Path]:
         for f in self._files:
-            f.close()
+            try:
+                f.close()
+            except (OSError, RuntimeError):
+                if ok:
+                    raise
         for tmp, t in zip(self._tmps, self._targets):
             if ok:
                 tmp.replace(t)
