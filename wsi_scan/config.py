@@ -102,6 +102,20 @@ class TissueConfig:
 
 
 @dataclass(frozen=True)
+class LesionConfig:
+    """Lesions from a heatmap (``lesions.py``): CAMELYON17's size classes and the false-positive rule."""
+
+    seed_prob: float = 0.9  # a lesion needs one cell at least this probable (hysteresis; docs/lesions.md)
+    itc_mm: float = 0.2  # longest diameter up to this: isolated tumour cells
+    macro_mm: float = 2.0  # above this: macro-metastasis (between the two: micro)
+
+    def __post_init__(self) -> None:
+        _in_range("lesions", "seed_prob", self.seed_prob, 0.0, 1.0)
+        _in_range("lesions", "itc_mm", self.itc_mm, 0.0, 100.0)
+        _in_range("lesions", "macro_mm", self.macro_mm, self.itc_mm, 100.0)
+
+
+@dataclass(frozen=True)
 class ScanConfig:
     """How one slide is scanned."""
 
