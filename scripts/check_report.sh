@@ -45,8 +45,8 @@ fi
 png="${2:-$out_dir/report.png}"
 [ -f "$out_dir/report.html" ] || { echo "check_report: no $out_dir/report.html; run a folder scan first" >&2; exit 1; }
 
-# #sort=3 sorts by tumour area (largest first) in the page's own JS, so the check covers it too
-url="file://$(cd "$out_dir" && pwd)/report.html#sort=3"
+# #sort=6 sorts by tumour area (largest first) in the page's own JS, so the check covers it too
+url="file://$(cd "$out_dir" && pwd)/report.html#sort=6"
 flags=(--headless --no-sandbox --disable-gpu --disable-quic --no-first-run
        --disable-background-networking --disable-component-update --disable-sync
        --user-data-dir="$work/profile" --window-size=1400,1100 --hide-scrollbars)

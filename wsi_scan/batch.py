@@ -78,6 +78,10 @@ class SlideOutcome:
     timings_s: dict[str, float] = field(default_factory=dict)
     cells_per_s: float | None = None
     settings_hash: str = ""
+    call: str = ""  # the node's call: negative, itc, micro or macro (lesions.py)
+    score: float | None = None  # the slide's tumour score (its highest probability)
+    n_lesions: int | None = None
+    largest_lesion_mm: float | None = None
     decoder_warnings: int | None = None  # corrupt tiles decoded with damage (see slide.decoder_warnings)
     decoder_warning: str = ""  # the first such warning
 
@@ -322,6 +326,10 @@ def _outcome_from_attrs(job: SlideJob, status: Status, attrs: dict[str, Any]) ->
         timings_s=timings,
         cells_per_s=((n_tissue - int(attrs.get("resumed_cells") or 0)) / scan_s) if n_tissue and scan_s > 0 else None,
         settings_hash=attrs.get("settings_hash", ""),
+        call=str(summary.get("call") or ""),
+        score=summary.get("score"),
+        n_lesions=summary.get("n_lesions"),
+        largest_lesion_mm=summary.get("largest_lesion_mm"),
         decoder_warnings=(slide.get("decoder_warnings") or {}).get("count"),
         decoder_warning=(slide.get("decoder_warnings") or {}).get("first") or "",
     )

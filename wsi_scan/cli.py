@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
-from .config import ScanConfig, TissueConfig, TrainConfig
+from .config import LesionConfig, ScanConfig, TissueConfig, TrainConfig
 from .errors import OutputWriteError, WsiScanError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -402,6 +402,64 @@ def geojson(heatmap: Path, out: Path, threshold: float | None, tissue: bool, ove
     from .export.geojson import write_geojson
 
     click.echo(str(_run(lambda: write_geojson(heatmap, out, threshold, tissue, overwrite))))
+
+
+@main.command()
+@click.argument("heatmap", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="lesions.csv (a table) or lesions.geojson (QuPath annotations by size class)")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout: call, score, lesions")
+@click.option("--threshold", type=float, default=None, help="tumour probability a lesion's cells reach (default: the model's threshold)")
+@click.option("--seed-prob", type=float, default=LesionConfig().seed_prob, help="a lesion needs one cell at least this probable")
+@click.option("--overwrite", is_flag=True, help="replace an existing file written by wsi-scan")
+def lesions(heatmap: Path, out: Path | None, as_json: bool, threshold: float | None, seed_prob: float, overwrite: bool) -> None:
+    """Lesions of a scanned slide with their size class (ITC, micro, macro) and the node's call."""
+    from .export.lesions import heatmap_call, write_lesions
+
+    def go() -> Any:
+        cfg = LesionConfig(seed_prob=seed_prob)
+        if out is not None:
+            return write_lesions(heatmap, out, threshold, overwrite, cfg)[1]
+        return heatmap_call(heatmap, threshold, cfg)[1]
+
+    call = _run(go)
+    if as_json:
+        click.echo(json.dumps(call.to_dict()))
+        return
+    click.echo(f"{heatmap}: {call.call} (score {call.score:.3f}, {len(call.lesions)} lesions, largest "
+               f"{call.largest_lesion_mm:.2f} mm){' -> ' + str(out) if out else ''}")
+    for les in call.lesions[:20]:
+        x, y = les.l0_centroid_xy
+        click.echo(f"  {les.id:3d}  {les.size_class:5s}  {les.longest_diameter_mm:6.2f} mm  {les.area_mm2:8.4f} mm2  "
+                   f"max {les.max_prob:.3f}  at level-0 ({x:.0f}, {y:.0f})")
+    if len(call.lesions) > 20:
+        click.echo(f"  ... {len(call.lesions) - 20} more (--out lesions.csv lists them all)")
+
+
+@main.command()
+@click.argument("results", type=click.Path(path_type=Path))
+@click.option("--patients", required=True, type=click.Path(path_type=Path), help="CSV with columns patient,slide (slide: its path relative to the slides folder, or its file name)")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="stages.csv (default: RESULTS/stages.csv)")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
+@click.option("--overwrite", is_flag=True, help="replace an existing stages file written by wsi-scan")
+def stage(results: Path, patients: Path, out: Path | None, as_json: bool, overwrite: bool) -> None:
+    """pN stage per patient from the calls of a folder run's slides (one slide = one lymph node)."""
+    from .export.lesions import stage_results, stages_csv
+    from .io.exports import write_text
+
+    target = out if out is not None else results / "stages.csv"
+
+    def go() -> Any:
+        rows = stage_results(results, patients)
+        write_text(target, stages_csv(rows), overwrite or out is None)
+        return rows
+
+    rows = _run(go)
+    if as_json:
+        click.echo(json.dumps({"patients": rows, "out": str(target)}))
+        return
+    for r in rows:
+        click.echo(f"{r['patient']}: {r['stage']}  ({', '.join(f'{k} {v}' for k, v in r['nodes'].items())})")
+    click.echo(f"-> {target}")
 
 
 @main.command("heatmap-tiff")

@@ -15,6 +15,7 @@ still counts to its size.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -91,33 +92,45 @@ def longest_diameter_um(rows: np.ndarray, cols: np.ndarray, grid: GridGeometry, 
     if len(pts) > 16:
         from scipy.spatial import ConvexHull
 
-        try:
+        # collinear corners (a single row of cells) have no hull: then all points stay
+        with contextlib.suppress(Exception):
             pts = pts[ConvexHull(pts).vertices]
-        except Exception:  # noqa: BLE001 - collinear corners (one row of cells): all points stay
-            pass
     d = pts[:, None, :] - pts[None, :, :]
     return float(np.sqrt((d**2).sum(-1)).max())
 
 
-def find_lesions(probs: np.ndarray, grid: GridGeometry, mpp_xy: tuple[float, float], threshold: float,
-                 cfg: LesionConfig = LesionConfig()) -> list[Lesion]:
-    """Lesions of a heatmap, largest first (NaN cells, off tissue, are never part of one)."""
+def lesion_labels(probs: np.ndarray, threshold: float, cfg: LesionConfig = LesionConfig()) -> np.ndarray:
+    """(rows, cols) int32: 0 off lesions, k > 0 on the cells of the k-th candidate region that
+    holds a seed cell (the ids are not yet ordered; ``find_lesions`` orders them)."""
     from scipy import ndimage
 
     finite = np.nan_to_num(probs, nan=-1.0)
-    above = finite >= threshold
-    seed = max(threshold, cfg.seed_prob)
-    labels, n = ndimage.label(above, structure=np.ones((3, 3), dtype=bool))
+    labels, n = ndimage.label(finite >= threshold, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return labels.astype(np.int32)
+    peak = ndimage.maximum(finite, labels, np.arange(1, n + 1))
+    keep = np.concatenate([[False], peak >= max(threshold, cfg.seed_prob)])
+    return np.where(keep[labels], labels, 0).astype(np.int32)
+
+
+def find_lesions(probs: np.ndarray, grid: GridGeometry, mpp_xy: tuple[float, float], threshold: float,
+                 cfg: LesionConfig = LesionConfig(), labels: np.ndarray | None = None) -> list[Lesion]:
+    """Lesions of a heatmap, largest first (NaN cells, off tissue, are never part of one).
+    With ``labels``, each lesion's cells are relabelled in place with its final id."""
+    from scipy import ndimage
+
+    finite = np.nan_to_num(probs, nan=-1.0)
+    lab = lesion_labels(probs, threshold, cfg)
     (ox, oy), (sx, sy) = grid.l0_origin_xy, grid.l0_cell_size_xy
     cell_mm2 = sx * mpp_xy[0] * sy * mpp_xy[1] / 1e6
     found = []
-    for k, sl in enumerate(ndimage.find_objects(labels), start=1):
+    keys = []
+    for k, sl in enumerate(ndimage.find_objects(lab), start=1):
         if sl is None:
             continue
-        region = labels[sl] == k
+        region = lab[sl] == k
         p = finite[sl][region]
-        if p.max() < seed:
-            continue
+        keys.append(k)
         rr, cc = np.nonzero(region)
         rows, cols = rr + sl[0].start, cc + sl[1].start
         diameter_mm = longest_diameter_um(rows, cols, grid, mpp_xy) / 1000.0
@@ -133,8 +146,13 @@ def find_lesions(probs: np.ndarray, grid: GridGeometry, mpp_xy: tuple[float, flo
             size_class=size_class(diameter_mm, cfg),
             score=float(p.max()),
         ))
-    found.sort(key=lambda les: (-les.longest_diameter_mm, -les.score))
-    return [Lesion(**{**asdict(les), "id": i}) for i, les in enumerate(found, start=1)]
+    order = sorted(range(len(found)), key=lambda i: (-found[i].longest_diameter_mm, -found[i].score))
+    if labels is not None:
+        relabel = np.zeros(lab.max() + 1, dtype=np.int32)
+        for new_id, i in enumerate(order, start=1):
+            relabel[keys[i]] = new_id
+        labels[...] = relabel[lab]
+    return [Lesion(**{**asdict(found[i]), "id": new_id}) for new_id, i in enumerate(order, start=1)]
 
 
 def call_slide(probs: np.ndarray, grid: GridGeometry, mpp_xy: tuple[float, float], threshold: float,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .io.outputs import HTML_MARK
+from .lesions import CALLS
 
 if TYPE_CHECKING:
     from .batch import SlideOutcome
@@ -40,7 +41,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums} img{display:block;max
 """
 
 # click a header to sort by it (first click: largest first); empty cells always last;
-# report.html#sort=3 opens sorted by tumour area, for links and for the headless check
+# the page opens sorted by score (column 4), most suspicious first; report.html#sort=N by column N
 _JS = """
 function sortBy(th){const t=th.closest('table'),i=[...th.parentNode.children].indexOf(th),
 b=t.tBodies[0],asc=th.dataset.dir==='desc';[...th.parentNode.children].forEach(h=>delete h.dataset.dir);
@@ -49,7 +50,8 @@ th.dataset.dir=asc?'asc':'desc';const v=r=>r.children[i].dataset.v;
 const na=parseFloat(a),nc=parseFloat(c);const d=(!isNaN(na)&&!isNaN(nc))?na-nc:a.localeCompare(c);return asc?d:-d;})
 .forEach(r=>b.appendChild(r));}
 document.querySelectorAll('th').forEach(th=>th.addEventListener('click',()=>sortBy(th)));
-const m=location.hash.match(/^#sort=(\\d+)$/);if(m&&document.querySelectorAll('th')[+m[1]])sortBy(document.querySelectorAll('th')[+m[1]]);
+const m=location.hash.match(/^#sort=(\\d+)$/);const ths=document.querySelectorAll('th');
+sortBy(ths[m&&ths[+m[1]]?+m[1]:4]);
 """
 
 
@@ -159,6 +161,9 @@ def write_report(out_dir: Path, outcomes: Sequence[SlideOutcome], meta: dict[str
             ("", img, ""),
             ("", html.escape(o.slide), o.slide),
             ("", f'<span class="{o.status}">{o.status}</span>', o.status),
+            ("", html.escape(o.call), str(CALLS.index(o.call)) if o.call in CALLS else ""),
+            ("num", *_fmt(o.score, 3)),
+            ("num", *_fmt(o.largest_lesion_mm, 2)),
             ("num", *_fmt(o.tumour_area_mm2, 3)),
             ("num", *_fmt(o.max_prob, 3)),
             ("num", *_fmt(o.mean_prob, 3)),
@@ -170,7 +175,7 @@ def write_report(out_dir: Path, outcomes: Sequence[SlideOutcome], meta: dict[str
         ]
         tds = "".join(f'<td class="{c}" data-v="{html.escape(v, quote=True)}">{t}</td>' for c, t, v in cells)
         rows.append(f"<tr>{tds}</tr>")
-    heads = ["heatmap", "slide", "status", "tumour area (mm²)", "max prob", "mean prob", "tissue (mm²)",
+    heads = ["heatmap", "slide", "status", "call", "score", "largest lesion (mm)", "tumour area (mm²)", "max prob", "mean prob", "tissue (mm²)",
              "µm/px", "µm/px source", "seconds", "error"]
     counts = meta.get("counts", {})
     model = meta.get("model", {})

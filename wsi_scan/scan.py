@@ -198,6 +198,7 @@ def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, mo
     from .io.heatmap import FORMAT_VERSION, drop_partial, load_partial, write_heatmap
     from .io.mpp import check_extent, resolve_mpp
     from .io.slide import file_identity
+    from .lesions import call_slide
     from .plan import plan_scan
     from .regions import block_key, build_graph, cached_slide, expected_reads
 
@@ -300,6 +301,8 @@ def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, mo
         "config": {**config.to_dict(), "mode": predictor.mode, "device": str(device)},
         "settings_hash": settings_hash(loaded.sha256, config),
         "summary": {
+            # the node's call, the one place it is computed (lesions.call_slide)
+            **call_slide(probs, grid, mpp.xy, card.threshold).summary(),
             "tumour_cells": tumour_cells,
             "tumour_area_mm2": tumour_cells * cell_um2 / 1e6,
             "max_prob": float(finite.max()) if finite.size else None,

@@ -85,6 +85,14 @@ def write_json(out: str | Path, obj: Mapping[str, Any], overwrite: bool = False)
     return out
 
 
+def write_text(out: str | Path, text: str, overwrite: bool = False) -> Path:
+    """A text file (CSV) written atomically; its first line is wsi-scan's mark (a known header)."""
+    out = Path(out)
+    with _atomic(out, overwrite) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return out
+
+
 def read_json(path: str | Path) -> dict[str, Any]:
     from ..errors import DataError
 

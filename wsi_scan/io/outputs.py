@@ -32,7 +32,8 @@ from ..errors import OutputExistsError, OutputWriteError, UsageError
 
 MARK = "wsi-scan"
 STORE_ENTRIES = {"zarr.json", "labels", "lesions"}
-CSV_MARK = "slide,path,out,status,"  # the folder summary's first columns
+#: first columns of the CSV files wsi-scan writes: folder summary, lesions, patient stages
+CSV_MARKS = ("slide,path,out,status,", "lesion_id,size_class,", "patient,stage,nodes_with_metastases,")
 HTML_MARK = f'<meta name="generator" content="{MARK}">'
 #: first bytes of a file read to find its mark (marks sit in headers)
 _HEAD_BYTES = 1 << 16
@@ -102,7 +103,7 @@ def written_by_wsi_scan(path: Path) -> bool:
             return isinstance(obj, dict) and (str(obj.get("generator", "")).startswith(MARK) or "wsi_scan" in obj)
         if suffix == ".csv":
             first = _head(path).decode("utf-8-sig", "replace").splitlines()[:1]
-            return bool(first) and first[0].startswith(CSV_MARK)
+            return bool(first) and first[0].startswith(CSV_MARKS)
         if suffix in (".html", ".htm"):
             return HTML_MARK.encode() in _head(path)
         if suffix in (".safetensors", ".pt", ".pth"):

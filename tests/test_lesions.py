@@ -1,0 +1,180 @@
+"""Lesions, size classes, the node's call and pN: geometry checked exactly, rules by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from tests._support import run
+from wsi_scan.config import LesionConfig, ScanConfig
+from wsi_scan.geometry import GridGeometry
+from wsi_scan.lesions import (
+    call_slide,
+    find_lesions,
+    pn_stage,
+    quadratic_weighted_kappa,
+    size_class,
+    stage_patients,
+)
+
+MPP = (0.5, 0.5)
+
+
+def grid(rows: int, cols: int, cell_l0: float = 20.0, origin=(100, 40)) -> GridGeometry:
+    # 20 level-0 px of 0.5 um: 10 um cells, so diameters are easy to compute by hand
+    return GridGeometry(origin, (cell_l0, cell_l0), (rows, cols), 32, 96, 0.972)
+
+
+def heat(rows: int, cols: int) -> np.ndarray:
+    p = np.full((rows, cols), 0.1, dtype=np.float32)
+    p[:2] = np.nan  # off tissue
+    return p
+
+
+def test_diameter_area_and_class_exact_on_the_cell_polygon():
+    g = grid(400, 400)
+    p = heat(400, 400)
+    p[10, 10:15] = 0.95  # a row of 5 cells: 50 x 10 um
+    p[50:80, 50:80] = 0.95  # 30 x 30 cells: 300 um square
+    p[150:180, 100:310] = 0.7  # 30 x 210 cells: 300 x 2100 um, seeded by one cell
+    p[160, 200] = 0.99
+    les = find_lesions(p, g, MPP, 0.5)
+    assert [le.size_class for le in les] == ["macro", "micro", "itc"]  # largest first
+    macro, micro, itc = les
+    assert macro.longest_diameter_mm == pytest.approx(math.hypot(2100, 300) / 1000)
+    assert micro.longest_diameter_mm == pytest.approx(math.hypot(300, 300) / 1000)
+    assert itc.longest_diameter_mm == pytest.approx(math.hypot(50, 10) / 1000)
+    assert micro.area_mm2 == pytest.approx(900 * 100 / 1e6) and micro.n_cells == 900
+    # level-0 frame: origin (100, 40), 20 px cells
+    assert itc.l0_bbox_xyxy == (100 + 10 * 20, 40 + 10 * 20, 100 + 15 * 20, 40 + 11 * 20)
+    assert itc.l0_centroid_xy == (100 + 12.5 * 20, 40 + 10.5 * 20)
+    assert macro.max_prob == pytest.approx(0.99) and macro.score == macro.max_prob
+    assert [le.id for le in les] == [1, 2, 3]
+
+
+def test_non_square_pixels_are_honoured():
+    g = grid(20, 20)
+    p = heat(20, 20)
+    p[5, 5:15] = 0.95  # 10 cells along x
+    (le,) = find_lesions(p, g, (0.5, 1.0), 0.5)
+    assert le.longest_diameter_mm == pytest.approx(math.hypot(10 * 20 * 0.5, 20 * 1.0) / 1000)
+
+
+def test_hysteresis_keeps_lone_weak_cells_out_and_whole_lesions_in():
+    g = grid(30, 30)
+    p = heat(30, 30)
+    p[5, 5] = 0.6  # above the threshold, below the seed: not a lesion
+    p[20:25, 20:25] = 0.6
+    p[22, 22] = 0.95  # seeded: all 25 cells are the lesion
+    p[10, 10] = 0.97
+    p[11, 11] = 0.55  # diagonal neighbour: 8-connected, one lesion of two cells
+    les = find_lesions(p, g, MPP, 0.5)
+    assert sorted(le.n_cells for le in les) == [2, 25]
+    assert find_lesions(p, g, MPP, 0.5, LesionConfig(seed_prob=0.5)).__len__() == 3
+    p[:] = np.nan
+    assert find_lesions(p, g, MPP, 0.5) == []
+
+
+def test_size_class_boundaries():
+    assert size_class(0.2) == "itc" and size_class(0.2001) == "micro"
+    assert size_class(2.0) == "micro" and size_class(2.0001) == "macro"
+
+
+def test_call_and_score():
+    g = grid(30, 30)
+    p = heat(30, 30)
+    c = call_slide(p, g, MPP, 0.5)
+    assert c.call == "negative" and c.score == pytest.approx(0.1) and c.summary()["n_lesions"] == 0
+    p[10:12, 10:12] = 0.99
+    c = call_slide(p, g, MPP, 0.5)
+    assert c.call == "itc" and c.summary() == {"call": "itc", "score": pytest.approx(0.99), "n_lesions": 1,
+                                                "largest_lesion_mm": pytest.approx(math.hypot(20, 20) / 1000)}
+
+
+@pytest.mark.parametrize(("calls", "stage"), [
+    ([], "pN0"), (["negative"] * 5, "pN0"), (["itc", "negative"], "pN0(i+)"), (["itc"] * 5, "pN0(i+)"),
+    (["micro", "itc"], "pN1mi"), (["micro"] * 4, "pN1mi"), (["macro", "itc", "itc", "itc", "itc"], "pN1"),
+    (["macro", "micro", "micro"], "pN1"), (["macro", "micro", "micro", "micro"], "pN2"), (["macro"] * 5, "pN2"),
+])
+def test_pn_stage_rules(calls, stage):
+    assert pn_stage(calls) == stage
+
+
+def test_quadratic_weighted_kappa_by_hand():
+    ref = ["pN0", "pN1", "pN2", "pN0(i+)"]
+    assert quadratic_weighted_kappa(ref, ref) == 1.0
+    # two categories used, one disagreement out of two: observed weighted disagreement 1/2 * w,
+    # expected (marginals 1/2, 1/2 on both sides) 1/2 * w: kappa 0
+    assert quadratic_weighted_kappa(["pN0", "pN2"], ["pN0", "pN0"]) == pytest.approx(0.0)
+    # scikit-learn 1.9.1's cohen_kappa_score(weights="quadratic", labels=0..4) gives 0.928571 here
+    a = ["pN0", "pN0", "pN1", "pN1", "pN2"]
+    b = ["pN0", "pN0(i+)", "pN1", "pN2", "pN2"]
+    assert quadratic_weighted_kappa(a, b) == pytest.approx(0.9285714285714286)
+    assert quadratic_weighted_kappa(a, b) == pytest.approx(_kappa_reference(a, b))
+
+
+def _kappa_reference(a, b):
+    """Quadratic kappa written out as in Cohen (1968), independently of the implementation."""
+    cats = ["pN0", "pN0(i+)", "pN1mi", "pN1", "pN2"]
+    n = len(a)
+    ia, ib = [cats.index(x) for x in a], [cats.index(x) for x in b]
+    po = sum((x - y) ** 2 for x, y in zip(ia, ib)) / n
+    pe = sum((x - y) ** 2 for x in ia for y in ib) / n**2
+    return 1 - po / pe if pe else 1.0
+
+
+def test_stage_patients_refuses_a_missing_slide():
+    rows = stage_patients({"a.tif": "macro", "b.tif": "itc"}, {"P1": ["a.tif", "b.tif"]})
+    assert rows[0]["stage"] == "pN1" and rows[0]["nodes_with_metastases"] == 1
+    with pytest.raises(KeyError):
+        stage_patients({"a.tif": "macro"}, {"P1": ["a.tif", "c.tif"]})
+
+
+def test_scan_stores_the_call_and_the_cli_lists_lesions(make_slide, mock_model, tmp_path):
+    from wsi_scan.io.heatmap import open_heatmap
+    from wsi_scan.scan import scan_slide
+
+    slide = make_slide(tumour=((1000, 700, 1500, 1200),))
+    res = scan_slide(slide, tmp_path / "h.zarr", ScanConfig(), model=mock_model)
+    hm = open_heatmap(res.out)
+    want = call_slide(hm.probs, hm.grid, hm.mpp_xy, hm.threshold).summary()
+    assert {k: hm.attrs["summary"][k] for k in want} == pytest.approx(want)
+    code, out, err = run("lesions", res.out, "--json", "--seed-prob", "0.8")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["call"] in ("itc", "micro") and d["lesions"] and set(d["lesions"][0]) >= {
+        "l0_centroid_xy", "area_mm2", "longest_diameter_mm", "max_prob", "size_class"}
+    # the painted square is 500 x 500 level-0 px at 0.243 um/px: ~0.12 mm, its lesion a little larger
+    assert 0.10 < d["lesions"][0]["longest_diameter_mm"] < 0.30
+    for name in ("l.csv", "l.geojson"):
+        code, _, err = run("lesions", res.out, "--out", tmp_path / name, "--seed-prob", "0.8")
+        assert code == 0, err
+    gj = json.loads((tmp_path / "l.geojson").read_text())
+    assert gj["features"] and gj["features"][0]["properties"]["classification"]["name"] in ("ITC", "Micro-metastasis")
+    assert (tmp_path / "l.csv").read_text().startswith("lesion_id,size_class,")
+
+
+def test_folder_summary_and_patient_stages(make_slide, tmp_path):
+    slides = tmp_path / "slides"
+    make_slide("slides/n1.tif", tumour=((1000, 700, 1500, 1200),))
+    make_slide("slides/n2.tif")
+    out = tmp_path / "results"
+    code, _, err = run(slides, "--out", out, "--quiet")
+    assert code == 0, err
+    rows = json.loads((out / "summary.json").read_text())["slides"]
+    assert all(r["call"] in ("negative", "itc", "micro", "macro") and r["score"] is not None for r in rows)
+    assert "call" in (out / "report.html").read_text()
+    (tmp_path / "patients.csv").write_text("patient,slide\nP1,n1.tif\nP1,n2.tif\nP2,n2.tif\n")
+    code, stdout, err = run("stage", out, "--patients", tmp_path / "patients.csv", "--json")
+    assert code == 0, err
+    got = {r["patient"]: r for r in json.loads(stdout)["patients"]}
+    calls = {r["slide"]: r["call"] for r in rows}
+    assert got["P1"]["stage"] == pn_stage([calls["n1.tif"], calls["n2.tif"]])
+    assert got["P2"]["stage"] == pn_stage([calls["n2.tif"]])
+    assert (out / "stages.csv").read_text().startswith("patient,stage,")
+    (tmp_path / "bad.csv").write_text("patient,slide\nP3,missing.tif\n")
+    code, _, err = run("stage", out, "--patients", tmp_path / "bad.csv")
+    assert code == 6 and "missing.tif" in err and len(err.strip().splitlines()) == 1
