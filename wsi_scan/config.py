@@ -105,7 +105,7 @@ class TissueConfig:
 class LesionConfig:
     """Lesions from a heatmap (``lesions.py``): CAMELYON17's size classes and the false-positive rule."""
 
-    seed_prob: float = 0.9  # a lesion needs one cell at least this probable (hysteresis; docs/lesions.md)
+    seed_prob: float = 0.95  # a lesion needs one cell at least this probable (hysteresis; docs/lesions.md)
     itc_mm: float = 0.2  # longest diameter up to this: isolated tumour cells
     macro_mm: float = 2.0  # above this: macro-metastasis (between the two: micro)
 
