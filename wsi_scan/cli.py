@@ -290,6 +290,7 @@ def _train_options(f: F) -> F:
         click.option("--loader-workers", type=int, default=_TRAIN.loader_workers),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_TRAIN.device),
         click.option("--max-train", type=int, default=_TRAIN.max_train, help="cap on training patches (0: all)"),
+        click.option("--ema-decay", type=float, default=_TRAIN.ema_decay, help="keep an exponential moving average of the weights (e.g. 0.999; 0: off)"),
     ]
     for opt in reversed(opts):
         f = opt(f)

@@ -186,6 +186,7 @@ class TrainConfig:
     loader_workers: int = 1
     device: DeviceName = "auto"
     max_train: int = 0  # cap on training patches (0 = all), for smoke runs
+    ema_decay: float = 0.0  # weight averaging: EMA of the weights per step (e.g. 0.999); 0 = off
 
     def __post_init__(self) -> None:
         for name, lo, hi, lo_open in (
@@ -193,7 +194,7 @@ class TrainConfig:
             ("lr", 0.0, 10.0, True), ("weight_decay", 0.0, 1.0, False), ("label_smoothing", 0.0, 0.5, False),
             ("val_fraction", 0.0, 0.9, True), ("stain_jitter", 0.0, 1.0, False), ("jpeg_prob", 0.0, 1.0, False),
             ("soften_prob", 0.0, 1.0, False), ("soften_max", 1.0, 4.0, False), ("threads", 0, 1024, False),
-            ("loader_workers", 0, 256, False), ("max_train", 0, 1 << 40, False),
+            ("loader_workers", 0, 256, False), ("max_train", 0, 1 << 40, False), ("ema_decay", 0.0, 0.99999, False),
         ):
             _in_range("train", name, getattr(self, name), lo, hi, lo_open)
 

@@ -108,3 +108,20 @@ def test_resnet18_trains_in_patch_mode(kaggle_dir, tmp_path):
     m = load_model(out)
     assert m.card.arch == "resnet18" and not m.card.dense_exact
     assert np.isfinite(m.card.metrics["valid"]["auc"])
+
+
+def test_weight_averaging_saves_the_averaged_weights_and_resumes(kaggle_dir, tmp_path):
+    import torch
+
+    from wsi_scan.train.loop import state_path
+
+    plain = train([kaggle_dir], tmp_path / "p.pt", TrainConfig(**{**TINY, "epochs": 2}), progress=False)
+    ema = train([kaggle_dir], tmp_path / "e.pt", TrainConfig(**{**TINY, "epochs": 2, "ema_decay": 0.9}), progress=False)
+    a, b = load_model(plain.model_path), load_model(ema.model_path)
+    assert b.card.training["config"]["ema_decay"] == 0.9
+    diff = [float((a.net.state_dict()[k].float() - b.net.state_dict()[k].float()).abs().max()) for k in a.net.state_dict()]
+    assert max(diff) > 0  # the saved weights are the average, not the last step's
+    state = torch.load(state_path(tmp_path / "e.pt"), weights_only=True)
+    assert "ema" in state
+    res = train([kaggle_dir], tmp_path / "e.pt", TrainConfig(**{**TINY, "epochs": 2, "ema_decay": 0.9}), resume=True, progress=False)
+    assert len(res.history) == 2 and load_model(res.model_path).card.training["config"]["ema_decay"] == 0.9

@@ -186,8 +186,14 @@ def train(
     best_auc, best_epoch, start = -math.inf, -1, 0
     # fp16 autocast (CUDA without bf16) underflows small gradients to zero without loss scaling
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    # weight averaging: an exponential moving average of the weights (batch-norm statistics
+    # averaged too), used for validation and saved as the model
+    ema = (torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
+                                               use_buffers=True) if cfg.ema_decay > 0 else None)
     if state is not None:
         net.load_state_dict(state["model"])
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if "scaler" in state:
@@ -219,10 +225,13 @@ def train(
             scaler.step(opt)
             scaler.update()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(net)
             losses.append(float(loss.detach()))
             if len(losses) % 10 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-        probs = predict_probs(net, card, ds_valid, device, 512, workers=cfg.loader_workers)
+        scored = ema.module if ema is not None else net  # the averaged weights are what is kept
+        probs = predict_probs(scored, card, ds_valid, device, 512, workers=cfg.loader_workers)
         m = binary_metrics(val_labels, probs, card.threshold)
         val_loss = float(
             F.binary_cross_entropy(torch.from_numpy(probs).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(val_labels).double())
@@ -246,7 +255,7 @@ def train(
             best_card = ModelCard.from_dict(
                 {**card.to_dict(), "metrics": {"valid": m.to_dict(), "epoch": epoch + 1}, "training": {**card.training, "history": history}}
             )
-            save_model(out, net, best_card)
+            save_model(out, scored, best_card)
         save_state(
             spath,
             {
@@ -260,6 +269,7 @@ def train(
                 "mean": list(mean),
                 "std": list(std),
                 "scaler": scaler.state_dict(),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
             },
         )
     result = finalize(out, splits, device, history, report_dir, progress)
