@@ -178,3 +178,27 @@ def test_folder_summary_and_patient_stages(make_slide, tmp_path):
     (tmp_path / "bad.csv").write_text("patient,slide\nP3,missing.tif\n")
     code, _, err = run("stage", out, "--patients", tmp_path / "bad.csv")
     assert code == 6 and "missing.tif" in err and len(err.strip().splitlines()) == 1
+
+
+def test_froc_by_hand_with_itc_excluded():
+    from wsi_scan.evaluation import SlideDetections, froc
+
+    slides = [
+        # regions 1, 2 count, 3 is ITC: a detection on 3 is neither a hit nor a false positive
+        SlideDetections(hits=[1, 1, 0, 3, 2], scores=[0.9, 0.95, 0.8, 0.99, 0.3], n_regions=3, itc=frozenset({3})),
+        SlideDetections(hits=[0, 0], scores=[0.85, 0.2], n_regions=0),
+    ]
+    f = froc(slides)
+    # as the challenge code computes it: scores {0.2, 0.3, 0.8, 0.85, 0.95}, the lowest dropped;
+    # threshold 0.3 -> 2 FP, 2 TP; 0.8 -> 2, 1; 0.85 -> 1, 1; 0.95 -> 0, 1; then (0, 0).
+    # Per slide (2 slides) and per region (2 counted): FP [1, 1, .5, 0, 0], sens [1, .5, .5, .5, 0];
+    # np.interp on the reversed curve at 1/4, 1/2, 1, 2, 4, 8 gives .5, .5, 1, 1, 1, 1
+    assert f.sensitivities == pytest.approx((0.5, 0.5, 1.0, 1.0, 1.0, 1.0))
+    assert f.score == pytest.approx(5 / 6)
+
+
+def test_froc_counts_a_region_once_and_a_missed_region_never():
+    from wsi_scan.evaluation import SlideDetections, froc
+
+    f = froc([SlideDetections(hits=[1, 1, 1], scores=[0.9, 0.8, 0.7], n_regions=2)])
+    assert max(f.sensitivity) == 0.5 and max(f.fps_per_slide) == 0.0
