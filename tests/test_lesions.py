@@ -202,3 +202,34 @@ def test_froc_counts_a_region_once_and_a_missed_region_never():
 
     f = froc([SlideDetections(hits=[1, 1, 1], scores=[0.9, 0.8, 0.7], n_regions=2)])
     assert max(f.sensitivity) == 0.5 and max(f.fps_per_slide) == 0.0
+
+
+def test_painted_lesions_of_known_size_end_to_end(make_slide, mock_model, tmp_path):
+    """Squares painted on a synthetic pyramid, scanned with the mock model (probability >= 0.5 where
+    a cell's centre square is at least half tumour): the lesions' diameters match the painted ones
+    to within one cell's diagonal, their classes exactly, across block borders (16 cells = 2048 px)."""
+    from wsi_scan.io.heatmap import open_heatmap
+    from wsi_scan.lesions import find_lesions
+    from wsi_scan.scan import scan_slide
+
+    mpp = 0.243
+    boxes = {  # level-0 px (x0, y0, x1, y1): an ITC, a micro-metastasis across a block border, a macro
+        "itc": (600, 600, 1000, 900),  # 97 x 73 um
+        "micro": (1800, 1500, 3800, 2900),  # 486 x 340 um, across x = 2048
+        "macro": (4200, 400, 12800, 2800),  # 2.09 x 0.58 mm
+    }
+    slide = make_slide(size_wh=(13400, 3400), mpp=mpp, tissue=((200, 200, 13200, 3200),), tumour=tuple(boxes.values()),
+                       downsamples=(1, 4, 16))
+    res = scan_slide(slide, tmp_path / "h.zarr", ScanConfig(block_cells=16), model=mock_model)
+    hm = open_heatmap(res.out)
+    lesions = find_lesions(hm.probs, hm.grid, hm.mpp_xy, 0.5, LesionConfig(seed_prob=0.8))
+    assert len(lesions) == 3
+    cell_diag_mm = math.hypot(*hm.grid.l0_cell_size_xy) * mpp / 1000
+    for les in lesions:
+        name = les.size_class
+        x0, y0, x1, y1 = boxes[name]
+        true_mm = math.hypot(x1 - x0, y1 - y0) * mpp / 1000
+        assert abs(les.longest_diameter_mm - true_mm) <= cell_diag_mm, (name, les.longest_diameter_mm, true_mm)
+        cx, cy = les.l0_centroid_xy
+        assert abs(cx - (x0 + x1) / 2) <= hm.grid.l0_cell_size_xy[0] and abs(cy - (y0 + y1) / 2) <= hm.grid.l0_cell_size_xy[1]
+    assert {le.size_class for le in lesions} == {"itc", "micro", "macro"}
