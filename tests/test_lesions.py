@@ -189,10 +189,10 @@ def test_froc_by_hand_with_itc_excluded():
         SlideDetections(hits=[0, 0], scores=[0.85, 0.2], n_regions=0),
     ]
     f = froc(slides)
-    # as the challenge code computes it: scores {0.2, 0.3, 0.8, 0.85, 0.95}, the lowest dropped;
-    # threshold 0.3 -> 2 FP, 2 TP; 0.8 -> 2, 1; 0.85 -> 1, 1; 0.95 -> 0, 1; then (0, 0).
-    # Per slide (2 slides) and per region (2 counted): FP [1, 1, .5, 0, 0], sens [1, .5, .5, .5, 0];
-    # np.interp on the reversed curve at 1/4, 1/2, 1, 2, 4, 8 gives .5, .5, 1, 1, 1, 1
+    # thresholds {0.2, 0.3, 0.8, 0.85, 0.95}: 0.2 -> 3 FP, 2 TP; 0.3 -> 2, 2; 0.8 -> 2, 1;
+    # 0.85 -> 1, 1; 0.95 -> 0, 1; then (0, 0). Per slide (2) and per counted region (2):
+    # FP [1.5, 1, 1, .5, 0, 0], sens [1, 1, .5, .5, .5, 0]; np.interp on the reversed curve at
+    # 1/4, 1/2, 1, 2, 4, 8 gives .5, .5, 1, 1, 1, 1 (the challenge code, dropping 0.2, agrees here)
     assert f.sensitivities == pytest.approx((0.5, 0.5, 1.0, 1.0, 1.0, 1.0))
     assert f.score == pytest.approx(5 / 6)
 
@@ -233,3 +233,40 @@ def test_painted_lesions_of_known_size_end_to_end(make_slide, mock_model, tmp_pa
         cx, cy = les.l0_centroid_xy
         assert abs(cx - (x0 + x1) / 2) <= hm.grid.l0_cell_size_xy[0] and abs(cy - (y0 + y1) / 2) <= hm.grid.l0_cell_size_xy[1]
     assert {le.size_class for le in lesions} == {"itc", "micro", "macro"}
+
+
+def test_evaluate_slides_on_an_annotated_synthetic_cohort(make_slide, mock_model, tmp_path):
+    """Three nodes of one patient: a macro-size tumour annotated in ASAP XML, a micro annotated in
+    QuPath GeoJSON, a negative without annotation. The mock model finds both tumours exactly."""
+    from wsi_scan.batch import scan_folder
+    slides = tmp_path / "slides"
+    macro = (1000, 400, 10000, 2400)  # 2.2 mm x 0.49 mm at 0.243 um/px
+    micro = (2000, 1000, 3600, 2200)
+    make_slide("slides/patient_000_node_0.tif", size_wh=(11000, 3000), tissue=((200, 200, 10800, 2800),), tumour=(macro,))
+    make_slide("slides/patient_000_node_1.tif", size_wh=(5000, 3000), tissue=((200, 200, 4800, 2800),), tumour=(micro,))
+    make_slide("slides/patient_000_node_2.tif", size_wh=(5000, 3000), tissue=((200, 200, 4800, 2800),))
+    res = scan_folder(slides, tmp_path / "results", ScanConfig(), model=mock_model, report=False)
+    assert res.n_failed == 0
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    x0, y0, x1, y1 = macro
+    coords = "".join(f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>' for i, (x, y) in enumerate([(x0, y0), (x1, y0), (x1, y1), (x0, y1)]))
+    (ann / "patient_000_node_0.xml").write_text(
+        f'<ASAP_Annotations><Annotations><Annotation Name="A1" PartOfGroup="_0" Type="Polygon"><Coordinates>{coords}'
+        "</Coordinates></Annotation></Annotations></ASAP_Annotations>")
+    x0, y0, x1, y1 = micro
+    (ann / "patient_000_node_1.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "properties": {"classification": {"name": "Tumor"}},
+        "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}}]}))
+    (tmp_path / "reference.csv").write_text("patient,stage\npatient_000.zip,pN1\npatient_000_node_0.tif,macro\n")
+    code, out, err = run("evaluate-slides", tmp_path / "results", "--annotations", ann, "--reference", tmp_path / "reference.csv",
+                         "--json", "--seed-prob", "0.8")  # the mock model peaks at 0.88
+    assert code == 0, err
+    ev = json.loads(out)
+    assert ev["slide_auc"] == 1.0
+    assert ev["froc"] == 1.0 and all(v == 1.0 for v in ev["sensitivities"].values())
+    calls = {s["slide"]: (s["reference_call"], s["call"]) for s in ev["slides"]}
+    assert calls == {"patient_000_node_0.tif": ("macro", "macro"), "patient_000_node_1.tif": ("micro", "micro"),
+                     "patient_000_node_2.tif": ("negative", "negative")}
+    assert ev["kappa"]["kappa"] == 1.0 and ev["kappa"]["patients"][0]["predicted"] == "pN1"
+    assert (tmp_path / "results" / "evaluation.json").is_file()

@@ -463,6 +463,39 @@ def stage(results: Path, patients: Path, out: Path | None, as_json: bool, overwr
     click.echo(f"-> {target}")
 
 
+@main.command("evaluate-slides")
+@click.argument("results", type=click.Path(path_type=Path))
+@click.option("--annotations", required=True, type=click.Path(path_type=Path), help="folder of per-slide annotations: NAME.xml (CAMELYON/ASAP) or NAME.geojson (QuPath)")
+@click.option("--reference", type=click.Path(path_type=Path), default=None, help="CAMELYON17-style CSV of patient stages (patient_XXX.zip,pN1) for the kappa")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="evaluation.json (default: RESULTS/evaluation.json)")
+@click.option("--seed-prob", type=float, default=LesionConfig().seed_prob, help="a lesion needs one cell at least this probable")
+@click.option("--overwrite", is_flag=True, help="replace an existing evaluation file written by wsi-scan")
+def evaluate_slides(results: Path, annotations: Path, reference: Path | None, as_json: bool, out: Path | None, seed_prob: float,
+                    overwrite: bool) -> None:
+    """FROC, slide AUC, call confusion and pN kappa of a folder run against annotations (CAMELYON16/17 rules)."""
+    from .evaluation import evaluate_cohort
+    from .io.exports import write_json
+
+    target = out if out is not None else results / "evaluation.json"
+
+    def go() -> Any:
+        ev = evaluate_cohort(results, annotations, reference, LesionConfig(seed_prob=seed_prob))
+        write_json(target, ev, overwrite or out is None)
+        return ev
+
+    ev = _run(go)
+    if as_json:
+        click.echo(json.dumps(ev))
+        return
+    sens = ", ".join(f"{k}: {v:.3f}" for k, v in ev["sensitivities"].items())
+    auc = ev["slide_auc"]
+    click.echo(f"FROC {ev['froc']:.4f} (sensitivity at FP/slide {sens}); slide AUC {'n/a' if auc is None else f'{auc:.4f}'}")
+    if ev["kappa"] is not None:
+        click.echo(f"pN kappa (quadratic) {ev['kappa']['kappa']:.4f}")
+    click.echo(f"-> {target}")
+
+
 @main.command("heatmap-tiff")
 @click.argument("heatmap", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="pyramidal TIFF, the slide's level-0 size")

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import LesionConfig
+
 FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
@@ -43,10 +45,13 @@ class Froc:
 
 
 def froc(slides: Sequence[SlideDetections], fp_rates: Sequence[float] = FP_RATES) -> Froc:
-    """The challenge's ``computeFROC`` step by step, quirks included: a missed region scores 0;
-    the thresholds are every distinct score but the lowest; the point (0 FP, 0 sensitivity)
-    closes the curve; sensitivities are read with ``np.interp`` on the curve as it stands
-    (equal false-positive rates included)."""
+    """The challenge's ``computeFROC`` step by step: a missed region scores 0; the thresholds are
+    the distinct scores; the point (0 FP, 0 sensitivity) closes the curve; sensitivities are read
+    with ``np.interp`` on the curve as it stands (equal false-positive rates included).
+
+    One difference, on purpose: the challenge code drops the lowest distinct score from the
+    thresholds (meant for the 0 of missed regions), which gives a perfect detector whose scores
+    are all equal a FROC of 0; here only a 0 is dropped."""
     if not slides:
         raise ValueError("FROC needs at least one slide")
     tp_probs: list[float] = []
@@ -63,10 +68,144 @@ def froc(slides: Sequence[SlideDetections], fp_rates: Sequence[float] = FP_RATES
         tp_probs.extend(best.values())
     fp = np.asarray(fp_probs, dtype=float)
     tp = np.asarray(tp_probs, dtype=float)
-    thresholds = sorted(set(fp_probs) | set(tp_probs))[1:]
+    thresholds = [t for t in sorted(set(fp_probs) | set(tp_probs)) if t > 0]
     total_fps = [int((fp >= t).sum()) for t in thresholds] + [0]
     total_tps = [int((tp >= t).sum()) for t in thresholds] + [0]
     fps = np.asarray(total_fps, dtype=float) / len(slides)
     sens = np.asarray(total_tps, dtype=float) / max(1, len(tp_probs))
     at = tuple(float(np.interp(r, fps[::-1], sens[::-1])) for r in fp_rates)
     return Froc(float(np.mean(at)), at, fps[::-1], sens[::-1])
+
+
+# ----------------------------------------------------------------------------- whole cohorts
+
+#: the challenge's evaluation masks: level 5 of 0.243 um/px (7.8 um/px) here 8 um/px; tumour
+#: regions dilated by 75 um; regions whose major axis is under 275 um (200 um + the dilation) are ITC
+EVAL_MASK_UM = 8.0
+EVAL_DILATE_UM = 75.0
+EVAL_ITC_UM = 275.0
+
+
+def evaluation_regions(tumour: Sequence[object], exclusion: Sequence[object], level0_wh: tuple[int, int],
+                       mpp: float) -> tuple[np.ndarray, float, frozenset[int]]:
+    """Labelled evaluation mask of a slide (0 = no tumour), its level-0 px per mask px and the ITC labels."""
+    from PIL import Image, ImageDraw
+    from scipy import ndimage
+    from skimage import measure
+
+    l0_per_px = EVAL_MASK_UM / mpp
+    w, h = max(1, int(np.ceil(level0_wh[0] / l0_per_px))), max(1, int(np.ceil(level0_wh[1] / l0_per_px)))
+    img = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(img)
+    for value, polys in ((1, tumour), (0, exclusion)):
+        for poly in polys:
+            for ring, fill in [(poly.exterior, value)] + [(r, 1 - value) for r in poly.interiors]:  # type: ignore[attr-defined]
+                draw.polygon([(x / l0_per_px, y / l0_per_px) for x, y in ring.coords], fill=fill)
+    mask = np.asarray(img, dtype=bool)
+    if mask.any():
+        mask = ndimage.distance_transform_edt(~mask) < EVAL_DILATE_UM / EVAL_MASK_UM
+    labels = measure.label(mask, connectivity=2)
+    itc = frozenset(int(r.label) for r in measure.regionprops(labels) if r.axis_major_length * EVAL_MASK_UM < EVAL_ITC_UM)
+    return labels.astype(np.int32), l0_per_px, itc
+
+
+def reference_call(tumour: Sequence[object], exclusion: Sequence[object], mpp: float) -> str:
+    """The class of the largest annotated region (longest diameter on its polygon), or negative."""
+    import shapely
+
+    from .lesions import size_class
+
+    if not tumour:
+        return "negative"
+    geom = shapely.union_all(list(tumour))
+    if exclusion:
+        geom = geom.difference(shapely.union_all(list(exclusion)))
+    best = 0.0
+    for part in getattr(geom, "geoms", [geom]):
+        if part.is_empty:
+            continue
+        pts = np.asarray(part.convex_hull.exterior.coords if hasattr(part.convex_hull, "exterior") else part.coords) * mpp
+        d = pts[:, None, :] - pts[None, :, :]
+        best = max(best, float(np.sqrt((d**2).sum(-1)).max()))
+    return size_class(best / 1000.0) if best > 0 else "negative"
+
+
+def evaluate_cohort(results: object, annotations: object, reference: object | None = None,
+                    cfg: LesionConfig = LesionConfig()) -> dict[str, object]:
+    """FROC, slide AUC, call confusion and (with a CAMELYON17-style reference) kappa of a folder run."""
+    import json
+    from pathlib import Path
+
+    from .errors import DataError
+    from .io.annotations import find_annotations
+    from .io.heatmap import open_heatmap
+    from .lesions import CALLS, call_slide
+    from .train.metrics import binary_metrics
+
+    results, annotations = Path(str(results)), Path(str(annotations))
+    if not annotations.is_dir():
+        raise DataError(f"--annotations {annotations} is not a folder of annotation files (.xml or .geojson per slide)")
+    try:
+        rows = json.loads((results / "summary.json").read_text(encoding="utf-8"))["slides"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"{results}: no readable summary.json; run `wsi-scan SLIDES --out {results}` first") from None
+    dets, truth, scores, pred_calls, ref_calls, names = [], [], [], [], [], []
+    for r in rows:
+        if r.get("status") not in ("ok", "skipped"):
+            continue
+        hm = open_heatmap(r["out"])
+        call = call_slide(hm.probs, hm.grid, hm.mpp_xy, hm.threshold, cfg)
+        ann = find_annotations(annotations, Path(r["slide"]).name)
+        tumour, exclusion = (ann.tumour, ann.exclusion) if ann is not None else ((), ())
+        labels, l0_per_px, itc = evaluation_regions(tumour, exclusion, tuple(hm.attrs["slide"]["level0_size_wh"]), hm.mpp_xy[0])
+        hits = []
+        for les in call.lesions:
+            x, y = (int(v / l0_per_px) for v in les.l0_peak_xy)
+            hits.append(int(labels[y, x]) if 0 <= y < labels.shape[0] and 0 <= x < labels.shape[1] else 0)
+        dets.append(SlideDetections(hits, [le.score for le in call.lesions], int(labels.max()), itc))
+        truth.append(1 if tumour else 0)
+        scores.append(call.score)
+        pred_calls.append(call.call)
+        ref_calls.append(reference_call(tumour, exclusion, hm.mpp_xy[0]))
+        names.append(Path(r["slide"]).name)
+    if not dets:
+        raise DataError(f"{results}: no scanned slide to evaluate")
+    f = froc(dets)
+    confusion = [[sum(1 for a, b in zip(ref_calls, pred_calls) if a == ra and b == pb) for pb in CALLS] for ra in CALLS]
+    out: dict[str, object] = {
+        "froc": f.score, "sensitivities": dict(zip([str(x) for x in FP_RATES], f.sensitivities)),
+        "slide_auc": binary_metrics(np.asarray(truth), np.asarray(scores), 0.5).auc if 0 < sum(truth) < len(truth) else None,
+        "confusion": {"labels": list(CALLS), "rows_reference_cols_predicted": confusion},
+        "slides": [{"slide": n, "reference_call": a, "call": b, "score": s} for n, a, b, s in zip(names, ref_calls, pred_calls, scores)],
+        "kappa": None,
+    }
+    if reference is not None:
+        out["kappa"] = _kappa_from_reference(Path(str(reference)), dict(zip(names, pred_calls)))
+    return out
+
+
+def _kappa_from_reference(path: object, calls: dict[str, str]) -> dict[str, object]:
+    """CAMELYON17's reference CSV: rows 'patient_XXX.zip,<stage>' and 'patient_XXX_node_N.tif,<call>'."""
+    import csv
+    from pathlib import Path
+
+    from .errors import DataError
+    from .lesions import pn_stage, quadratic_weighted_kappa
+
+    p = Path(str(path))
+    try:
+        rows = list(csv.reader(p.read_text(encoding="utf-8-sig").splitlines()))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"--reference {p}: not a readable CSV ({type(exc).__name__})") from None
+    stages = {Path(r[0]).stem: r[1].strip() for r in rows if len(r) >= 2 and r[0].endswith(".zip")}
+    if not stages:
+        raise DataError(f"--reference {p}: no patient rows ('patient_XXX.zip,<pN stage>')")
+    ref, pred = [], []
+    for patient, stage in sorted(stages.items()):
+        nodes = sorted(n for n in calls if Path(n).stem.startswith(patient + "_node"))
+        if not nodes:
+            raise DataError(f"--reference {p}: no scanned node of {patient} in the results")
+        ref.append(stage)
+        pred.append(pn_stage([calls[n] for n in nodes]))
+    return {"kappa": quadratic_weighted_kappa(ref, pred),
+            "patients": [{"patient": a, "reference": b, "predicted": c} for a, b, c in zip(sorted(stages), ref, pred)]}

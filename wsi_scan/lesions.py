@@ -41,11 +41,13 @@ class Lesion:
     n_cells: int
     size_class: str  # "itc", "micro" or "macro"
     score: float  # detection score for FROC: the lesion's highest probability
+    l0_peak_xy: tuple[float, float] = (0.0, 0.0)  # centre of its most probable cell: the FROC detection point
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["l0_centroid_xy"] = list(self.l0_centroid_xy)
         d["l0_bbox_xyxy"] = list(self.l0_bbox_xyxy)
+        d["l0_peak_xy"] = list(self.l0_peak_xy)
         return d
 
 
@@ -137,6 +139,7 @@ def find_lesions(probs: np.ndarray, grid: GridGeometry, mpp_xy: tuple[float, flo
         found.append(Lesion(
             id=0,
             l0_centroid_xy=(ox + (cols.mean() + 0.5) * sx, oy + (rows.mean() + 0.5) * sy),
+            l0_peak_xy=(ox + (cols[int(np.argmax(p))] + 0.5) * sx, oy + (rows[int(np.argmax(p))] + 0.5) * sy),
             l0_bbox_xyxy=(ox + cols.min() * sx, oy + rows.min() * sy, ox + (cols.max() + 1) * sx, oy + (rows.max() + 1) * sy),
             area_mm2=len(rows) * cell_mm2,
             longest_diameter_mm=diameter_mm,
