@@ -270,3 +270,5 @@ def test_evaluate_slides_on_an_annotated_synthetic_cohort(make_slide, mock_model
                      "patient_000_node_2.tif": ("negative", "negative")}
     assert ev["kappa"]["kappa"] == 1.0 and ev["kappa"]["patients"][0]["predicted"] == "pN1"
     assert (tmp_path / "results" / "evaluation.json").is_file()
+    for name in ("froc.png", "slide_roc.png"):
+        assert (tmp_path / "results" / name).stat().st_size > 5000

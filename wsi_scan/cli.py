@@ -480,7 +480,7 @@ def evaluate_slides(results: Path, annotations: Path, reference: Path | None, as
     target = out if out is not None else results / "evaluation.json"
 
     def go() -> Any:
-        ev = evaluate_cohort(results, annotations, reference, LesionConfig(seed_prob=seed_prob))
+        ev = evaluate_cohort(results, annotations, reference, LesionConfig(seed_prob=seed_prob), figures=target.parent)
         write_json(target, ev, overwrite or out is None)
         return ev
 

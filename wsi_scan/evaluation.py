@@ -131,7 +131,7 @@ def reference_call(tumour: Sequence[object], exclusion: Sequence[object], mpp: f
 
 
 def evaluate_cohort(results: object, annotations: object, reference: object | None = None,
-                    cfg: LesionConfig = LesionConfig()) -> dict[str, object]:
+                    cfg: LesionConfig = LesionConfig(), figures: object | None = None) -> dict[str, object]:
     """FROC, slide AUC, call confusion and (with a CAMELYON17-style reference) kappa of a folder run."""
     import json
     from pathlib import Path
@@ -181,6 +181,13 @@ def evaluate_cohort(results: object, annotations: object, reference: object | No
     }
     if reference is not None:
         out["kappa"] = _kappa_from_reference(Path(str(reference)), dict(zip(names, pred_calls)))
+    if figures is not None:  # FROC and slide ROC pictures in this folder
+        from .train.plots import evaluation_figures
+
+        auc = out["slide_auc"]
+        paths = evaluation_figures(Path(str(figures)), f.fps_per_slide, f.sensitivity, f.score, np.asarray(truth),
+                                   np.asarray(scores), auc if isinstance(auc, float) else None)
+        out["figures"] = [str(p) for p in paths]
     return out
 
 

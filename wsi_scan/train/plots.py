@@ -148,3 +148,44 @@ def training_report(
     save_figure(fig, written[-1])
     plt.close(fig)
     return written
+
+
+def evaluation_figures(out_dir: Path, fps_per_slide: np.ndarray, sensitivity: np.ndarray, froc_score: float,
+                       labels: np.ndarray | None, scores: np.ndarray | None, slide_auc: float | None) -> list[Path]:
+    """The FROC curve of a cohort and, when it has both classes, the slide-level ROC."""
+    from ..evaluation import FP_RATES
+
+    plt = _plt()
+    check_figure_folder(out_dir)
+    written: list[Path] = []
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    floor = 1 / 16  # a log axis has no 0: rates below this are drawn at it
+    ax.step(np.maximum(fps_per_slide, floor), sensitivity, where="post", label=f"FROC score {froc_score:.3f}")
+    for r in FP_RATES:
+        ax.axvline(r, color="grey", lw=0.5, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(FP_RATES), [f"{r:g}" for r in FP_RATES])
+    ax.set_xlim(floor, max(16.0, float(fps_per_slide.max()) * 1.2 if fps_per_slide.size else 16.0))
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("mean false positives per slide")
+    ax.set_ylabel("sensitivity (tumour regions, ITC excluded)")
+    ax.set_title("FROC")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    written.append(out_dir / "froc.png")
+    save_figure(fig, written[-1])
+    plt.close(fig)
+    if labels is not None and scores is not None and slide_auc is not None:
+        fpr, tpr = roc_curve(labels, scores)
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.plot(fpr, tpr, label=f"slide AUC {slide_auc:.4f}")
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.set_xlabel("false positive rate (slides)")
+        ax.set_ylabel("true positive rate (slides)")
+        ax.set_title("ROC, slide level")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        written.append(out_dir / "slide_roc.png")
+        save_figure(fig, written[-1])
+        plt.close(fig)
+    return written
