@@ -65,7 +65,7 @@ def test_saturation_lookup_equals_skimage_rgb2hsv_exactly():
     rgb[0, :4] = [(0, 0, 0), (255, 255, 255), (7, 7, 7), (255, 0, 0)]  # zero max, grey, saturated
     hsv = rgb2hsv(rgb)
     sat, value, not_dark = _saturation(rgb, 0.1)
-    assert np.array_equal(sat, hsv[..., 1]) and np.array_equal(value, hsv[..., 2])
+    assert np.array_equal(sat, hsv[..., 1]) and np.array_equal(value * (1.0 / 255.0), hsv[..., 2])
     assert np.array_equal(not_dark, hsv[..., 2] > 0.1)
 
 
@@ -180,3 +180,16 @@ def test_tissue_all_mask_and_roi(tmp_path):
         part = plan_scan(slide, (SLIDE_MPP, SLIDE_MPP), 0.972, 32, 96, ScanConfig(roi=str(tmp_path / "roi.geojson")))
     xs = part.grid.l0_origin_xy[0] + (np.nonzero(part.cells)[1] + 0.5) * part.grid.l0_cell_size_xy[0]
     assert part.cells.any() and xs.max() < 450
+
+
+def test_closing_equals_skimage_on_the_padded_mask():
+    from skimage import morphology
+
+    from wsi_scan.tissue import _closing
+
+    rng = np.random.default_rng(0)
+    for p in (0.97, 0.6):
+        m = rng.random((150, 170)) > p
+        for r in (1, 2, 4):
+            want = morphology.closing(np.pad(m, r + 1), morphology.disk(r))[r + 1 : -r - 1, r + 1 : -r - 1] | m
+            assert np.array_equal(_closing(m, r), want)

@@ -45,7 +45,8 @@ def _otsu(values: np.ndarray) -> float:
 
 
 def _saturation(rgb: np.ndarray, max_value_dark: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """HSV saturation and value (float64, equal to skimage's ``rgb2hsv``) and value > ``max_value_dark``.
+    """HSV saturation (float64, equal to skimage's ``rgb2hsv``), value as its uint8 numerator
+    (the pixel's max: compare through ``_value_is``), and value > ``max_value_dark``.
 
     Computed from each pixel's uint8 max and min through lookup tables, because ``rgb2hsv`` keeps
     several float64 copies of the image (docs/benchmarks.md: the mask stage's peak memory).
@@ -58,7 +59,14 @@ def _saturation(rgb: np.ndarray, max_value_dark: float) -> tuple[np.ndarray, np.
     s_lut[~np.isfinite(s_lut)] = 0.0
     sat = s_lut[hi, lo]
     not_dark = (v > max_value_dark)[hi]
-    return sat, v[hi], not_dark
+    return sat, hi, not_dark
+
+
+def _value_is(value_u8: np.ndarray, op: str, t: float) -> np.ndarray:
+    """``value op t`` for HSV value in [0, 1], exactly as on float values, through a 256-entry table."""
+    v = np.arange(256, dtype=np.float64) * (1.0 / 255.0)
+    table = v >= t if op == ">=" else v < t
+    return table[value_u8]
 
 
 def glass_threshold(sat: np.ndarray, value: np.ndarray, cfg: TissueConfig) -> tuple[float, dict[str, Any]]:
@@ -67,7 +75,7 @@ def glass_threshold(sat: np.ndarray, value: np.ndarray, cfg: TissueConfig) -> tu
     Without enough glass in view (a fully covered slide) the cap is used: no scanner's glass is
     that saturated, and every H&E stain is.
     """
-    glass = sat[(value >= cfg.glass_min_value) & (sat < cfg.glass_max_saturation)]
+    glass = sat[_value_is(value, ">=", cfg.glass_min_value) & (sat < cfg.glass_max_saturation)]
     seen = glass.size >= max(64, int(0.01 * sat.size))
     if not seen:
         return cfg.max_saturation, {"glass_seen": False}
@@ -84,7 +92,7 @@ def glass_threshold(sat: np.ndarray, value: np.ndarray, cfg: TissueConfig) -> tu
 def ink(rgb: np.ndarray, sat: np.ndarray, value: np.ndarray, cfg: TissueConfig) -> np.ndarray:
     """Pen marks and dark grey debris: blue/green ink (G > R) and dark, weakly saturated pixels."""
     green_excess = rgb[..., 1].astype(np.int16) - rgb[..., 0].astype(np.int16)
-    return (green_excess > cfg.ink_green_excess) | ((value < cfg.ink_grey_value) & (sat < cfg.ink_grey_saturation))
+    return (green_excess > cfg.ink_green_excess) | (_value_is(value, "<", cfg.ink_grey_value) & (sat < cfg.ink_grey_saturation))
 
 
 def _drop_specks(mask: np.ndarray, sat: np.ndarray, min_px: int, min_stained_px: int, stained: float) -> np.ndarray:
@@ -97,11 +105,30 @@ def _drop_specks(mask: np.ndarray, sat: np.ndarray, min_px: int, min_stained_px:
     labels, n = ndimage.label(mask)
     if n == 0:
         return mask
-    index = np.arange(1, n + 1)
-    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index)
-    peak = ndimage.maximum(sat, labels, index)
-    keep = (sizes > min_px) | ((sizes > min_stained_px) & (peak >= stained))
-    return np.concatenate([[False], keep])[labels]
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    small = sizes <= min_px
+    small[0] = False
+    # the peak stain of the small pieces only: their pixels are few, the slide's are many
+    in_small = small[labels]
+    peak = np.zeros(n + 1)
+    np.maximum.at(peak, labels[in_small], sat[in_small])
+    keep = ~small | ((sizes > min_stained_px) & (peak >= stained))
+    keep[0] = False
+    return keep[labels]
+
+
+def _closing(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary closing by skimage's ``disk(radius)`` with scipy's binary morphology: the pixels of
+    ``skimage.morphology.closing`` on the zero-padded mask (tested), in about a third of its time
+    on a 3750 x 3125 px thumbnail (2.5 s -> 0.7-1.0 s, measured; skimage goes through grey
+    min/max filters). The padding keeps the image's edge from counting as tissue."""
+    from scipy import ndimage
+    from skimage.morphology import disk
+
+    pad = radius + 1  # the erosion must not take the image border for background
+    padded = np.pad(mask, pad, mode="constant")
+    closed = ndimage.binary_closing(padded, structure=disk(radius).astype(bool))
+    return np.asarray(closed[pad:-pad, pad:-pad] | mask)
 
 
 def compute_mask(rgb: np.ndarray, mask_mpp_xy: tuple[float, float], cfg: TissueConfig,
@@ -141,7 +168,7 @@ def compute_mask(rgb: np.ndarray, mask_mpp_xy: tuple[float, float], cfg: TissueC
     px_area = mask_mpp_xy[0] * mask_mpp_xy[1]
     radius = int(round(cfg.closing_um / math.sqrt(px_area)))
     if radius > 0 and mask.any():
-        mask = morphology.closing(mask, morphology.disk(radius))
+        mask = _closing(mask, radius)
         if cfg.method == "glass":
             mask &= ~excluded  # the closing must not carry the mask onto ink next to tissue
     min_obj = int(round(cfg.min_object_um2 / px_area))
