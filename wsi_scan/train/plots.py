@@ -135,19 +135,24 @@ def training_report(
     save_figure(fig, written[-1])
     plt.close(fig)
 
-    fpr, tpr = roc_curve(labels, probs)
+    written.append(roc_figure(out_dir / "roc.png", labels, probs, f"AUC {auc:.4f}", "ROC, validation split", ""))
+    return written
+
+
+def roc_figure(path: Path, labels: np.ndarray, scores: np.ndarray, legend: str, title: str, unit: str) -> Path:
+    plt = _plt()
+    fpr, tpr = roc_curve(labels, scores)
     fig, ax = plt.subplots(figsize=(4, 4))
-    ax.plot(fpr, tpr, label=f"AUC {auc:.4f}")
+    ax.plot(fpr, tpr, label=legend)
     ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title("ROC, validation split")
+    ax.set_xlabel(f"false positive rate{unit}")
+    ax.set_ylabel(f"true positive rate{unit}")
+    ax.set_title(title)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    written.append(out_dir / "roc.png")
-    save_figure(fig, written[-1])
+    save_figure(fig, path)
     plt.close(fig)
-    return written
+    return path
 
 
 def evaluation_figures(out_dir: Path, fps_per_slide: np.ndarray, sensitivity: np.ndarray, froc_score: float,
@@ -176,16 +181,5 @@ def evaluation_figures(out_dir: Path, fps_per_slide: np.ndarray, sensitivity: np
     save_figure(fig, written[-1])
     plt.close(fig)
     if labels is not None and scores is not None and slide_auc is not None:
-        fpr, tpr = roc_curve(labels, scores)
-        fig, ax = plt.subplots(figsize=(4, 4))
-        ax.plot(fpr, tpr, label=f"slide AUC {slide_auc:.4f}")
-        ax.plot([0, 1], [0, 1], ":", color="grey")
-        ax.set_xlabel("false positive rate (slides)")
-        ax.set_ylabel("true positive rate (slides)")
-        ax.set_title("ROC, slide level")
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        written.append(out_dir / "slide_roc.png")
-        save_figure(fig, written[-1])
-        plt.close(fig)
+        written.append(roc_figure(out_dir / "slide_roc.png", labels, scores, f"slide AUC {slide_auc:.4f}", "ROC, slide level", " (slides)"))
     return written
