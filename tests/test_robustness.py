@@ -671,3 +671,17 @@ def test_evaluate_on_a_broken_patch_is_one_line(tmp_path):
     code, _, err = run("evaluate", data, "--quiet")
     assert_clean_failure(code, err, None, "p3")
     assert code == 6
+
+
+def test_empty_arguments_fifos_and_overlay_names(make_slide, tmp_path):
+    slide = make_slide()
+    for args in (["", "--out", tmp_path / "h.zarr"], [slide, "--out", ""]):
+        code, _, err = run(*args)
+        assert_clean_failure(code, err, tmp_path / "h.zarr", "empty")
+        assert code == 2
+    fifo = tmp_path / "pipe.svs"
+    os.mkfifo(fifo)
+    code, _, err = run(fifo, "--out", tmp_path / "h.zarr", "--quiet")
+    assert_clean_failure(code, err, tmp_path / "h.zarr", "not a regular file")
+    code, _, err = run(slide, "--out", tmp_path / "h.zarr", "--overlay", tmp_path / "o.txt", "--quiet")
+    assert_clean_failure(code, err, tmp_path / "h.zarr", "--overlay")

@@ -43,17 +43,17 @@ def _atomic(out: Path, overwrite: bool) -> Iterator[Path]:
             tmp.unlink()
 
 
-def image_format(out: Path) -> str:
+def image_format(out: Path, flag: str = "--out") -> str:
     fmt = IMAGE_FORMATS.get(out.suffix.lower())
     if fmt is None:
-        raise UsageError(f"--out {out}: expected a .png, .jpg or .jpeg file name, found suffix {out.suffix or '(none)'!r}")
+        raise UsageError(f"{flag} {out}: expected a .png, .jpg or .jpeg file name, found suffix {out.suffix or '(none)'!r}")
     return fmt
 
 
 def check_image_out(out: str | Path, overwrite: bool) -> None:
     """Fail on a bad picture name or an existing picture before a long scan, not after it."""
     out = Path(out)
-    image_format(out)
+    image_format(out, "--overlay")
     check_replaceable(out, overwrite, kind="file", flag="--overlay")
     prepare_parent(out, "--overlay")
 

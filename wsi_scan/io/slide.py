@@ -482,6 +482,8 @@ def _sniff(path: Path) -> None:
         raise SlideNotFoundError(f"slide {path} does not exist; check the path")
     if path.is_dir() and path.suffix.lower() != ".zarr":
         raise SlideNotFoundError(f"slide {path} is a directory; expected a slide file (for a folder of slides, --out must be a folder)")
+    if not path.is_dir() and not path.is_file():
+        raise SlideFormatError(f"slide {path} is not a regular file (a device, pipe or socket); expected a whole-slide image file")
     size = path.stat().st_size
     if size == 0:
         raise SlideFormatError(f"slide {path} is an empty file (0 bytes); expected a whole-slide image")

@@ -119,6 +119,8 @@ class ModelCard:
                 f"model card input_px={self.input_px} and cell_px={self.cell_px} must leave an "
                 "equal margin on each side"
             )
+        if len(self.class_names) != 2:
+            raise ModelError(f"model card class_names must name two classes (normal, tumour), found {list(self.class_names)}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ModelError(f"model card threshold must lie in [0, 1], found {self.threshold}")
 
