@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .geometry import GridGeometry, blocks
@@ -72,6 +70,3 @@ def crop_to_tissue(cells: np.ndarray, block_list: list[tuple[int, int, int, int]
             out.append((r0 + int(rows[0]), c0 + int(cols[0]), int(rows[-1] - rows[0]) + 1, int(cols[-1] - cols[0]) + 1))
     return out
 
-
-def block_count(shape_rc: tuple[int, int], block_cells: int) -> int:
-    return math.ceil(shape_rc[0] / block_cells) * math.ceil(shape_rc[1] / block_cells)

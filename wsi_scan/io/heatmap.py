@@ -202,11 +202,6 @@ class Heatmap:
                                    f"(cells 0..{rows - 1} x 0..{cols - 1}, origin {self.grid.l0_origin_xy})")
         return r, c
 
-    def cell_area_um2(self) -> float:
-        sx, sy = self.grid.l0_cell_size_xy
-        mx, my = self.mpp_xy
-        return sx * mx * sy * my
-
 
 def data_digest(probs: np.ndarray, tissue: np.ndarray) -> str:
     import hashlib
@@ -305,10 +300,6 @@ def open_heatmap(path: str | Path) -> Heatmap:
     if want is None and bool((tissue & ~np.isfinite(probs)).any()):
         raise HeatmapError(f"{p}: damaged heatmap store, tissue cells without a probability (a chunk is missing); rerun the scan")
     return Heatmap(str(p), probs, tissue, grid, meta)
-
-
-def finite_or_none(x: float) -> float | None:
-    return None if (x is None or not math.isfinite(x)) else float(x)
 
 
 def partial_path(out: Path) -> Path:
