@@ -102,6 +102,7 @@ def test_bad_data_is_one_line(tmp_path):
     assert "no data set found" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_resnet18_trains_in_patch_mode(kaggle_dir, tmp_path):
     out = tmp_path / "r.pt"
     train([kaggle_dir], out, TrainConfig(**{**TINY, "arch": "resnet18", "max_train": 32}), progress=False)
