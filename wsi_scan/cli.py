@@ -294,6 +294,8 @@ def _train_options(f: F) -> F:
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_TRAIN.device),
         click.option("--max-train", type=int, default=_TRAIN.max_train, help="cap on training patches (0: all)"),
         click.option("--ema-decay", type=float, default=_TRAIN.ema_decay, help="keep an exponential moving average of the weights (e.g. 0.999; 0: off)"),
+        click.option("--max-valid", type=int, default=_TRAIN.max_valid, help="cap on validation patches, a seeded subset (0: all), for quick runs"),
+        click.option("--final-tta/--no-final-tta", default=_TRAIN.final_tta, help="score the kept epoch with 8 dihedral views at the end"),
     ]
     for opt in reversed(opts):
         f = opt(f)

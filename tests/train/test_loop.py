@@ -126,3 +126,13 @@ def test_weight_averaging_saves_the_averaged_weights_and_resumes(kaggle_dir, tmp
     assert "ema" in state
     res = train([kaggle_dir], tmp_path / "e.pt", TrainConfig(**{**TINY, "epochs": 2, "ema_decay": 0.9}), resume=True, progress=False)
     assert len(res.history) == 2 and load_model(res.model_path).card.training["config"]["ema_decay"] == 0.9
+
+
+def test_quick_run_options(kaggle_dir, tmp_path):
+    out = tmp_path / "q.pt"
+    code = CliRunner().invoke(main, ["train", str(kaggle_dir), "--out", str(out), "--width", "8", "--batch-size", "16",
+                                     "--epochs", "1", "--loader-workers", "0", "--max-valid", "10", "--no-final-tta", "--quiet"])
+    assert code.exit_code == 0, code.stderr
+    card = load_model(out).card
+    assert "valid_tta" not in card.metrics and card.metrics["valid"]["n"] == 10
+    assert card.training["data"]["valid_used"] == 10 and card.training["config"]["final_tta"] is False

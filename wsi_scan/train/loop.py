@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -128,6 +129,11 @@ def train(
     device = resolve_device(cfg.device)
     datas = [open_patch_data(d) for d in data]
     splits = make_splits(datas, cfg.val_fraction, cfg.seed)
+    if cfg.max_valid and cfg.max_valid < len(splits.valid):
+        # a seeded subset: quick runs only; the card says how many patches chose the epoch
+        keep = np.sort(np.random.default_rng([cfg.seed, 6]).permutation(len(splits.valid))[: cfg.max_valid])
+        splits = dataclasses.replace(splits, valid=splits.valid[keep],
+                                     description={**splits.description, "valid_used": int(cfg.max_valid)})
     train_rows = splits.train
     if cfg.max_train and cfg.max_train < len(train_rows):
         train_rows = train_rows[np.random.default_rng([cfg.seed, 5]).permutation(len(train_rows))[: cfg.max_train]]
@@ -272,15 +278,15 @@ def train(
                 **({"ema": ema.state_dict()} if ema is not None else {}),
             },
         )
-    result = finalize(out, splits, device, history, report_dir, progress)
+    result = finalize(out, splits, device, history, report_dir, progress, cfg.final_tta)
     return result
 
 
 def finalize(
     out: Path, splits: Splits, device: torch.device, history: list[dict[str, Any]],
-    report_dir: str | Path | None, progress: bool,
+    report_dir: str | Path | None, progress: bool, final_tta: bool = True,
 ) -> TrainResult:
-    """Score the chosen epoch (with and without TTA), store that in its card, draw the report."""
+    """Score the chosen epoch (with TTA unless ``final_tta`` is off), store that in its card, draw the report."""
     from ..io.checkpoint import load_model
 
     model = load_model(out)
@@ -288,14 +294,16 @@ def finalize(
     labels = labels_of(splits, splits.valid)
     ds_valid = RowsDataset(splits.sets, splits.valid)
     probs = predict_probs(net, model.card, ds_valid, device, 512, progress=progress, desc="valid")
-    probs_tta = predict_probs(net, model.card, ds_valid, device, 512, tta=True, progress=progress, desc="valid TTA")
     m = binary_metrics(labels, probs, model.card.threshold)
-    m_tta = binary_metrics(labels, probs_tta, model.card.threshold)
+    metrics: dict[str, Any] = {"valid": m.to_dict()}
+    if final_tta:
+        probs_tta = predict_probs(net, model.card, ds_valid, device, 512, tta=True, progress=progress, desc="valid TTA")
+        metrics["valid_tta"] = binary_metrics(labels, probs_tta, model.card.threshold).to_dict()
     epoch = int(model.card.metrics.get("epoch", 0))
     card = ModelCard.from_dict(
         {
             **model.card.to_dict(),
-            "metrics": {"epoch": epoch, "valid": m.to_dict(), "valid_tta": m_tta.to_dict()},
+            "metrics": {"epoch": epoch, **metrics},
             "training": {**model.card.training, "history": history},
         }
     )
