@@ -685,3 +685,36 @@ def test_empty_arguments_fifos_and_overlay_names(make_slide, tmp_path):
     assert_clean_failure(code, err, tmp_path / "h.zarr", "not a regular file")
     code, _, err = run(slide, "--out", tmp_path / "h.zarr", "--overlay", tmp_path / "o.txt", "--quiet")
     assert_clean_failure(code, err, tmp_path / "h.zarr", "--overlay")
+
+
+def test_overlay_refuses_another_slide_than_the_heatmaps(heatmap, make_slide, tmp_path):
+    _, hm = heatmap
+    other = make_slide("other.tif", size_wh=(3200, 2400))
+    code, _, err = run("overlay", hm, "--out", tmp_path / "o.png", "--slide", other)
+    assert_clean_failure(code, err, tmp_path / "o.png", "heatmap was made from")
+    assert code == 3
+
+
+def test_tile_labels_ignore_rounding_slivers():
+    from shapely.geometry import box
+
+    from wsi_scan.export.tiles import cell_labels
+    from wsi_scan.geometry import GridGeometry
+
+    g = GridGeometry((0, 0), (123.4, 123.4), (4, 4), 32, 96, 0.972)
+    rc = np.array([[0, 0], [0, 1]])
+    # a polygon ending 0.05 px into cell (0, 1): a shared edge's rounding, not tumour in that cell
+    assert cell_labels(g, rc, box(0, 0, 123.4 + 0.05 / 123.4, 123.4)).tolist() == [1, 0]
+    assert cell_labels(g, rc, box(0, 0, 123.4 + 2.0, 123.4)).tolist() == [1, 1]
+
+
+def test_a_damaged_training_state_is_one_line(tmp_path):
+    from wsi_scan.errors import UsageError
+    from wsi_scan.train.loop import load_state
+
+    bad = tmp_path / "m.pt.train-state.pt"
+    bad.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(UsageError, match="cannot be read"):
+        load_state(bad)
+    with pytest.raises(UsageError, match="no training state"):
+        load_state(tmp_path / "missing.pt")

@@ -47,3 +47,22 @@ def test_x_y_disagree_is_error():
 def test_bad_override():
     with pytest.raises(MppError):
         resolve_mpp({}, -1.0, "s")
+
+
+def test_ome_tiff_pixel_size_survives_every_backend(tmp_path):
+    import numpy as np
+    import tifffile
+
+    from wsi_scan.io.mpp import resolve_mpp
+    from wsi_scan.io.slide import open_slide
+
+    img = np.full((1024, 1024, 3), 200, np.uint8)
+    path = tmp_path / "s.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(img, tile=(256, 256), photometric="rgb", subifds=1,
+                 metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25})
+        tw.write(img[::2, ::2].copy(), tile=(256, 256), photometric="rgb", subfiletype=1)
+    for backend in ("auto", "tifffile"):
+        with open_slide(path, backend) as s:
+            mpp = resolve_mpp(s.info.metadata, None, str(path))
+        assert mpp.xy == (0.25, 0.25) and "OME" in mpp.source

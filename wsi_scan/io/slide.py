@@ -582,6 +582,10 @@ def _open(p: Path, backend: str) -> Slide:
     except SlideFormatError:
         return osr
     if [lv.size_wh for lv in tfs.info.levels] != [lv.size_wh for lv in osr.info.levels] or not _same_pixels(osr, tfs):
+        if tfs.info.level0_size_wh == osr.info.level0_size_wh:
+            # the same image read by OpenSlide: keep what tifffile read of its metadata (OME
+            # PhysicalSize, which OpenSlide does not read) where OpenSlide has no key
+            osr.info = dataclasses.replace(osr.info, metadata={**tfs.info.metadata, **osr.info.metadata})
         tfs.close()
         return osr
     # OpenSlide's properties (its normalised mpp among them) describe the same file; tifffile's
