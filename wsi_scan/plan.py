@@ -1,7 +1,7 @@
 """Planning a scan: thumbnail -> tissue mask -> cell grid -> tissue cells -> blocks -> read plan.
 
-One function, used by the scan, ``info``, ``tile`` and the benchmark, so that they all report the
-same tissue for a slide.
+One function, used by the scan and ``info``, so that both report the same tissue for a slide
+(``tile`` and ``scripts/benchmark.py`` still plan with the same pieces themselves: issue 16).
 """
 
 from __future__ import annotations
