@@ -64,18 +64,16 @@ def plan_scan(slide: Any, mpp_xy: tuple[float, float], target_mpp: float, cell_p
 
 
 def file_sha256(path: str) -> str:
-    import hashlib
+    """The sha256 of a user's mask or ROI file (the model files' own digest function)."""
+    from pathlib import Path
 
     from .errors import DataError
+    from .io.checkpoint import _sha256
 
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        return _sha256(Path(path))
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc.strerror}); expected a mask image or a GeoJSON file") from None
-    return h.hexdigest()
 
 
 def user_tissue_mask(path: str, l0_size_wh: tuple[int, int], mpp_xy: tuple[float, float]) -> TissueMask:
