@@ -537,3 +537,42 @@ def tile(slide_path: Path, out: Path, stride_cells: int, labels_geojson: Path | 
                                   _TISSUE, split, overwrite=overwrite, labels_mask=labels_mask))
     pos = f", {res.n_positive} positive" if res.n_positive is not None else ""
     click.echo(f"{res.n_patches} patches{pos} at {res.target_mpp:g} um/px -> {', '.join(str(p) for p in res.files)}")
+
+
+# --- wsi-scan view (issue 14): the local viewer; a self-contained block ------------------------
+from .config import ViewConfig as _ViewConfig  # noqa: E402 - kept with the command it serves
+
+_VIEW = _ViewConfig()
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--host", default=_VIEW.host, help="address to listen on (a non-loopback one serves the slides to the network)")
+@click.option("--port", type=int, default=_VIEW.port, help="port to listen on (0: a free one)")
+@click.option("--no-browser", is_flag=True, help="do not open a browser; print the address only")
+def view(path: Path, host: str, port: int, no_browser: bool) -> None:
+    """Open a heatmap store, or a results folder, in a local web viewer (slide, heatmap, lesions, cohort)."""
+    from .view.server import Viewer, non_loopback_warning
+
+    cfg: Any = _run(lambda: _ViewConfig(host=host, port=port))
+    viewer = _run(lambda: Viewer(path, cfg))
+    warning = non_loopback_warning(host)
+    if warning:
+        click.echo(f"wsi-scan: warning: {warning}", err=True)
+    n = len(viewer.app.entries)
+    click.echo(f"wsi-scan view: {n} slide{'s' if n != 1 else ''} from {path} at {viewer.url}  (Ctrl-C to stop)", err=True)
+    click.echo(viewer.url)
+    sys.stdout.flush()
+    if not no_browser:
+        import webbrowser
+
+        opened = webbrowser.open(viewer.url)
+        if not opened:
+            click.echo("wsi-scan: warning: no browser could be opened; open the address above", err=True)
+    try:
+        viewer.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("wsi-scan view: stopped", err=True)
+    finally:
+        viewer.httpd.server_close()
+        viewer.app.close()

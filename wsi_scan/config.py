@@ -203,3 +203,24 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """The local viewer (``wsi-scan view``, ``view/``): where it listens and what it keeps in memory."""
+
+    host: str = "127.0.0.1"  # loopback only; another address serves the slides to the network (warned)
+    port: int = 0  # 0: a free port chosen by the system
+    tile_px: int = 256  # Deep Zoom tile side (no overlap)
+    jpeg_quality: int = 85  # slide tiles
+    tile_cache_mb: int = 128  # encoded tiles kept (slide JPEG and heatmap PNG), least recently used dropped
+    max_open_slides: int = 4  # slide handles, thumbnails and heatmaps kept open; the least recent is closed
+    thumbnail_px: int = 2048  # longest side of the per-slide overview from which the coarsest tiles are cut
+    cmap: str = "inferno"  # heatmap colour map, as the overlay export
+    threads: int = 16  # requests served at once (the browser opens about 6 connections)
+
+    def __post_init__(self) -> None:
+        for name, lo, hi in (("port", 0, 65535), ("tile_px", 64, 2048), ("jpeg_quality", 10, 100),
+                             ("tile_cache_mb", 0, 1 << 16), ("max_open_slides", 1, 1024), ("thumbnail_px", 256, 16384),
+                             ("threads", 1, 1024)):
+            _in_range("view", name, getattr(self, name), lo, hi)

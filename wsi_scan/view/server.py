@@ -1,0 +1,460 @@
+"""``wsi-scan view``: a read-only local web server for slides, their heatmaps and a cohort.
+
+Standard library only (``http.server.ThreadingHTTPServer``): one thread per browser connection,
+so the browser's parallel tile requests are served in parallel (decoding, resampling and
+encoding release the GIL). ``docs/viewer.md`` says why no web framework.
+
+What can be requested is fixed when the server starts: the viewer's own static files (read into
+memory from the package), the heatmap stores it was given (by index), the slide each of them
+names in its attrs, and tiles computed from those. No part of a URL is ever joined to a file
+system path, so ``..``, absolute paths, links and percent-encoded names cannot reach a file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import socket
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from ..config import LesionConfig, ViewConfig
+from ..errors import HeatmapError, UsageError, WsiScanError
+from .tiles import ByteLRU, DeepZoom, HeatTiles, SlideTiles, colour_lut, encode_jpeg, encode_png
+
+log = logging.getLogger("wsi_scan.view")
+
+CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
+                 ".png": "image/png", ".txt": "text/plain; charset=utf-8", ".svg": "image/svg+xml"}
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+       "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+_TILE = re.compile(r"/tiles/(\d{1,6})/(slide|heat)/(\d{1,2})/(\d{1,7})_(\d{1,7})\.(jpeg|png)")
+_META = re.compile(r"/api/slide/(\d{1,6})")
+_PROB = re.compile(r"/api/slide/(\d{1,6})/prob")
+_STATIC = re.compile(r"/static/([A-Za-z0-9_][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.-]*)*)")
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    cache: str = "no-cache"
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(status, json.dumps(obj, allow_nan=False, separators=(",", ":")).encode("utf-8"))
+
+
+def _error(status: int, message: str) -> Response:
+    return _json({"error": message}, status)
+
+
+def _finite(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+@dataclass
+class Entry:
+    """One heatmap store the server was given, and the slide its attrs name."""
+
+    id: int
+    name: str
+    store: Path
+    attrs: dict[str, Any]
+    row: dict[str, Any]
+
+    @property
+    def slide_path(self) -> str:
+        return str(self.attrs.get("slide", {}).get("path") or "")
+
+    def table_row(self) -> dict[str, Any]:
+        s = self.attrs.get("summary", {}) or {}
+        sl = self.attrs.get("slide", {}) or {}
+        r = self.row
+        return {
+            "id": self.id, "slide": self.name, "status": r.get("status") or self.attrs.get("status", ""),
+            "call": s.get("call") or r.get("call") or "", "score": _finite(s.get("score", r.get("score"))),
+            "n_lesions": s.get("n_lesions", r.get("n_lesions")), "largest_lesion_mm": _finite(s.get("largest_lesion_mm")),
+            "tumour_area_mm2": _finite(s.get("tumour_area_mm2")), "max_prob": _finite(s.get("max_prob")),
+            "mean_prob": _finite(s.get("mean_prob")), "tissue_area_mm2": _finite((self.attrs.get("tissue") or {}).get("area_mm2")),
+            "mpp": _finite((sl.get("mpp_xy") or [None])[0]), "mpp_source": sl.get("mpp_source", ""),
+            "seconds": _finite(r.get("seconds_total")),
+        }
+
+
+@dataclass
+class Opened:
+    """An entry in use: its heatmap, its slide's tiles (or why there are none) and its metadata."""
+
+    entry: Entry
+    dz: DeepZoom
+    heat: HeatTiles
+    slide: SlideTiles | None
+    slide_error: str
+    meta: bytes
+    users: int = 0
+    evicted: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def close(self) -> None:
+        if self.slide is not None:
+            self.slide.slide.close()
+
+
+def _rings(geom: Any, ndigits: int = 1) -> list[list[list[float]]]:
+    """Exterior and interior rings of a (multi)polygon as [[x, y], ...] in level-0 px."""
+    polys = list(getattr(geom, "geoms", [geom]))
+    out = []
+    for p in polys:
+        if p.is_empty or p.geom_type != "Polygon":
+            continue
+        for ring in [p.exterior, *p.interiors]:
+            out.append([[round(x, ndigits), round(y, ndigits)] for x, y in ring.coords])
+    return out
+
+
+class ViewerApp:
+    """The viewer's routes as a plain function of a request path (tested without sockets)."""
+
+    def __init__(self, path: str | Path, cfg: ViewConfig = ViewConfig()) -> None:
+        from ..io.heatmap import read_attrs
+        from ..io.viewer_files import static_files, viewer_sources
+
+        self.cfg = cfg
+        self.kind, stores, rows = viewer_sources(path)
+        root = Path(path)
+        self.entries: list[Entry] = []
+        for store in stores:
+            attrs = read_attrs(store)
+            if attrs is None:
+                continue
+            name = str(store.relative_to(root)) if self.kind == "folder" else store.name
+            name = name[:-5] if name.endswith(".zarr") else name
+            self.entries.append(Entry(len(self.entries), name, store, attrs, rows.get(os.path.realpath(store), {})))
+        if not self.entries:
+            raise HeatmapError(f"{path}: no readable heatmap store; rerun the scan")
+        self.title = root.name or str(root)
+        self.static = static_files()
+        self.lut = colour_lut(cfg.cmap)
+        self.tiles = ByteLRU(cfg.tile_cache_mb << 20)
+        self._open: OrderedDict[int, Opened] = OrderedDict()
+        self._lock = threading.Lock()
+        self._opening: dict[int, threading.Lock] = {e.id: threading.Lock() for e in self.entries}
+        self._work = threading.BoundedSemaphore(cfg.threads)
+
+    # -- opening entries -------------------------------------------------------------------
+
+    def _load(self, entry: Entry) -> Opened:
+        from ..export.geojson import region_polygons
+        from ..io.heatmap import open_heatmap
+        from ..io.slide import open_slide
+        from ..lesions import find_lesions
+
+        hm = open_heatmap(entry.store)
+        size_wh = tuple(int(v) for v in hm.attrs["slide"]["level0_size_wh"])
+        dz = DeepZoom((size_wh[0], size_wh[1]), self.cfg.tile_px)
+        slide_tiles, slide_error = None, ""
+        try:
+            slide = open_slide(entry.slide_path, hm.attrs["slide"].get("backend", "auto"))
+            if tuple(slide.info.level0_size_wh) != size_wh:
+                slide.close()
+                raise UsageError(f"{entry.slide_path} is {slide.info.level0_size_wh[0]} x {slide.info.level0_size_wh[1]} px, "
+                                 f"the heatmap's slide was {size_wh[0]} x {size_wh[1]} px: not the slide the heatmap was made from")
+            slide_tiles = SlideTiles(slide, dz, self.cfg.thumbnail_px)
+        except WsiScanError as exc:
+            slide_error = str(exc)
+            log.warning("view: %s: no slide layer (%s)", entry.name, slide_error)
+        labels = np.zeros(hm.probs.shape, dtype=np.int32)
+        lesions = find_lesions(hm.probs, hm.grid, hm.mpp_xy, hm.threshold, LesionConfig(), labels=labels)
+        les_out = []
+        for les in lesions:
+            rings = []
+            for geom, _, _ in region_polygons(labels == les.id, hm):
+                rings += _rings(geom)
+            les_out.append({"id": les.id, "size_class": les.size_class, "diameter_mm": les.longest_diameter_mm,
+                            "area_mm2": les.area_mm2, "max_prob": les.max_prob, "mean_prob": les.mean_prob,
+                            "l0_centroid_xy": list(les.l0_centroid_xy), "l0_bbox_xyxy": list(les.l0_bbox_xyxy),
+                            "rings": rings})
+        tissue = []
+        for geom, _, _ in region_polygons(hm.tissue, hm):
+            tissue += _rings(geom)
+        g = hm.grid
+        finite = hm.probs[np.isfinite(hm.probs)]
+        meta = {
+            "id": entry.id, "name": entry.name, "store": entry.store.name,
+            "slide_path": entry.slide_path, "slide_available": slide_tiles is not None, "slide_error": slide_error,
+            "width": size_wh[0], "height": size_wh[1], "tile_px": dz.tile_px, "max_level": dz.max_level,
+            "mpp_xy": list(hm.mpp_xy), "threshold": hm.threshold,
+            "grid": {"l0_origin_xy": list(g.l0_origin_xy), "l0_cell_size_xy": list(g.l0_cell_size_xy), "shape_rc": list(g.shape_rc)},
+            "call": "negative" if not lesions else lesions[0].size_class,
+            "score": float(finite.max()) if finite.size else None,
+            "cmap": self.cfg.cmap, "lut": self.lut.tolist(), "tissue": tissue, "lesions": les_out,
+            "version": str(hm.attrs.get("data_sha256", ""))[:12],
+        }
+        return Opened(entry, dz, HeatTiles(hm, dz, self.lut), slide_tiles, slide_error,
+                      json.dumps(meta, allow_nan=False, separators=(",", ":")).encode("utf-8"))
+
+    @contextmanager
+    def using(self, eid: int) -> Iterator[Opened]:
+        """An entry opened (at most ``max_open_slides`` stay open; the least recent is closed once idle)."""
+        if not 0 <= eid < len(self.entries):
+            raise KeyError(eid)
+        with self._opening[eid]:
+            with self._lock:
+                op = self._open.get(eid)
+                if op is not None:
+                    self._open.move_to_end(eid)
+                    op.users += 1
+            if op is None:
+                op = self._load(self.entries[eid])
+                evict = []
+                with self._lock:
+                    op.users += 1
+                    self._open[eid] = op
+                    while len(self._open) > self.cfg.max_open_slides:
+                        _, old = self._open.popitem(last=False)
+                        old.evicted = True
+                        evict.append(old)
+                for old in evict:
+                    gone = old.entry.id
+                    self.tiles.drop(lambda k: bool(k[0] == gone))  # noqa: B023 - used at once
+                    self._release(old, 0)
+        try:
+            yield op
+        finally:
+            self._release(op, 1)
+
+    def _release(self, op: Opened, n: int) -> None:
+        with self._lock:
+            op.users -= n
+            done = op.evicted and op.users == 0
+        if done:
+            op.close()
+
+    @property
+    def n_open(self) -> int:
+        return len(self._open)
+
+    def close(self) -> None:
+        with self._lock:
+            ops = list(self._open.values())
+            self._open.clear()
+        for op in ops:
+            op.close()
+
+    # -- routes ----------------------------------------------------------------------------
+
+    def catalog(self) -> dict[str, Any]:
+        return {"kind": self.kind, "title": self.title, "slides": [e.table_row() for e in self.entries]}
+
+    def handle(self, raw: str) -> Response:
+        """The response to a GET of ``raw`` (path and query as sent)."""
+        parts = urlsplit(raw)
+        path = parts.path
+        if path in ("/", "/index.html"):
+            return Response(200, self.static["index.html"], CONTENT_TYPES[".html"])
+        if path == "/favicon.ico":
+            return Response(204, b"", "image/x-icon", "max-age=3600")
+        if path == "/api/catalog":
+            return _json(self.catalog())
+        m = _STATIC.fullmatch(path)
+        if m:
+            name = m.group(1)
+            body = self.static.get(name)
+            if body is None or ".." in name.split("/"):
+                return _error(404, "no such file")
+            return Response(200, body, CONTENT_TYPES.get(os.path.splitext(name)[1], "application/octet-stream"), "max-age=3600")
+        try:
+            m = _TILE.fullmatch(path)
+            if m:
+                return self._tile(int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4)), int(m.group(5)), m.group(6),
+                                  parse_qs(parts.query))
+            m = _META.fullmatch(path)
+            if m:
+                with self.using(int(m.group(1))) as op:
+                    return Response(200, op.meta)
+            m = _PROB.fullmatch(path)
+            if m:
+                return self._prob(int(m.group(1)), parse_qs(parts.query))
+        except KeyError:
+            return _error(404, "no such slide")
+        except WsiScanError as exc:
+            return _error(409, " ".join(str(exc).split()))
+        return _error(404, "not found")
+
+    def _tile(self, eid: int, layer: str, dzl: int, col: int, row: int, ext: str, query: dict[str, list[str]]) -> Response:
+        if (layer == "slide") != (ext == "jpeg"):
+            return _error(404, "not found")
+        t = 0.0
+        if layer == "heat":
+            try:
+                t = float(query.get("t", ["0"])[0])
+            except ValueError:
+                return _error(400, "t must be a number in [0, 1]")
+            if not 0.0 <= t <= 1.0:
+                return _error(400, "t must be a number in [0, 1]")
+            t = round(t, 3)
+        key = (eid, layer, dzl, col, row, t)
+        body = self.tiles.get(key)
+        if body is None:
+            with self.using(eid) as op:
+                if not op.dz.valid(dzl, col, row):
+                    return _error(404, "no such tile")
+                if layer == "slide" and op.slide is None:
+                    return _error(404, f"no slide layer: {op.slide_error}")
+                with self._work:
+                    if layer == "slide":
+                        assert op.slide is not None
+                        body = encode_jpeg(op.slide.tile_rgb(dzl, col, row), self.cfg.jpeg_quality)
+                    else:
+                        body = encode_png(op.heat.tile_rgba(dzl, col, row, t))
+                if not op.evicted:
+                    self.tiles.put(key, body)
+        return Response(200, body, "image/jpeg" if layer == "slide" else "image/png", "private, max-age=600")
+
+    def _prob(self, eid: int, query: dict[str, list[str]]) -> Response:
+        try:
+            x, y = float(query["x"][0]), float(query["y"][0])
+        except (KeyError, ValueError, IndexError):
+            return _error(400, "x and y (level-0 px) are required numbers")
+        if not (math.isfinite(x) and math.isfinite(y)):
+            return _error(400, "x and y must be finite")
+        with self.using(eid) as op:
+            hm = op.heat.hm
+            r, c = hm.grid.l0_to_cell(x, y)
+            rows, cols = hm.grid.shape_rc
+            inside = 0 <= r < rows and 0 <= c < cols
+            p = _finite(hm.probs[r, c]) if inside else None
+            return _json({"l0_xy": [x, y], "cell_rc": [r, c] if inside else None, "prob": p,
+                          "tissue": bool(hm.tissue[r, c]) if inside else False})
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: the browser reuses its few connections for many tiles
+    server_version = "wsi-scan-view"
+    sys_version = ""
+    app: ViewerApp
+    allowed_hosts: frozenset[str]
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        log.debug("view: %s %s", self.address_string(), format % args)
+
+    def _send(self, resp: Response, head: bool = False) -> None:
+        self.send_response(resp.status)
+        self.send_header("Content-Type", resp.content_type)
+        self.send_header("Content-Length", str(len(resp.body)))
+        self.send_header("Cache-Control", resp.cache)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("Content-Security-Policy", CSP)
+        self.end_headers()
+        if not head:
+            self.wfile.write(resp.body)
+
+    def _respond(self, head: bool) -> None:
+        host = (self.headers.get("Host") or "").lower()
+        if self.allowed_hosts and host not in self.allowed_hosts:
+            # DNS rebinding: a web page may not reach a loopback server through a name of its own
+            self._send(_error(421, "unexpected Host header"), head)
+            return
+        try:
+            resp = self.app.handle(self.path)
+        except Exception as exc:  # noqa: BLE001 - one broken tile must not stop the server
+            log.warning("view: %s failed (%s: %s)", self.path[:200], type(exc).__name__, exc)
+            resp = _error(500, f"{type(exc).__name__}")
+        self._send(resp, head)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._respond(False)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._respond(True)
+
+    def _refuse(self) -> None:
+        self._send(_error(405, "read-only: only GET and HEAD"))
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse  # noqa: N815
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = False
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Viewer:
+    """A running viewer: ``Viewer(path).start()``; ``url``; ``stop()``."""
+
+    def __init__(self, path: str | Path, cfg: ViewConfig = ViewConfig()) -> None:
+        self.app = ViewerApp(path, cfg)
+        handler: type[_Handler] = type("Handler", (_Handler,), {"app": self.app, "allowed_hosts": frozenset()})
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        server_cls = type("Server", (_Server,), {"address_family": family})
+        try:
+            self.httpd = server_cls((cfg.host, cfg.port), handler)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror or exc}); choose another --host or --port") from None
+        self.host = cfg.host
+        self.port = int(self.httpd.server_address[1])
+        if is_loopback(cfg.host):
+            handler.allowed_hosts = frozenset(f"{h}:{self.port}" for h in ("127.0.0.1", "localhost", "[::1]", cfg.host))
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        return f"http://{host}:{self.port}/"
+
+    def start(self) -> Viewer:
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="wsi-scan-view", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.httpd.serve_forever()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.app.close()
+
+    def __enter__(self) -> Viewer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def non_loopback_warning(host: str) -> str | None:
+    if is_loopback(host):
+        return None
+    return (f"--host {host} is not a loopback address: anyone who can reach this machine on the network can view "
+            "these slides and heatmaps (no password, no encryption); use --host 127.0.0.1 unless that is intended")

@@ -1,0 +1,243 @@
+"""Deep Zoom tiles of a slide and of its heatmap, both in the slide's level-0 frame.
+
+Deep Zoom level ``dz`` of a W x H px level 0 has ``dz_ds = 2 ** (max_dz - dz)`` level-0 px per
+pixel, ``max_dz = ceil(log2(max(W, H)))``; tile (col, row) holds that level's pixels
+[col*T, col*T + T) x [row*T, row*T + T) (no overlap), i.e. the level-0 box
+``l0_box = (col*T*dz_ds, row*T*dz_ds, ...)``, clipped to the slide. The heatmap tile of the same
+(dz, col, row) colours each pixel with the cell under its centre (``geometry.image_cells``), so
+the two layers align exactly, at every zoom, however the grid's origin and cell size fall.
+
+Slide tiles are resampled from the coarsest pyramid level at or finer than ``dz_ds``; the
+coarsest Deep Zoom levels are cut from one overview image per slide, read once.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..geometry import image_cells
+from ..io.heatmap import Heatmap
+from ..io.slide import Slide
+
+#: a pyramid level whose downsample exceeds the wanted one by this factor still counts as "at it"
+LEVEL_SLACK = 1e-3
+
+
+@dataclass(frozen=True)
+class DeepZoom:
+    """The Deep Zoom pyramid of a ``size_wh`` level-0 image in tiles of ``tile_px``."""
+
+    size_wh: tuple[int, int]
+    tile_px: int
+
+    @property
+    def max_level(self) -> int:
+        return max(0, math.ceil(math.log2(max(self.size_wh))))
+
+    def downsample(self, dz: int) -> int:
+        """Level-0 px per pixel of Deep Zoom level ``dz``."""
+        return 1 << (self.max_level - dz)
+
+    def level_size(self, dz: int) -> tuple[int, int]:
+        d = self.downsample(dz)
+        return (max(1, math.ceil(self.size_wh[0] / d)), max(1, math.ceil(self.size_wh[1] / d)))
+
+    def tile_count(self, dz: int) -> tuple[int, int]:
+        w, h = self.level_size(dz)
+        return (math.ceil(w / self.tile_px), math.ceil(h / self.tile_px))
+
+    def valid(self, dz: int, col: int, row: int) -> bool:
+        if not 0 <= dz <= self.max_level:
+            return False
+        nc, nr = self.tile_count(dz)
+        return 0 <= col < nc and 0 <= row < nr
+
+    def tile_box(self, dz: int, col: int, row: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(pixel origin in level ``dz``, tile size (w, h)) of a tile; edge tiles are smaller."""
+        w, h = self.level_size(dz)
+        x0, y0 = col * self.tile_px, row * self.tile_px
+        return (x0, y0), (min(self.tile_px, w - x0), min(self.tile_px, h - y0))
+
+    def tile_l0_box(self, dz: int, col: int, row: int) -> tuple[float, float, float, float]:
+        """The level-0 box (x0, y0, x1, y1) a tile shows, clipped to the image."""
+        (x0, y0), (w, h) = self.tile_box(dz, col, row)
+        d = self.downsample(dz)
+        return (x0 * d, y0 * d, min((x0 + w) * d, self.size_wh[0]), min((y0 + h) * d, self.size_wh[1]))
+
+
+def colour_lut(cmap: str) -> np.ndarray:
+    """(256, 3) uint8: the colour of probability p is ``lut[probability_index(p)]``."""
+    from matplotlib import colormaps
+
+    return (np.asarray(colormaps[cmap](np.linspace(0.0, 1.0, 256)))[:, :3] * 255 + 0.5).astype(np.uint8)
+
+
+def probability_index(p: np.ndarray) -> np.ndarray:
+    """LUT index of probabilities in [0, 1] (NaN must be masked by the caller)."""
+    return np.clip(np.rint(np.nan_to_num(p, nan=0.0) * 255), 0, 255).astype(np.intp)
+
+
+class ByteLRU:
+    """A thread-safe least-recently-used cache bounded by the bytes of its values."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._d: OrderedDict[Any, bytes] = OrderedDict()
+        self._nbytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def get(self, key: Any) -> bytes | None:
+        with self._lock:
+            v = self._d.get(key)
+            if v is None:
+                self.misses += 1
+                return None
+            self._d.move_to_end(key)
+            self.hits += 1
+            return v
+
+    def put(self, key: Any, value: bytes) -> None:
+        if len(value) > self.max_bytes:
+            return
+        with self._lock:
+            old = self._d.pop(key, None)
+            if old is not None:
+                self._nbytes -= len(old)
+            self._d[key] = value
+            self._nbytes += len(value)
+            while self._nbytes > self.max_bytes and self._d:
+                _, v = self._d.popitem(last=False)
+                self._nbytes -= len(v)
+
+    def drop(self, match: Callable[[Any], bool]) -> None:
+        with self._lock:
+            for k in [k for k in self._d if match(k)]:
+                self._nbytes -= len(self._d.pop(k))
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    try:
+        import simplejpeg
+
+        return bytes(simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality=quality, colorspace="RGB"))
+    except ImportError:  # pragma: no cover - simplejpeg is a dependency
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+        return buf.getvalue()
+
+
+def encode_png(rgba: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgba).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+class SlideTiles:
+    """Deep Zoom tiles of one slide, from its own reader (any format the scanner reads)."""
+
+    def __init__(self, slide: Slide, dz: DeepZoom, thumbnail_px: int) -> None:
+        self.slide = slide
+        self.dz = dz
+        self.levels = [lv.downsample_xy for lv in slide.info.levels]
+        # the overview: a power-of-two downsample with its longest side at most thumbnail_px
+        self.overview_ds = 1 << max(0, math.ceil(math.log2(max(dz.size_wh) / thumbnail_px)))
+        self._overview: np.ndarray | None = None
+        self._overview_l0_per: tuple[float, float] = (1.0, 1.0)
+        self._lock = threading.Lock()
+
+    def _level_for(self, ds: float) -> int:
+        """The coarsest pyramid level at or finer than ``ds`` level-0 px per pixel."""
+        best = 0
+        for i, (dx, dy) in enumerate(self.levels):
+            if max(dx, dy) <= ds * (1 + LEVEL_SLACK) and dx >= self.levels[best][0]:
+                best = i
+        return best
+
+    def overview(self) -> tuple[np.ndarray, tuple[float, float]]:
+        """The whole level-0 frame at ``overview_ds`` (read once, in bounded pieces)."""
+        with self._lock:
+            if self._overview is None:
+                from ..regions import resample_region
+
+                w0, h0 = self.dz.size_wh
+                d = self.overview_ds
+                tw, th = max(1, math.ceil(w0 / d)), max(1, math.ceil(h0 / d))
+                kx, ky = w0 / tw, h0 / th
+                level = self._level_for(min(kx, ky))
+                ds = self.levels[level]
+                out = np.empty((th, tw, 3), dtype=np.uint8)
+                step = max(1, int(2048 * min(ds[0] / kx, ds[1] / ky)))  # overview px per read: reads of ~2048 px
+                for ty in range(0, th, step):
+                    for tx in range(0, tw, step):
+                        pw, ph = min(step, tw - tx), min(step, th - ty)
+                        box = (tx * kx, ty * ky, (tx + pw) * kx, (ty + ph) * ky)
+                        out[ty : ty + ph, tx : tx + pw] = resample_region(self.slide, level, ds, box, (pw, ph))
+                self._overview, self._overview_l0_per = out, (kx, ky)
+            return self._overview, self._overview_l0_per
+
+    def tile_rgb(self, dzl: int, col: int, row: int) -> np.ndarray:
+        from PIL import Image
+
+        from ..regions import resample_region
+
+        ds = self.dz.downsample(dzl)
+        box = self.dz.tile_l0_box(dzl, col, row)
+        _, size = self.dz.tile_box(dzl, col, row)
+        if ds >= self.overview_ds:
+            img, (kx, ky) = self.overview()
+            src = Image.fromarray(img)
+            return np.asarray(src.resize(size, Image.Resampling.BILINEAR,
+                                         box=(box[0] / kx, box[1] / ky, box[2] / kx, box[3] / ky)))
+        level = self._level_for(ds)
+        return resample_region(self.slide, level, self.levels[level], box, size)
+
+
+class HeatTiles:
+    """Deep Zoom tiles of a heatmap in its slide's level-0 frame: RGBA, opaque on the cells at or
+    above the threshold, transparent elsewhere (off tissue, NaN, below the threshold, off grid)."""
+
+    def __init__(self, hm: Heatmap, dz: DeepZoom, lut: np.ndarray) -> None:
+        self.hm = hm
+        self.dz = dz
+        self.lut = lut
+        self._index = probability_index(hm.probs)
+        self._finite = np.isfinite(hm.probs)
+
+    def tile_rgba(self, dzl: int, col: int, row: int, threshold: float) -> np.ndarray:
+        (x0, y0), (w, h) = self.dz.tile_box(dzl, col, row)
+        d = float(self.dz.downsample(dzl))
+        r, c = image_cells(self.hm.grid, (d, d), (x0, y0), (w, h))
+        out = np.zeros((h, w, 4), dtype=np.uint8)
+        rows, cols = np.flatnonzero(r >= 0), np.flatnonzero(c >= 0)
+        if rows.size == 0 or cols.size == 0:
+            return out
+        rr, cc = r[rows][:, None], c[cols][None, :]
+        probs = self.hm.probs[rr, cc]
+        show = self._finite[rr, cc] & (probs >= threshold)
+        sub = np.zeros((rows.size, cols.size, 4), dtype=np.uint8)
+        sub[..., :3] = self.lut[self._index[rr, cc]]
+        sub[..., 3] = np.where(show, 255, 0)
+        sub[~show] = 0  # transparent pixels all alike: smaller PNGs
+        out[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = sub  # in-grid pixels are contiguous
+        return out
