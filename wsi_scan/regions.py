@@ -114,9 +114,11 @@ def resample_region(
     bw, bh = box[2] - box[0], box[3] - box[1]
     if abs(bw - out_w) < 1e-9 and abs(bh - out_h) < 1e-9 and float(box[0]).is_integer() and float(box[1]).is_integer():
         x0, y0 = int(box[0]), int(box[1])
+        if not isinstance(region.pixels, np.ndarray):  # an OpenSlide read, held by PIL
+            return np.array(region.pixels.crop((x0, y0, x0 + out_w, y0 + out_h)))
         return np.ascontiguousarray(region.rgb[y0 : y0 + out_h, x0 : x0 + out_w])
-    src = Image.fromarray(region.rgb)
-    del region  # PIL copied the pixels; a level-0 read of a 32-cell block is ~50 MB per thread
+    src = region.pil()  # OpenSlide's reads arrive as PIL images: no copy; arrays are copied once
+    del region  # a level-0 read of a 32-cell block is ~50 MB per thread: keep one copy only
     img = src.resize(out_wh, Image.Resampling.BILINEAR, box=box)
     del src
     return np.array(img)  # writable: torch refuses read-only buffers

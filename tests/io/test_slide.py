@@ -7,6 +7,7 @@ import tifffile
 from tests._support import shared_path
 from wsi_scan.io.mpp import resolve_mpp
 from wsi_scan.io.slide import Region, TiffFileSlide, open_slide
+from wsi_scan.io.synthetic import PYRAMID_LAYOUTS, SyntheticSlide, write_synthetic_slide
 
 
 def test_auto_reads_plain_pyramidal_tiff_with_tifffile_and_same_pixels_as_openslide(make_slide):
@@ -107,3 +108,78 @@ def test_auto_keeps_openslide_when_tifffile_pixels_differ(make_slide, monkeypatc
     slide = open_slide(path, "auto")
     assert slide.info.backend == "openslide"
     slide.close()
+
+
+def _openslide_levels(path) -> list[tuple[int, int]] | None:
+    import openslide
+
+    try:
+        with openslide.OpenSlide(str(path)) as osr:
+            return [tuple(d) for d in osr.level_dimensions]
+    except openslide.OpenSlideError:
+        return None
+
+
+@pytest.mark.parametrize("downsamples", [(1, 4, 16), (1, 8, 32)])
+@pytest.mark.parametrize("layout", PYRAMID_LAYOUTS)
+def test_every_pyramid_layout_reads_its_levels_with_tifffile_and_openslides_pixels(tmp_path, layout, downsamples):
+    spec = SyntheticSlide(size_wh=(2100, 1700), downsamples=downsamples, tissue=((300, 300, 1800, 1500),),
+                          tumour=((500, 400, 900, 800),), layout=layout)
+    path = write_synthetic_slide(tmp_path / f"{layout}.tif", spec)
+    if downsamples == (1, 8, 32) and layout in ("pages", "subifds"):
+        with tifffile.TiffFile(path) as tf:  # the case: tifffile lists the pyramid in two series
+            assert len(tf.series[0].levels) == 1
+    tfs, auto = TiffFileSlide(path), open_slide(path, "auto")
+    assert [lv.size_wh for lv in tfs.info.levels] == spec.level_sizes()
+    assert all(tl is not None and tl.strict_jpeg for tl in tfs._tiled)  # every level on the fast path
+    assert (auto.info.backend, [lv.size_wh for lv in auto.info.levels]) == ("tifffile", spec.level_sizes())
+    assert resolve_mpp(auto.info.metadata, None, str(path)).xy == (0.25, 0.25)
+    # each level decoded tile by tile (simplejpeg) equals tifffile's own decode of its page
+    for level, tl in enumerate(tfs._tiled):
+        w, h = tfs.info.levels[level].size_wh
+        assert np.array_equal(tfs.read_region((0, 0), level, (w, h)).rgb, tl.page.asarray()[..., :3]), level
+    os_levels = _openslide_levels(path)
+    assert os_levels is not None
+    # the documented rule: OpenSlide finds the same levels, except SubIFDs (it sees level 0 only)
+    assert os_levels == (spec.level_sizes()[:1] if layout in ("subifds", "ome") else spec.level_sizes())
+    osr = open_slide(path, "openslide")
+    for level, size in enumerate(os_levels):
+        tf_level = spec.level_sizes().index(size)
+        reads = [((0, 0), (300, 200))] + ([((-37, 611), (401, 257)), ((1900, 1500), (300, 300))] if level == 0 else [])
+        for l0_xy, wh in reads:
+            a, b = tfs.read_region(l0_xy, tf_level, wh), osr.read_region(l0_xy, level, wh)
+            assert a.lv_origin_xy == b.lv_origin_xy and np.array_equal(a.rgb, b.rgb), (level, l0_xy)
+    for s in (tfs, auto, osr):
+        s.close()
+
+
+def test_labels_and_thumbnails_are_no_levels():
+    from wsi_scan.io.slide import _one_downsample
+
+    assert _one_downsample((2100, 1700), (525, 425)) and _one_downsample((2100, 1700), (132, 107))  # 1/4, 1/15.9
+    assert _one_downsample((4443, 3567), (2221, 1783))  # TCGA: floor on both sides
+    assert not _one_downsample((2100, 1700), (300, 120))  # a label
+    assert not _one_downsample((2100, 1700), (2100, 1700))  # level 0 itself
+    assert not _one_downsample((2100, 1700), (525, 440))  # another aspect ratio
+
+
+def test_openslide_reads_stay_in_pil_with_the_same_pixels(make_slide):
+    path = make_slide(size_wh=(1200, 900), downsamples=(1, 4))
+    osr = open_slide(path, "openslide")
+    r = osr.read_region((100, 50), 0, (300, 200))
+    assert not isinstance(r.pixels, np.ndarray)  # opaque: kept as PIL for the resampler
+    tfs = TiffFileSlide(path)
+    assert np.array_equal(r.rgb, tfs.read_region((100, 50), 0, (300, 200)).rgb)
+    edge = osr.read_region((1100, 850), 0, (300, 200))  # past the image: transparent, flattened on white
+    assert isinstance(edge.pixels, np.ndarray) and (edge.rgb[100:, :] == 255).all()
+    for s in (osr, tfs):
+        s.close()
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("name", ["cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs"])
+def test_real_aperio_levels_agree_with_openslide(name):
+    path = shared_path("slides", name)
+    tfs = TiffFileSlide(path)
+    assert [lv.size_wh for lv in tfs.info.levels] == _openslide_levels(path)
+    tfs.close()

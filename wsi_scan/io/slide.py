@@ -7,6 +7,21 @@ kept as a float per axis and never rounded: pyramids go 1, 4, 16, 32 or 1, 3.999
 in the level's own frame (``lv_origin_xy``). OpenSlide starts a read at level position
 ``l0_xy / downsample`` (sub-pixel), tifffile at whole level pixels; carrying the true origin
 lets the resampler place every pixel exactly, whichever backend read it.
+
+Which pages are pyramid levels (the tifffile backend's rule; ``_pyramid_pages``): level 0 is
+the first image of the file (tifffile's first series); a reduced level is any tiled, chunky,
+8-bit RGB(A) page that tifffile lists as a level of that series (SubIFDs, OME-TIFF, Aperio,
+generic pyramids) or that is a SubIFD of level 0 or follows in the file's main chain of pages
+marked "reduced resolution" (NewSubfileType bit 0; Aperio: every tiled page), whose width and height are level
+0's divided by one common downsample (each rounded either way). That covers levels stored as
+SubIFDs, as separate pages, and as separate tifffile series (an 8x level after level 0 is not
+the power-of-two step tifffile groups, so it lists level 0 and the reduced pages apart).
+Thumbnails (stripped), labels and macros (other aspect ratios) are never levels.
+Where OpenSlide reads the file it finds the same pages, except SubIFDs (OpenSlide 4 sees only
+level 0 of a SubIFD or OME pyramid) and tiled pages not marked reduced: there tifffile lists
+more levels than OpenSlide. ``open_slide(..., "auto")`` uses tifffile when its level list holds
+every OpenSlide level (same sizes) and the pixels of every shared level agree at probes; the
+extra levels are the file's own pyramid and may be chosen for reading.
 """
 
 from __future__ import annotations
@@ -18,7 +33,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -60,8 +75,23 @@ class SlideInfo:
 
 @dataclass(frozen=True)
 class Region:
-    rgb: np.ndarray  # (h, w, 3) uint8, white where the slide has no data
-    lv_origin_xy: tuple[float, float]  # top-left corner of rgb[0, 0] in the level frame
+    #: (h, w, 3) uint8 array, white where the slide has no data; or an opaque RGB PIL image
+    #: (OpenSlide's reads: the resampler takes it as is, without a round trip through numpy)
+    pixels: Any
+    lv_origin_xy: tuple[float, float]  # top-left corner of pixel [0, 0] in the level frame
+
+    @property
+    def rgb(self) -> np.ndarray:
+        """The pixels as an (h, w, 3) uint8 array (a copy when they are held as a PIL image)."""
+        if isinstance(self.pixels, np.ndarray):
+            return self.pixels
+        return np.asarray(self.pixels)
+
+    def pil(self) -> Any:
+        """The pixels as a PIL RGB image (a copy when they are held as an array)."""
+        from PIL import Image
+
+        return self.pixels if not isinstance(self.pixels, np.ndarray) else Image.fromarray(self.pixels)
 
 
 class Slide(Protocol):
@@ -150,10 +180,17 @@ class OpenSlideSlide(_Lifetime):
             img = self._osr.read_region((int(l0_xy[0]), int(l0_xy[1])), level, lv_size_wh)
         except openslide.OpenSlideError as exc:
             raise SlideFormatError(f"{self.info.path}: cannot read pixels, the file is damaged or truncated ({exc})") from None
+        d = self.info.levels[level].downsample_xy
+        lv_origin = (l0_xy[0] / d[0], l0_xy[1] / d[1])
+        alpha_range: Any = cast(Any, img.getextrema())[3]
+        if alpha_range[0] == 255:
+            # opaque, as nearly every read is: PIL's own RGBA -> RGB pass (PIL keeps RGB in 4
+            # bytes a pixel, so it is a copy of the same layout) and the resampler takes it as
+            # is; the numpy round trip (array, RGB slice, back to PIL) cost three copies
+            return Region(img.convert("RGB"), lv_origin)
         rgba = np.asarray(img)
         del img  # np.asarray copied it: free the PIL copy before _flatten_alpha makes another
-        d = self.info.levels[level].downsample_xy
-        return Region(_flatten_alpha(rgba), (l0_xy[0] / d[0], l0_xy[1] / d[1]))
+        return Region(_flatten_alpha(rgba), lv_origin)
 
     def expect_reads(self, level: int, reads: Sequence[ReadRequest], max_bytes: int) -> None:
         pass  # OpenSlide keeps its own tile cache and decodes inside read_region
@@ -253,20 +290,68 @@ class _TiledLevel:
     strict_jpeg: bool = False  # decoded by simplejpeg, which reports corrupt data (checked equal at open)
 
 
-def _tiled_level(series_level: Any) -> _TiledLevel | None:
-    page = series_level.keyframe
-    simple = (
-        len(series_level.pages) == 1
-        and page.is_tiled
+def _simple_tiled_page(page: Any) -> bool:
+    """A tiled, chunky, 8-bit RGB(A) page: what ``TiffFileSlide`` decodes tile by tile."""
+    return bool(
+        page.is_tiled
         and page.planarconfig == 1
         and page.imagedepth == 1
         and page.samplesperpixel in (3, 4)
         and page.dtype == np.uint8
-        and series_level.axes == "YXS"
     )
-    if not simple:
-        return None
+
+
+def _tiled_page(page: Any) -> _TiledLevel:
     return _TiledLevel(page, (page.tilewidth, page.tilelength), math.ceil(page.imagewidth / page.tilewidth))
+
+
+def _tiled_level(series_level: Any) -> _TiledLevel | None:
+    page = series_level.keyframe
+    if len(series_level.pages) == 1 and _simple_tiled_page(page) and series_level.axes == "YXS":
+        return _tiled_page(page)
+    return None
+
+
+def _one_downsample(l0_wh: tuple[int, int], lv_wh: tuple[int, int]) -> bool:
+    """Whether ``lv_wh`` is ``l0_wh`` divided by one downsample d, each side rounded up or down.
+
+    w in {floor, ceil}(w0 / d) holds for d in (w0 / (w + 1), w0 / (w - 1)); x and y must share a d.
+    A label or macro image (another aspect ratio) fails; a level written by any rounding passes.
+    """
+    (w0, h0), (w, h) = l0_wh, lv_wh
+    if not (0 < w < w0 and 0 < h < h0):
+        return False
+    lo = max(w0 / (w + 1), h0 / (h + 1))
+    hi = min(w0 / (w - 1) if w > 1 else math.inf, h0 / (h - 1) if h > 1 else math.inf)
+    return lo < hi
+
+
+def _pyramid_pages(tf: Any, series: Any) -> list[tuple[int, Any]]:
+    """The reduced levels of ``series`` as (index into series.levels or -1, page), largest first.
+
+    The module docstring gives the rule. Index -1 marks a SubIFD or a page of the main chain
+    that tifffile left out of the series (it groups only steps of 2, 3 or 4 of like pages).
+    """
+    l0 = series.levels[0].keyframe
+    l0_wh = (int(l0.imagewidth), int(l0.imagelength))
+    found: dict[tuple[int, int], tuple[int, Any]] = {}
+    for i in range(1, len(series.levels)):
+        lv = series.levels[i]
+        page = lv.keyframe
+        wh = (int(page.imagewidth), int(page.imagelength))
+        if len(lv.pages) == 1 and _one_downsample(l0_wh, wh) and wh not in found:
+            found[wh] = (i, page)
+    aperio = bool(tf.is_svs)
+    # SubIFDs of level 0 (tifffile groups only steps of 2, 3 or 4 of them into its series)
+    sub = l0.pages if getattr(l0, "subifds", None) else None
+    for page in [*(sub if sub is not None else []), *tf.pages[1:]]:
+        if not hasattr(page, "imagewidth"):
+            continue  # a TiffFrame: a page of a multi-page series (z, c, t planes), no level
+        wh = (int(page.imagewidth), int(page.imagelength))
+        reduced = bool(int(page.subfiletype) & 1) or aperio
+        if reduced and _simple_tiled_page(page) and _one_downsample(l0_wh, wh) and wh not in found:
+            found[wh] = (-1, page)
+    return sorted(found.values(), key=lambda ip: -int(ip[1].imagewidth))
 
 
 class TiffFileSlide(_Lifetime):
@@ -284,17 +369,28 @@ class TiffFileSlide(_Lifetime):
         try:
             self._tf = tifffile.TiffFile(str(path))
             series = self._tf.series[0]
-            levels_arr = []
-            for lv in range(len(series.levels)):
-                store = series.aszarr(level=lv)
-                levels_arr.append(zarr.open_array(store, mode="r"))
-            tiled = [_tiled_level(series.levels[lv]) for lv in range(len(series.levels))]
+            self._axes = series.axes
+            # level 0 and the reduced levels (module docstring): a level is either a tiled page
+            # decoded here tile by tile or (other layouts of tifffile's series) its zarr store
+            levels_arr: list[Any] = [zarr.open_array(series.aszarr(level=0), mode="r")]
+            tiled: list[_TiledLevel | None] = [_tiled_level(series.levels[0])]
+            for index, page in _pyramid_pages(self._tf, series) if tiled[0] is not None else []:
+                levels_arr.append(None)
+                tiled.append(_tiled_page(page) if _simple_tiled_page(page) else None)
+                if tiled[-1] is None:  # a level of the series in a layout only its store reads
+                    levels_arr[-1] = zarr.open_array(series.aszarr(level=index), mode="r")
+            if tiled[0] is None:  # level 0 itself is not a simple tiled page: tifffile's levels
+                for index in range(1, len(series.levels)):
+                    levels_arr.append(zarr.open_array(series.aszarr(level=index), mode="r"))
+                    tiled.append(_tiled_level(series.levels[index]))
         except (tifffile.TiffFileError, ValueError, IndexError, KeyError, OSError) as exc:
             raise SlideFormatError(f"{path}: not a readable TIFF slide ({exc})") from None
-        self._axes = series.axes
         shapes = []
-        for arr in levels_arr:
-            h, w = self._hw(arr.shape)
+        for arr, tl in zip(levels_arr, tiled):
+            if tl is not None:
+                w, h = int(tl.page.imagewidth), int(tl.page.imagelength)
+            else:
+                h, w = self._hw(arr.shape)
             if w < 1 or h < 1:
                 raise SlideFormatError(f"{path}: a level of {w} x {h} px; the file's image sizes are damaged")
             shapes.append((w, h))
@@ -581,7 +677,7 @@ def _open(p: Path, backend: str) -> Slide:
         tfs = TiffFileSlide(p)
     except SlideFormatError:
         return osr
-    if [lv.size_wh for lv in tfs.info.levels] != [lv.size_wh for lv in osr.info.levels] or not _same_pixels(osr, tfs):
+    if not _levels_agree(osr, tfs) or not _same_pixels(osr, tfs):
         if tfs.info.level0_size_wh == osr.info.level0_size_wh:
             # the same image read by OpenSlide: keep what tifffile read of its metadata (OME
             # PhysicalSize, which OpenSlide does not read) where OpenSlide has no key
@@ -595,16 +691,37 @@ def _open(p: Path, backend: str) -> Slide:
     return tfs
 
 
+def _levels_agree(osr: Slide, tfs: Slide) -> bool:
+    """Whether tifffile's level list holds every OpenSlide level, level 0 first (module docstring:
+    tifffile may list more, e.g. SubIFDs, which OpenSlide does not read)."""
+    tf_sizes = [lv.size_wh for lv in tfs.info.levels]
+    os_sizes = [lv.size_wh for lv in osr.info.levels]
+    return tf_sizes[0] == os_sizes[0] and set(os_sizes) <= set(tf_sizes)
+
+
 def _same_pixels(a: Slide, b: Slide, probe_px: int = 256) -> bool:
-    """Whether both read the same level-0 pixels at three places (a colour-space or codec
-    difference shows on any tile, glass included)."""
+    """Whether both read the same pixels at places of every level of ``a`` (a colour-space or
+    codec difference shows on any tile, glass included); ``b`` holds ``a``'s levels.
+
+    Compared only where both reads start on the same whole level pixel: OpenSlide starts a read
+    at ``l0_xy / downsample`` and interpolates when that is fractional (module docstring), so
+    the corner of each level and every probe on level 0 qualify."""
+    b_index = {lv.size_wh: i for i, lv in enumerate(b.info.levels)}
     w0, h0 = a.info.level0_size_wh
-    for fx, fy in ((0.5, 0.5), (0.25, 0.33), (0.75, 0.67)):
-        xy = (int(w0 * fx), int(h0 * fy))
-        wh = (min(probe_px, w0 - xy[0]), min(probe_px, h0 - xy[1]))
-        try:
-            if not np.array_equal(a.read_region(xy, 0, wh).rgb, b.read_region(xy, 0, wh).rgb):
+    for level, lv in enumerate(a.info.levels):
+        lw, lh = lv.size_wh
+        for fx, fy in ((0.0, 0.0), (0.5, 0.5), (0.25, 0.33), (0.75, 0.67)):
+            l0_xy = (int(w0 * fx), int(h0 * fy))
+            dx, dy = lv.downsample_xy
+            wh = (max(1, min(probe_px, lw - int(l0_xy[0] / dx))), max(1, min(probe_px, lh - int(l0_xy[1] / dy))))
+            try:
+                ra, rb = a.read_region(l0_xy, level, wh), b.read_region(l0_xy, b_index[lv.size_wh], wh)
+                if ra.lv_origin_xy != rb.lv_origin_xy:
+                    if level == 0:
+                        return False
+                    continue  # a fractional start at a reduced level: no pixel-exact comparison
+                if not np.array_equal(ra.rgb, rb.rgb):
+                    return False
+            except SlideFormatError:
                 return False
-        except SlideFormatError:
-            return False
     return True

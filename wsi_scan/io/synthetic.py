@@ -20,6 +20,7 @@ Box = tuple[int, int, int, int]  # l0 x0, y0, x1, y1 (half-open)
 BACKGROUND_RGB = (242, 242, 240)
 TISSUE_RGB = (232, 160, 205)  # eosin pink
 TUMOUR_RGB = (96, 40, 150)  # dense haematoxylin purple
+PYRAMID_LAYOUTS = ("pages", "subifds", "ome", "svs")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,11 @@ class SyntheticSlide:
     seed: int = 0
     resolution_unit: str | None = "CENTIMETER"  # None: write no physical pixel size
     texture: np.ndarray | None = field(default=None, compare=False)  # optional RGB tile for tissue
+    #: how the levels are stored (``PYRAMID_LAYOUTS``): "pages" (reduced pages after level 0),
+    #: "subifds", "ome" (OME-TIFF, levels as SubIFDs), "svs" (Aperio: description, stripped
+    #: thumbnail after level 0, label). tifffile lists "pages" and "svs" levels as separate
+    #: series when a step is not 2, 3 or 4 (e.g. downsamples 1, 8, 32)
+    layout: str = "pages"
 
     def level_sizes(self) -> list[tuple[int, int]]:
         w0, h0 = self.size_wh
@@ -145,19 +151,30 @@ def _tiles(spec: SyntheticSlide, level: int) -> Iterator[np.ndarray | bytes]:
 def write_synthetic_slide(path: str | Path, spec: SyntheticSlide) -> Path:
     import tifffile
 
+    if spec.layout not in PYRAMID_LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(PYRAMID_LAYOUTS)}, found {spec.layout!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
-    with tifffile.TiffWriter(tmp, bigtiff=spec.size_wh[0] * spec.size_wh[1] > 2**31) as tw:
-        for i, (lw, lh) in enumerate(spec.level_sizes()):
+    sizes = spec.level_sizes()
+    sub = spec.layout in ("subifds", "ome")
+    ome_meta: dict[str, object] = {"axes": "YXS", "PhysicalSizeX": spec.mpp, "PhysicalSizeY": spec.mpp}
+    with tifffile.TiffWriter(tmp, bigtiff=spec.size_wh[0] * spec.size_wh[1] > 2**31, ome=spec.layout == "ome") as tw:
+        for i, (lw, lh) in enumerate(sizes):
             kw: dict[str, object] = {
                 "shape": (lh, lw, 3),
                 "dtype": np.uint8,
                 "tile": (spec.tile_px, spec.tile_px),
                 "photometric": "rgb",
-                "subfiletype": 0 if i == 0 else 1,
-                "metadata": None,
+                # Aperio marks no level as reduced (OpenSlide takes its tiled pages as levels)
+                "subfiletype": 0 if i == 0 or spec.layout == "svs" else 1,
+                "metadata": ome_meta if spec.layout == "ome" and i == 0 else None,
             }
+            if sub and i == 0 and len(sizes) > 1:
+                kw["subifds"] = len(sizes) - 1
+            if spec.layout == "svs":
+                kw["description"] = (f"Aperio Image Library v10.0.0\r\n{lw}x{lh} [0,0 {lw}x{lh}] ({spec.tile_px}x{spec.tile_px}) "
+                                     f"JPEG/RGB Q={spec.quality}" + (f"|AppMag = 40|MPP = {spec.mpp}" if i == 0 else ""))
             if spec.compression == "jpeg":
                 kw["compression"] = "jpeg"
                 kw["compressionargs"] = {"level": spec.quality}
@@ -169,6 +186,11 @@ def write_synthetic_slide(path: str | Path, spec: SyntheticSlide) -> Path:
             else:
                 kw["resolutionunit"] = "NONE"
             tw.write(_tiles(spec, i), **kw)  # type: ignore[arg-type]
+            if spec.layout == "svs" and i == 0:  # the stripped thumbnail Aperio writes second: not a level
+                tw.write(_paint(spec, (8.0, 8.0), 0, 0, max(1, lw // 8), max(1, lh // 8)), photometric="rgb",
+                         description="Aperio Image Library v10.0.0\r\nthumbnail", metadata=None)
+        if spec.layout == "svs":  # a label: another aspect ratio, stripped, marked reduced
+            tw.write(np.full((120, 300, 3), 200, dtype=np.uint8), photometric="rgb", subfiletype=1,
+                     description="Aperio Image Library v10.0.0\r\nlabel 300x120", metadata=None)
     tmp.replace(path)
     return path
-
