@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from wsi_scan.config import CPU_PATCH_BATCH
 from wsi_scan.inference import Predictor, auto_batch_size
 from wsi_scan.io.checkpoint import load_model
 
 
-def test_cpu_auto_batch_size_keeps_the_default():
+def test_cpu_patch_batches_are_capped_where_larger_ones_only_cost_memory():
     loaded = load_model(None)
-    assert auto_batch_size(torch.device("cpu"), loaded.card) == 256
-    assert Predictor(loaded.net, loaded.card, torch.device("cpu"), "patch", batch_size=0).batch_size == 256
-    assert Predictor(loaded.net, loaded.card, torch.device("cpu"), "patch", batch_size=7).batch_size == 7
+    cpu = torch.device("cpu")
+    assert auto_batch_size(cpu, loaded.card) == CPU_PATCH_BATCH
+    assert Predictor(loaded.net, loaded.card, cpu, "patch", batch_size=0).batch_size == CPU_PATCH_BATCH
+    assert Predictor(loaded.net, loaded.card, cpu, "patch", batch_size=256).batch_size == CPU_PATCH_BATCH
+    assert Predictor(loaded.net, loaded.card, cpu, "patch", batch_size=7).batch_size == 7
+
+
+def test_patch_results_do_not_depend_on_the_batch_size():
+    loaded = load_model(None)
+    cpu = torch.device("cpu")
+    rng = np.random.default_rng(0)
+    region = rng.integers(0, 256, (32 * 12 + 64, 32 * 12 + 64, 3), dtype=np.uint8)
+    cells = rng.random((12, 12)) < 0.8
+    outs = [Predictor(loaded.net, loaded.card, cpu, "patch", batch_size=b).predict_block(region, cells) for b in (1, 7, 32)]
+    dense = Predictor(loaded.net, loaded.card, cpu, "dense").predict_block(region, cells)
+    for out in outs:
+        assert np.array_equal(np.isnan(out), ~cells)
+        np.testing.assert_allclose(out[cells], dense[cells], rtol=0, atol=1e-5)

@@ -29,6 +29,12 @@ MAX_SLIDE_EXTENT_MM = 100.0
 MIN_LABEL_OVERLAP_L0_PX2 = 0.5
 #: the tissue thumbnail is held in memory whole; beyond this, ask for a coarser --tissue-mpp
 MAX_THUMBNAIL_BYTES = 1 << 30
+#: windows per patch-mode pass on the CPU, at most (--batch-size is capped to it there): a pass
+#: of 256 windows holds first-layer activations of 75 MB per tensor, which glibc maps and unmaps
+#: afresh every pass (page faults: a quarter of the CPU time in the kernel, peak RSS 1.24 GB on
+#: a 16k x 12k px slide); 32 windows per pass is a dense block's footprint, reuses the heap,
+#: and is as fast (docs/benchmarks.md, "Patch mode memory")
+CPU_PATCH_BATCH = 32
 
 
 def _in_range(owner: str, name: str, value: Any, lo: float, hi: float, lo_open: bool = False, flag: str | None = None) -> None:

@@ -39,12 +39,12 @@ def auto_batch_size(device: torch.device, card: Any) -> int:
 
     The first feature maps of a 96 px window dominate its memory: about input_px^2 / 4 positions
     x 32 channels x 4 live tensors x 4 bytes (halved under AMP). The CPU gains nothing past a
-    few hundred windows, so it keeps the default of ScanConfig.
+    few dozen windows and loses to page faults beyond (``config.CPU_PATCH_BATCH``).
     """
     if device.type != "cuda":
-        from .config import ScanConfig
+        from .config import CPU_PATCH_BATCH
 
-        return ScanConfig.batch_size
+        return CPU_PATCH_BATCH
     total = torch.cuda.get_device_properties(device).total_memory
     per_window = (card.input_px // 2) ** 2 * 32 * 4 * 4
     return int(min(8192, max(64, total // 4 // per_window)))
@@ -71,6 +71,11 @@ class Predictor:
         self.mode = mode
         self.tta = tta
         self.batch_size = batch_size if batch_size > 0 else auto_batch_size(device, card)
+        if device.type == "cpu":
+            from .config import CPU_PATCH_BATCH
+
+            # larger passes only add memory and kernel time on the CPU (config.CPU_PATCH_BATCH)
+            self.batch_size = min(self.batch_size, CPU_PATCH_BATCH)
         self.amp = amp and device.type == "cuda"
         self.net = net.to(device).eval().to(memory_format=torch.channels_last)
         self._local = threading.local()
