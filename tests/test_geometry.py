@@ -78,3 +78,26 @@ def test_blocks_tile_the_grid_exactly():
                 assert (r, c) not in covered
                 covered.add((r, c))
     assert len(covered) == 70 * 33
+
+
+@pytest.mark.parametrize(
+    ("downsamples", "mpp", "want"),
+    [
+        ([(1, 1), (4, 4), (16, 16)], 0.25, 1),  # 1.0 um/px, 3% coarser than 0.972: enlarged
+        ([(1, 1), (4, 4), (16, 16)], 0.243, 1),  # exactly the model's
+        ([(1, 1), (4, 4), (16, 16)], 0.3, 0),  # 1.2 um/px is past max_upsample: level 0
+        ([(1, 1), (2, 2), (4, 4)], 0.265, 2),  # 1.06 (9% coarse, within 1.1x) is nearer than 0.53
+        ([(1, 1), (2, 2), (4, 4)], 0.2, 2),  # 0.8 is nearer than 1.6 (too coarse anyway)
+        ([(1, 1)], 1.05, 0),
+    ],
+)
+def test_choose_level_nearest(downsamples, mpp, want):
+    assert choose_level(downsamples, (mpp, mpp), 0.972, "nearest", 1.1) == want
+
+
+def test_read_level_policy_is_range_checked():
+    from wsi_scan.config import ScanConfig
+    from wsi_scan.errors import UsageError
+
+    with pytest.raises(UsageError, match="--read-level must be one of exact, nearest"):
+        ScanConfig(read_level="coarsest")  # type: ignore[arg-type]

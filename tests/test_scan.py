@@ -202,3 +202,20 @@ def test_a_damaged_partial_file_is_ignored(make_slide, mock_model, tmp_path):
     partial_path(out).write_bytes(b"not an npz")
     res = scan_slide(slide, out, ScanConfig(), model=mock_model)
     assert res.resumed_cells == 0 and not partial_path(out).exists()
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tifffile"])
+def test_nearest_read_level_enlarges_the_coarser_level_in_place(make_slide, mock_model, tmp_path, backend):
+    """--read-level nearest on a 40x slide: the 1.0 um/px level is read and enlarged 3% for a
+    0.972 um/px model; cells stay aligned in level 0, and the choice is in the attrs and hash."""
+    scale = 0.243 / 0.25
+    tissue = ((int(200 * scale), int(200 * scale), int(2800 * scale), int(2200 * scale)),)
+    tumour = tuple(tuple(int(v * scale) for v in b) for b in TUMOUR)
+    slide = make_slide(size_wh=(3001, 2399), mpp=0.25, downsamples=(1, 4, 16), tissue=tissue, tumour=tumour)
+    exact = scan_slide(slide, tmp_path / "e.zarr", ScanConfig(backend=backend, block_cells=8), model=mock_model)
+    near = scan_slide(slide, tmp_path / "n.zarr", ScanConfig(backend=backend, block_cells=8, read_level="nearest"), model=mock_model)
+    assert _check_alignment(near.out, tumour) == near.n_tissue_cells == exact.n_tissue_cells  # type: ignore[arg-type]
+    he, hn = open_heatmap(exact.out), open_heatmap(near.out)
+    assert (he.attrs["grid"]["read_level"], hn.attrs["grid"]["read_level"]) == (0, 1)
+    assert (he.attrs["config"]["read_level"], hn.attrs["config"]["read_level"]) == ("exact", "nearest")
+    assert he.attrs["settings_hash"] != hn.attrs["settings_hash"]

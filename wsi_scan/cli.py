@@ -123,6 +123,8 @@ def _scan_options(f: F) -> F:
         click.option("--mode", type=click.Choice(["auto", "dense", "patch"]), default=_SCAN.mode, help="dense: one pass per region (dense-exact models); patch: batches of 96x96 windows"),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_SCAN.device),
         click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile"]), default=_SCAN.backend),
+        click.option("--read-level", type=click.Choice(["exact", "nearest"]), default=_SCAN.read_level,
+                     help="pyramid level read: exact (at or finer than the model's um/px, shrunk) or nearest (enlarged up to 1.1x)"),
         click.option("--mpp", type=float, default=None, help="level-0 micrometers per pixel, overriding the slide's metadata"),
         click.option("--block-cells", type=click.IntRange(1, 512), default=_SCAN.block_cells, help="cells per block side (one read + one dense pass)"),
         click.option("--batch-size", type=click.IntRange(0), default=_SCAN.batch_size, help="windows per batch in patch mode (0: chosen for the device's memory)"),

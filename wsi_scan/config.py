@@ -13,6 +13,7 @@ from typing import Any, Literal
 Backend = Literal["auto", "openslide", "tifffile"]
 Mode = Literal["auto", "dense", "patch"]
 DeviceName = Literal["auto", "cpu", "cuda"]
+ReadLevel = Literal["exact", "nearest"]
 
 #: PatchCamelyon patches were cut at level 2 of Camelyon16 slides scanned at 0.243 um/px.
 PCAM_MPP = 0.972
@@ -138,6 +139,9 @@ class ScanConfig:
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     tta: bool = False  # average the 8 dihedral views
     max_upsample: float = 1.1  # a slide at most this much coarser than the model is accepted
+    #: pyramid level read (geometry.choose_level): "exact" = the coarsest at or finer than the
+    #: model, shrunk; "nearest" = the nearest in pixel size, enlarged by up to max_upsample
+    read_level: ReadLevel = "exact"
     mpp_xy_tolerance: float = 0.02  # relative disagreement of x and y pixel size that is an error
     overwrite: bool = False
     tissue: TissueConfig = field(default_factory=TissueConfig)
@@ -153,11 +157,11 @@ class ScanConfig:
         ):
             _in_range("scan", name, getattr(self, name), lo, hi)
         for name, allowed in (("mode", ("auto", "dense", "patch")), ("device", ("auto", "cpu", "cuda")),
-                              ("backend", ("auto", "openslide", "tifffile"))):
+                              ("backend", ("auto", "openslide", "tifffile")), ("read_level", ("exact", "nearest"))):
             if getattr(self, name) not in allowed:
                 from .errors import UsageError
 
-                raise UsageError(f"--{name} must be one of {', '.join(allowed)}, found {getattr(self, name)!r}")
+                raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, found {getattr(self, name)!r}")
 
     @property
     def mpp_override_source(self) -> str:

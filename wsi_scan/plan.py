@@ -60,7 +60,7 @@ def plan_scan(slide: Any, mpp_xy: tuple[float, float], target_mpp: float, cell_p
     if config.roi is not None:
         cells &= roi_cells(grid, config.roi)
     blocks = crop_to_tissue(cells, tissue_blocks(cells, config.block_cells))
-    return SlidePlan(tissue, grid, cells, blocks, make_read_plan(slide, mpp_xy, grid))
+    return SlidePlan(tissue, grid, cells, blocks, make_read_plan(slide, mpp_xy, grid, config.read_level, config.max_upsample))
 
 
 def file_sha256(path: str) -> str:

@@ -87,9 +87,11 @@ def release_slide(path: str) -> None:
     _HANDLES.release(path)
 
 
-def make_read_plan(slide: Slide, mpp_xy: tuple[float, float], grid: GridGeometry) -> ReadPlan:
+def make_read_plan(slide: Slide, mpp_xy: tuple[float, float], grid: GridGeometry, read_level: str = "exact",
+                   max_upsample: float = 1.0) -> ReadPlan:
+    """Which level the blocks are read from (``geometry.choose_level``'s ``read_level`` policy)."""
     ds = [lv.downsample_xy for lv in slide.info.levels]
-    level = choose_level(ds, mpp_xy, grid.target_mpp)
+    level = choose_level(ds, mpp_xy, grid.target_mpp, read_level, max_upsample)
     return ReadPlan(slide.info.path, slide.info.backend, level, ds[level], grid)
 
 
