@@ -12,6 +12,8 @@ import io
 import logging
 import math
 import os
+import re
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +31,11 @@ log = logging.getLogger("wsi_scan.report")
 THUMB_PX = 280  # longest side of a thumbnail in the report
 OVERLAY_ALPHA = 0.55  # heatmap opacity over the slide
 FALLBACK_CMAP = "inferno"  # as the export overlay, so thumbnails look alike either way
+#: bump when thumbnails change look: every report then renders them afresh once
+THUMB_VERSION = 1
+#: a previous report larger than this is not read back for its thumbnails
+MAX_REUSE_BYTES = 256 << 20
+_REUSE = re.compile(r'<img data-key="([0-9a-f]{64})"[^>]*? src="(data:image/png;base64,[A-Za-z0-9+/=]+)"')
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
@@ -36,6 +43,7 @@ h1{font-size:1.4em;margin:0 0 .2em} .meta{color:#555;margin-bottom:1em}
 table{border-collapse:collapse} th,td{border-bottom:1px solid #ddd;padding:6px 10px;text-align:left;vertical-align:middle}
 th{background:#f3f3f3;cursor:pointer;user-select:none;position:sticky;top:0} th:hover{background:#e6e6e6}
 td.num{text-align:right;font-variant-numeric:tabular-nums} img{display:block;max-width:280px;border:1px solid #ccc}
+code.view{font-size:12px;background:#f3f3f3;padding:2px 4px;cursor:copy;white-space:nowrap} .lesions{color:#555;font-size:12px}
 .ok{color:#17702a;font-weight:600} .skipped{color:#555;font-weight:600} .failed{color:#b00020;font-weight:600}
 .err{color:#b00020;max-width:28em;font-size:12px}
 """
@@ -50,6 +58,8 @@ th.dataset.dir=asc?'asc':'desc';const v=r=>r.children[i].dataset.v;
 const na=parseFloat(a),nc=parseFloat(c);const d=(!isNaN(na)&&!isNaN(nc))?na-nc:a.localeCompare(c);return asc?d:-d;})
 .forEach(r=>b.appendChild(r));}
 document.querySelectorAll('th').forEach(th=>th.addEventListener('click',()=>sortBy(th)));
+document.querySelectorAll('code.view').forEach(c=>c.addEventListener('click',()=>{
+if(navigator.clipboard)navigator.clipboard.writeText(c.textContent).then(()=>{c.title='copied';},()=>{});}));
 const m=location.hash.match(/^#sort=(\\d+)$/);const ths=document.querySelectorAll('th');
 sortBy(ths[m&&ths[+m[1]]?+m[1]:4]);
 """
@@ -140,6 +150,44 @@ def thumbnail_data_uri(heatmap_path: str | Path, slide_path: str | None, max_px:
     return _png_data_uri(heatmap_thumbnail(heatmap_path, slide_path, max_px))
 
 
+def thumbnail_key(heatmap_path: str | Path, slide_path: str | None, max_px: int = THUMB_PX) -> str | None:
+    """What a thumbnail depends on: the heatmap's data digest and settings, the slide file (path,
+    size, modification time), the size and the renderer's version; None when it cannot be known
+    (then the thumbnail is always rendered)."""
+    import hashlib
+
+    from .io.heatmap import read_attrs
+    from .io.slide import file_identity
+
+    attrs = read_attrs(heatmap_path)
+    if not attrs or not attrs.get("data_sha256") or attrs.get("status") != "complete":
+        return None
+    try:
+        slide_id = file_identity(slide_path) if slide_path else "no slide"
+    except OSError:
+        slide_id = "slide missing"
+    parts = [str(THUMB_VERSION), str(max_px), str(attrs["data_sha256"]), str(attrs.get("settings_hash", "")), slide_id,
+             str(attrs.get("slide", {}).get("level0_size_wh"))]
+    return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
+
+
+def previous_thumbnails(path: Path) -> dict[str, str]:
+    """Thumbnails of an earlier report.html by their key, for reuse when nothing they show changed."""
+    from .io.outputs import written_by_wsi_scan
+
+    try:
+        if not written_by_wsi_scan(path) or path.stat().st_size > MAX_REUSE_BYTES:
+            return {}
+        return dict(_REUSE.findall(path.read_text(encoding="utf-8", errors="replace")))
+    except OSError:
+        return {}
+
+
+def viewer_command(heatmap_path: str | Path) -> str:
+    """The command that opens a heatmap (or a results folder) in ``wsi-scan view``."""
+    return f"wsi-scan view {shlex.quote(str(heatmap_path))}"
+
+
 def _fmt(v: float | None, digits: int) -> tuple[str, str]:
     """(shown text, sort value)."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
@@ -148,20 +196,40 @@ def _fmt(v: float | None, digits: int) -> tuple[str, str]:
 
 
 def write_report(out_dir: Path, outcomes: Sequence[SlideOutcome], meta: dict[str, Any]) -> Path:
-    """Write OUT_DIR/report.html; slides without a heatmap get a row without thumbnail."""
+    """Write OUT_DIR/report.html; slides without a heatmap get a row without thumbnail.
+
+    Thumbnails of an earlier report in OUT_DIR are reused when their key (``thumbnail_key``: the
+    heatmap's data and settings, the slide file, the size) is unchanged, so a rerun over a large
+    cohort renders only the slides that changed.
+    """
     rows = []
+    reuse = previous_thumbnails(out_dir / "report.html")
+    rendered = reused = 0
     for o in outcomes:
         img = ""
+        view = ""
         if o.status in ("ok", "skipped"):
             try:
-                img = f'<img alt="{html.escape(o.slide)}" src="{thumbnail_data_uri(o.out, o.path)}">'
+                key = thumbnail_key(o.out, o.path)
+                uri = reuse.get(key) if key else None
+                if uri is None:
+                    uri = thumbnail_data_uri(o.out, o.path)
+                    rendered += 1
+                else:
+                    reused += 1
+                img = f'<img data-key="{key or ""}" alt="{html.escape(o.slide)}" src="{uri}">'
             except Exception as exc:  # noqa: BLE001 - a broken thumbnail must not lose the report
                 log.warning("report: no thumbnail for %s (%s: %s)", o.slide, type(exc).__name__, exc)
+            view = f'<code class="view" title="run this to open the slide and its heatmap in the browser; click to copy">{html.escape(viewer_command(o.out))}</code>'
+        call = html.escape(o.call)
+        if o.n_lesions:
+            largest = f", largest {o.largest_lesion_mm:.2f} mm" if o.largest_lesion_mm is not None else ""
+            call += f'<div class="lesions">{o.n_lesions} lesion{"s" if o.n_lesions != 1 else ""}{largest}</div>'
         cells = [
             ("", img, ""),
             ("", html.escape(o.slide), o.slide),
             ("", f'<span class="{o.status}">{o.status}</span>', o.status),
-            ("", html.escape(o.call), str(CALLS.index(o.call)) if o.call in CALLS else ""),
+            ("", call, str(CALLS.index(o.call)) if o.call in CALLS else ""),
             ("num", *_fmt(o.score, 3)),
             ("num", *_fmt(o.largest_lesion_mm, 2)),
             ("num", *_fmt(o.tumour_area_mm2, 3)),
@@ -172,11 +240,12 @@ def write_report(out_dir: Path, outcomes: Sequence[SlideOutcome], meta: dict[str
             ("", html.escape(o.mpp_source), o.mpp_source),
             ("num", *_fmt(o.timings_s.get("total"), 1)),
             ("err", html.escape(f"{o.error_type}: {o.error}" if o.error_type else ""), o.error_type),
+            ("", view, o.out if view else ""),
         ]
         tds = "".join(f'<td class="{c}" data-v="{html.escape(v, quote=True)}">{t}</td>' for c, t, v in cells)
         rows.append(f"<tr>{tds}</tr>")
     heads = ["heatmap", "slide", "status", "call", "score", "largest lesion (mm)", "tumour area (mm²)", "max prob", "mean prob", "tissue (mm²)",
-             "µm/px", "µm/px source", "seconds", "error"]
+             "µm/px", "µm/px source", "seconds", "error", "viewer"]
     counts = meta.get("counts", {})
     model = meta.get("model", {})
     page = f"""<!doctype html>
@@ -187,7 +256,9 @@ def write_report(out_dir: Path, outcomes: Sequence[SlideOutcome], meta: dict[str
 {counts.get('ok', 0)} scanned, {counts.get('skipped', 0)} already done, {counts.get('failed', 0)} failed &middot;
 model {html.escape(str(model.get('name', '')))} (sha256 {html.escape(str(model.get('sha256', ''))[:12])}),
 tumour = probability &ge; {model.get('threshold', '')}
-&middot; click a column header to sort</div>
+&middot; click a column header to sort<br>
+the whole cohort in the viewer (slides at full resolution with their heatmaps and lesions):
+<code class="view" title="click to copy">{html.escape(viewer_command(meta.get('out_dir') or out_dir))}</code></div>
 <table><thead><tr>{''.join(f'<th>{h}</th>' for h in heads)}</tr></thead>
 <tbody>
 {chr(10).join(rows)}
@@ -197,6 +268,7 @@ tumour = probability &ge; {model.get('threshold', '')}
 """
     from .io.outputs import writing
 
+    log.info("report: %d thumbnails rendered, %d reused from the previous report", rendered, reused)
     path = out_dir / "report.html"
     tmp = out_dir / f".report.html.tmp-{os.getpid()}"
     try:
