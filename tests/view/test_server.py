@@ -324,3 +324,38 @@ def test_import_stays_light():
     code = "import sys, wsi_scan, wsi_scan.cli, wsi_scan.view; print([m for m in ('http.server', 'wsi_scan.view.server') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert out.strip() == "[]"
+
+
+def test_zoomed_out_heatmap_keeps_the_highest_cell(scanned_store, tmp_path):
+    """Where a tile pixel covers several cells it shows their highest probability, so a lone
+    suspicious cell does not vanish from the overview; checked against a brute-force maximum."""
+    from tests.view.conftest import odd_grid, paint_store
+
+    _, src = scanned_store
+    lone = (9, 13)
+
+    def low(rows: int, cols: int) -> np.ndarray:
+        p = np.full((rows, cols), 0.1, np.float32)
+        p[lone] = 0.97
+        return p
+
+    store = paint_store(src, tmp_path / "lone.zarr", low, grid=odd_grid())
+    app = ViewerApp(store)
+    hm = open_heatmap(store)
+    (ox, oy), (s, _) = hm.grid.l0_origin_xy, hm.grid.l0_cell_size_xy
+    for level in (4, 3, 2):  # 256, 512 and 1024 level-0 px per pixel: 2-8 cells per pixel side
+        d = 2 ** (12 - level)
+        rgba = png(app.handle(f"/tiles/0/heat/{level}/0_0.png?t=0").body)
+        h, w = rgba.shape[:2]
+        for y in range(h):
+            for x in range(w):
+                # cells whose top-left corner lies in this pixel
+                cs = [c for c in range(hm.grid.shape_rc[1]) if x * d <= ox + c * s < (x + 1) * d]
+                rs = [r for r in range(hm.grid.shape_rc[0]) if y * d <= oy + r * s < (y + 1) * d]
+                vals = hm.probs[np.ix_(rs, cs)] if rs and cs else np.array([])
+                if vals.size == 0 or not np.isfinite(vals).any():
+                    assert rgba[y, x, 3] == 0, (level, x, y)
+                else:
+                    assert rgba[y, x, 3] == 255
+                    assert tuple(rgba[y, x, :3]) == tuple(app.lut[int(np.rint(np.nanmax(vals) * 255))]), (level, x, y)
+        assert (rgba[..., :3] == app.lut[int(np.rint(0.97 * 255))]).all(axis=-1).sum() >= 1

@@ -349,6 +349,9 @@ class ViewerApp:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the browser reuses its few connections for many tiles
+    # headers and body leave in separate writes: with Nagle's algorithm on, the body waits for the
+    # client's delayed ACK of the headers (40 ms on Linux) on every keep-alive response
+    disable_nagle_algorithm = True
     server_version = "wsi-scan-view"
     sys_version = ""
     app: ViewerApp

@@ -221,23 +221,61 @@ class HeatTiles:
         self.hm = hm
         self.dz = dz
         self.lut = lut
-        self._index = probability_index(hm.probs)
+        self._index = probability_index(hm.probs).astype(np.uint8)  # 1 byte per cell
         self._finite = np.isfinite(hm.probs)
 
     def tile_rgba(self, dzl: int, col: int, row: int, threshold: float) -> np.ndarray:
+        """Where a tile pixel is smaller than a cell, the cell under its centre; where it covers
+        cells, the highest probability among them (a lone suspicious cell stays visible when
+        zoomed out, as the lesion outlines do)."""
         (x0, y0), (w, h) = self.dz.tile_box(dzl, col, row)
         d = float(self.dz.downsample(dzl))
-        r, c = image_cells(self.hm.grid, (d, d), (x0, y0), (w, h))
         out = np.zeros((h, w, 4), dtype=np.uint8)
-        rows, cols = np.flatnonzero(r >= 0), np.flatnonzero(c >= 0)
-        if rows.size == 0 or cols.size == 0:
-            return out
-        rr, cc = r[rows][:, None], c[cols][None, :]
-        probs = self.hm.probs[rr, cc]
-        show = self._finite[rr, cc] & (probs >= threshold)
-        sub = np.zeros((rows.size, cols.size, 4), dtype=np.uint8)
-        sub[..., :3] = self.lut[self._index[rr, cc]]
+        if d >= max(self.hm.grid.l0_cell_size_xy):
+            probs, (ys, xs) = self._pooled(x0, y0, w, h, d)
+            if probs.size == 0:
+                return out
+            index = probability_index(probs)
+            show = np.isfinite(probs) & (probs >= threshold)
+        else:
+            r, c = image_cells(self.hm.grid, (d, d), (x0, y0), (w, h))
+            rows, cols = np.flatnonzero(r >= 0), np.flatnonzero(c >= 0)
+            if rows.size == 0 or cols.size == 0:
+                return out
+            ys, xs = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)  # in-grid pixels are contiguous
+            rr, cc = r[rows][:, None], c[cols][None, :]
+            index = self._index[rr, cc]
+            show = self._finite[rr, cc] & (self.hm.probs[rr, cc] >= threshold)
+        sub = np.zeros(show.shape + (4,), dtype=np.uint8)
+        sub[..., :3] = self.lut[index]
         sub[..., 3] = np.where(show, 255, 0)
         sub[~show] = 0  # transparent pixels all alike: smaller PNGs
-        out[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = sub  # in-grid pixels are contiguous
+        out[ys, xs] = sub
         return out
+
+    def _pooled(self, x0: int, y0: int, w: int, h: int, d: float) -> tuple[np.ndarray, tuple[slice, slice]]:
+        """The highest probability (NaN-aware) of the cells whose top-left corner lies in each
+        pixel of a tile whose pixels are at least a cell wide, and the tile pixels that have any."""
+        g = self.hm.grid
+        (ox, oy), (sx, sy) = g.l0_origin_xy, g.l0_cell_size_xy
+        rows, cols = g.shape_rc
+
+        def cuts(p0: int, n: int, o: float, s: float, n_cells: int) -> tuple[np.ndarray, int, int]:
+            # index of the first cell whose top-left corner is at or after each pixel edge: pixel i
+            # holds cells [first[i], first[i + 1]), one at least inside the grid since d >= s
+            first = np.clip(np.ceil(((p0 + np.arange(n + 1)) * d - o) / s).astype(np.int64), 0, n_cells)
+            used = np.flatnonzero(first[1:] > first[:-1])
+            if used.size == 0:
+                return used, 0, 0
+            return first[used], int(used[0]), int(used[-1]) + 1
+
+        cstart, px0, px1 = cuts(x0, w, ox, sx, cols)
+        rstart, py0, py1 = cuts(y0, h, oy, sy, rows)
+        if cstart.size == 0 or rstart.size == 0 or px1 - px0 != cstart.size or py1 - py0 != rstart.size:
+            return np.zeros((0, 0), np.float32), (slice(0, 0), slice(0, 0))
+        cend = int(np.clip(np.ceil(((x0 + px1) * d - ox) / sx), 0, cols))
+        rend = int(np.clip(np.ceil(((y0 + py1) * d - oy) / sy), 0, rows))
+        sub = self.hm.probs[rstart[0] : rend, cstart[0] : cend]
+        with np.errstate(invalid="ignore"):
+            pooled = np.fmax.reduceat(np.fmax.reduceat(sub, cstart - cstart[0], axis=1), rstart - rstart[0], axis=0)
+        return pooled, (slice(py0, py1), slice(px0, px1))
