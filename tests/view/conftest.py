@@ -96,13 +96,15 @@ def painted_store(scanned_store: tuple[Path, Path], tmp_path: Path) -> Path:
 
 @pytest.fixture
 def results_folder(tmp_path: Path, mock_model: Any) -> Path:
-    """A folder run of three slides, whose stores are then repainted to three different calls."""
+    """A folder run of three slides, whose stores are then repainted to three different calls, and
+    a file that failed."""
     from wsi_scan.batch import scan_folder
 
     slides, out = tmp_path / "cohort-slides", tmp_path / "results"
     for i in range(3):
         write_synthetic_slide(slides / f"case{i}.tif", SyntheticSlide(size_wh=SIZE_WH, mpp=MPP, tissue=TISSUE,
                                                                       tumour=TUMOUR, seed=i))
+    (slides / "broken.svs").write_text("not a slide\n")  # a failed row: listed, not openable
     scan_folder(slides, out, ScanConfig(), model=mock_model, report=False)
     # case0: negative (a low ramp); case1: a lesion of 3 x 3 cells (ITC); case2: 13 x 17 cells (micro)
     lesions = {0: None, 1: (6, 6, 9, 9), 2: (3, 3, 16, 20)}

@@ -195,21 +195,26 @@ def test_cohort_table_sorts_filters_and_opens_a_slide(results_folder, serve, pag
     names = lambda: page.eval_on_selector_all("#table tbody tr", "rows => rows.map(r => r.children[0].textContent)")  # noqa: E731
     calls = {f"case{i}": open_heatmap(results_folder / f"case{i}.zarr").attrs["summary"]["call"] for i in range(3)}
     scores = {f"case{i}": open_heatmap(results_folder / f"case{i}.zarr").attrs["summary"]["score"] for i in range(3)}
-    assert sorted(names()) == ["case0", "case1", "case2"]
-    assert names() == sorted(scores, key=lambda k: -scores[k])  # opens sorted by score, highest first
+    assert sorted(names()) == ["broken.svs", "case0", "case1", "case2"]
+    # opens sorted by score, highest first; the failed slide (no score) last
+    assert names() == sorted(scores, key=lambda k: -scores[k]) + ["broken.svs"]
+    assert "SlideFormatError" in page.inner_text("#table tbody tr.failed")
     shot(page, tmp_path / "cohort.png")
     page.click("th[data-key=slide]")
-    assert names() == ["case2", "case1", "case0"]
+    assert names() == ["case2", "case1", "case0", "broken.svs"]
     page.click("th[data-key=slide]")
-    assert names() == ["case0", "case1", "case2"]
-    page.click("th[data-key=call]")  # by severity: micro, itc, negative
+    assert names() == ["broken.svs", "case0", "case1", "case2"]
+    page.click("th[data-key=call]")  # by severity: micro, itc, negative; no call last
     order = {"negative": 0, "itc": 1, "micro": 2, "macro": 3}
-    assert [order[calls[n]] for n in names()] == sorted((order[c] for c in calls.values()), reverse=True)
+    assert [order[calls[n]] for n in names()[:3]] == sorted((order[c] for c in calls.values()), reverse=True)
+    assert names()[3] == "broken.svs"
     assert set(calls.values()) == {"negative", "itc", "micro"}
     page.select_option("#filter-call", "itc")
     assert names() == [n for n, c in calls.items() if c == "itc"]
     page.select_option("#filter-call", "")
-    assert len(names()) == 3
+    assert len(names()) == 4
+    page.click("#table tbody tr.failed")  # nothing to open
+    assert page.evaluate("location.hash") == ""
     page.click("#table tbody tr:has-text('case2')")
     settle(page)
     assert page.evaluate("wsiView.meta.name") == "case2"
@@ -217,7 +222,7 @@ def test_cohort_table_sorts_filters_and_opens_a_slide(results_folder, serve, pag
     shot(page, tmp_path / "cohort-case2.png")
     page.click("#home")
     page.wait_for_selector("#cohort:not([hidden])")
-    assert len(names()) == 3
+    assert len(names()) == 4
     assert page.errors == []
 
 

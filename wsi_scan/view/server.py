@@ -96,8 +96,17 @@ class Entry:
             "tumour_area_mm2": _finite(s.get("tumour_area_mm2")), "max_prob": _finite(s.get("max_prob")),
             "mean_prob": _finite(s.get("mean_prob")), "tissue_area_mm2": _finite((self.attrs.get("tissue") or {}).get("area_mm2")),
             "mpp": _finite((sl.get("mpp_xy") or [None])[0]), "mpp_source": sl.get("mpp_source", ""),
-            "seconds": _finite(r.get("seconds_total")),
+            "seconds": _finite(r.get("seconds_total")), "error": "",
         }
+
+
+def _failed_row(r: dict[str, Any]) -> dict[str, Any]:
+    """A summary.json row without a heatmap to open (a slide that failed): shown, not openable."""
+    err = f"{r.get('error_type') or ''}: {r.get('error') or ''}".strip(": ")
+    return {"id": None, "slide": str(r.get("slide") or ""), "status": str(r.get("status") or ""), "call": "",
+            "score": None, "n_lesions": None, "largest_lesion_mm": None, "tumour_area_mm2": None, "max_prob": None,
+            "mean_prob": None, "tissue_area_mm2": None, "mpp": _finite(r.get("mpp")), "mpp_source": str(r.get("mpp_source") or ""),
+            "seconds": _finite(r.get("seconds_total")), "error": err[:300]}
 
 
 @dataclass
@@ -151,6 +160,8 @@ class ViewerApp:
             self.entries.append(Entry(len(self.entries), name, store, attrs, rows.get(os.path.realpath(store), {})))
         if not self.entries:
             raise HeatmapError(f"{path}: no readable heatmap store; rerun the scan")
+        shown = {os.path.realpath(e.store) for e in self.entries}
+        self.failed_rows = [_failed_row(r) for k, r in sorted(rows.items()) if k not in shown]
         self.title = root.name or str(root)
         self.static = static_files()
         self.lut = colour_lut(cfg.cmap)
@@ -263,7 +274,7 @@ class ViewerApp:
     # -- routes ----------------------------------------------------------------------------
 
     def catalog(self) -> dict[str, Any]:
-        return {"kind": self.kind, "title": self.title, "slides": [e.table_row() for e in self.entries]}
+        return {"kind": self.kind, "title": self.title, "slides": [e.table_row() for e in self.entries] + self.failed_rows}
 
     def handle(self, raw: str) -> Response:
         """The response to a GET of ``raw`` (path and query as sent)."""

@@ -13,7 +13,8 @@
     ['n_lesions', 'lesions', 0, 'num'], ['largest_lesion_mm', 'largest lesion (mm)', 2, 'num'],
     ['tumour_area_mm2', 'tumour area (mm²)', 3, 'num'], ['max_prob', 'max prob', 3, 'num'],
     ['mean_prob', 'mean prob', 3, 'num'], ['tissue_area_mm2', 'tissue (mm²)', 2, 'num'],
-    ['mpp', 'µm/px', 4, 'num'], ['status', 'status', null, ''],
+    ['mpp', 'µm/px', 4, 'num'], ['mpp_source', 'µm/px source', null, ''], ['seconds', 'seconds', 1, 'num'],
+    ['status', 'status', null, ''], ['error', 'error', null, 'err'],
   ];
   const CALL_ORDER = {negative: 0, itc: 1, micro: 2, macro: 3};
 
@@ -76,7 +77,7 @@
     const rows = sortedRows();
     for (const r of rows) {
       const tr = document.createElement('tr');
-      tr.dataset.id = r.id;
+      tr.dataset.id = r.id === null ? '' : r.id;
       for (const [key, , digits, cls] of COLUMNS) {
         const td = document.createElement('td');
         td.className = cls;
@@ -84,7 +85,8 @@
         if (key === 'call' && r.call) td.classList.add('call-' + r.call);
         tr.appendChild(td);
       }
-      tr.addEventListener('click', () => { location.hash = '#slide=' + r.id; });
+      if (r.id === null) tr.className = 'failed'; // no heatmap to open
+      else tr.addEventListener('click', () => { location.hash = '#slide=' + r.id; });
       body.appendChild(tr);
     }
     $('count').textContent = rows.length + ' of ' + state.catalog.slides.length + ' slides';
