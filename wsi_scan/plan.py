@@ -1,7 +1,7 @@
 """Planning a scan: thumbnail -> tissue mask -> cell grid -> tissue cells -> blocks -> read plan.
 
-One function, used by the scan and ``info``, so that both report the same tissue for a slide
-(``tile`` and ``scripts/benchmark.py`` still plan with the same pieces themselves: issue 16).
+One function, used by the scan, ``info`` and ``tile``, so that all three see the same tissue for
+a slide.
 """
 
 from __future__ import annotations

@@ -175,13 +175,13 @@ def tile_slide(
     """
     import dask
 
-    from ..geometry import check_resolution, plan_grid
-    from ..grid import tissue_blocks, tissue_cells
+    from ..geometry import check_resolution
+    from ..grid import tissue_blocks
     from ..io.exports import PatchWriter, read_json, read_label_mask
     from ..io.mpp import check_extent, resolve_mpp
     from ..io.slide import open_slide
-    from ..regions import block_windows, expected_reads, make_read_plan, read_block, read_thumbnail
-    from ..tissue import compute_mask
+    from ..plan import plan_scan
+    from ..regions import block_windows, expected_reads, read_block
 
     if stride_cells < 1:
         raise UsageError(f"--stride-cells must be at least 1, found {stride_cells}")
@@ -208,16 +208,13 @@ def tile_slide(
         res = resolve_mpp(info.metadata, mpp, str(slide_path), ScanConfig().mpp_xy_tolerance)
         check_extent(info.level0_size_wh, res, str(slide_path))
         check_resolution(res.xy, target_mpp, ScanConfig().max_upsample, str(slide_path))
-        thumb, l0_per_mask = read_thumbnail(slide, res.xy, tissue_config.mask_mpp)
-        grid = plan_grid(info.l0_bounds_xywh, res.xy, target_mpp, cell_px, patch_px)
-        plan = make_read_plan(slide, res.xy, grid)
+        # the scan's own plan, so that the windows cut are the cells a scan would classify
+        sp = plan_scan(slide, res.xy, target_mpp, cell_px, patch_px, ScanConfig(tissue=tissue_config))
         if labels_mask is not None:
             mask_sat = mask_table(read_label_mask(labels_mask), info.level0_size_wh, str(labels_mask))
     finally:
         slide.close()
-    mask_mpp = (l0_per_mask[0] * res.x, l0_per_mask[1] * res.y)
-    cells = tissue_cells(grid, compute_mask(thumb, mask_mpp, tissue_config, l0_per_mask), tissue_config.min_cell_fraction,
-                        tissue_config.min_window_fraction)
+    grid, plan, cells = sp.grid, sp.read, sp.cells.copy()
     rr, cc = np.indices(grid.shape_rc)
     cells &= (rr % stride_cells == 0) & (cc % stride_cells == 0)
     # blocks start on multiples of the stride, so every block sees the same window phase
