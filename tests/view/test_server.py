@@ -359,3 +359,18 @@ def test_zoomed_out_heatmap_keeps_the_highest_cell(scanned_store, tmp_path):
                     assert rgba[y, x, 3] == 255
                     assert tuple(rgba[y, x, :3]) == tuple(app.lut[int(np.rint(np.nanmax(vals) * 255))]), (level, x, y)
         assert (rgba[..., :3] == app.lut[int(np.rint(0.97 * 255))]).all(axis=-1).sum() >= 1
+
+
+def test_every_static_file_is_package_data():
+    """A wheel carries the page and OpenSeadragon: each file of the static folder matches one of
+    pyproject's package-data patterns (a file in a new subfolder would otherwise be left out)."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["wsi_scan.view"]
+    root = REPO / "wsi_scan" / "view"
+    files = [p.relative_to(root).as_posix() for p in (root / "static").rglob("*") if p.is_file()]
+    assert "static/openseadragon/openseadragon.min.js" in files and "static/openseadragon/LICENSE.txt" in files
+    for f in files:
+        assert any(fnmatch.fnmatch(f, pat) and f.count("/") == pat.count("/") for pat in patterns), f
+    assert set(static_files()) == {f.removeprefix("static/") for f in files}
