@@ -16,6 +16,12 @@ Stages measured (each printed as a table row and written to JSON):
 
     python scripts/benchmark.py                    # the default 60000 x 50000 slide
     python scripts/benchmark.py --scale4 --only e2e  # 4x the area, for the memory claim
+    python scripts/benchmark.py --layout subifds     # the same slide with its levels as SubIFDs
+
+Pyramid layouts (``--layout``, the cases of issue 17): pages (reduced pages after level 0),
+subifds, ome (OME-TIFF), svs (Aperio), series (reduced pages at 1/8/32, which tifffile lists
+as a second series: the 40x slide without a level near the model's pixel size). The planning
+is ``wsi_scan.plan.plan_scan``'s, the scan's own.
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PCAM_DIR = ROOT.parent / "shared" / "data" / "pcam-kaggle-sample"
 WRITER_VERSION = 1  # bump when the slide content changes, so cached slides are rewritten
 STAGES = ("tissue", "read", "dense", "patch", "bf16", "e2e")
+#: --layout: (SyntheticSlide.layout, downsamples)
+LAYOUTS = {"pages": ("pages", (1, 4, 16)), "subifds": ("subifds", (1, 4, 16)), "ome": ("ome", (1, 4, 16)),
+           "svs": ("svs", (1, 4, 16)), "series": ("pages", (1, 8, 32))}
 
 
 @dataclass
@@ -78,7 +87,7 @@ def real_texture(n: int = 8, scale: int = 4, seed: int = 0) -> np.ndarray | None
     return np.asarray(big)
 
 
-def slide_spec(size_wh: tuple[int, int], texture: np.ndarray | None) -> Any:
+def slide_spec(size_wh: tuple[int, int], texture: np.ndarray | None, layout: str = "pages") -> Any:
     """Three tissue sections covering about a third of the slide, with a few tumour foci."""
     from wsi_scan.io.synthetic import SyntheticSlide
 
@@ -88,23 +97,25 @@ def slide_spec(size_wh: tuple[int, int], texture: np.ndarray | None) -> Any:
     tissue = tuple((int(a * w), int(b * h), int(c * w), int(d * h)) for a, b, c, d in sections)
     foci = ((0.12, 0.15, 0.02), (0.40, 0.30, 0.03), (0.70, 0.20, 0.015), (0.45, 0.68, 0.025))
     tumour = tuple((int(x * w), int(y * h), int(x * w + s * w), int(y * h + s * w)) for x, y, s in foci)
-    return SyntheticSlide(size_wh=size_wh, mpp=0.25, downsamples=(1, 4, 16), tile_px=256, quality=90,
-                          tissue=tissue, tumour=tumour, texture=texture)
+    kind, downsamples = LAYOUTS[layout]
+    return SyntheticSlide(size_wh=size_wh, mpp=0.25, downsamples=downsamples, tile_px=256, quality=90,
+                          tissue=tissue, tumour=tumour, texture=texture, layout=kind)
 
 
-def ensure_slide(cache: Path, size_wh: tuple[int, int], report: Report) -> Path:
+def ensure_slide(cache: Path, size_wh: tuple[int, int], report: Report, layout: str = "pages") -> Path:
     from wsi_scan.io.synthetic import write_synthetic_slide
 
     texture = real_texture()
     kind = "pcam" if texture is not None else "procedural"
-    path = cache / f"bench-v{WRITER_VERSION}-{size_wh[0]}x{size_wh[1]}-{kind}.tif"
-    report.data["slide"] = {"path": str(path), "size_wh": list(size_wh), "mpp": 0.25, "texture": kind,
-                            "downsamples": [1, 4, 16], "tile_px": 256}
+    suffix = "" if layout == "pages" else f"-{layout}"  # the former name for the former layout
+    path = cache / f"bench-v{WRITER_VERSION}-{size_wh[0]}x{size_wh[1]}-{kind}{suffix}.tif"
+    report.data["slide"] = {"path": str(path), "size_wh": list(size_wh), "mpp": 0.25, "texture": kind, "layout": layout,
+                            "downsamples": list(LAYOUTS[layout][1]), "tile_px": 256}
     if path.exists():
         report.add("slide", "cached", f"{path.name}, {path.stat().st_size / 1e9:.2f} GB")
         return path
     t = time.perf_counter()
-    write_synthetic_slide(path, slide_spec(size_wh, texture))
+    write_synthetic_slide(path, slide_spec(size_wh, texture, layout))
     dt = time.perf_counter() - t
     gpx = size_wh[0] * size_wh[1] * (1 + 1 / 16 + 1 / 256) / 1e9
     report.data["slide"]["write_s"] = dt
@@ -184,7 +195,8 @@ def run_child_scan(slide: Path, cfg: dict[str, Any]) -> dict[str, Any]:
             "hwm = [int(ln.split()[1]) for ln in open('/proc/self/status') if ln.startswith('VmHWM:')]\n"
             "print('RESULT ' + json.dumps({'timings_s': r.timings_s, 'tissue_cells': r.n_tissue_cells,"
             " 'maxrss_kb': hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
-            " 'ru_maxrss_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))\n"
+            " 'ru_maxrss_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
+            " 'user_s': resource.getrusage(resource.RUSAGE_SELF).ru_utime, 'sys_s': resource.getrusage(resource.RUSAGE_SELF).ru_stime}))\n"
         )
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", code, str(slide), str(out), json.dumps(cfg)],
@@ -230,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-cells", type=int, default=ScanConfig.block_cells)
     ap.add_argument("--threads", type=int, default=ScanConfig.threads, help="Dask threads per slide")
     ap.add_argument("--backend", default="auto", choices=("auto", "openslide", "tifffile"), help="slide reader")
+    ap.add_argument("--layout", default="pages", choices=tuple(LAYOUTS), help="how the slide stores its pyramid")
+    ap.add_argument("--read-level", default=ScanConfig.read_level, choices=("exact", "nearest"), help="the scan's level policy")
     ap.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads, here and in the scan child (0: torch's default)")
     ap.add_argument("--mode", default="both", choices=("both", "dense", "patch"), help="modes to time")
     ap.add_argument("--patch-blocks", type=int, default=6, help="blocks timed in patch mode (it is slow)")
@@ -240,14 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     import dask
     import torch
 
-    from wsi_scan.geometry import plan_grid
-    from wsi_scan.grid import tissue_blocks, tissue_cells
     from wsi_scan.inference import Predictor, resolve_device
     from wsi_scan.io.checkpoint import load_model
     from wsi_scan.io.mpp import resolve_mpp
     from wsi_scan.io.slide import open_slide
-    from wsi_scan.regions import make_read_plan, read_thumbnail, resample_region
-    from wsi_scan.tissue import compute_mask
+    from wsi_scan.plan import plan_scan
+    from wsi_scan.regions import resample_region
 
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
@@ -261,28 +273,18 @@ def main(argv: list[str] | None = None) -> int:
     report.data["args"] = {k: str(v) for k, v in vars(args).items()}
     print(f"machine: {report.data['machine']}")
     args.cache.mkdir(parents=True, exist_ok=True)
-    path = ensure_slide(args.cache, (w, h), report)
+    path = ensure_slide(args.cache, (w, h), report, args.layout)
 
-    cfg = ScanConfig(backend=args.backend, device=args.device, block_cells=args.block_cells, batch_size=args.batch_size, threads=args.threads)
+    cfg = ScanConfig(backend=args.backend, device=args.device, block_cells=args.block_cells, batch_size=args.batch_size,
+                     threads=args.threads, read_level=args.read_level)
     slide = open_slide(path, cfg.backend)
     mpp = resolve_mpp(slide.info.metadata, None, str(path), cfg.mpp_xy_tolerance)
     loaded = load_model(None)
     card = loaded.card
 
     t = time.perf_counter()
-    thumb, l0_per_mask = read_thumbnail(slide, mpp.xy, cfg.tissue.mask_mpp)
-    mask_mpp = (l0_per_mask[0] * mpp.x, l0_per_mask[1] * mpp.y)
-    tissue = compute_mask(thumb, mask_mpp, cfg.tissue, l0_per_mask)
-    grid = plan_grid(slide.info.l0_bounds_xywh, mpp.xy, card.mpp, card.cell_px, card.input_px)
-    cells = tissue_cells(grid, tissue, cfg.tissue.min_cell_fraction, cfg.tissue.min_window_fraction)
-    block_list = tissue_blocks(cells, cfg.block_cells)
-    try:  # as scan_slide does, in trees that have it (before/after runs of older commits)
-        from wsi_scan.grid import crop_to_tissue
-
-        block_list = crop_to_tissue(cells, block_list)
-    except ImportError:
-        pass
-    plan = make_read_plan(slide, mpp.xy, grid)
+    sp = plan_scan(slide, mpp.xy, card.mpp, card.cell_px, card.input_px, cfg)  # the scan's own planning
+    tissue, grid, cells, block_list, plan = sp.tissue, sp.grid, sp.cells, sp.blocks, sp.read
     t_tissue = time.perf_counter() - t
     n_cells = int(cells.sum())
     report.data["grid"] = {"shape_rc": list(grid.shape_rc), "tissue_cells": n_cells, "blocks": len(block_list),
@@ -444,24 +446,30 @@ def main(argv: list[str] | None = None) -> int:
                        f"vs {report.data['dense']['s']:.0f} s dense")
     images.clear()
 
-    if "e2e" in only:
+    # end to end in a child process, per mode ("both": dense, then patch; key "e2e" is dense's)
+    for e2e_mode in (("dense", "patch") if args.mode == "both" else (args.mode,)) if "e2e" in only else ():
         child_cfg = {"backend": args.backend, "device": args.device, "block_cells": args.block_cells, "batch_size": args.batch_size,
-                     "threads": args.threads, "mode": "patch" if args.mode == "patch" else "dense"}
+                     "threads": args.threads, "mode": e2e_mode, "read_level": args.read_level}
         res = run_child_scan(path, child_cfg)
         ts = res["timings_s"]
         rss_gb = res["maxrss_kb"] / 2**20
-        report.data["e2e"] = {**res, "peak_rss_gb": rss_gb}
-        report.add("end-to-end per slide", f"{ts['total']:.1f} s",
-                   f"scan {ts['scan']:.1f}, tissue {ts['tissue']:.1f}, write {ts['write']:.1f}; {res['tissue_cells'] / ts['total']:.0f} cells/s")
-        report.add("peak RSS (scan process)", f"{rss_gb:.2f} GiB", f"{rss_gb * 2**30 / 1e9:.2f} GB; slide {w}x{h}")
-        if "dense" in report.data:
+        n_win = res["tissue_cells"]
+        cpu_ms = (res["user_s"] + res["sys_s"]) * 1e3 / max(n_win, 1)  # the whole child: open, tissue, scan, write
+        key = "e2e" if e2e_mode == "dense" else f"e2e_{e2e_mode}"
+        report.data[key] = {**res, "peak_rss_gb": rss_gb, "windows_per_s": n_win / ts["total"], "cpu_ms_per_window": cpu_ms}
+        report.add(f"end-to-end per slide, {e2e_mode}", f"{ts['total']:.1f} s",
+                   f"scan {ts['scan']:.1f}, tissue {ts['tissue']:.1f}, write {ts['write']:.1f}; {n_win / ts['total']:.0f} windows/s")
+        report.add(f"CPU per window, {e2e_mode}", f"{cpu_ms:.2f} ms",
+                   f"user {res['user_s']:.1f} s + sys {res['sys_s']:.1f} s over {n_win} windows")
+        report.add(f"peak RSS (scan process), {e2e_mode}", f"{rss_gb:.2f} GiB", f"{rss_gb * 2**30 / 1e9:.2f} GB; slide {w}x{h}")
+        if "dense" in report.data and e2e_mode == "dense":
             ratio = ts["total"] / report.data["dense"]["s"]
             report.data["e2e"]["over_model_alone"] = ratio
             report.add("end-to-end / model alone", f"{ratio:.2f}x", "target <= 1.5x")
         if device.type == "cuda":
             report.add("slides per hour", f"{3600 / ts['total']:.0f}", str(report.data["machine"].get("gpu")))
 
-    out = args.json or args.cache / f"results-{w}x{h}-{args.device}.json"
+    out = args.json or args.cache / f"results-{w}x{h}-{args.layout}-{args.device}.json"
     out.write_text(json.dumps(report.data, indent=2, default=str))
     print(f"\nwritten {out}")
     print("\n| stage | value | note |\n|---|---:|---|")
