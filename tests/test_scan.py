@@ -35,7 +35,7 @@ def _check_alignment(hm_path: Path, tumour: tuple[tuple[int, int, int, int], ...
     ("mpp", "downsamples", "size"),
     [
         (0.243, (1, 4, 16), (3000, 2400)),  # 40x Camelyon: read at level 1, ~1:1
-        (0.25, (1, 4, 16), (3001, 2399)),  # 40x: every level too coarse but 0, shrink 3.9x
+        (0.25, (1, 4, 16), (3001, 2399)),  # 40x: level 1 (1.0 um/px) enlarged 3% (--read-level nearest)
         (0.25, (1, 2, 4, 8), (2999, 2401)),  # read at level 1 (0.5 um/px), odd sizes
         (0.5, (1, 4, 16), (1601, 1203)),  # 20x: level 0, shrink 1.9x
     ],
@@ -118,7 +118,8 @@ def test_scan_decodes_each_tile_once(make_slide, mock_model, tmp_path):
     slide = make_slide(size_wh=(3001, 2399), mpp=0.25, tumour=TUMOUR)  # read at level 0, 256 px tiles
     handle = cached_slide(str(slide), "tifffile")
     before = handle.read_stats.tiles_decoded
-    res = scan_slide(slide, tmp_path / "h.zarr", ScanConfig(backend="tifffile", block_cells=4), model=mock_model)
+    # level 0: the one both readers frame alike (OpenSlide keeps one downsample for both axes)
+    res = scan_slide(slide, tmp_path / "h.zarr", ScanConfig(backend="tifffile", block_cells=4, read_level="exact"), model=mock_model)
     hm = open_heatmap(res.out)
     plan_level = hm.attrs["grid"]["read_level"]
     decoded = handle.read_stats.tiles_decoded - before
@@ -135,7 +136,8 @@ def test_scan_decodes_each_tile_once(make_slide, mock_model, tmp_path):
     assert handle._cache.nbytes == 0
     assert_same_heatmap_across_readers(
         hm.probs,
-        open_heatmap(scan_slide(slide, tmp_path / "o.zarr", ScanConfig(backend="openslide", block_cells=4), model=mock_model).out).probs,
+        open_heatmap(scan_slide(slide, tmp_path / "o.zarr", ScanConfig(backend="openslide", block_cells=4, read_level="exact"),
+                               model=mock_model).out).probs,
     )
 
 
@@ -212,7 +214,7 @@ def test_nearest_read_level_enlarges_the_coarser_level_in_place(make_slide, mock
     tissue = ((int(200 * scale), int(200 * scale), int(2800 * scale), int(2200 * scale)),)
     tumour = tuple(tuple(int(v * scale) for v in b) for b in TUMOUR)
     slide = make_slide(size_wh=(3001, 2399), mpp=0.25, downsamples=(1, 4, 16), tissue=tissue, tumour=tumour)
-    exact = scan_slide(slide, tmp_path / "e.zarr", ScanConfig(backend=backend, block_cells=8), model=mock_model)
+    exact = scan_slide(slide, tmp_path / "e.zarr", ScanConfig(backend=backend, block_cells=8, read_level="exact"), model=mock_model)
     near = scan_slide(slide, tmp_path / "n.zarr", ScanConfig(backend=backend, block_cells=8, read_level="nearest"), model=mock_model)
     assert _check_alignment(near.out, tumour) == near.n_tissue_cells == exact.n_tissue_cells  # type: ignore[arg-type]
     he, hn = open_heatmap(exact.out), open_heatmap(near.out)

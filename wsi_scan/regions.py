@@ -1,7 +1,8 @@
 """Region reads as a Dask graph: one read per block of cells, with the margin its windows need.
 
-Each block is read once from the coarsest pyramid level at or finer than the model's mpp and
-resampled (antialiased) to exactly the target frame, so a block of nr x nc cells becomes an
+Each block is read once from the pyramid level ``--read-level`` chooses (``nearest``: the
+level nearest the model's mpp, even up to 1.1x coarser; ``exact``: the coarsest at or finer) and
+resampled (antialiased when shrinking) to exactly the target frame, so a block of nr x nc cells becomes an
 image of (32 nr + 64) x (32 nc + 64) px: the input of one dense pass, or the source of its
 96x96 windows in patch mode. Blocks without tissue are never read. Tasks carry the slide path
 and open it themselves (one cached handle per process), so the graph runs on threads,
