@@ -298,6 +298,8 @@ def _train_options(f: F) -> F:
         click.option("--ema-decay", type=float, default=_TRAIN.ema_decay, help="keep an exponential moving average of the weights (e.g. 0.999; 0: off)"),
         click.option("--max-valid", type=int, default=_TRAIN.max_valid, help="cap on validation patches, a seeded subset (0: all), for quick runs"),
         click.option("--final-tta/--no-final-tta", default=_TRAIN.final_tta, help="score the kept epoch with 8 dihedral views at the end"),
+        click.option("--threshold-specificity", type=float, default=_TRAIN.threshold_specificity,
+                     help="set the card's threshold to the lowest giving this validation specificity (0: keep 0.5)"),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -353,33 +355,95 @@ def explore(data: tuple[Path, ...], out_dir: Path) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_SCAN.device)
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=_SCAN.batch_size)
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def evaluate(data: Path, model_path: Path | None, split: str, tta: bool, as_json: bool, device: str, batch_size: int, quiet: bool) -> None:
-    """Score a model on labelled patches: AUC, accuracy, sensitivity, specificity."""
-    from .errors import DataError
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="folder for predictions.csv (one row per patch), roc.png and metrics.json")
+def evaluate(data: Path, model_path: Path | None, split: str, tta: bool, as_json: bool, device: str, batch_size: int, quiet: bool,
+             out_dir: Path | None) -> None:
+    """Score a model on labelled patches: AUC with its 95% bootstrap interval, accuracy, sensitivity, specificity."""
     from .io.checkpoint import load_model
-    from .io.datasets import open_patch_data
-    from .train.evaluate import evaluate_patchset
+    from .train.evaluate import evaluate_patchset, trained_on, write_evaluation
+    from .train.metrics import bootstrap_auc_ci
 
     def go() -> Any:
-        pd = open_patch_data(data)
-        name = split
-        if split == "auto":
-            name = next((s for s in ("test", "valid", "train") if s in pd.splits), "")
-        if name not in pd.splits:
-            raise DataError(f"{data}: no {split!r} split; found {', '.join(pd.splits) or 'none'}")
+        ps = _patch_split(data, split)
         model = load_model(model_path)
-        ev = evaluate_patchset(model, pd.splits[name], device, batch_size, tta, progress=not quiet and not as_json)
-        return ev, model
+        seen = trained_on(model.card, ps)
+        if seen is not None:
+            click.echo(f"warning: {model.card.name!r} was trained on {seen} (its card says so): these numbers are not a "
+                       "measure of how it does on new patches; evaluate on a held-out split", err=True)
+        ev = evaluate_patchset(model, ps, device, batch_size, tta, progress=not quiet and not as_json)
+        d = {**ev.to_dict(), "auc_ci95": list(bootstrap_auc_ci(ev.labels, ev.probs)), "model": model.card.name,
+             "model_path": model.path, "model_sha256": model.sha256, "trained_on_these_patches": seen is not None}
+        files = write_evaluation(out_dir, ev, ps, model.card.threshold, d) if out_dir is not None else []
+        return ev, d, files
 
-    ev, model = _run(go)
-    d = {**ev.to_dict(), "model": model.card.name, "model_path": model.path}
+    ev, d, files = _run(go)
     if as_json:
         click.echo(json.dumps(d))
         return
     m = ev.metrics
-    click.echo(f"{ev.dataset}: n={m.n}  AUC {m.auc:.4f}  accuracy {m.accuracy:.4f}  "
+    lo, hi = d["auc_ci95"]
+    click.echo(f"{ev.dataset}: n={m.n}  AUC {m.auc:.4f} (95% CI {lo:.4f}-{hi:.4f})  accuracy {m.accuracy:.4f}  "
                f"sensitivity {m.sensitivity:.4f}  specificity {m.specificity:.4f}  (threshold {m.threshold}, TTA {'on' if tta else 'off'})")
     click.echo(f"confusion matrix [[TN FP] [FN TP]]: [[{m.tn} {m.fp}] [{m.fn} {m.tp}]]")
+    for f in files:
+        click.echo(f"wrote {f}")
+
+
+def _patch_split(data: Path, split: str) -> Any:
+    """The named split of a patch folder ("auto": test, else valid, else train)."""
+    from .errors import DataError
+    from .io.datasets import open_patch_data
+
+    pd = open_patch_data(data)
+    name = next((s for s in ("test", "valid", "train") if s in pd.splits), "") if split == "auto" else split
+    if name not in pd.splits:
+        raise DataError(f"{data}: no {split!r} split; found {', '.join(pd.splits) or 'none'}")
+    return pd.splits[name]
+
+
+@main.command("threshold")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--specificity", type=click.FloatRange(0.5, 0.9999), default=_TRAIN.threshold_specificity, show_default=True,
+              help="the lowest threshold giving at least this specificity on DATA's validation patches")
+@click.option("--split", type=click.Choice(["auto", "train", "valid", "test"]), default="valid", show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="the model file to write (.safetensors or .pt)")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_SCAN.device)
+@click.option("--overwrite", is_flag=True, help="replace an existing model file written by wsi-scan")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def threshold_cmd(model_path: Path, data: Path, specificity: float, split: str, out: Path, device: str, overwrite: bool, quiet: bool) -> None:
+    """Copy a model with its card's threshold chosen on validation patches (the rule `train` applies)."""
+    from .errors import UsageError
+    from .io.checkpoint import load_model, save_model
+    from .io.outputs import check_replaceable, prepare_parent
+    from .model.card import ModelCard
+    from .train.evaluate import evaluate_patchset, trained_on
+    from .train.loop import validation_metrics, with_threshold
+
+    def go() -> Any:
+        if out.suffix not in (".safetensors", ".pt"):
+            raise UsageError(f"--out {out}: expected a .safetensors or .pt file name, found suffix {out.suffix or '(none)'!r}")
+        check_replaceable(out, overwrite, kind="file")
+        prepare_parent(out, "--out")
+        ps = _patch_split(data, split)
+        model = load_model(model_path)
+        seen = trained_on(model.card, ps)
+        if seen is not None:
+            raise UsageError(f"{ps.name}: {model.card.name!r} was trained on these patches ({seen}); "
+                             "expected held-out validation patches to choose a threshold on")
+        ev = evaluate_patchset(model, ps, device, progress=not quiet)
+        card = with_threshold(model.card, ev.labels, ev.probs, specificity, ps.name)
+        metrics = {**model.card.metrics, **validation_metrics(card, ev.labels, ev.probs, None)}
+        metrics.pop("valid_tta", None)  # measured at the former threshold: evaluate --tta gives it again
+        card = ModelCard.from_dict({**card.to_dict(), "metrics": metrics})
+        save_model(out, model.net, card)
+        return card
+
+    card = _run(go)
+    v = card.metrics["valid"]
+    click.echo(f"wrote {out}: threshold {card.threshold:.4f} (specificity {v['specificity']:.4f}, sensitivity {v['sensitivity']:.4f} "
+               f"on {card.training['threshold_rule']['data']})")
 
 
 @main.command()

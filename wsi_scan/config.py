@@ -201,6 +201,9 @@ class TrainConfig:
     ema_decay: float = 0.0  # weight averaging: EMA of the weights per step (e.g. 0.999); 0 = off
     max_valid: int = 0  # cap on validation patches (0 = all; a seeded subset), for quick runs
     final_tta: bool = True  # score the kept epoch with the 8 dihedral views at the end (8 passes)
+    # the card's threshold: the lowest at which this share of the validation negatives scores below
+    # it (single view; docs/model.md says why 0.93); 0 keeps 0.5
+    threshold_specificity: float = 0.93
 
     def __post_init__(self) -> None:
         for name, lo, hi, lo_open in (
@@ -209,7 +212,7 @@ class TrainConfig:
             ("val_fraction", 0.0, 0.9, True), ("stain_jitter", 0.0, 1.0, False), ("jpeg_prob", 0.0, 1.0, False),
             ("soften_prob", 0.0, 1.0, False), ("soften_max", 1.0, 4.0, False), ("threads", 0, 1024, False),
             ("loader_workers", 0, 256, False), ("max_train", 0, 1 << 40, False), ("ema_decay", 0.0, 0.99999, False),
-            ("max_valid", 0, 1 << 40, False),
+            ("max_valid", 0, 1 << 40, False), ("threshold_specificity", 0.0, 0.9999, False),
         ):
             _in_range("train", name, getattr(self, name), lo, hi, lo_open)
 

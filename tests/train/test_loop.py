@@ -136,3 +136,67 @@ def test_quick_run_options(kaggle_dir, tmp_path):
     card = load_model(out).card
     assert "valid_tta" not in card.metrics and card.metrics["valid"]["n"] == 10
     assert card.training["data"]["valid_used"] == 10 and card.training["config"]["final_tta"] is False
+
+
+def test_threshold_rule_sets_card_threshold_on_validation(kaggle_dir, tmp_path):
+    from wsi_scan.io.datasets import open_patch_data
+    from wsi_scan.train.evaluate import evaluate_patchset
+
+    out = tmp_path / "t.pt"
+    train([kaggle_dir], out, TrainConfig(**TINY, threshold_specificity=0.9), report_dir=tmp_path / "rep", progress=False)
+    m = load_model(out)
+    rule = m.card.training["threshold_rule"]
+    assert rule["specificity"] == 0.9 and rule["threshold"] == m.card.threshold
+    ev = evaluate_patchset(m, open_patch_data(kaggle_dir).splits["valid"])
+    neg = ev.probs[ev.labels == 0]
+    # the rule, checked from its definition: at least 90% of negatives below, and no lower 1e-4 step would do
+    assert (neg < m.card.threshold).mean() >= 0.9
+    assert (neg < m.card.threshold - 1e-4).mean() < 0.9 or m.card.threshold == 0.0
+    assert m.card.metrics["valid"]["threshold"] == m.card.threshold
+    lo, hi = m.card.metrics["valid"]["auc_ci95"]
+    assert lo <= m.card.metrics["valid"]["auc"] <= hi
+    rows = (tmp_path / "rep" / "valid_predictions.csv").read_text().splitlines()
+    assert rows[0].startswith("patch_set,index,patch_id,label,prob,prob_tta,predicted") and len(rows) == 33
+    # 0 keeps the former fixed threshold
+    train([kaggle_dir], tmp_path / "f.pt", TrainConfig(**TINY, threshold_specificity=0.0), progress=False)
+    assert load_model(tmp_path / "f.pt").card.threshold == 0.5
+
+
+def test_evaluate_out_folder_and_warning_on_training_patches(kaggle_dir, tmp_path):
+    out = tmp_path / "m.pt"
+    train([kaggle_dir], out, TrainConfig(**TINY), progress=False)
+    r = CliRunner().invoke(main, ["evaluate", str(kaggle_dir), "--model", str(out), "--split", "valid", "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    assert "warning" not in r.stderr and "95% CI" in r.stdout
+    rows = (tmp_path / "ev" / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "patch_set,index,patch_id,label,prob,predicted" and len(rows) == 33
+    assert rows[1].split(",")[:4] == ["kaggle/valid", "0", "valid0000", "0"]
+    d = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert d["n"] == 32 and len(d["auc_ci95"]) == 2 and d["trained_on_these_patches"] is False
+    assert (tmp_path / "ev" / "roc.png").stat().st_size > 1000
+    # the training split, under another folder name: recognised by its fingerprint
+    import shutil
+
+    shutil.copytree(kaggle_dir, tmp_path / "renamed")
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "renamed"), "--model", str(out), "--split", "train", "--json"])
+    assert r.exit_code == 0 and "was trained on kaggle/train" in r.stderr
+    assert json.loads(r.stdout)["trained_on_these_patches"] is True
+    # a rerun replaces its own files; a user's file of the same name is kept
+    (tmp_path / "ev" / "predictions.csv").write_text("mine\n")
+    r = CliRunner().invoke(main, ["evaluate", str(kaggle_dir), "--model", str(out), "--split", "valid", "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 4 and (tmp_path / "ev" / "predictions.csv").read_text() == "mine\n"
+
+
+def test_threshold_command(kaggle_dir, tmp_path):
+    out = tmp_path / "m.pt"
+    train([kaggle_dir], out, TrainConfig(**TINY, threshold_specificity=0.0), progress=False)
+    r = CliRunner().invoke(main, ["threshold", str(out), str(kaggle_dir), "--specificity", "0.75", "--out", str(tmp_path / "t.safetensors")])
+    assert r.exit_code == 0, r.output
+    m = load_model(tmp_path / "t.safetensors")
+    assert m.card.training["threshold_rule"]["data"] == "kaggle/valid" and m.card.metrics["valid"]["specificity"] >= 0.75
+    assert "valid_tta" not in m.card.metrics  # measured at the former threshold
+    # on the patches it was trained on: refused
+    r = CliRunner().invoke(main, ["threshold", str(out), str(kaggle_dir), "--split", "train", "--out", str(tmp_path / "u.pt")])
+    assert r.exit_code == 2 and "trained on these patches" in r.stderr and not (tmp_path / "u.pt").exists()
+    r = CliRunner().invoke(main, ["threshold", str(out), str(kaggle_dir), "--out", str(tmp_path / "u.txt")])
+    assert r.exit_code == 2 and "expected a .safetensors or .pt" in r.stderr

@@ -35,3 +35,29 @@ def test_roc_curve_ends_and_area():
     fpr, tpr = roc_curve(y, s)
     assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
     assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc(y, s))
+
+
+def test_bootstrap_ci_brackets_auc_and_narrows_with_n():
+    from wsi_scan.train.metrics import bootstrap_auc_ci, roc_auc
+
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (200, 2000):
+        y = np.arange(n) % 2
+        s = rng.normal(y * 1.0, 1.0)
+        lo, hi = bootstrap_auc_ci(y, s, n_boot=300)
+        assert lo < roc_auc(y, s) < hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2
+    assert np.isnan(bootstrap_auc_ci(np.ones(5), np.arange(5.0))[0])
+
+
+def test_threshold_for_specificity_exact():
+    from wsi_scan.train.metrics import threshold_for_specificity
+
+    y = np.array([0] * 10 + [1] * 3)
+    s = np.array([0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.3])
+    assert threshold_for_specificity(y, s, 0.9) == 0.8001  # 9 of 10 negatives below
+    assert threshold_for_specificity(y, s, 0.85) == 0.8001  # needs 8.5 -> 9
+    assert threshold_for_specificity(y, s, 0.5) == 0.4001
+    assert threshold_for_specificity(y, s, 0.0) == 0.0

@@ -42,9 +42,25 @@ class PatchSet:
     def read(self, i: int) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def patch_id(self, i: int) -> str:
+        """A name of patch ``i`` that means something outside this program (a file id where the
+        layout has one)."""
+        return str(i)
+
+    def fingerprint(self) -> str:
+        """sha256 of the labels and of 16 patches spread over the set: enough to recognise the same
+        patches under another folder name (``evaluate`` warns when they were trained on)."""
+        import hashlib
+
+        h = hashlib.sha256(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
+        n = len(self)
+        for i in sorted({int(k) for k in np.linspace(0, n - 1, num=min(16, n))} if n else set()):
+            h.update(np.ascontiguousarray(self.read(i)).tobytes())
+        return h.hexdigest()
+
     def describe(self) -> dict[str, Any]:
         pos = int(self.labels.sum())
-        return {"name": self.name, "n": len(self), "positive": pos, "negative": len(self) - pos}
+        return {"name": self.name, "n": len(self), "positive": pos, "negative": len(self) - pos, "fingerprint": self.fingerprint()}
 
 
 def _check_patch(arr: np.ndarray, where: str) -> np.ndarray:
@@ -63,6 +79,9 @@ class KagglePatches(PatchSet):
         self.files = files
         self.labels = labels
         self.name = f"{root.name}/{split}"
+
+    def patch_id(self, i: int) -> str:
+        return self.ids[i]
 
     def read(self, i: int) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,22 @@ def write_text(out: str | Path, text: str, overwrite: bool = False) -> Path:
     with _atomic(out, overwrite) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return out
+
+
+def write_predictions_csv(out: str | Path, ids: Sequence[tuple[str, int, str]], labels: np.ndarray, probs: np.ndarray,
+                          probs_tta: np.ndarray | None, threshold: float, overwrite: bool = False) -> Path:
+    """One row per patch: its set, index and id, label, probability (and the 8-view one), the call
+    at ``threshold``."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["patch_set", "index", "patch_id", "label", "prob", *(["prob_tta"] if probs_tta is not None else []), "predicted"])
+    for k, (name, i, pid) in enumerate(ids):
+        tta = [f"{probs_tta[k]:.6f}"] if probs_tta is not None else []
+        w.writerow([name, i, pid, int(labels[k]), f"{probs[k]:.6f}", *tta, int(probs[k] >= threshold)])
+    return write_text(out, buf.getvalue(), overwrite)
 
 
 def read_json(path: str | Path) -> dict[str, Any]:

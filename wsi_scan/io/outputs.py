@@ -32,8 +32,8 @@ from ..errors import OutputExistsError, OutputWriteError, UsageError
 
 MARK = "wsi-scan"
 STORE_ENTRIES = {"zarr.json", "labels", "lesions"}
-#: first columns of the CSV files wsi-scan writes: folder summary, lesions, patient stages
-CSV_MARKS = ("slide,path,out,status,", "lesion_id,size_class,", "patient,stage,nodes_with_metastases,")
+#: first columns of the CSV files wsi-scan writes: folder summary, lesions, patient stages, patch predictions
+CSV_MARKS = ("slide,path,out,status,", "lesion_id,size_class,", "patient,stage,nodes_with_metastases,", "patch_set,index,patch_id,label,prob,")
 HTML_MARK = f'<meta name="generator" content="{MARK}">'
 #: first bytes of a file read to find its mark (marks sit in headers)
 _HEAD_BYTES = 1 << 16

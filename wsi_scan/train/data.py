@@ -76,6 +76,11 @@ def labels_of(splits: Splits, rows: np.ndarray) -> np.ndarray:
     return np.array([splits.sets[s].labels[i] for s, i in rows], dtype=np.int64)
 
 
+def patch_ids(splits: Splits, rows: np.ndarray) -> list[tuple[str, int, str]]:
+    """(set name, index in the set, patch id) of each row, for per-patch outputs."""
+    return [(splits.sets[s].name, int(i), splits.sets[s].patch_id(int(i))) for s, i in rows]
+
+
 class RowsDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
     """Patches addressed by rows; index ``epoch * len + pos`` seeds that sample's augmentation,
     so results do not depend on the number of loader workers or on resuming."""

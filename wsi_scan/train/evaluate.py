@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,3 +70,36 @@ def evaluate_patchset(
     )
     labels = ps.labels
     return Evaluation(binary_metrics(labels, probs, model.card.threshold), probs, labels, ps.name, tta)
+
+
+def write_evaluation(out_dir: Path, ev: Evaluation, ps: PatchSet, threshold: float, info: dict[str, Any]) -> list[Path]:
+    """``predictions.csv`` (one row per patch), ``roc.png`` and ``metrics.json`` in ``out_dir``; like the
+    training report's figures, files of these names are replaced only when wsi-scan wrote them."""
+    from ..io.exports import write_json, write_predictions_csv
+    from .plots import check_figure_folder, roc_figure
+
+    check_figure_folder(out_dir)
+    ids = [(ps.name, i, ps.patch_id(i)) for i in range(len(ps))]
+    written = [write_predictions_csv(out_dir / "predictions.csv", ids, ev.labels, ev.probs, None, threshold, True)]
+    lo, hi = info.get("auc_ci95", (float("nan"), float("nan")))
+    written.append(roc_figure(out_dir / "roc.png", ev.labels, ev.probs, f"AUC {ev.metrics.auc:.4f} (95% CI {lo:.4f}-{hi:.4f})",
+                              f"ROC, {ps.name}{' (TTA)' if ev.tta else ''}", ""))
+    written.append(write_json(out_dir / "metrics.json", info, True))
+    return written
+
+
+def trained_on(card: ModelCard, ps: PatchSet) -> str | None:
+    """The training split of ``card`` that ``ps`` is (same patches by fingerprint, or for cards
+    written before fingerprints, the same name and count), or None."""
+    fp = None
+    for src in card.training.get("data", {}).get("sources", []):
+        seen = src.get("splits", {}).get("train") if isinstance(src, dict) else None
+        if not isinstance(seen, dict):
+            continue
+        if "fingerprint" in seen:
+            fp = fp or ps.fingerprint()
+            if seen["fingerprint"] == fp:
+                return str(seen.get("name", "?"))
+        elif seen.get("name") == ps.name and seen.get("n") == len(ps):
+            return str(seen["name"])
+    return None

@@ -26,7 +26,7 @@ from ..model.card import ModelCard
 from ..model.nets import build_network
 from ..model.transforms import to_input
 from .augment import brightness_contrast, hed_jitter, random_dihedral
-from .data import RowsDataset, Splits, labels_of, make_loader, make_splits
+from .data import RowsDataset, Splits, labels_of, make_loader, make_splits, patch_ids
 from .evaluate import predict_probs
 from .metrics import binary_metrics
 
@@ -278,15 +278,16 @@ def train(
                 **({"ema": ema.state_dict()} if ema is not None else {}),
             },
         )
-    result = finalize(out, splits, device, history, report_dir, progress, cfg.final_tta)
+    result = finalize(out, splits, device, history, report_dir, progress, cfg.final_tta, cfg.threshold_specificity)
     return result
 
 
 def finalize(
     out: Path, splits: Splits, device: torch.device, history: list[dict[str, Any]],
-    report_dir: str | Path | None, progress: bool, final_tta: bool = True,
+    report_dir: str | Path | None, progress: bool, final_tta: bool = True, threshold_specificity: float = 0.0,
 ) -> TrainResult:
-    """Score the chosen epoch (with TTA unless ``final_tta`` is off), store that in its card, draw the report."""
+    """Score the chosen epoch (with TTA unless ``final_tta`` is off), choose the card's threshold on
+    the validation split, store both in its card, draw the report."""
     from ..io.checkpoint import load_model
 
     model = load_model(out)
@@ -294,22 +295,39 @@ def finalize(
     labels = labels_of(splits, splits.valid)
     ds_valid = RowsDataset(splits.sets, splits.valid)
     probs = predict_probs(net, model.card, ds_valid, device, 512, progress=progress, desc="valid")
-    m = binary_metrics(labels, probs, model.card.threshold)
-    metrics: dict[str, Any] = {"valid": m.to_dict()}
-    if final_tta:
-        probs_tta = predict_probs(net, model.card, ds_valid, device, 512, tta=True, progress=progress, desc="valid TTA")
-        metrics["valid_tta"] = binary_metrics(labels, probs_tta, model.card.threshold).to_dict()
+    probs_tta = predict_probs(net, model.card, ds_valid, device, 512, tta=True, progress=progress, desc="valid TTA") if final_tta else None
     epoch = int(model.card.metrics.get("epoch", 0))
-    card = ModelCard.from_dict(
-        {
-            **model.card.to_dict(),
-            "metrics": {"epoch": epoch, **metrics},
-            "training": {**model.card.training, "history": history},
-        }
-    )
+    card = ModelCard.from_dict({**model.card.to_dict(), "training": {**model.card.training, "history": history}})
+    if threshold_specificity > 0:
+        card = with_threshold(card, labels, probs, threshold_specificity, "the training's validation split")
+    card = ModelCard.from_dict({**card.to_dict(), "metrics": {"epoch": epoch, **validation_metrics(card, labels, probs, probs_tta)}})
     save_model(out, model.net, card)
     if report_dir is not None:
+        from ..io.exports import write_predictions_csv
         from .plots import training_report
 
-        training_report(Path(report_dir), history, labels, probs, m.auc)
+        training_report(Path(report_dir), history, labels, probs, card.metrics["valid"]["auc"])
+        write_predictions_csv(Path(report_dir) / "valid_predictions.csv", patch_ids(splits, splits.valid), labels, probs, probs_tta,
+                              card.threshold, overwrite=True)
     return TrainResult(out, epoch, card.metrics, history)
+
+
+def validation_metrics(card: ModelCard, labels: np.ndarray, probs: np.ndarray, probs_tta: np.ndarray | None) -> dict[str, Any]:
+    """The card's ``valid`` (and ``valid_tta``) metrics at its threshold, with the AUC's 95% bootstrap interval."""
+    from .metrics import bootstrap_auc_ci
+
+    out: dict[str, Any] = {}
+    for key, p in (("valid", probs), ("valid_tta", probs_tta)):
+        if p is not None:
+            out[key] = {**binary_metrics(labels, p, card.threshold).to_dict(), "auc_ci95": list(bootstrap_auc_ci(labels, p))}
+    return out
+
+
+def with_threshold(card: ModelCard, labels: np.ndarray, probs: np.ndarray, specificity: float, data: str) -> ModelCard:
+    """The card with its threshold set by the documented rule, and the rule recorded in it."""
+    from .metrics import threshold_for_specificity
+
+    t = threshold_for_specificity(labels, probs, specificity)
+    rule = {"rule": "lowest threshold at which the validation negatives' specificity is at least `specificity` (single view)",
+            "specificity": specificity, "data": data, "n": int(len(labels)), "threshold": t}
+    return ModelCard.from_dict({**card.to_dict(), "threshold": t, "training": {**card.training, "threshold_rule": rule}})

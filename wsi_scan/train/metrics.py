@@ -82,3 +82,37 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> B
         tn=tn,
         fn=fn,
     )
+
+
+def bootstrap_auc_ci(labels: np.ndarray, scores: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the AUC.
+
+    Positives and negatives are resampled separately (a stratified bootstrap), so that every
+    replicate has both classes and the class balance of the data."""
+    y = np.asarray(labels).astype(bool).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    pos, neg = s[y], s[~y]
+    if pos.size == 0 or neg.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    yy = np.r_[np.ones(pos.size, bool), np.zeros(neg.size, bool)]
+    aucs = np.empty(n_boot)
+    for b in range(n_boot):
+        aucs[b] = roc_auc(yy, np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
+    lo, hi = np.quantile(aucs, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def threshold_for_specificity(labels: np.ndarray, scores: np.ndarray, specificity: float) -> float:
+    """The lowest threshold (rounded up to 1e-4) at which at least ``specificity`` of the negatives
+    score below it: the most sensitive operating point that keeps that specificity."""
+    y = np.asarray(labels).astype(bool).ravel()
+    neg = np.sort(np.asarray(scores, dtype=np.float64).ravel()[~y])
+    if neg.size == 0:
+        raise ValueError("no negatives to choose a threshold on")
+    k = int(np.ceil(specificity * neg.size - 1e-9))  # negatives that must score below the threshold
+    if k <= 0:
+        return 0.0
+    t = float(np.floor(neg[k - 1] * 1e4) + 1) / 1e4  # strictly above the k-th lowest negative
+    return min(t, 1.0)
