@@ -253,7 +253,9 @@ def main() -> None:
         "single_client": single, "concurrent": {"clients": args.clients, "viewports": args.viewports,
                                                 "tiles": len(many_results), "seconds": many_s,
                                                 "tiles_per_s": len(many_results) / many_s, **many},
-        "rss_mb": {"peak": max(rss), "end": end_rss, "samples": len(rss)},
+        "rss_mb": {"peak": max(rss), "end": end_rss, "samples": len(rss),
+                   "every_10_s": [round(v, 1) for v in rss[::50]]},
+        "tile_cache_mb": 128, "seconds_total": time.perf_counter() - t0,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     print(json.dumps(report, indent=1))
