@@ -22,6 +22,9 @@ level 0 of a SubIFD or OME pyramid) and tiled pages not marked reduced: there ti
 more levels than OpenSlide. ``open_slide(..., "auto")`` uses tifffile when its level list holds
 every OpenSlide level (same sizes) and the pixels of every shared level agree at probes; the
 extra levels are the file's own pyramid and may be chosen for reading.
+Philips TIFF, NDPI, MRXS, SCN and DICOM stay with OpenSlide under ``auto`` (their levels carry
+offsets, padding or bounds that OpenSlide interprets); OpenSlide's opaque reads go to the
+resampler as PIL images, without a numpy round trip.
 """
 
 from __future__ import annotations
