@@ -295,11 +295,11 @@ def clean_debris(out: Path) -> list[Path]:
 
 def _model_for(model: Any) -> Any:
     """A LoadedModel from a LoadedModel, a path or None, loading each path once per process."""
-    from .io.checkpoint import LoadedModel, bundled_model_path, load_model
+    from .io.checkpoint import LoadedModel, load_model, resolve_model
 
     if isinstance(model, LoadedModel):
         return model
-    key = str(Path(model).resolve()) if model is not None else str(bundled_model_path())
+    key = str(resolve_model(model).resolve())
     if key not in _MODEL_CACHE:
         _MODEL_CACHE[key] = load_model(model)
     return _MODEL_CACHE[key]

@@ -119,7 +119,7 @@ def main() -> None:
 
 def _scan_options(f: F) -> F:
     opts = [
-        click.option("--model", "model_path", type=click.Path(path_type=Path), default=None, help="model file (default: the bundled model)"),
+        click.option("--model", "model_path", type=click.Path(path_type=Path), default=None, help="a bundled model's name (`wsi-scan models`) or a model file (default: the bundled default)"),
         click.option("--mode", type=click.Choice(["auto", "dense", "patch"]), default=_SCAN.mode, help="dense: one pass per region (dense-exact models); patch: batches of 96x96 windows"),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_SCAN.device),
         click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile"]), default=_SCAN.backend),
@@ -347,7 +347,7 @@ def explore(data: tuple[Path, ...], out_dir: Path) -> None:
 
 @main.command()
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None, help="model file (default: bundled)")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None, help="a bundled model's name (`wsi-scan models`) or a model file (default: the bundled default)")
 @click.option("--split", type=click.Choice(["auto", "train", "valid", "test"]), default="auto",
               help="auto: test, else valid, else train")
 @click.option("--tta", is_flag=True, help="average the 8 rotations/flips")
@@ -400,6 +400,38 @@ def _patch_split(data: Path, split: str) -> Any:
     if name not in pd.splits:
         raise DataError(f"{data}: no {split!r} split; found {', '.join(pd.splits) or 'none'}")
     return pd.splits[name]
+
+
+@main.command("models")
+@click.option("--json", "as_json", is_flag=True, help="one JSON list on stdout")
+def models_cmd(as_json: bool) -> None:
+    """The bundled models (pass a name to --model): contract, validation metrics, cost, training."""
+    from .io.checkpoint import bundled_model_path, bundled_models, describe_model, load_model
+
+    def go() -> list[dict[str, Any]]:
+        default = bundled_model_path()
+        return [{**describe_model(load_model(p), name), "default": p == default} for name, p in bundled_models().items()]
+
+    rows = _run(go)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for r in rows:
+        v = r["valid"]
+        ci = f" (95% CI {v['auc_ci95'][0]:.4f}-{v['auc_ci95'][1]:.4f})" if v.get("auc_ci95") else ""
+        auc = f"{v['auc']:.4f}" if v.get("auc") is not None else "?"
+        tta = f", {r['valid_tta_auc']:.4f} with --tta" if r.get("valid_tta_auc") is not None else ""
+        click.echo(f"{r['name']}{'  (default)' if r['default'] else ''}")
+        click.echo(f"  network    {r['arch']} {r['arch_kwargs']}, {r['parameters']:,} parameters, "
+                   f"{r['macs_per_cell'] / 1e6:.1f} M multiply-adds per cell, {'dense-exact' if r['dense_exact'] else 'patch mode only'}")
+        click.echo(f"  input      {r['input_px']} px windows, {r['cell_px']} px cells, at {r['mpp']} um/px")
+        click.echo(f"  validation n={v.get('n')}: AUC {auc}{ci}{tta}; at threshold {r['threshold']:.4f} "
+                   f"sensitivity {v.get('sensitivity') or float('nan'):.4f}, specificity {v.get('specificity') or float('nan'):.4f}")
+        rule = r.get("threshold_rule")
+        if rule:
+            click.echo(f"  threshold  lowest with specificity >= {rule['specificity']} on {rule['data']}")
+        click.echo(f"  training   {r['train_patches']} patches from {', '.join(r['train_sets']) or '?'}; epoch {r['epoch']}; {r['recipe']}")
+        click.echo(f"  file       {r['path']} ({r['size_bytes']:,} bytes, sha256 {r['sha256'][:16]})")
 
 
 @main.command("threshold")
@@ -589,7 +621,7 @@ def heatmap_tiff(heatmap: Path, out: Path, probability: bool, opacity: float, ov
 @click.option("--labels-mask", type=click.Path(path_type=Path), default=None,
               help="or a mask image (PNG/TIFF) of the slide at any downsample, non-zero = tumour, for labels y")
 @click.option("--split", type=click.Choice(["train", "valid", "test"]), default="train", help="split name of the folder output")
-@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None, help="take mpp and window size from this model (default: PCam's)")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None, help="take mpp and window size from this model, bundled name or file (default: PCam's)")
 @click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile"]), default=_SCAN.backend)
 @click.option("--mpp", type=float, default=None, help="level-0 um/px, overriding the slide's metadata")
 @click.option("--overwrite", is_flag=True, help="replace existing files")

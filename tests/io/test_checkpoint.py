@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,3 +60,33 @@ def test_torchscript_with_card(tmp_path):
     (tmp_path / "m.json").unlink()
     with pytest.raises(ModelError, match="card beside it"):
         load_model(tmp_path / "m.ts")
+
+
+def test_bundled_models_by_name(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from wsi_scan.cli import main
+    from wsi_scan.errors import ModelError
+    from wsi_scan.io.checkpoint import bundled_models, resolve_model
+
+    names = bundled_models()
+    assert "default" in names and resolve_model("default") == names["default"] == bundled_model_path()
+    assert resolve_model(None) == bundled_model_path()
+    monkeypatch.chdir(tmp_path)
+    # a bare name that is neither bundled nor a file: one message naming the bundled models
+    with pytest.raises(ModelError, match="not a bundled model .*default"):
+        resolve_model("fastest")
+    # a path, even one spelled like a name, stays a path
+    assert resolve_model("./default") == Path("./default") and resolve_model("m.pt") == Path("m.pt")
+    assert load_model("default").sha256 == load_model(None).sha256
+    r = CliRunner().invoke(main, ["models", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    d = next(x for x in rows if x["name"] == "default")
+    assert d["default"] is True and d["dense_exact"] is True and d["parameters"] > 0
+    # multiply-adds per cell of a dense-exact net: one pass over 8 x 8 cells, divided by 64
+    assert 1e6 < d["macs_per_cell"] < 1e8
+    r = CliRunner().invoke(main, ["models"])
+    assert r.exit_code == 0 and "default  (default)" in r.stdout and "multiply-adds per cell" in r.stdout
+    with pytest.raises(ModelError, match="not a bundled model"):
+        load_model("fastest")

@@ -37,6 +37,28 @@ def bundled_model_path() -> Path:
     return Path(str(resources.files("wsi_scan.model").joinpath(BUNDLED_MODEL)))
 
 
+def bundled_models() -> dict[str, Path]:
+    """The models shipped inside the package, by name (the file's stem), sorted."""
+    folder = Path(str(resources.files("wsi_scan.model")))
+    return {p.stem: p for p in sorted(folder.glob("*.safetensors"))}
+
+
+def resolve_model(spec: str | Path | None) -> Path:
+    """The file a ``--model`` value means: None is the bundled default; a bare name without a
+    suffix or a folder (``default``) is the bundled model of that name (write ``./name`` for a
+    file of that name in the current folder); anything else is a path."""
+    if spec is None:
+        return bundled_model_path()
+    text = str(spec)
+    bundled = bundled_models()
+    if text in bundled and Path(text).name == text and not Path(text).suffix:
+        return bundled[text]
+    if "/" not in text and "\\" not in text and not Path(text).suffix and not Path(text).exists():
+        raise ModelError(f"--model {text}: not a bundled model ({', '.join(bundled) or 'none installed'}) and no such file; "
+                         "pass a bundled model's name or a model file (see `wsi-scan models`)")
+    return Path(text)
+
+
 def _sha256(path: Path) -> str:
     import hashlib
 
@@ -152,7 +174,7 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
     """Load a model file (or the bundled default) in eval mode on the CPU."""
     from ..model.nets import build_network
 
-    p = Path(path) if path is not None else bundled_model_path()
+    p = resolve_model(path)
     if not p.exists():
         if path is None:
             raise ModelError(
@@ -209,3 +231,35 @@ def check_card_against_network(net: Any, card: ModelCard, where: str) -> None:
 def card_summary(card: ModelCard) -> dict[str, Any]:
     """The card as plain JSON-able data (what goes into heatmap attrs)."""
     return json.loads(card.to_json())
+
+
+def describe_model(model: LoadedModel, name: str | None = None) -> dict[str, Any]:
+    """What ``wsi-scan models`` shows of a model: its contract, validation metrics, training data
+    and recipe, size, and its cost per heatmap cell in multiply-adds (counted, not timed)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    card = model.card
+    n = 8 if card.dense_exact else 1  # a dense network classifies n x n cells in one pass
+    px = card.input_px + (n - 1) * card.cell_px
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        model.net(torch.zeros(1, 3, px, px))
+    training = card.training
+    cfg = training.get("config", {})
+    valid = card.metrics.get("valid", {})
+    return {
+        "name": name or card.name, "path": model.path, "sha256": model.sha256,
+        "size_bytes": Path(model.path).stat().st_size if Path(model.path).is_file() else None,
+        "arch": card.arch, "arch_kwargs": card.arch_kwargs, "dense_exact": card.dense_exact,
+        "parameters": int(sum(p.numel() for p in model.net.parameters())),
+        "macs_per_cell": int(fc.get_total_flops() // 2 // (n * n)),
+        "input_px": card.input_px, "cell_px": card.cell_px, "mpp": card.mpp,
+        "threshold": card.threshold, "threshold_rule": training.get("threshold_rule"),
+        "valid": {k: valid.get(k) for k in ("n", "auc", "auc_ci95", "sensitivity", "specificity")},
+        "valid_tta_auc": card.metrics.get("valid_tta", {}).get("auc"),
+        "epoch": card.metrics.get("epoch"),
+        "train_patches": training.get("data", {}).get("train", {}).get("n"),
+        "train_sets": [sp.get("name") for src in training.get("data", {}).get("sources", [])
+                       for key, sp in src.get("splits", {}).items() if key == "train"],
+        "recipe": {k: cfg[k] for k in ("epochs", "lr", "optimizer", "schedule", "ema_decay", "stain_jitter", "label_smoothing") if k in cfg},
+    }
