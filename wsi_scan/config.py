@@ -190,6 +190,10 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True
     stain_jitter: float = 0.05  # HED channel scale/shift amplitude
+    brightness_contrast: float = 0.08  # amplitude of the random brightness shift and contrast scale
+    sgd_momentum: float = 0.9  # with optimizer="sgd" (Nesterov)
+    onecycle_pct_start: float = 0.15  # share of the steps spent warming up to lr (schedule="onecycle")
+    valid_batch_size: int = 512  # patches per pass when scoring the validation split (no gradients)
     jpeg_prob: float = 0.5  # share of patches re-encoded as JPEG during training
     jpeg_quality: tuple[int, int] = (50, 95)
     soften_prob: float = 0.3  # share of patches shrunk by up to soften_max and enlarged back
@@ -213,6 +217,8 @@ class TrainConfig:
             ("soften_prob", 0.0, 1.0, False), ("soften_max", 1.0, 4.0, False), ("threads", 0, 1024, False),
             ("loader_workers", 0, 256, False), ("max_train", 0, 1 << 40, False), ("ema_decay", 0.0, 0.99999, False),
             ("max_valid", 0, 1 << 40, False), ("threshold_specificity", 0.0, 0.9999, False),
+            ("brightness_contrast", 0.0, 0.5, False), ("sgd_momentum", 0.0, 0.999, False), ("onecycle_pct_start", 0.0, 1.0, True),
+            ("valid_batch_size", 1, 65536, False),
         ):
             _in_range("train", name, getattr(self, name), lo, hi, lo_open)
 

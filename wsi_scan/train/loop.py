@@ -97,7 +97,7 @@ def _augment_batch(x_u8: torch.Tensor, cfg: TrainConfig, card: ModelCard, gen: t
     rgb = x_u8.permute(0, 3, 1, 2).float() / 255.0
     rgb = random_dihedral(rgb, gen)
     rgb = hed_jitter(rgb, cfg.stain_jitter, gen)
-    rgb = brightness_contrast(rgb, 0.08, gen)
+    rgb = brightness_contrast(rgb, cfg.brightness_contrast, gen)
     u8 = (rgb * 255.0).round().permute(0, 2, 3, 1)
     return to_input(u8, card, device)
 
@@ -179,13 +179,13 @@ def train(
     ]
     opt: torch.optim.Optimizer
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True)
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.sgd_momentum, nesterov=True)
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr)
     total = steps_per_epoch * cfg.epochs
     sched: torch.optim.lr_scheduler.LRScheduler
     if cfg.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=cfg.onecycle_pct_start)
     else:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     history: list[dict[str, Any]] = []
@@ -237,7 +237,7 @@ def train(
             if len(losses) % 10 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
         scored = ema.module if ema is not None else net  # the averaged weights are what is kept
-        probs = predict_probs(scored, card, ds_valid, device, 512, workers=cfg.loader_workers)
+        probs = predict_probs(scored, card, ds_valid, device, cfg.valid_batch_size, workers=cfg.loader_workers)
         m = binary_metrics(val_labels, probs, card.threshold)
         val_loss = float(
             F.binary_cross_entropy(torch.from_numpy(probs).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(val_labels).double())
@@ -278,15 +278,14 @@ def train(
                 **({"ema": ema.state_dict()} if ema is not None else {}),
             },
         )
-    result = finalize(out, splits, device, history, report_dir, progress, cfg.final_tta, cfg.threshold_specificity)
-    return result
+    return finalize(out, splits, device, history, report_dir, progress, cfg)
 
 
 def finalize(
     out: Path, splits: Splits, device: torch.device, history: list[dict[str, Any]],
-    report_dir: str | Path | None, progress: bool, final_tta: bool = True, threshold_specificity: float = 0.0,
+    report_dir: str | Path | None, progress: bool, cfg: TrainConfig,
 ) -> TrainResult:
-    """Score the chosen epoch (with TTA unless ``final_tta`` is off), choose the card's threshold on
+    """Score the chosen epoch (with TTA unless ``cfg.final_tta`` is off), choose the card's threshold on
     the validation split, store both in its card, draw the report."""
     from ..io.checkpoint import load_model
 
@@ -294,12 +293,13 @@ def finalize(
     net = model.net.to(device).to(memory_format=torch.channels_last)
     labels = labels_of(splits, splits.valid)
     ds_valid = RowsDataset(splits.sets, splits.valid)
-    probs = predict_probs(net, model.card, ds_valid, device, 512, progress=progress, desc="valid")
-    probs_tta = predict_probs(net, model.card, ds_valid, device, 512, tta=True, progress=progress, desc="valid TTA") if final_tta else None
+    bs = cfg.valid_batch_size
+    probs = predict_probs(net, model.card, ds_valid, device, bs, progress=progress, desc="valid")
+    probs_tta = predict_probs(net, model.card, ds_valid, device, bs, tta=True, progress=progress, desc="valid TTA") if cfg.final_tta else None
     epoch = int(model.card.metrics.get("epoch", 0))
     card = ModelCard.from_dict({**model.card.to_dict(), "training": {**model.card.training, "history": history}})
-    if threshold_specificity > 0:
-        card = with_threshold(card, labels, probs, threshold_specificity, "the training's validation split")
+    if cfg.threshold_specificity > 0:
+        card = with_threshold(card, labels, probs, cfg.threshold_specificity, "the training's validation split")
     card = ModelCard.from_dict({**card.to_dict(), "metrics": {"epoch": epoch, **validation_metrics(card, labels, probs, probs_tta)}})
     save_model(out, model.net, card)
     if report_dir is not None:
