@@ -30,3 +30,12 @@ def test_patch_results_do_not_depend_on_the_batch_size():
     for out in outs:
         assert np.array_equal(np.isnan(out), ~cells)
         np.testing.assert_allclose(out[cells], dense[cells], rtol=0, atol=1e-5)
+
+
+def test_cpu_predictor_keeps_freed_memory_where_glibc_allows_it():
+    import platform
+
+    from wsi_scan.inference import keep_freed_memory
+
+    applied = keep_freed_memory()
+    assert applied == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
