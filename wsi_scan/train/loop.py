@@ -28,7 +28,7 @@ from ..model.transforms import to_input
 from .augment import brightness_contrast, hed_jitter, random_dihedral
 from .data import RowsDataset, Splits, labels_of, make_loader, make_splits, patch_ids
 from .evaluate import predict_probs
-from .metrics import binary_metrics
+from .metrics import BinaryMetrics, binary_metrics
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,34 @@ def train(
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    splits, train_rows = prepare_data(data, cfg)
+    state = load_state(state_path(out)) if resume else None
+    run = build_run(cfg, splits, len(train_rows), device, state, out.stem, command or " ".join(sys.argv))
+    ds_train = RowsDataset(
+        splits.sets, train_rows, cfg.seed, cfg.jpeg_prob if cfg.augment else 0.0, cfg.jpeg_quality,
+        cfg.soften_prob if cfg.augment else 0.0, cfg.soften_max,
+    )
+    ds_valid = RowsDataset(splits.sets, splits.valid)
+    val_labels = labels_of(splits, splits.valid)
+    for epoch in range(run.start, cfg.epochs):
+        t0 = time.time()
+        losses = train_epoch(run, ds_train, cfg, epoch, device, progress)
+        m, val_loss = validate(run, ds_valid, val_labels, cfg, device)
+        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "valid_loss": val_loss, "valid_auc": m.auc,
+               "valid_accuracy": m.accuracy, "seconds": round(time.time() - t0, 1)}
+        run.history.append(row)
+        if progress:
+            tqdm.write(
+                f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, valid loss {val_loss:.4f}, "
+                f"AUC {m.auc:.4f}, accuracy {m.accuracy:.4f} ({row['seconds']} s)"
+            )
+        keep_epoch(run, out, m, epoch)
+    return finalize(out, splits, device, run.history, report_dir, progress, cfg)
+
+
+def prepare_data(data: list[str | Path], cfg: TrainConfig) -> tuple[Splits, np.ndarray]:
+    """The splits (validation capped by ``max_valid``) and the training rows (capped by
+    ``max_train``), both checked to hold both classes."""
     datas = [open_patch_data(d) for d in data]
     splits = make_splits(datas, cfg.val_fraction, cfg.seed)
     if cfg.max_valid and cfg.max_valid < len(splits.valid):
@@ -137,42 +165,54 @@ def train(
     train_rows = splits.train
     if cfg.max_train and cfg.max_train < len(train_rows):
         train_rows = train_rows[np.random.default_rng([cfg.seed, 5]).permutation(len(train_rows))[: cfg.max_train]]
-    val_labels = labels_of(splits, splits.valid)
-    train_labels = labels_of(splits, train_rows)
-    for name, lab in (("training", train_labels), ("validation", val_labels)):
+    for name, lab in (("training", labels_of(splits, train_rows)), ("validation", labels_of(splits, splits.valid))):
         if lab.size == 0 or lab.min() == lab.max():
             from ..errors import DataError
 
             raise DataError(f"the {name} patches hold {lab.size} patches of {'one class' if lab.size else 'no class'}; "
                             "training and choosing an epoch need both tumour and normal patches")
+    return splits, train_rows
 
-    spath = state_path(out)
-    state: dict[str, Any] | None = None
-    if resume:
-        state = load_state(spath)
+
+@dataclass
+class Run:
+    """What a training run carries from epoch to epoch (and saves to resume)."""
+
+    net: torch.nn.Module
+    card: ModelCard
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: torch.optim.swa_utils.AveragedModel | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    history: list[dict[str, Any]]
+    best_auc: float = -math.inf
+    best_epoch: int = -1
+    start: int = 0
+
+    @property
+    def scored(self) -> torch.nn.Module:
+        """The weights that are validated and kept: the averaged ones when averaging."""
+        return self.ema.module if self.ema is not None else self.net
+
+
+def build_run(cfg: TrainConfig, splits: Splits, n_train: int, device: torch.device, state: dict[str, Any] | None,
+              name: str, command: str) -> Run:
+    """Network, card, optimiser, schedule, loss scaler and weight average, restored from ``state``
+    when resuming."""
     arch_kwargs: dict[str, Any] = {"width": cfg.width} if cfg.arch == "dense-cnn" else {}
-    if state is not None:
-        mean, std = tuple(state["mean"]), tuple(state["std"])
-    else:
-        mean, std = _norm_stats(splits, cfg.seed)
+    mean, std = (tuple(state["mean"]), tuple(state["std"])) if state is not None else _norm_stats(splits, cfg.seed)
     net = build_network(cfg.arch, **arch_kwargs).to(device).to(memory_format=torch.channels_last)
     card = ModelCard(
-        arch=cfg.arch,
-        arch_kwargs=arch_kwargs,
-        mean=mean,  # type: ignore[arg-type]
-        std=std,  # type: ignore[arg-type]
-        dense_exact=bool(getattr(net, "dense_exact", False)),
-        name=out.stem,
-        training={
-            "command": command or " ".join(sys.argv),
-            "config": cfg.to_dict(),
-            "data": splits.description,
-        },
+        arch=cfg.arch, arch_kwargs=arch_kwargs, mean=mean, std=std,  # type: ignore[arg-type]
+        dense_exact=bool(getattr(net, "dense_exact", False)), name=name,
+        training={"command": command, "config": cfg.to_dict(), "data": splits.description},
         software=software_versions(),
     )
-    steps_per_epoch = len(train_rows) // cfg.batch_size
+    steps_per_epoch = n_train // cfg.batch_size
     if steps_per_epoch == 0:
-        raise UsageError(f"{len(train_rows)} training patches are fewer than one batch of {cfg.batch_size}")
+        raise UsageError(f"{n_train} training patches are fewer than one batch of {cfg.batch_size}")
     params = [
         {"params": [p for p in net.parameters() if p.ndim > 1], "weight_decay": cfg.weight_decay},
         {"params": [p for p in net.parameters() if p.ndim <= 1], "weight_decay": 0.0},
@@ -188,14 +228,13 @@ def train(
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=cfg.onecycle_pct_start)
     else:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    history: list[dict[str, Any]] = []
-    best_auc, best_epoch, start = -math.inf, -1, 0
     # fp16 autocast (CUDA without bf16) underflows small gradients to zero without loss scaling
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     # weight averaging: an exponential moving average of the weights (batch-norm statistics
     # averaged too), used for validation and saved as the model
     ema = (torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
                                                use_buffers=True) if cfg.ema_decay > 0 else None)
+    run = Run(net, card, opt, sched, scaler, ema, mean, std, [])
     if state is not None:
         net.load_state_dict(state["model"])
         if ema is not None and "ema" in state:
@@ -204,81 +243,74 @@ def train(
         sched.load_state_dict(state["scheduler"])
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-        history = json.loads(state["history"])
-        best_auc, best_epoch, start = float(state["best_auc"]), int(state["best_epoch"]), int(state["epoch"]) + 1
+        run.history = json.loads(state["history"])
+        run.best_auc, run.best_epoch, run.start = float(state["best_auc"]), int(state["best_epoch"]), int(state["epoch"]) + 1
+    return run
 
-    ds_train = RowsDataset(
-        splits.sets, train_rows, cfg.seed, cfg.jpeg_prob if cfg.augment else 0.0, cfg.jpeg_quality,
-        cfg.soften_prob if cfg.augment else 0.0, cfg.soften_max,
+
+def train_epoch(run: Run, ds_train: RowsDataset, cfg: TrainConfig, epoch: int, device: torch.device, progress: bool) -> list[float]:
+    """One pass over the training rows; the batch losses. Seeded by epoch, so a resumed run
+    repeats an uninterrupted one."""
+    run.net.train()
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout masks
+    loader = make_loader(ds_train, epoch, cfg.seed, cfg.batch_size, cfg.loader_workers, shuffle=True, drop_last=True)
+    losses: list[float] = []
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, unit="batch")
+    for x_u8, y in bar:
+        x = _augment_batch(x_u8, cfg, run.card, gen, device) if cfg.augment else to_input(x_u8, run.card, device)
+        target = y.float().to(device).view(-1, 1, 1, 1) * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
+        with autocast(device):
+            logits = run.net(x)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+        run.opt.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.opt)
+        run.scaler.update()
+        run.sched.step()
+        if run.ema is not None:
+            run.ema.update_parameters(run.net)
+        losses.append(float(loss.detach()))
+        if len(losses) % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{run.sched.get_last_lr()[0]:.2e}")
+    return losses
+
+
+def validate(run: Run, ds_valid: RowsDataset, val_labels: np.ndarray, cfg: TrainConfig, device: torch.device) -> tuple[BinaryMetrics, float]:
+    """Metrics and loss of the kept weights on the validation split."""
+    probs = predict_probs(run.scored, run.card, ds_valid, device, cfg.valid_batch_size, workers=cfg.loader_workers)
+    m = binary_metrics(val_labels, probs, run.card.threshold)
+    val_loss = float(
+        F.binary_cross_entropy(torch.from_numpy(probs).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(val_labels).double())
     )
-    ds_valid = RowsDataset(splits.sets, splits.valid)
-    for epoch in range(start, cfg.epochs):
-        t0 = time.time()
-        net.train()
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout masks
-        loader = make_loader(ds_train, epoch, cfg.seed, cfg.batch_size, cfg.loader_workers, shuffle=True, drop_last=True)
-        losses: list[float] = []
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, unit="batch")
-        for x_u8, y in bar:
-            x = _augment_batch(x_u8, cfg, card, gen, device) if cfg.augment else to_input(x_u8, card, device)
-            target = y.float().to(device).view(-1, 1, 1, 1) * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
-            with autocast(device):
-                logits = net(x)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), target)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            if ema is not None:
-                ema.update_parameters(net)
-            losses.append(float(loss.detach()))
-            if len(losses) % 10 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-        scored = ema.module if ema is not None else net  # the averaged weights are what is kept
-        probs = predict_probs(scored, card, ds_valid, device, cfg.valid_batch_size, workers=cfg.loader_workers)
-        m = binary_metrics(val_labels, probs, card.threshold)
-        val_loss = float(
-            F.binary_cross_entropy(torch.from_numpy(probs).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(val_labels).double())
+    return m, val_loss
+
+
+def keep_epoch(run: Run, out: Path, m: BinaryMetrics, epoch: int) -> None:
+    """Write the model when this epoch is the best so far, and the training state every epoch."""
+    if m.auc > run.best_auc:
+        run.best_auc, run.best_epoch = m.auc, epoch + 1
+        best_card = ModelCard.from_dict(
+            {**run.card.to_dict(), "metrics": {"valid": m.to_dict(), "epoch": epoch + 1},
+             "training": {**run.card.training, "history": run.history}}
         )
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": float(np.mean(losses)),
-            "valid_loss": val_loss,
-            "valid_auc": m.auc,
-            "valid_accuracy": m.accuracy,
-            "seconds": round(time.time() - t0, 1),
-        }
-        history.append(row)
-        if progress:
-            tqdm.write(
-                f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, valid loss {val_loss:.4f}, "
-                f"AUC {m.auc:.4f}, accuracy {m.accuracy:.4f} ({row['seconds']} s)"
-            )
-        if m.auc > best_auc:
-            best_auc, best_epoch = m.auc, epoch + 1
-            best_card = ModelCard.from_dict(
-                {**card.to_dict(), "metrics": {"valid": m.to_dict(), "epoch": epoch + 1}, "training": {**card.training, "history": history}}
-            )
-            save_model(out, scored, best_card)
-        save_state(
-            spath,
-            {
-                "model": net.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "epoch": epoch,
-                "best_auc": best_auc,
-                "best_epoch": best_epoch,
-                "history": json.dumps(history),
-                "mean": list(mean),
-                "std": list(std),
-                "scaler": scaler.state_dict(),
-                **({"ema": ema.state_dict()} if ema is not None else {}),
-            },
-        )
-    return finalize(out, splits, device, history, report_dir, progress, cfg)
+        save_model(out, run.scored, best_card)
+    save_state(
+        state_path(out),
+        {
+            "model": run.net.state_dict(),
+            "optimizer": run.opt.state_dict(),
+            "scheduler": run.sched.state_dict(),
+            "epoch": epoch,
+            "best_auc": run.best_auc,
+            "best_epoch": run.best_epoch,
+            "history": json.dumps(run.history),
+            "mean": list(run.mean),
+            "std": list(run.std),
+            "scaler": run.scaler.state_dict(),
+            **({"ema": run.ema.state_dict()} if run.ema is not None else {}),
+        },
+    )
 
 
 def finalize(
