@@ -173,98 +173,144 @@ def tile_slide(
     non-overlapping 96 px windows. ``model`` (a path or LoadedModel) sets mpp and window size;
     the default is PCam's 0.972 um/px, 96 px windows, 32 px cells.
     """
-    import dask
-
-    from ..geometry import check_resolution
-    from ..grid import tissue_blocks
-    from ..io.exports import PatchWriter, read_json, read_label_mask
-    from ..io.mpp import check_extent, resolve_mpp
-    from ..io.slide import open_slide
-    from ..plan import plan_scan
-    from ..regions import block_windows, expected_reads, read_block
-
     if stride_cells < 1:
         raise UsageError(f"--stride-cells must be at least 1, found {stride_cells}")
     if split not in ("train", "valid", "test"):
         raise UsageError(f"split must be train, valid or test, found {split!r}")
-    target_mpp, patch_px, cell_px = PCAM_MPP, PCAM_PATCH_PX, PCAM_CELL_PX
-    if model is not None:
-        from ..io.checkpoint import LoadedModel, load_model
-
-        card = (model if isinstance(model, LoadedModel) else load_model(model)).card
-        target_mpp, patch_px, cell_px = card.mpp, card.input_px, card.cell_px
     if labels_geojson is not None and labels_mask is not None:
         raise UsageError("give labels as a GeoJSON or as a mask, not both")
-    tumour = None
-    if labels_geojson is not None:
-        tumour = tumour_geometry(read_json(labels_geojson), str(labels_geojson))
-    mask_sat = None
-    labelled = labels_geojson is not None or labels_mask is not None
+    target_mpp, patch_px, cell_px = _window_contract(model)
+    labels = Labeller(labels_geojson, labels_mask)
+    plan = plan_tiles(Path(slide_path), backend, mpp, target_mpp, patch_px, cell_px, tissue_config, stride_cells, block_cells, labels)
+    return cut_tiles(plan, out, split, workers, overwrite, labels)
 
-    slide_path = Path(slide_path)
-    slide = open_slide(slide_path, backend)
-    try:
+
+def _window_contract(model: Any) -> tuple[float, int, int]:
+    """(um/px, window px, cell px): the model card's, or PCam's without a model."""
+    if model is None:
+        return PCAM_MPP, PCAM_PATCH_PX, PCAM_CELL_PX
+    from ..io.checkpoint import LoadedModel, load_model
+
+    card = (model if isinstance(model, LoadedModel) else load_model(model)).card
+    return card.mpp, card.input_px, card.cell_px
+
+
+class Labeller:
+    """The labels of cells from a GeoJSON of tumour annotations or a label mask (or none)."""
+
+    def __init__(self, geojson: str | Path | None, mask: str | Path | None) -> None:
+        from ..io.exports import read_json
+
+        self.geojson, self.mask = geojson, mask
+        self.tumour = tumour_geometry(read_json(geojson), str(geojson)) if geojson is not None else None
+        self.mask_sat: np.ndarray | None = None  # summed-area table of the mask, once the slide's size is known
+
+    @property
+    def labelled(self) -> bool:
+        return self.geojson is not None or self.mask is not None
+
+    def attach(self, level0_size_wh: tuple[int, int]) -> None:
+        from ..io.exports import read_label_mask
+
+        if self.mask is not None:
+            self.mask_sat = mask_table(read_label_mask(self.mask), level0_size_wh, str(self.mask))
+
+    def rule(self) -> str | None:
+        if not self.labelled:
+            return None
+        if self.geojson is not None:
+            return "1 where the central cell_px square shares area with a Tumor annotation"
+        return "1 where the central cell_px square overlaps a non-zero mask pixel"
+
+    def __call__(self, grid: Any, rc: np.ndarray, level0_size_wh: tuple[int, int]) -> np.ndarray | None:
+        if self.mask_sat is not None:
+            return mask_cell_labels(grid, rc, self.mask_sat, level0_size_wh)
+        return cell_labels(grid, rc, self.tumour) if self.geojson is not None else None
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """What ``cut_tiles`` reads: the scan's grid and read plan, the windows kept and their blocks."""
+
+    grid: Any
+    read: Any
+    cells: np.ndarray  # (rows, cols) bool: windows to cut (tissue cells on the stride)
+    blocks: list[tuple[int, int, int, int]]
+    patch_px: int
+    cell_px: int
+    level0_size_wh: tuple[int, int]
+    attrs: dict[str, Any]
+
+
+def plan_tiles(slide_path: Path, backend: str, mpp: float | None, target_mpp: float, patch_px: int, cell_px: int,
+               tissue_config: TissueConfig, stride_cells: int, block_cells: int, labels: Labeller) -> TilePlan:
+    """The slide opened, its pixel size resolved and checked, the scan's own plan made, the
+    cells thinned to the stride and grouped into blocks."""
+    from ..geometry import check_resolution
+    from ..grid import tissue_blocks
+    from ..io.mpp import check_extent, resolve_mpp
+    from ..io.slide import open_slide
+    from ..plan import plan_scan
+
+    with open_slide(slide_path, backend) as slide:
         info = slide.info
         res = resolve_mpp(info.metadata, mpp, str(slide_path), ScanConfig().mpp_xy_tolerance)
         check_extent(info.level0_size_wh, res, str(slide_path))
         check_resolution(res.xy, target_mpp, ScanConfig().max_upsample, str(slide_path))
         # the scan's own plan, so that the windows cut are the cells a scan would classify
         sp = plan_scan(slide, res.xy, target_mpp, cell_px, patch_px, ScanConfig(tissue=tissue_config))
-        if labels_mask is not None:
-            mask_sat = mask_table(read_label_mask(labels_mask), info.level0_size_wh, str(labels_mask))
-    finally:
-        slide.close()
-    grid, plan, cells = sp.grid, sp.read, sp.cells.copy()
-    rr, cc = np.indices(grid.shape_rc)
-    cells &= (rr % stride_cells == 0) & (cc % stride_cells == 0)
+        labels.attach(info.level0_size_wh)
+    rr, cc = np.indices(sp.grid.shape_rc)
+    cells = sp.cells & (rr % stride_cells == 0) & (cc % stride_cells == 0)
     # blocks start on multiples of the stride, so every block sees the same window phase
     block_list = tissue_blocks(cells, max(block_cells // stride_cells, 1) * stride_cells)
-
-    fx, fy = grid.l0_per_tgt_xy
-    l0_window_wh = (patch_px * fx, patch_px * fy)
+    fx, fy = sp.grid.l0_per_tgt_xy
     attrs = {
         "slide": {"path": str(slide_path.resolve()), "name": slide_path.name, "mpp_xy": list(res.xy), "mpp_source": res.source,
                   "level0_size_wh": list(info.level0_size_wh)},
         "target_mpp": target_mpp, "patch_px": patch_px, "cell_px": cell_px, "stride_cells": stride_cells,
-        "l0_xy": "top-left corner of each window, level-0 px", "l0_window_size_xy": list(l0_window_wh),
-        "labels": str(labels_geojson or labels_mask) if labelled else None,
-        "label_rule": (
-            "1 where the central cell_px square shares area with a Tumor annotation" if labels_geojson is not None
-            else "1 where the central cell_px square overlaps a non-zero mask pixel"
-        ) if labelled else None,
+        "l0_xy": "top-left corner of each window, level-0 px", "l0_window_size_xy": [patch_px * fx, patch_px * fy],
+        "labels": str(labels.geojson or labels.mask) if labels.labelled else None,
+        "label_rule": labels.rule(),
     }
+    return TilePlan(sp.grid, sp.read, cells, block_list, patch_px, cell_px, info.level0_size_wh, attrs)
+
+
+def cut_tiles(plan: TilePlan, out: str | Path, split: str, workers: int, overwrite: bool, labels: Labeller) -> TileResult:
+    """Read the blocks (a few at a time on Dask threads), cut their windows, label and append them."""
+    import dask
+
+    from ..io.exports import PatchWriter
+    from ..regions import block_windows, expected_reads, read_block
+
+    grid, cells, patch_px, cell_px = plan.grid, plan.cells, plan.patch_px, plan.cell_px
 
     def cut(block: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
         r0, c0, nr, nc = block
         sel = cells[r0 : r0 + nr, c0 : c0 + nc]
-        region = read_block(plan, block)
+        region = read_block(plan.read, block)
         r, c = np.nonzero(sel)
         return block_windows(region, sel, patch_px, cell_px), np.stack([r + r0, c + c0], axis=1)
 
-    def labels(rc: np.ndarray) -> np.ndarray | None:
-        if mask_sat is not None:
-            return mask_cell_labels(grid, rc, mask_sat, info.level0_size_wh)
-        return cell_labels(grid, rc, tumour) if labels_geojson is not None else None
-
     check_free_space(Path(out), int(cells.sum()) * patch_px * patch_px * 3)
-    writer = PatchWriter(out, (patch_px, patch_px, 3), labelled, attrs, split, overwrite)
+    writer = PatchWriter(out, (patch_px, patch_px, 3), labels.labelled, plan.attrs, split, overwrite)
     ok = False
     n_pos = 0
     try:
         task = dask.delayed(cut, pure=False)
         step = max(1, 4 * workers)  # a few blocks in flight: bounded memory, both cores busy
-        with expected_reads(plan, block_list, ScanConfig().tile_cache_mb << 20):
-            for i in range(0, len(block_list), step):
-                parts = dask.compute(*[task(b) for b in block_list[i : i + step]], scheduler="threads", num_workers=workers)
+        with expected_reads(plan.read, plan.blocks, ScanConfig().tile_cache_mb << 20):
+            for i in range(0, len(plan.blocks), step):
+                parts = dask.compute(*[task(b) for b in plan.blocks[i : i + step]], scheduler="threads", num_workers=workers)
                 for x, rc in parts:
                     m = grid.margin_px
                     l0_xy = np.array([grid.tgt_to_l0(float(c * cell_px - m), float(r * cell_px - m)) for r, c in rc]).reshape(-1, 2)
-                    y = labels(rc)
+                    y = labels(grid, rc, plan.level0_size_wh)
                     n_pos += int(y.sum()) if y is not None else 0
                     writer.append(x, l0_xy, rc, y)
         ok = True
     finally:
         files = writer.close(ok)
-    return TileResult(files, writer.n, n_pos if labelled else None, target_mpp, stride_cells,
-                      l0_window_wh, attrs)
-
+    fx, fy = grid.l0_per_tgt_xy
+    return TileResult(files, writer.n, n_pos if labels.labelled else None, plan.attrs["target_mpp"], plan.attrs["stride_cells"],
+                      (patch_px * fx, patch_px * fy), plan.attrs)
