@@ -553,29 +553,19 @@ def _run_distributed(jobs: Sequence[SlideJob], model: Any, workers: int | None, 
 
 
 def _write_summary(out_dir: Path, outcomes: Sequence[SlideOutcome], meta: dict[str, Any]) -> tuple[Path, Path]:
-    from .io.outputs import writing
+    from .io.outputs import atomic_write
 
     rows = [o.row() for o in outcomes]
     csv_path, json_path = out_dir / SUMMARY_CSV, out_dir / SUMMARY_JSON
     fields = list(SlideOutcome("", "", "", "ok").row())
-    tmp = out_dir / f".summary.csv.tmp-{os.getpid()}"
-    try:
-        with writing(csv_path, "run summary"):
-            with tmp.open("w", newline="", encoding="utf-8") as fh:
-                w = csv.DictWriter(fh, fieldnames=fields)
-                w.writeheader()
-                for r in rows:
-                    w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-            os.replace(tmp, csv_path)  # concurrent runs: a reader sees one whole file or the other
-    finally:
-        tmp.unlink(missing_ok=True)
-    tmp = out_dir / f".summary.json.tmp-{os.getpid()}"
-    try:
-        with writing(json_path, "run summary"):
-            tmp.write_text(json.dumps({"generator": MARK, **meta, "slides": rows}, indent=1, allow_nan=False), encoding="utf-8")
-            os.replace(tmp, json_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # concurrent runs: a reader sees one whole file or the other
+    with atomic_write(csv_path, "run summary") as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    with atomic_write(json_path, "run summary") as tmp:
+        tmp.write_text(json.dumps({"generator": MARK, **meta, "slides": rows}, indent=1, allow_nan=False), encoding="utf-8")
     return csv_path, json_path
 
 

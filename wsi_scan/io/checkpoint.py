@@ -75,15 +75,16 @@ def save_model(path: str | Path, net: Any, card: ModelCard) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    from .outputs import atomic_write
 
-        save_file(state, str(tmp), metadata={CARD_KEY: card.to_json()})
-    else:
-        torch.save({"card": card.to_json(), "state_dict": state}, tmp)
-    tmp.replace(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    with atomic_write(path, "model file") as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state, str(tmp), metadata={CARD_KEY: card.to_json()})
+        else:
+            torch.save({"card": card.to_json(), "state_dict": state}, tmp)
     return path
 
 

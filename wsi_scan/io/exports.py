@@ -8,7 +8,6 @@ with ``overwrite``.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import OutputExistsError, UsageError
-from .outputs import MARK, check_replaceable, prepare_parent, temp_name, writing
+from .outputs import MARK, atomic_write, check_replaceable, prepare_parent, temp_name
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
@@ -31,16 +30,9 @@ def _check_out(out: Path, overwrite: bool, flag: str = "--out") -> Path:
 
 @contextmanager
 def _atomic(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary path beside ``out``, moved onto it only if the block finishes."""
-    out_abs = _check_out(out, overwrite)
-    tmp = temp_name(out_abs)
-    try:
-        with writing(out):
-            yield tmp
-            os.replace(tmp, out_abs)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """A temporary path beside ``out`` (checked replaceable), moved onto it only if the block finishes."""
+    with atomic_write(_check_out(out, overwrite)) as tmp:
+        yield tmp
 
 
 def image_format(out: Path, flag: str = "--out") -> str:

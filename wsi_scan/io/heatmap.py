@@ -15,8 +15,6 @@ temporary name beside the target and renamed once complete, with ``status = "com
 from __future__ import annotations
 
 import math
-import os
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ import numpy as np
 from ..config import MAX_SLIDE_EXTENT_MM, MPP_RANGE_UM
 from ..errors import HeatmapError, OutsideGridError
 from ..geometry import GridGeometry
-from .outputs import check_replaceable, move_into_place, remove_path, temp_name, writing
+from .outputs import atomic_write, check_replaceable, move_into_place, remove_path, temp_name, writing
 
 FORMAT_VERSION = 1
 OME_VERSION = "0.5"
@@ -309,14 +307,8 @@ def partial_path(out: Path) -> Path:
 
 def save_partial(out: Path, key: str, probs: np.ndarray, done: np.ndarray) -> None:
     """Write the finished cells atomically: a kill at any moment leaves the old file or the new."""
-    path = partial_path(out)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with writing(path, "resume file"), open(tmp, "wb") as fh:
-            np.savez(fh, key=np.array(key), probs=probs, done=done)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(partial_path(out), "resume file") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, key=np.array(key), probs=probs, done=done)
 
 
 def load_partial(out: Path, key: str, shape_rc: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:

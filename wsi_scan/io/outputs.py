@@ -184,6 +184,23 @@ def writing(out: Path, what: str = "output") -> Iterator[None]:
         raise OutputWriteError(f"cannot write the {what} {out}: {reason}; its temporary file was removed, {hint} and run again") from None
 
 
+@contextmanager
+def atomic_write(path: Path, what: str = "output", suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; when the block finishes it replaces ``path`` in
+    one rename, so a reader or a kill at any moment sees the old file or the new, never half of
+    one. The temporary file is always removed; a failed write is one OutputWriteError.
+    ``suffix`` is appended for writers that choose their format by the name (matplotlib)."""
+    tmp = temp_name(path)
+    if suffix:
+        tmp = tmp.with_name(tmp.name + suffix)
+    try:
+        with writing(path, what):
+            yield tmp
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def temp_name(out: Path) -> Path:
     """A hidden name beside ``out`` for writing it before the final rename."""
     return out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")

@@ -67,15 +67,11 @@ STATE_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_auc", "best_epoc
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """Write the resumable state atomically: a kill mid-write leaves the previous epoch's."""
-    import os
+    from ..io.outputs import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_write(path, "training state") as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_state(path: Path) -> dict[str, Any]:

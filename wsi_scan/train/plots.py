@@ -33,18 +33,10 @@ def check_figure_folder(out_dir: Path) -> None:
 
 def save_figure(fig: Any, path: Path) -> None:
     """Write a figure atomically, marked as wsi-scan's; a user's file of that name is never replaced."""
-    import os
+    from ..io.outputs import MARK, atomic_write, check_replaceable
 
-    from ..io.outputs import MARK, check_replaceable, temp_name, writing
-
-    path = check_replaceable(path, True, kind="file")
-    tmp = temp_name(path).with_suffix(".png")
-    try:
-        with writing(path, "figure"):
-            fig.savefig(tmp, dpi=120, metadata={"Software": MARK})
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(check_replaceable(path, True, kind="file"), "figure", suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, metadata={"Software": MARK})
 
 
 def explore(sets: Sequence[PatchSet], out_dir: Path, per_class: int = 12, seed: int = 0) -> list[Path]:
