@@ -11,7 +11,6 @@ import html
 import io
 import logging
 import math
-import os
 import re
 import shlex
 from collections.abc import Sequence
@@ -266,15 +265,10 @@ the whole cohort in the viewer (slides at full resolution with their heatmaps an
 <script>{_JS}</script>
 </body></html>
 """
-    from .io.outputs import writing
+    from .io.outputs import atomic_write
 
     log.info("report: %d thumbnails rendered, %d reused from the previous report", rendered, reused)
     path = out_dir / "report.html"
-    tmp = out_dir / f".report.html.tmp-{os.getpid()}"
-    try:
-        with writing(path, "run report"):
-            tmp.write_text(page, encoding="utf-8")
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, "run report") as tmp:
+        tmp.write_text(page, encoding="utf-8")
     return path
