@@ -79,7 +79,7 @@ def file_sha256(path: str) -> str:
 def user_tissue_mask(path: str, l0_size_wh: tuple[int, int], mpp_xy: tuple[float, float]) -> TissueMask:
     """``--tissue-mask``: a mask image of the slide's level-0 frame at any downsample (non-zero = tissue)."""
     from .export.tiles import check_mask_shape
-    from .io.exports import read_label_mask
+    from .io.annotations import read_label_mask
 
     mask = read_label_mask(path)
     check_mask_shape(mask.shape, l0_size_wh, f"--tissue-mask {path}")
@@ -95,7 +95,7 @@ def roi_cells(grid: GridGeometry, path: str) -> np.ndarray:
 
     from .errors import DataError
     from .export.tiles import tumour_geometry
-    from .io.exports import read_json
+    from .io.annotations import read_json
 
     geom = tumour_geometry(read_json(path), f"--roi {path}", class_name=None)
     if geom is None:

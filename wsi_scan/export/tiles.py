@@ -199,7 +199,7 @@ class Labeller:
     """The labels of cells from a GeoJSON of tumour annotations or a label mask (or none)."""
 
     def __init__(self, geojson: str | Path | None, mask: str | Path | None) -> None:
-        from ..io.exports import read_json
+        from ..io.annotations import read_json
 
         self.geojson, self.mask = geojson, mask
         self.tumour = tumour_geometry(read_json(geojson), str(geojson)) if geojson is not None else None
@@ -210,7 +210,7 @@ class Labeller:
         return self.geojson is not None or self.mask is not None
 
     def attach(self, level0_size_wh: tuple[int, int]) -> None:
-        from ..io.exports import read_label_mask
+        from ..io.annotations import read_label_mask
 
         if self.mask is not None:
             self.mask_sat = mask_table(read_label_mask(self.mask), level0_size_wh, str(self.mask))
@@ -280,7 +280,7 @@ def cut_tiles(plan: TilePlan, out: str | Path, split: str, workers: int, overwri
     """Read the blocks (a few at a time on Dask threads), cut their windows, label and append them."""
     import dask
 
-    from ..io.exports import PatchWriter
+    from ..io.datasets import PatchWriter
     from ..regions import block_windows, expected_reads, read_block
 
     grid, cells, patch_px, cell_px = plan.grid, plan.cells, plan.patch_px, plan.cell_px

@@ -1,10 +1,14 @@
-"""Tumour annotations of a slide: CAMELYON/ASAP XML and QuPath GeoJSON, as level-0 polygons."""
+"""Labels of a slide: tumour annotations (CAMELYON/ASAP XML, QuPath GeoJSON) as level-0 polygons,
+GeoJSON files read whole (regions of interest), and label-mask images."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..errors import DataError
 
@@ -53,7 +57,6 @@ def read_qupath_geojson(path: Path) -> Annotations:
     import shapely
 
     from ..export.tiles import tumour_geometry
-    from .exports import read_json
 
     geom = tumour_geometry(read_json(path), str(path))
     polys = [] if geom is None else [g for g in getattr(geom, "geoms", [geom]) if isinstance(g, shapely.Polygon)]
@@ -69,3 +72,53 @@ def find_annotations(folder: Path, slide_name: str) -> Annotations | None:
         if p.is_file():
             return read_asap_xml(p) if suffix == ".xml" else read_qupath_geojson(p)
     return None
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        obj = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{p} does not exist; expected a GeoJSON file of tumour annotations") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{p}: not a readable JSON file ({exc}); expected GeoJSON (e.g. exported from QuPath)") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{p}: expected a GeoJSON object, found a JSON {type(obj).__name__}")
+    return obj
+
+
+def read_label_mask(path: str | Path, max_px: int = 1 << 28) -> np.ndarray:
+    """A label mask image as a bool array (True where a pixel is non-zero).
+
+    PNG, JPEG or TIFF; of a pyramidal TIFF (e.g. a CAMELYON16 mask) the finest level with at
+    most ``max_px`` pixels, so that a 200k x 100k px mask does not fill the memory.
+    """
+    from .slide import TIFF_MAGIC
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"label mask {p} does not exist or is not a file; expected a PNG or TIFF mask of the slide")
+    try:
+        with p.open("rb") as fh:
+            magic = fh.read(4)
+        if magic in TIFF_MAGIC:
+            import tifffile
+
+            with tifffile.TiffFile(str(p)) as tf:
+                levels = tf.series[0].levels
+                fits = [lv for lv in levels if int(np.prod(lv.shape[:2])) <= max_px] or [levels[-1]]
+                arr = fits[0].asarray()
+        else:
+            from PIL import Image
+
+            with Image.open(p) as im:
+                arr = np.asarray(im)
+    except DataError:
+        raise
+    except Exception as exc:  # codec and format errors of a broken or foreign file
+        raise DataError(f"{p}: not a readable mask image ({exc}); expected a PNG or TIFF, non-zero = tumour") from None
+    if arr.ndim == 3:
+        arr = arr.max(axis=-1) if arr.shape[-1] <= 4 else arr.max(axis=0)
+    if arr.ndim != 2:
+        raise DataError(f"{p}: expected a 2-D mask image, found an array of shape {arr.shape}")
+    return arr > 0

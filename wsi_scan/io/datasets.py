@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, OutputExistsError, UsageError
+from .outputs import check_output_file, temp_name
 
 IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".webp")
 H5_PREFIX = "camelyonpatch_level_2_split_"
@@ -251,3 +254,77 @@ def open_patch_data(folder: str | Path, cache_dir: Path | None = None) -> PatchD
             f"layout) or {H5_PREFIX}<split>_x.h5 files (PCam HDF5)"
         )
     return PatchData(str(root), "kaggle", kaggle)
+
+
+class PatchWriter:
+    """Appends patches to HDF5 in the PCam layout: ``x`` (N, 96, 96, 3) uint8, ``y`` (N, 1, 1, 1).
+
+    With a folder as target it writes the pair ``camelyonpatch_level_2_split_<split>_{x,y}.h5``
+    that the PCam reader opens; with a ``.h5`` file, one file holding every dataset.
+    """
+
+    def __init__(self, out: str | Path, patch_shape: tuple[int, int, int], labelled: bool, attrs: Mapping[str, Any],
+                 split: str = "train", overwrite: bool = False) -> None:
+        import h5py
+
+        self.out = Path(out)
+        self.labelled = labelled
+        if self.out.suffix.lower() in (".h5", ".hdf5"):
+            targets = [self.out]
+        else:
+            if self.out.exists() and not self.out.is_dir():
+                raise OutputExistsError(f"--out {self.out} is a file; give a folder for the PCam pair or a .h5 file name")
+            targets = [self.out / f"{H5_PREFIX}{split}_x.h5"] + ([self.out / f"{H5_PREFIX}{split}_y.h5"] if labelled else [])
+        for t in targets:
+            check_output_file(t, overwrite)
+        self._targets = targets
+        self._tmps = [temp_name(t) for t in targets]
+        self._files = [h5py.File(t, "w") for t in self._tmps]
+        fx = self._files[0]
+        fy = self._files[-1]
+        self._x = fx.create_dataset("x", shape=(0, *patch_shape), maxshape=(None, *patch_shape), dtype="uint8",
+                                    chunks=(64, *patch_shape), compression="gzip", compression_opts=4)
+        self._xy = fx.create_dataset("l0_xy", shape=(0, 2), maxshape=(None, 2), dtype="float64", chunks=(4096, 2))
+        self._rc = fx.create_dataset("cell_rc", shape=(0, 2), maxshape=(None, 2), dtype="int64", chunks=(4096, 2))
+        self._y = (fy.create_dataset("y", shape=(0, 1, 1, 1), maxshape=(None, 1, 1, 1), dtype="uint8", chunks=(4096, 1, 1, 1))
+                   if labelled else None)
+        for f in self._files:
+            f.attrs["wsi_scan"] = json.dumps(dict(attrs))
+        self.n = 0
+
+    def append(self, x: np.ndarray, l0_xy: np.ndarray, cell_rc: np.ndarray, y: np.ndarray | None = None) -> None:
+        try:
+            self._append(x, l0_xy, cell_rc, y)
+        except (OSError, RuntimeError) as exc:  # h5py reports a full disk as either
+            from ..errors import OutputWriteError
+
+            raise OutputWriteError(f"cannot write the patch file {self._targets[0]}: {str(exc).splitlines()[0][:120]}; "
+                                   "its temporary files are removed, free some space and run again") from None
+
+    def _append(self, x: np.ndarray, l0_xy: np.ndarray, cell_rc: np.ndarray, y: np.ndarray | None = None) -> None:
+        k = x.shape[0]
+        if k == 0:
+            return
+        for ds, v in ((self._x, x), (self._xy, l0_xy), (self._rc, cell_rc)):
+            ds.resize(self.n + k, axis=0)
+            ds[self.n :] = v
+        if self._y is not None:
+            if y is None:
+                raise UsageError("labelled patch file: every append needs labels")
+            self._y.resize(self.n + k, axis=0)
+            self._y[self.n :] = np.asarray(y, dtype=np.uint8).reshape(k, 1, 1, 1)
+        self.n += k
+
+    def close(self, ok: bool = True) -> list[Path]:
+        for f in self._files:
+            try:
+                f.close()
+            except (OSError, RuntimeError):
+                if ok:
+                    raise
+        for tmp, t in zip(self._tmps, self._targets):
+            if ok:
+                tmp.replace(t)
+            elif tmp.exists():
+                tmp.unlink()
+        return self._targets if ok else []

@@ -1,4 +1,4 @@
-"""Writers of the export files: images, GeoJSON, pyramidal TIFF, HDF5 patch sets.
+"""Writers of the export files: images, JSON and GeoJSON, CSV, pyramidal TIFF.
 
 Each is written under a temporary name beside the target and renamed once complete, so an
 interrupted export never leaves a file that looks finished; an existing output is replaced only
@@ -15,23 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import OutputExistsError, UsageError
-from .outputs import MARK, atomic_write, check_replaceable, prepare_parent, temp_name
+from ..errors import UsageError
+from .outputs import MARK, atomic_write, check_output_file, check_replaceable, prepare_parent
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
-
-
-def _check_out(out: Path, overwrite: bool, flag: str = "--out") -> Path:
-    """Refuse an output that exists and is not a replaceable wsi-scan file; create its folder."""
-    out_abs = check_replaceable(out, overwrite, kind="file", flag=flag)
-    prepare_parent(out, flag)
-    return out_abs
 
 
 @contextmanager
 def _atomic(out: Path, overwrite: bool) -> Iterator[Path]:
     """A temporary path beside ``out`` (checked replaceable), moved onto it only if the block finishes."""
-    with atomic_write(_check_out(out, overwrite)) as tmp:
+    with atomic_write(check_output_file(out, overwrite)) as tmp:
         yield tmp
 
 
@@ -101,59 +94,6 @@ def write_predictions_csv(out: str | Path, ids: Sequence[tuple[str, int, str]], 
     return write_text(out, buf.getvalue(), overwrite)
 
 
-def read_json(path: str | Path) -> dict[str, Any]:
-    from ..errors import DataError
-
-    p = Path(path)
-    try:
-        obj = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{p} does not exist; expected a GeoJSON file of tumour annotations") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{p}: not a readable JSON file ({exc}); expected GeoJSON (e.g. exported from QuPath)") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{p}: expected a GeoJSON object, found a JSON {type(obj).__name__}")
-    return obj
-
-
-def read_label_mask(path: str | Path, max_px: int = 1 << 28) -> np.ndarray:
-    """A label mask image as a bool array (True where a pixel is non-zero).
-
-    PNG, JPEG or TIFF; of a pyramidal TIFF (e.g. a CAMELYON16 mask) the finest level with at
-    most ``max_px`` pixels, so that a 200k x 100k px mask does not fill the memory.
-    """
-    from ..errors import DataError
-    from .slide import TIFF_MAGIC
-
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"label mask {p} does not exist or is not a file; expected a PNG or TIFF mask of the slide")
-    try:
-        with p.open("rb") as fh:
-            magic = fh.read(4)
-        if magic in TIFF_MAGIC:
-            import tifffile
-
-            with tifffile.TiffFile(str(p)) as tf:
-                levels = tf.series[0].levels
-                fits = [lv for lv in levels if int(np.prod(lv.shape[:2])) <= max_px] or [levels[-1]]
-                arr = fits[0].asarray()
-        else:
-            from PIL import Image
-
-            with Image.open(p) as im:
-                arr = np.asarray(im)
-    except DataError:
-        raise
-    except Exception as exc:  # codec and format errors of a broken or foreign file
-        raise DataError(f"{p}: not a readable mask image ({exc}); expected a PNG or TIFF, non-zero = tumour") from None
-    if arr.ndim == 3:
-        arr = arr.max(axis=-1) if arr.shape[-1] <= 4 else arr.max(axis=0)
-    if arr.ndim != 2:
-        raise DataError(f"{p}: expected a 2-D mask image, found an array of shape {arr.shape}")
-    return arr > 0
-
-
 def write_pyramid_tiff(
     out: str | Path,
     level_sizes_wh: list[tuple[int, int]],
@@ -207,79 +147,3 @@ def write_pyramid_tiff(
                 metadata=None,
             )
     return out
-
-
-class PatchWriter:
-    """Appends patches to HDF5 in the PCam layout: ``x`` (N, 96, 96, 3) uint8, ``y`` (N, 1, 1, 1).
-
-    With a folder as target it writes the pair ``camelyonpatch_level_2_split_<split>_{x,y}.h5``
-    that the PCam reader opens; with a ``.h5`` file, one file holding every dataset.
-    """
-
-    def __init__(self, out: str | Path, patch_shape: tuple[int, int, int], labelled: bool, attrs: Mapping[str, Any],
-                 split: str = "train", overwrite: bool = False) -> None:
-        import h5py
-
-        from .datasets import H5_PREFIX
-
-        self.out = Path(out)
-        self.labelled = labelled
-        if self.out.suffix.lower() in (".h5", ".hdf5"):
-            targets = [self.out]
-        else:
-            if self.out.exists() and not self.out.is_dir():
-                raise OutputExistsError(f"--out {self.out} is a file; give a folder for the PCam pair or a .h5 file name")
-            targets = [self.out / f"{H5_PREFIX}{split}_x.h5"] + ([self.out / f"{H5_PREFIX}{split}_y.h5"] if labelled else [])
-        for t in targets:
-            _check_out(t, overwrite)
-        self._targets = targets
-        self._tmps = [temp_name(t) for t in targets]
-        self._files = [h5py.File(t, "w") for t in self._tmps]
-        fx = self._files[0]
-        fy = self._files[-1]
-        self._x = fx.create_dataset("x", shape=(0, *patch_shape), maxshape=(None, *patch_shape), dtype="uint8",
-                                    chunks=(64, *patch_shape), compression="gzip", compression_opts=4)
-        self._xy = fx.create_dataset("l0_xy", shape=(0, 2), maxshape=(None, 2), dtype="float64", chunks=(4096, 2))
-        self._rc = fx.create_dataset("cell_rc", shape=(0, 2), maxshape=(None, 2), dtype="int64", chunks=(4096, 2))
-        self._y = (fy.create_dataset("y", shape=(0, 1, 1, 1), maxshape=(None, 1, 1, 1), dtype="uint8", chunks=(4096, 1, 1, 1))
-                   if labelled else None)
-        for f in self._files:
-            f.attrs["wsi_scan"] = json.dumps(dict(attrs))
-        self.n = 0
-
-    def append(self, x: np.ndarray, l0_xy: np.ndarray, cell_rc: np.ndarray, y: np.ndarray | None = None) -> None:
-        try:
-            self._append(x, l0_xy, cell_rc, y)
-        except (OSError, RuntimeError) as exc:  # h5py reports a full disk as either
-            from ..errors import OutputWriteError
-
-            raise OutputWriteError(f"cannot write the patch file {self._targets[0]}: {str(exc).splitlines()[0][:120]}; "
-                                   "its temporary files are removed, free some space and run again") from None
-
-    def _append(self, x: np.ndarray, l0_xy: np.ndarray, cell_rc: np.ndarray, y: np.ndarray | None = None) -> None:
-        k = x.shape[0]
-        if k == 0:
-            return
-        for ds, v in ((self._x, x), (self._xy, l0_xy), (self._rc, cell_rc)):
-            ds.resize(self.n + k, axis=0)
-            ds[self.n :] = v
-        if self._y is not None:
-            if y is None:
-                raise UsageError("labelled patch file: every append needs labels")
-            self._y.resize(self.n + k, axis=0)
-            self._y[self.n :] = np.asarray(y, dtype=np.uint8).reshape(k, 1, 1, 1)
-        self.n += k
-
-    def close(self, ok: bool = True) -> list[Path]:
-        for f in self._files:
-            try:
-                f.close()
-            except (OSError, RuntimeError):
-                if ok:
-                    raise
-        for tmp, t in zip(self._tmps, self._targets):
-            if ok:
-                tmp.replace(t)
-            elif tmp.exists():
-                tmp.unlink()
-        return self._targets if ok else []

@@ -151,6 +151,13 @@ def check_replaceable(out: str | Path, overwrite: bool, kind: str = "file", flag
     return out_abs
 
 
+def check_output_file(out: Path, overwrite: bool, flag: str = "--out") -> Path:
+    """Refuse an output file that exists and is not a replaceable wsi-scan file; create its folder."""
+    out_abs = check_replaceable(out, overwrite, kind="file", flag=flag)
+    prepare_parent(out, flag)
+    return out_abs
+
+
 def prepare_parent(out: Path, flag: str = "--out") -> None:
     """Create the output's folder and check that it can be written, before a long job."""
     parent = absolute(out).parent
