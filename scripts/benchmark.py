@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     import dask
     import torch
 
-    from wsi_scan.inference import Predictor, resolve_device
+    from wsi_scan.device import resolve_device
+    from wsi_scan.inference import Predictor
     from wsi_scan.io.checkpoint import load_model
     from wsi_scan.io.mpp import resolve_mpp
     from wsi_scan.io.slide import open_slide

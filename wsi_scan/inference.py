@@ -1,37 +1,16 @@
-"""Running a model: device choice, mixed precision, dense and patch execution on regions."""
+"""Running a model on regions: batch sizes, dense and patch execution (the device and mixed
+precision, shared with training, are in ``device.py``)."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
+from .device import autocast
 from .errors import ModelError, UsageError
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise UsageError(f"device must be auto, cpu or cuda, found {name!r}")
-    return torch.device(name)
-
-
-@contextlib.contextmanager
-def autocast(device: torch.device, enabled: bool = True) -> Iterator[None]:
-    """bf16 autocast on CUDA where supported (fp16 otherwise); nothing on the CPU."""
-    if device.type == "cuda" and enabled:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        with torch.autocast(device_type="cuda", dtype=dtype):
-            yield
-    else:
-        yield
 
 
 def auto_batch_size(device: torch.device, card: Any) -> int:

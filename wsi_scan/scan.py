@@ -192,8 +192,9 @@ def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, mo
                  scheduler: str, restart: bool | None, t_start: float, t: float) -> ScanResult:
     import dask
 
+    from .device import resolve_device
     from .geometry import check_resolution
-    from .inference import Predictor, resolve_device
+    from .inference import Predictor
     from .io.checkpoint import LoadedModel, card_summary, load_model
     from .io.heatmap import FORMAT_VERSION, drop_partial, load_partial, write_heatmap
     from .io.mpp import check_extent, resolve_mpp

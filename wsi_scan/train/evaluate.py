@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..inference import autocast, resolve_device
+from ..device import autocast, resolve_device
 from ..io.checkpoint import LoadedModel
 from ..io.datasets import PatchSet
 from ..model.card import ModelCard

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..config import TrainConfig
+from ..device import autocast, resolve_device
 from ..errors import UsageError
-from ..inference import autocast, resolve_device
 from ..io.checkpoint import save_model
 from ..io.datasets import open_patch_data
 from ..model.card import ModelCard
