@@ -1,4 +1,4 @@
-"""Which cells and blocks hold tissue. Pure."""
+"""Which cells and blocks hold tissue, and the windows of a block's cells. Pure."""
 
 from __future__ import annotations
 
@@ -70,3 +70,9 @@ def crop_to_tissue(cells: np.ndarray, block_list: list[tuple[int, int, int, int]
             out.append((r0 + int(rows[0]), c0 + int(cols[0]), int(rows[-1] - rows[0]) + 1, int(cols[-1] - cols[0]) + 1))
     return out
 
+
+def block_windows(region: np.ndarray, cells: np.ndarray, patch_px: int, cell_px: int) -> np.ndarray:
+    """The patch_px windows of the selected cells of a block image, (N, patch_px, patch_px, 3)."""
+    view = np.lib.stride_tricks.sliding_window_view(region, (patch_px, patch_px), axis=(0, 1))[::cell_px, ::cell_px]
+    rows, cols = np.nonzero(cells)
+    return np.ascontiguousarray(view[rows, cols].transpose(0, 2, 3, 1))

@@ -121,7 +121,7 @@ class Predictor:
         return probs.numpy()
 
     def predict_block(self, region: np.ndarray, cells: np.ndarray) -> np.ndarray:
-        from .regions import block_windows
+        from .grid import block_windows
 
         out = np.full(cells.shape, np.nan, dtype=np.float32)
         if not cells.any():

@@ -17,7 +17,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -158,13 +158,6 @@ def expected_reads(plan: ReadPlan, block_list: list[tuple[int, int, int, int]], 
         slide.forget_reads()
 
 
-def block_windows(region: np.ndarray, cells: np.ndarray, patch_px: int, cell_px: int) -> np.ndarray:
-    """The patch_px windows of the selected cells of a block image, (N, patch_px, patch_px, 3)."""
-    view = np.lib.stride_tricks.sliding_window_view(region, (patch_px, patch_px), axis=(0, 1))[::cell_px, ::cell_px]
-    rows, cols = np.nonzero(cells)
-    return np.ascontiguousarray(view[rows, cols].transpose(0, 2, 3, 1))
-
-
 def read_thumbnail(slide: Slide, mpp_xy: tuple[float, float], mask_mpp: float, max_read_px: int = 2048) -> tuple[np.ndarray, tuple[float, float]]:
     """The whole level-0 frame at about ``mask_mpp``, read in pieces of bounded size.
 
@@ -190,7 +183,14 @@ def read_thumbnail(slide: Slide, mpp_xy: tuple[float, float], mask_mpp: float, m
     return out, (kx, ky)
 
 
-def block_task(plan: ReadPlan, block: tuple[int, int, int, int], cells: np.ndarray, predictor: Any) -> np.ndarray:
+class BlockClassifier(Protocol):
+    """What the graph runs on each block image (``inference.Predictor``): the probability of each
+    selected cell, NaN elsewhere."""
+
+    def predict_block(self, region: np.ndarray, cells: np.ndarray) -> np.ndarray: ...
+
+
+def block_task(plan: ReadPlan, block: tuple[int, int, int, int], cells: np.ndarray, predictor: BlockClassifier) -> np.ndarray:
     """Read one block and classify its tissue cells: (nr, nc) float32, NaN off tissue."""
     region = read_block(plan, block)
     return predictor.predict_block(region, cells)
@@ -206,7 +206,7 @@ def block_key(block: tuple[int, int, int, int]) -> str:
     return f"block-{block[0]:07d}-{block[1]:07d}"
 
 
-def build_graph(plan: ReadPlan, cells: np.ndarray, block_list: list[tuple[int, int, int, int]], predictor: Any) -> list[Any]:
+def build_graph(plan: ReadPlan, cells: np.ndarray, block_list: list[tuple[int, int, int, int]], predictor: BlockClassifier) -> list[Any]:
     """One Dask task per tissue block (read, then classify), in the order of ``block_list``."""
     import dask
 

@@ -280,8 +280,9 @@ def cut_tiles(plan: TilePlan, out: str | Path, split: str, workers: int, overwri
     """Read the blocks (a few at a time on Dask threads), cut their windows, label and append them."""
     import dask
 
+    from ..grid import block_windows
     from ..io.datasets import PatchWriter
-    from ..regions import block_windows, expected_reads, read_block
+    from ..regions import expected_reads, read_block
 
     grid, cells, patch_px, cell_px = plan.grid, plan.cells, plan.patch_px, plan.cell_px
 
