@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             pass
         try:  # the scan's task names, hence its order of blocks
-            from wsi_scan.regions import block_key
+            from wsi_scan.graph import block_key
         except ImportError:
             def block_key(b: tuple[int, int, int, int]) -> str:
                 return f"block-{b[0]}-{b[1]}"

@@ -92,16 +92,16 @@ def test_empty_slide_gives_all_nan(make_slide, mock_model, tmp_path):
 
 
 def test_tissue_blocks_only_are_read(make_slide, mock_model, tmp_path, monkeypatch):
-    import wsi_scan.regions as regions
+    import wsi_scan.graph as graph
 
     seen: list[tuple[int, int, int, int]] = []
-    orig = regions.read_block
+    orig = graph.read_block
 
     def spy(plan, block):
         seen.append(block)
         return orig(plan, block)
 
-    monkeypatch.setattr(regions, "read_block", spy)
+    monkeypatch.setattr(graph, "read_block", spy)
     slide = make_slide(size_wh=(4000, 3000), tissue=((100, 100, 900, 800),))
     res = scan_slide(slide, tmp_path / "h.zarr", ScanConfig(block_cells=8), model=mock_model)
     hm = open_heatmap(res.out)
@@ -156,14 +156,14 @@ def test_real_svs_gives_the_same_heatmap_with_either_backend(mock_model, tmp_pat
 
 
 def test_interrupted_scan_resumes_with_its_finished_blocks(make_slide, mock_model, tmp_path, monkeypatch):
-    import wsi_scan.regions as regions
+    import wsi_scan.graph as graph
     from wsi_scan.io.heatmap import partial_path
 
     slide = make_slide(tumour=TUMOUR)
     cfg = ScanConfig(block_cells=4, threads=1, checkpoint_s=1e-9)  # save after every block
     whole = scan_slide(slide, tmp_path / "whole.zarr", cfg, model=mock_model)
     out = tmp_path / "h.zarr"
-    orig = regions.block_task
+    orig = graph.block_task
     calls: list[tuple[int, int, int, int]] = []
 
     def dies_after_5(plan, block, cells, predictor):
@@ -172,13 +172,13 @@ def test_interrupted_scan_resumes_with_its_finished_blocks(make_slide, mock_mode
         calls.append(block)
         return orig(plan, block, cells, predictor)
 
-    monkeypatch.setattr(regions, "block_task", dies_after_5)
+    monkeypatch.setattr(graph, "block_task", dies_after_5)
     with pytest.raises(RuntimeError, match="killed"):
         scan_slide(slide, out, cfg, model=mock_model)
     assert partial_path(out).is_file() and not out.exists()
 
     calls.clear()
-    monkeypatch.setattr(regions, "block_task", lambda *a: (calls.append(a[1]), orig(*a))[1])
+    monkeypatch.setattr(graph, "block_task", lambda *a: (calls.append(a[1]), orig(*a))[1])
     res = scan_slide(slide, out, cfg, model=mock_model)
     n_blocks = len(calls)
     assert res.resumed_cells > 0 and open_heatmap(out).attrs["resumed_cells"] == res.resumed_cells
@@ -187,11 +187,11 @@ def test_interrupted_scan_resumes_with_its_finished_blocks(make_slide, mock_mode
 
     # the same output again with --overwrite, or another setting: nothing is taken over
     calls.clear()
-    monkeypatch.setattr(regions, "block_task", dies_after_5)
+    monkeypatch.setattr(graph, "block_task", dies_after_5)
     with pytest.raises(RuntimeError):
         scan_slide(slide, tmp_path / "t.zarr", cfg, model=mock_model)
     calls.clear()
-    monkeypatch.setattr(regions, "block_task", lambda *a: (calls.append(a[1]), orig(*a))[1])
+    monkeypatch.setattr(graph, "block_task", lambda *a: (calls.append(a[1]), orig(*a))[1])
     other = scan_slide(slide, tmp_path / "t.zarr", ScanConfig(block_cells=4, threads=1, tta=True), model=mock_model)
     assert other.resumed_cells == 0 and len(calls) == n_blocks + 5
 

@@ -1,12 +1,13 @@
-"""Region reads as a Dask graph: one read per block of cells, with the margin its windows need.
+"""Pixel reads of regions: one read per block of cells, with the margin its windows need, and the
+thumbnail of the whole slide.
 
 Each block is read once from the pyramid level ``--read-level`` chooses (``nearest``: the
 level nearest the model's mpp, even up to 1.1x coarser; ``exact``: the coarsest at or finer) and
 resampled (antialiased when shrinking) to exactly the target frame, so a block of nr x nc cells becomes an
 image of (32 nr + 64) x (32 nc + 64) px: the input of one dense pass, or the source of its
-96x96 windows in patch mode. Blocks without tissue are never read. Tasks carry the slide path
-and open it themselves (one cached handle per process), so the graph runs on threads,
-processes or a distributed cluster alike.
+96x96 windows in patch mode. Blocks without tissue are never read. A read carries the slide path
+and opens it itself (one cached handle per process), so the graph of reads (``graph.py``) runs
+on threads, processes or a distributed cluster alike.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import numpy as np
 
@@ -181,34 +181,3 @@ def read_thumbnail(slide: Slide, mpp_xy: tuple[float, float], mask_mpp: float, m
             box = (tx * kx, ty * ky, (tx + pw) * kx, (ty + ph) * ky)
             out[ty : ty + ph, tx : tx + pw] = resample_region(slide, level, d, box, (pw, ph))
     return out, (kx, ky)
-
-
-class BlockClassifier(Protocol):
-    """What the graph runs on each block image (``inference.Predictor``): the probability of each
-    selected cell, NaN elsewhere."""
-
-    def predict_block(self, region: np.ndarray, cells: np.ndarray) -> np.ndarray: ...
-
-
-def block_task(plan: ReadPlan, block: tuple[int, int, int, int], cells: np.ndarray, predictor: BlockClassifier) -> np.ndarray:
-    """Read one block and classify its tissue cells: (nr, nc) float32, NaN off tissue."""
-    region = read_block(plan, block)
-    return predictor.predict_block(region, cells)
-
-
-def block_key(block: tuple[int, int, int, int]) -> str:
-    """The Dask key of a block's task.
-
-    Dask's local schedulers run independent tasks in (reverse) order of their keys; zero-padded
-    cell positions make that order row by row, so neighbouring blocks run close together and
-    the tiles they share leave the tile cache soon after their first decode.
-    """
-    return f"block-{block[0]:07d}-{block[1]:07d}"
-
-
-def build_graph(plan: ReadPlan, cells: np.ndarray, block_list: list[tuple[int, int, int, int]], predictor: BlockClassifier) -> list[Any]:
-    """One Dask task per tissue block (read, then classify), in the order of ``block_list``."""
-    import dask
-
-    task = dask.delayed(block_task, pure=False)
-    return [task(plan, b, cells[b[0] : b[0] + b[2], b[1] : b[1] + b[3]], predictor, dask_key_name=block_key(b)) for b in block_list]

@@ -194,6 +194,7 @@ def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, mo
 
     from .device import resolve_device
     from .geometry import check_resolution
+    from .graph import block_key, build_graph
     from .inference import Predictor
     from .io.checkpoint import LoadedModel, card_summary, load_model
     from .io.heatmap import FORMAT_VERSION, drop_partial, load_partial, write_heatmap
@@ -201,7 +202,7 @@ def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, mo
     from .io.slide import file_identity
     from .lesions import call_slide
     from .plan import plan_scan
-    from .regions import block_key, build_graph, cached_slide, expected_reads
+    from .regions import cached_slide, expected_reads
 
     timings: dict[str, float] = {}
     info = slide.info
