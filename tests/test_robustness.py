@@ -362,7 +362,7 @@ def test_every_export_refuses_a_damaged_store(heatmap, tmp_path, how, command, n
 
 
 def test_a_truncated_resume_file_is_ignored(heatmap, make_slide):
-    from wsi_scan.io.heatmap import partial_path
+    from wsi_scan.io.resume import partial_path
 
     slide, out = heatmap
     for content in (b"", b"PK\x03\x04 truncated", b"\x93NUMPY"):

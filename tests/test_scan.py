@@ -157,7 +157,7 @@ def test_real_svs_gives_the_same_heatmap_with_either_backend(mock_model, tmp_pat
 
 def test_interrupted_scan_resumes_with_its_finished_blocks(make_slide, mock_model, tmp_path, monkeypatch):
     import wsi_scan.graph as graph
-    from wsi_scan.io.heatmap import partial_path
+    from wsi_scan.io.resume import partial_path
 
     slide = make_slide(tumour=TUMOUR)
     cfg = ScanConfig(block_cells=4, threads=1, checkpoint_s=1e-9)  # save after every block
@@ -197,7 +197,7 @@ def test_interrupted_scan_resumes_with_its_finished_blocks(make_slide, mock_mode
 
 
 def test_a_damaged_partial_file_is_ignored(make_slide, mock_model, tmp_path):
-    from wsi_scan.io.heatmap import partial_path
+    from wsi_scan.io.resume import partial_path
 
     slide = make_slide(tumour=TUMOUR)
     out = tmp_path / "h.zarr"

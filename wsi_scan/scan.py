@@ -106,55 +106,6 @@ class _Progress:
         self.bar.close()
 
 
-class _Checkpoint:
-    """Keeps the cells of finished blocks and saves them every ``every_s`` seconds (and when
-    the scan fails), so that a scan killed at any point resumes with the blocks it finished."""
-
-    def __init__(self, out: Path, key: str, probs: np.ndarray, done: np.ndarray,
-                 blocks: dict[str, tuple[int, int, int, int]], every_s: float) -> None:
-        self.out, self.key, self.probs, self.done, self.blocks, self.every_s = out, key, probs, done, blocks, every_s
-        self.dirty = False
-        self.last = time.monotonic()
-
-    def record(self, name: str, result: np.ndarray) -> None:
-        block = self.blocks.get(name)
-        if block is None:
-            return
-        r0, c0, nr, nc = block
-        self.probs[r0 : r0 + nr, c0 : c0 + nc] = result
-        self.done[r0 : r0 + nr, c0 : c0 + nc] = True
-        self.dirty = True
-        if self.every_s > 0 and time.monotonic() - self.last >= self.every_s:
-            self.save()
-
-    def save(self) -> None:
-        from .io.heatmap import save_partial
-
-        if self.dirty and self.every_s > 0:
-            save_partial(self.out, self.key, self.probs, self.done)
-            self.dirty = False
-            self.last = time.monotonic()
-
-    def callback(self) -> Any:
-        from dask.callbacks import Callback
-
-        record = self.record
-
-        class _CB(Callback):
-            def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:  # noqa: A002
-                record(str(key[0] if isinstance(key, tuple) else key), result)
-
-        return _CB()
-
-
-def partial_key(settings: str, slide_identity: str, grid: Any, read_level: int) -> str:
-    """What an interrupted scan's finished cells depend on: model and settings, the slide file,
-    the cell grid and the pyramid level read."""
-    payload = json.dumps([settings, slide_identity, list(grid.l0_origin_xy), list(grid.l0_cell_size_xy),
-                          list(grid.shape_rc), grid.patch_px, grid.cell_px, read_level])
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
 def scan_slide(
     slide_path: str | Path,
     out: str | Path,
@@ -197,8 +148,9 @@ def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, mo
     from .graph import block_key, build_graph
     from .inference import Predictor
     from .io.checkpoint import LoadedModel, card_summary, load_model
-    from .io.heatmap import FORMAT_VERSION, drop_partial, load_partial, write_heatmap
+    from .io.heatmap import FORMAT_VERSION, write_heatmap
     from .io.mpp import check_extent, resolve_mpp
+    from .io.resume import Checkpoint, drop_partial, load_partial, partial_key
     from .io.slide import file_identity
     from .lesions import call_slide
     from .plan import plan_scan
@@ -239,7 +191,7 @@ def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, mo
     if todo:
         tasks = build_graph(plan, cells, todo, predictor)
         bar = _Progress(len(todo), slide_path.name, progress)
-        ckpt = _Checkpoint(out, key, probs, done, {block_key(b): b for b in todo}, config.checkpoint_s)
+        ckpt = Checkpoint(out, key, probs, done, {block_key(b): b for b in todo}, config.checkpoint_s)
         try:
             with bar.callback(), ckpt.callback(), expected_reads(plan, todo, config.tile_cache_mb << 20):
                 results = dask.compute(*tasks, scheduler=scheduler, num_workers=max(1, config.threads))

@@ -25,7 +25,7 @@ import numpy as np
 from ..config import MAX_SLIDE_EXTENT_MM, MPP_RANGE_UM
 from ..errors import HeatmapError, OutsideGridError
 from ..geometry import GridGeometry
-from .outputs import atomic_write, check_replaceable, move_into_place, remove_path, temp_name, writing
+from .outputs import check_replaceable, move_into_place, remove_path, temp_name, writing
 
 FORMAT_VERSION = 1
 OME_VERSION = "0.5"
@@ -298,39 +298,3 @@ def open_heatmap(path: str | Path) -> Heatmap:
     if want is None and bool((tissue & ~np.isfinite(probs)).any()):
         raise HeatmapError(f"{p}: damaged heatmap store, tissue cells without a probability (a chunk is missing); rerun the scan")
     return Heatmap(str(p), probs, tissue, grid, meta)
-
-
-def partial_path(out: Path) -> Path:
-    """Where a scan of ``out`` keeps the cells of its finished blocks until the store is written."""
-    return out.with_name(f".{out.name}.partial.npz")
-
-
-def save_partial(out: Path, key: str, probs: np.ndarray, done: np.ndarray) -> None:
-    """Write the finished cells atomically: a kill at any moment leaves the old file or the new."""
-    with atomic_write(partial_path(out), "resume file") as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, key=np.array(key), probs=probs, done=done)
-
-
-def load_partial(out: Path, key: str, shape_rc: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
-    """The (probs, done) of an interrupted scan of ``out`` made with the same ``key``, else None.
-
-    A file from another slide, model, setting or grid, or one that cannot be read, is ignored
-    (and replaced by the next save): it can only cost the work it held, never mix results.
-    """
-    path = partial_path(out)
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["key"]) != key:
-                return None
-            probs, done = z["probs"], z["done"]
-    except Exception:  # noqa: BLE001 - truncated, empty or foreign: BadZipFile, EOFError, OSError, ValueError...
-        return None
-    if probs.shape != shape_rc or done.shape != shape_rc or probs.dtype != np.float32 or done.dtype != bool:
-        return None
-    return probs, done
-
-
-def drop_partial(out: Path) -> None:
-    partial_path(out).unlink(missing_ok=True)
