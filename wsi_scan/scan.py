@@ -141,78 +141,149 @@ def scan_slide(
 
 def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, model: Any, progress: bool,
                  scheduler: str, restart: bool | None, t_start: float, t: float) -> ScanResult:
-    import dask
-
-    from .device import resolve_device
-    from .geometry import check_resolution
-    from .graph import block_key, build_graph
-    from .inference import Predictor
-    from .io.checkpoint import LoadedModel, card_summary, load_model
-    from .io.heatmap import FORMAT_VERSION, write_heatmap
+    """The stages of a scan of an opened slide: pixel size, model, plan, classify, write."""
+    from .io.heatmap import write_heatmap
     from .io.mpp import check_extent, resolve_mpp
-    from .io.resume import Checkpoint, drop_partial, load_partial, partial_key
-    from .io.slide import file_identity
-    from .lesions import call_slide
+    from .io.resume import drop_partial
     from .plan import plan_scan
-    from .regions import cached_slide, expected_reads
 
     timings: dict[str, float] = {}
-    info = slide.info
-    mpp = resolve_mpp(info.metadata, config.mpp, str(slide_path), config.mpp_xy_tolerance)
+    mpp = resolve_mpp(slide.info.metadata, config.mpp, str(slide_path), config.mpp_xy_tolerance)
     if config.mpp is not None:
         mpp = dataclasses.replace(mpp, source=config.mpp_override_source)
-    check_extent(info.level0_size_wh, mpp, str(slide_path))
+    check_extent(slide.info.level0_size_wh, mpp, str(slide_path))
     timings["open"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    card = loaded.card
-    check_resolution(mpp.xy, card.mpp, config.max_upsample, str(slide_path))
-    device = resolve_device(config.device)
-    # the cores are shared by the Dask threads: each gets its share of torch threads
-    cpu_threads = max(1, (os.cpu_count() or 1) // max(1, config.threads)) if device.type == "cpu" else 0
-    predictor = Predictor(loaded.net, card, device, config.mode, config.tta, config.batch_size, config.amp, cpu_threads)
+    loaded, predictor = _model_stage(model, mpp.xy, config, str(slide_path))
     timings["model"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    sp = plan_scan(slide, mpp.xy, card.mpp, card.cell_px, card.input_px, config)
-    tissue, grid, cells, block_list, plan = sp.tissue, sp.grid, sp.cells, sp.blocks, sp.read
+    sp = plan_scan(slide, mpp.xy, loaded.card.mpp, loaded.card.cell_px, loaded.card.input_px, config)
     timings["tissue"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    key = partial_key(settings_hash(loaded.sha256, config), file_identity(slide_path), grid, plan.level)
+    settings = settings_hash(loaded.sha256, config)  # reads a mask or ROI file once, not per use
+    run = _classify(sp, predictor, slide_path, out, config, settings, restart, progress, scheduler)
+    timings["scan"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    summary = _Summary.of(run.probs, sp, mpp.xy, loaded.card.threshold)
+    attrs = _attrs(slide.info, slide_path, mpp, sp, loaded, predictor, config, settings, run, summary, timings)
+    timings["write"] = 0.0
+    write_heatmap(out, run.probs, sp.cells, sp.grid, mpp.xy, attrs, overwrite=config.overwrite)
+    drop_partial(out)
+    timings["write"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    return ScanResult(
+        out=out, slide_path=str(slide_path), n_cells=int(run.probs.size), n_tissue_cells=summary.n_tissue,
+        tissue_area_mm2=summary.tissue_area_mm2, tumour_area_mm2=summary.tumour_area_mm2, max_prob=summary.max_prob,
+        mean_prob=summary.mean_prob, mpp_xy=mpp.xy, mpp_source=mpp.source, timings_s=timings, mode=predictor.mode,
+        device=str(predictor.device), resumed_cells=run.resumed_cells,
+        decoder_warnings=run.decoder.count if run.decoder is not None else 0,
+        decoder_warning=(run.decoder.first or "") if run.decoder is not None else "",
+    )
+
+
+def _model_stage(model: Any, mpp_xy: tuple[float, float], config: ScanConfig, where: str) -> tuple[Any, Any]:
+    """The model (loaded unless given loaded), checked against the slide's pixel size, bound to
+    its device and mode."""
+    from .device import resolve_device
+    from .geometry import check_resolution
+    from .inference import Predictor
+    from .io.checkpoint import LoadedModel, load_model
+
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    check_resolution(mpp_xy, loaded.card.mpp, config.max_upsample, where)
+    device = resolve_device(config.device)
+    # the cores are shared by the Dask threads: each gets its share of torch threads
+    cpu_threads = max(1, (os.cpu_count() or 1) // max(1, config.threads)) if device.type == "cpu" else 0
+    return loaded, Predictor(loaded.net, loaded.card, device, config.mode, config.tta, config.batch_size, config.amp, cpu_threads)
+
+
+@dataclass
+class _Classified:
+    probs: np.ndarray  # (rows, cols) float32, NaN off tissue
+    resumed_cells: int  # tissue cells taken over from an interrupted scan of the same output
+    decoder: Any  # the reader's decoder warnings, None when no block was read in this process
+
+
+def _classify(sp: Any, predictor: Any, slide_path: Path, out: Path, config: ScanConfig, settings: str, restart: bool | None,
+              progress: bool, scheduler: str) -> _Classified:
+    """Every tissue block not finished by an interrupted scan of ``out``, read and classified on
+    Dask, the finished ones saved as they come (io/resume.py)."""
+    import dask
+
+    from .graph import block_key, build_graph
+    from .io.resume import Checkpoint, drop_partial, load_partial, partial_key
+    from .io.slide import file_identity
+    from .regions import cached_slide, expected_reads
+
+    grid, cells, plan = sp.grid, sp.cells, sp.read
+    key = partial_key(settings, file_identity(slide_path), grid, plan.level)
     if config.overwrite if restart is None else restart:
         drop_partial(out)
     resumed = load_partial(out, key, grid.shape_rc)
     probs, done = resumed if resumed is not None else (np.full(grid.shape_rc, np.nan, dtype=np.float32), np.zeros(grid.shape_rc, dtype=bool))
     resumed_cells = int((done & cells).sum())
-    todo = [b for b in block_list if not done[b[0] : b[0] + b[2], b[1] : b[1] + b[3]].all()]
+    todo = [b for b in sp.blocks if not done[b[0] : b[0] + b[2], b[1] : b[1] + b[3]].all()]
+    if not todo:
+        return _Classified(probs, resumed_cells, None)
+    tasks = build_graph(plan, cells, todo, predictor)
+    bar = _Progress(len(todo), slide_path.name, progress)
+    ckpt = Checkpoint(out, key, probs, done, {block_key(b): b for b in todo}, config.checkpoint_s)
+    try:
+        with bar.callback(), ckpt.callback(), expected_reads(plan, todo, config.tile_cache_mb << 20):
+            results = dask.compute(*tasks, scheduler=scheduler, num_workers=max(1, config.threads))
+    finally:
+        bar.close()
+        ckpt.save()  # finished blocks survive an error or Ctrl-C as well as a kill
     decoder = None
-    if todo:
-        tasks = build_graph(plan, cells, todo, predictor)
-        bar = _Progress(len(todo), slide_path.name, progress)
-        ckpt = Checkpoint(out, key, probs, done, {block_key(b): b for b in todo}, config.checkpoint_s)
-        try:
-            with bar.callback(), ckpt.callback(), expected_reads(plan, todo, config.tile_cache_mb << 20):
-                results = dask.compute(*tasks, scheduler=scheduler, num_workers=max(1, config.threads))
-        finally:
-            bar.close()
-            ckpt.save()  # finished blocks survive an error or Ctrl-C as well as a kill
-        if scheduler in ("threads", "sync", "synchronous", "single-threaded"):
-            # the handles that decoded the blocks live in this process only on a local scheduler
-            decoder = cached_slide(plan.slide_path, plan.backend).decoder_warnings
-        # the checkpoint callback has recorded these already on Dask's local schedulers; a
-        # distributed scheduler runs no local callbacks, so the results are placed here too
-        for (r0, c0, nr, nc), res in zip(todo, results):
-            probs[r0 : r0 + nr, c0 : c0 + nc] = res
-    timings["scan"] = time.perf_counter() - t
+    if scheduler in ("threads", "sync", "synchronous", "single-threaded"):
+        # the handles that decoded the blocks live in this process only on a local scheduler
+        decoder = cached_slide(plan.slide_path, plan.backend).decoder_warnings
+    # the checkpoint callback has recorded these already on Dask's local schedulers; a
+    # distributed scheduler runs no local callbacks, so the results are placed here too
+    for (r0, c0, nr, nc), res in zip(todo, results):
+        probs[r0 : r0 + nr, c0 : c0 + nc] = res
+    return _Classified(probs, resumed_cells, decoder)
 
-    t = time.perf_counter()
-    cell_um2 = grid.l0_cell_size_xy[0] * mpp.x * grid.l0_cell_size_xy[1] * mpp.y
-    n_tissue = int(cells.sum())
-    finite = probs[np.isfinite(probs)]
-    tumour_cells = int((finite >= card.threshold).sum())
-    attrs: dict[str, Any] = {
+
+@dataclass(frozen=True)
+class _Summary:
+    """The heatmap's summary numbers, computed once for the attrs and the returned result."""
+
+    n_tissue: int
+    cell_um2: float
+    tumour_cells: int
+    max_prob: float | None
+    mean_prob: float | None
+
+    @classmethod
+    def of(cls, probs: np.ndarray, sp: Any, mpp_xy: tuple[float, float], threshold: float) -> _Summary:
+        (sx, sy) = sp.grid.l0_cell_size_xy
+        finite = probs[np.isfinite(probs)]
+        return cls(int(sp.cells.sum()), sx * mpp_xy[0] * sy * mpp_xy[1], int((finite >= threshold).sum()),
+                   float(finite.max()) if finite.size else None, float(finite.mean()) if finite.size else None)
+
+    @property
+    def tissue_area_mm2(self) -> float:
+        return self.n_tissue * self.cell_um2 / 1e6
+
+    @property
+    def tumour_area_mm2(self) -> float:
+        return self.tumour_cells * self.cell_um2 / 1e6
+
+
+def _attrs(info: Any, slide_path: Path, mpp: Any, sp: Any, loaded: Any, predictor: Any, config: ScanConfig, settings: str,
+           run: _Classified, summary: _Summary, timings: dict[str, float]) -> dict[str, Any]:
+    """The store's attrs: slide, grid, tissue, model, settings, summary, provenance (README: output format)."""
+    from .io.checkpoint import card_summary
+    from .io.heatmap import FORMAT_VERSION
+    from .lesions import call_slide
+
+    grid, tissue, plan = sp.grid, sp.tissue, sp.read
+    return {
         "format_version": FORMAT_VERSION,
         "status": "writing",
         "slide": {
@@ -229,7 +300,7 @@ def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, mo
             "backend": info.backend,
             # corrupt data the decoder passed over (wrong pixels in those tiles); null when no
             # block was read in this process (all resumed, or a distributed scheduler)
-            "decoder_warnings": decoder.to_dict() if decoder is not None else None,
+            "decoder_warnings": run.decoder.to_dict() if run.decoder is not None else None,
             "levels": [{"size_wh": list(lv.size_wh), "downsample_xy": list(lv.downsample_xy)} for lv in info.levels],
         },
         "grid": {
@@ -247,48 +318,25 @@ def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, mo
             "roi": {"path": config.roi, "sha256": settings_roi_digest(config)} if config.roi else None,
             "mask_mpp_xy": list(tissue.mask_mpp_xy),
             "fraction_of_slide": tissue.fraction,
-            "area_mm2": n_tissue * cell_um2 / 1e6,
-            "tissue_cells": n_tissue,
-            "note": "no tissue found: every cell is NaN" if n_tissue == 0 else "",
+            "area_mm2": summary.tissue_area_mm2,
+            "tissue_cells": summary.n_tissue,
+            "note": "no tissue found: every cell is NaN" if summary.n_tissue == 0 else "",
         },
-        "model": {**card_summary(card), "path": loaded.path, "sha256": loaded.sha256},
-        "config": {**config.to_dict(), "mode": predictor.mode, "device": str(device)},
-        "settings_hash": settings_hash(loaded.sha256, config),
+        "model": {**card_summary(loaded.card), "path": loaded.path, "sha256": loaded.sha256},
+        "config": {**config.to_dict(), "mode": predictor.mode, "device": str(predictor.device)},
+        "settings_hash": settings,
         "summary": {
             # the node's call, the one place it is computed (lesions.call_slide)
-            **call_slide(probs, grid, mpp.xy, card.threshold).summary(),
-            "tumour_cells": tumour_cells,
-            "tumour_area_mm2": tumour_cells * cell_um2 / 1e6,
-            "max_prob": float(finite.max()) if finite.size else None,
-            "mean_prob": float(finite.mean()) if finite.size else None,
+            **call_slide(run.probs, grid, mpp.xy, loaded.card.threshold).summary(),
+            "tumour_cells": summary.tumour_cells,
+            "tumour_area_mm2": summary.tumour_area_mm2,
+            "max_prob": summary.max_prob,
+            "mean_prob": summary.mean_prob,
         },
-        "resumed_cells": resumed_cells,
+        "resumed_cells": run.resumed_cells,
         "software": software_versions(),
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
     }
-    timings["write"] = 0.0
-    write_heatmap(out, probs, cells, grid, mpp.xy, attrs, overwrite=config.overwrite)
-    drop_partial(out)
-    timings["write"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t_start
-    return ScanResult(
-        out=out,
-        slide_path=str(slide_path),
-        n_cells=int(probs.size),
-        n_tissue_cells=n_tissue,
-        tissue_area_mm2=n_tissue * cell_um2 / 1e6,
-        tumour_area_mm2=tumour_cells * cell_um2 / 1e6,
-        max_prob=float(finite.max()) if finite.size else None,
-        mean_prob=float(finite.mean()) if finite.size else None,
-        mpp_xy=mpp.xy,
-        mpp_source=mpp.source,
-        timings_s=timings,
-        mode=predictor.mode,
-        device=str(device),
-        resumed_cells=resumed_cells,
-        decoder_warnings=decoder.count if decoder is not None else 0,
-        decoder_warning=(decoder.first or "") if decoder is not None else "",
-    )
 
 
 __all__ = ["ScanResult", "WsiScanError", "scan_slide", "settings_hash"]
