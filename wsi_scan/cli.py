@@ -442,9 +442,11 @@ def models_cmd(as_json: bool) -> None:
 @click.option("--split", type=click.Choice(["auto", "train", "valid", "test"]), default="valid", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="the model file to write (.safetensors or .pt)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_SCAN.device)
+@click.option("--name", default=None, help="the model's name in its card (default: kept)")
 @click.option("--overwrite", is_flag=True, help="replace an existing model file written by wsi-scan")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def threshold_cmd(model_path: Path, data: Path, specificity: float, split: str, out: Path, device: str, overwrite: bool, quiet: bool) -> None:
+def threshold_cmd(model_path: Path, data: Path, specificity: float, split: str, out: Path, device: str, name: str | None,
+                  overwrite: bool, quiet: bool) -> None:
     """Copy a model with its card's threshold chosen on validation patches (the rule `train` applies)."""
     from .errors import UsageError
     from .io.checkpoint import load_model, save_model
@@ -468,7 +470,7 @@ def threshold_cmd(model_path: Path, data: Path, specificity: float, split: str, 
         card = with_threshold(model.card, ev.labels, ev.probs, specificity, ps.name)
         metrics = {**model.card.metrics, **validation_metrics(card, ev.labels, ev.probs, None)}
         metrics.pop("valid_tta", None)  # measured at the former threshold: evaluate --tta gives it again
-        card = ModelCard.from_dict({**card.to_dict(), "metrics": metrics})
+        card = ModelCard.from_dict({**card.to_dict(), "metrics": metrics, "name": name or card.name})
         save_model(out, model.net, card)
         return card
 

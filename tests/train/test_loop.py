@@ -190,9 +190,11 @@ def test_evaluate_out_folder_and_warning_on_training_patches(kaggle_dir, tmp_pat
 def test_threshold_command(kaggle_dir, tmp_path):
     out = tmp_path / "m.pt"
     train([kaggle_dir], out, TrainConfig(**TINY, threshold_specificity=0.0), progress=False)
-    r = CliRunner().invoke(main, ["threshold", str(out), str(kaggle_dir), "--specificity", "0.75", "--out", str(tmp_path / "t.safetensors")])
+    r = CliRunner().invoke(main, ["threshold", str(out), str(kaggle_dir), "--specificity", "0.75", "--out", str(tmp_path / "t.safetensors"),
+                                  "--name", "fast"])
     assert r.exit_code == 0, r.output
     m = load_model(tmp_path / "t.safetensors")
+    assert m.card.name == "fast"
     assert m.card.training["threshold_rule"]["data"] == "kaggle/valid" and m.card.metrics["valid"]["specificity"] >= 0.75
     assert "valid_tta" not in m.card.metrics  # measured at the former threshold
     # on the patches it was trained on: refused
