@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from wsi_scan.device import resolve_device
     from wsi_scan.inference import Predictor
-    from wsi_scan.io.checkpoint import load_model
+    from wsi_scan.io.model_files import load_model
     from wsi_scan.io.mpp import resolve_mpp
     from wsi_scan.io.slide import open_slide
     from wsi_scan.plan import plan_scan

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from wsi_scan.config import LesionConfig, ScanConfig
-from wsi_scan.io.checkpoint import load_model
 from wsi_scan.io.datasets import open_patch_data
 from wsi_scan.io.heatmap import open_heatmap
+from wsi_scan.io.model_files import load_model
 from wsi_scan.io.mosaic import write_mosaic
 from wsi_scan.lesions import find_lesions
 from wsi_scan.scan import scan_slide

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from wsi_scan.config import ScanConfig, TissueConfig
-from wsi_scan.io.checkpoint import load_model
 from wsi_scan.io.datasets import open_patch_data
 from wsi_scan.io.heatmap import open_heatmap
+from wsi_scan.io.model_files import load_model
 from wsi_scan.io.mosaic import Mosaic, write_mosaic
 from wsi_scan.scan import scan_slide
 from wsi_scan.train.metrics import binary_metrics

@@ -20,8 +20,8 @@ import numpy as np
 
 
 def main() -> int:
-    from wsi_scan.io.checkpoint import load_model
     from wsi_scan.io.datasets import PatchSet, open_patch_data
+    from wsi_scan.io.model_files import load_model
     from wsi_scan.train.augment import shrink_enlarge
     from wsi_scan.train.evaluate import evaluate_patchset
 

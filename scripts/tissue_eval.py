@@ -24,9 +24,9 @@ import numpy as np
 from scipy import ndimage
 
 from wsi_scan.config import PCAM_CELL_PX, ScanConfig, TissueConfig
-from wsi_scan.io.checkpoint import load_model
 from wsi_scan.io.datasets import open_patch_data
 from wsi_scan.io.heatmap import open_heatmap
+from wsi_scan.io.model_files import load_model
 from wsi_scan.io.mosaic import LAYOUTS, Mosaic, write_mosaic
 from wsi_scan.io.mpp import resolve_mpp
 from wsi_scan.io.slide import open_slide

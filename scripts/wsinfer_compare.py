@@ -35,7 +35,7 @@ def export_for_wsinfer(model_path: Path | None, out_dir: Path) -> tuple[Path, Pa
     """TorchScript model and WSInfer config (wsinfer-zoo schema 1.0) of a wsi-scan model."""
     import torch
 
-    from wsi_scan.io.checkpoint import load_model
+    from wsi_scan.io.model_files import load_model
 
     loaded = load_model(model_path)
     card = loaded.card

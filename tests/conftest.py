@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests._support import ColourProbe, mock_card
-from wsi_scan.io.checkpoint import LoadedModel
+from wsi_scan.io.model_files import LoadedModel
 from wsi_scan.io.synthetic import SyntheticSlide, write_synthetic_slide
 
 SlideFactory = Callable[..., Path]

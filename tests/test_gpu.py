@@ -13,8 +13,8 @@ import torch
 
 from wsi_scan.config import ScanConfig
 from wsi_scan.inference import Predictor, auto_batch_size
-from wsi_scan.io.checkpoint import load_model
 from wsi_scan.io.heatmap import open_heatmap
+from wsi_scan.io.model_files import load_model
 from wsi_scan.scan import scan_slide
 
 pytestmark = [

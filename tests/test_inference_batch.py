@@ -7,7 +7,7 @@ import torch
 
 from wsi_scan.config import CPU_PATCH_BATCH
 from wsi_scan.inference import Predictor, auto_batch_size
-from wsi_scan.io.checkpoint import load_model
+from wsi_scan.io.model_files import load_model
 
 
 def test_cpu_patch_batches_are_capped_where_larger_ones_only_cost_memory():

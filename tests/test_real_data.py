@@ -8,9 +8,9 @@ import pytest
 
 from tests._support import shared_path
 from wsi_scan.config import ScanConfig, TissueConfig
-from wsi_scan.io.checkpoint import load_model
 from wsi_scan.io.datasets import PatchSet, open_patch_data
 from wsi_scan.io.heatmap import open_heatmap
+from wsi_scan.io.model_files import load_model
 from wsi_scan.io.mosaic import write_mosaic
 from wsi_scan.scan import scan_slide
 from wsi_scan.train.evaluate import evaluate_patchset

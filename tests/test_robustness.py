@@ -255,7 +255,7 @@ def _model_file(path: Path, **card_changes) -> Path:
 
     from safetensors.torch import save_file
 
-    from wsi_scan.io.checkpoint import CARD_KEY, load_model
+    from wsi_scan.io.model_files import CARD_KEY, load_model
 
     m = load_model()
     card = {**m.card.to_dict(), **card_changes}
@@ -291,7 +291,7 @@ def test_a_model_with_nan_weights_is_refused(make_slide, tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from wsi_scan.io.checkpoint import CARD_KEY, load_model
+    from wsi_scan.io.model_files import CARD_KEY, load_model
 
     m = load_model()
     state = {k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v).contiguous() for k, v in m.net.state_dict().items()}
@@ -612,7 +612,7 @@ def test_a_torchscript_model_that_is_not_a_classifier_is_refused(make_slide, tmp
 
     import torch
 
-    from wsi_scan.io.checkpoint import load_model
+    from wsi_scan.io.model_files import load_model
 
     class Identity(torch.nn.Module):
         def forward(self, x):

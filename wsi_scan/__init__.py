@@ -15,7 +15,7 @@ _API = {
     "scan_folder": "wsi_scan.batch",
     "open_heatmap": "wsi_scan.io.heatmap",
     "open_slide": "wsi_scan.io.slide",
-    "load_model": "wsi_scan.io.checkpoint",
+    "load_model": "wsi_scan.io.model_files",
     "render_overlay": "wsi_scan.export.overlay",
     "to_geojson": "wsi_scan.export.geojson",
     "ScanConfig": "wsi_scan.config",

@@ -295,7 +295,7 @@ def clean_debris(out: Path) -> list[Path]:
 
 def _model_for(model: Any) -> Any:
     """A LoadedModel from a LoadedModel, a path or None, loading each path once per process."""
-    from .io.checkpoint import LoadedModel, load_model, resolve_model
+    from .io.model_files import LoadedModel, load_model, resolve_model
 
     if isinstance(model, LoadedModel):
         return model
@@ -505,7 +505,7 @@ def _run_distributed(jobs: Sequence[SlideJob], model: Any, workers: int | None, 
                      bar: _FolderBar) -> list[SlideOutcome]:
     from distributed import Client, LocalCluster, as_completed
 
-    from .io.checkpoint import LoadedModel
+    from .io.model_files import LoadedModel
 
     with contextlib.ExitStack() as stack:
         if address:

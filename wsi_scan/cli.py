@@ -360,7 +360,7 @@ def explore(data: tuple[Path, ...], out_dir: Path) -> None:
 def evaluate(data: Path, model_path: Path | None, split: str, tta: bool, as_json: bool, device: str, batch_size: int, quiet: bool,
              out_dir: Path | None) -> None:
     """Score a model on labelled patches: AUC with its 95% bootstrap interval, accuracy, sensitivity, specificity."""
-    from .io.checkpoint import load_model
+    from .io.model_files import load_model
     from .train.evaluate import evaluate_patchset, trained_on, write_evaluation
     from .train.metrics import bootstrap_auc_ci
 
@@ -406,7 +406,7 @@ def _patch_split(data: Path, split: str) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="one JSON list on stdout")
 def models_cmd(as_json: bool) -> None:
     """The bundled models (pass a name to --model): contract, validation metrics, cost, training."""
-    from .io.checkpoint import bundled_model_path, bundled_models, describe_model, load_model
+    from .io.model_files import bundled_model_path, bundled_models, describe_model, load_model
 
     def go() -> list[dict[str, Any]]:
         default = bundled_model_path()
@@ -449,7 +449,7 @@ def threshold_cmd(model_path: Path, data: Path, specificity: float, split: str, 
                   overwrite: bool, quiet: bool) -> None:
     """Copy a model with its card's threshold chosen on validation patches (the rule `train` applies)."""
     from .errors import UsageError
-    from .io.checkpoint import load_model, save_model
+    from .io.model_files import load_model, save_model
     from .io.outputs import check_replaceable, prepare_parent
     from .model.card import ModelCard
     from .train.evaluate import evaluate_patchset, trained_on

@@ -68,7 +68,7 @@ def file_sha256(path: str) -> str:
     from pathlib import Path
 
     from .errors import DataError
-    from .io.checkpoint import _sha256
+    from .io.model_files import _sha256
 
     try:
         return _sha256(Path(path))

@@ -191,7 +191,7 @@ def _model_stage(model: Any, mpp_xy: tuple[float, float], config: ScanConfig, wh
     from .device import resolve_device
     from .geometry import check_resolution
     from .inference import Predictor
-    from .io.checkpoint import LoadedModel, load_model
+    from .io.model_files import LoadedModel, load_model
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     check_resolution(mpp_xy, loaded.card.mpp, config.max_upsample, where)
@@ -242,7 +242,7 @@ def _classify(sp: Any, predictor: Any, slide_path: Path, out: Path, config: Scan
     if scheduler in ("threads", "sync", "synchronous", "single-threaded"):
         # the handles that decoded the blocks live in this process only on a local scheduler
         decoder = cached_slide(plan.slide_path, plan.backend).decoder_warnings
-    # the checkpoint callback has recorded these already on Dask's local schedulers; a
+    # the resume callback has recorded these already on Dask's local schedulers; a
     # distributed scheduler runs no local callbacks, so the results are placed here too
     for (r0, c0, nr, nc), res in zip(todo, results):
         probs[r0 : r0 + nr, c0 : c0 + nc] = res
@@ -278,8 +278,8 @@ class _Summary:
 def _attrs(info: Any, slide_path: Path, mpp: Any, sp: Any, loaded: Any, predictor: Any, config: ScanConfig, settings: str,
            run: _Classified, summary: _Summary, timings: dict[str, float]) -> dict[str, Any]:
     """The store's attrs: slide, grid, tissue, model, settings, summary, provenance (README: output format)."""
-    from .io.checkpoint import card_summary
     from .io.heatmap import FORMAT_VERSION
+    from .io.model_files import card_summary
     from .lesions import call_slide
 
     grid, tissue, plan = sp.grid, sp.tissue, sp.read

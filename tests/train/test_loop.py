@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from wsi_scan.cli import main
 from wsi_scan.config import TrainConfig
-from wsi_scan.io.checkpoint import load_model
+from wsi_scan.io.model_files import load_model
 from wsi_scan.train.loop import train
 
 TINY = dict(width=8, batch_size=16, epochs=1, loader_workers=0, threads=1)

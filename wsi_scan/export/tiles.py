@@ -189,7 +189,7 @@ def _window_contract(model: Any) -> tuple[float, int, int]:
     """(um/px, window px, cell px): the model card's, or PCam's without a model."""
     if model is None:
         return PCAM_MPP, PCAM_PATCH_PX, PCAM_CELL_PX
-    from ..io.checkpoint import LoadedModel, load_model
+    from ..io.model_files import LoadedModel, load_model
 
     card = (model if isinstance(model, LoadedModel) else load_model(model)).card
     return card.mpp, card.input_px, card.cell_px

@@ -107,7 +107,7 @@ def written_by_wsi_scan(path: Path) -> bool:
         if suffix in (".html", ".htm"):
             return HTML_MARK.encode() in _head(path)
         if suffix in (".safetensors", ".pt", ".pth"):
-            from .checkpoint import _read_weights
+            from .model_files import _read_weights
 
             _read_weights(path)
             return True

@@ -11,8 +11,8 @@ import torch
 from tqdm import tqdm
 
 from ..device import autocast, resolve_device
-from ..io.checkpoint import LoadedModel
 from ..io.datasets import PatchSet
+from ..io.model_files import LoadedModel
 from ..model.card import ModelCard
 from ..model.transforms import predict_logits, to_input
 from .data import RowsDataset, make_loader

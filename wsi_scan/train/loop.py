@@ -20,8 +20,8 @@ from tqdm import tqdm
 from ..config import TrainConfig
 from ..device import autocast, resolve_device
 from ..errors import UsageError
-from ..io.checkpoint import save_model
 from ..io.datasets import open_patch_data
+from ..io.model_files import save_model
 from ..model.card import ModelCard
 from ..model.nets import build_network
 from ..model.transforms import to_input
@@ -315,7 +315,7 @@ def finalize(
 ) -> TrainResult:
     """Score the chosen epoch (with TTA unless ``cfg.final_tta`` is off), choose the card's threshold on
     the validation split, store both in its card, draw the report."""
-    from ..io.checkpoint import load_model
+    from ..io.model_files import load_model
 
     model = load_model(out)
     net = model.net.to(device).to(memory_format=torch.channels_last)

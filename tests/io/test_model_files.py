@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from wsi_scan.errors import ModelError
-from wsi_scan.io.checkpoint import bundled_model_path, load_model, save_model
+from wsi_scan.io.model_files import bundled_model_path, load_model, save_model
 from wsi_scan.model.card import ModelCard
 from wsi_scan.model.nets import DenseCNN
 
@@ -67,7 +67,7 @@ def test_bundled_models_by_name(tmp_path, monkeypatch):
 
     from wsi_scan.cli import main
     from wsi_scan.errors import ModelError
-    from wsi_scan.io.checkpoint import bundled_models, resolve_model
+    from wsi_scan.io.model_files import bundled_models, resolve_model
 
     names = bundled_models()
     assert "default" in names and resolve_model("default") == names["default"] == bundled_model_path()
