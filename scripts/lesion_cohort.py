@@ -44,8 +44,16 @@ def write_node(path: Path, ps: object, neg: np.ndarray, pos: np.ndarray, k: int,
             img[(r0 + r) * 96 : (r0 + r + 1) * 96, (c0 + c) * 96 : (c0 + c + 1) * 96] = ps.read(int(idx))  # type: ignore[attr-defined]
         origin = (c0 * 96, r0 * 96)
     res = 1e4 / MPP
-    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", compression="zlib",
-                     resolution=(res, res), resolutionunit="CENTIMETER", metadata=None)
+    tifffile.imwrite(
+        path,
+        img,
+        tile=(256, 256),
+        photometric="rgb",
+        compression="zlib",
+        resolution=(res, res),
+        resolutionunit="CENTIMETER",
+        metadata=None,
+    )
     return origin
 
 
@@ -76,13 +84,29 @@ def main() -> int:
         if origin is not None:
             x0, y0 = origin
             x1, y1 = x0 + k * 96, y0 + k * 96
-            (ann / f"{name}.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [{
-                "type": "Feature", "properties": {"classification": {"name": "Tumor"}},
-                "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}}]}))
+            (ann / f"{name}.geojson").write_text(
+                json.dumps(
+                    {
+                        "type": "FeatureCollection",
+                        "features": [
+                            {
+                                "type": "Feature",
+                                "properties": {"classification": {"name": "Tumor"}},
+                                "geometry": {
+                                    "type": "Polygon",
+                                    "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]],
+                                },
+                            }
+                        ],
+                    }
+                )
+            )
             call = size_class(float(np.hypot(x1 - x0, y1 - y0)) * MPP / 1000)
         ref_calls.setdefault(patient, []).append(call)
     reference = args.out / "reference.csv"
-    reference.write_text("patient,stage\n" + "".join(f"patient_{p:03d}.zip,{pn_stage(c)}\n" for p, c in sorted(ref_calls.items())))
+    reference.write_text(
+        "patient,stage\n" + "".join(f"patient_{p:03d}.zip,{pn_stage(c)}\n" for p, c in sorted(ref_calls.items()))
+    )
     res = scan_folder(slides, args.out / "results", ScanConfig(), model=args.model)
     ev = evaluate_cohort(args.out / "results", ann, reference, figures=args.out / "results")
     ev["scan"] = {"ok": res.n_ok, "skipped": res.n_skipped, "failed": res.n_failed}

@@ -58,9 +58,15 @@ def main() -> int:
             labels = np.zeros(hm_pos.probs.shape, dtype=np.int32)
             find_lesions(hm_pos.probs, hm_pos.grid, hm_pos.mpp_xy, thr, cfg, labels=labels)
             found = np.mean([any(labels[r, c] > 0 for r, c in cells) for cells in group_cells])
-            row = {"seed_prob": seed, "threshold": thr, "false_lesions_on_negative_slide": len(false),
-                   "false_lesions_over_0.2mm": sum(le.longest_diameter_mm > 0.2 for le in false),
-                   "negative_patches": len(neg), "lesions_found": round(float(found), 4), "true_lesions": len(group_cells)}
+            row = {
+                "seed_prob": seed,
+                "threshold": thr,
+                "false_lesions_on_negative_slide": len(false),
+                "false_lesions_over_0.2mm": sum(le.longest_diameter_mm > 0.2 for le in false),
+                "negative_patches": len(neg),
+                "lesions_found": round(float(found), 4),
+                "true_lesions": len(group_cells),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.json:

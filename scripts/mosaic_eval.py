@@ -38,8 +38,13 @@ def _cpu_s() -> float:
 
 
 def scan_once(mosaic: Mosaic, model: Any, args: argparse.Namespace, read_level: str, tmp: Path) -> dict[str, Any]:
-    cfg = ScanConfig(mode=args.mode, tta=args.tta, read_level=read_level, overwrite=True,  # type: ignore[arg-type]
-                     tissue=TissueConfig(min_cell_fraction=0.0, min_object_um2=0.0, min_hole_um2=1e9))
+    cfg = ScanConfig(
+        mode=args.mode,
+        tta=args.tta,
+        read_level=read_level,
+        overwrite=True,  # type: ignore[arg-type]
+        tissue=TissueConfig(min_cell_fraction=0.0, min_object_um2=0.0, min_hole_um2=1e9),
+    )
     t, c = time.perf_counter(), _cpu_s()
     res = scan_slide(mosaic.path, tmp / f"m-{read_level}.zarr", cfg, model=model, progress=False)
     seconds, cpu = time.perf_counter() - t, _cpu_s() - c
@@ -48,10 +53,21 @@ def scan_once(mosaic: Mosaic, model: Any, args: argparse.Namespace, read_level: 
     scanned = np.isfinite(probs)
     # a patch the tissue mask left out counts as "no tumour found" (probability 0)
     m = binary_metrics(mosaic.labels, np.where(scanned, probs, 0.0), model.card.threshold)
-    return {**m.to_dict(), "read_level": read_level, "level_read": hm.attrs["grid"]["read_level"],
-            "patches_scanned": int(scanned.sum()), "tta": args.tta, "mode": res.mode, "scan_mpp": args.scan_mpp,
-            "slide_mpp": list(res.mpp_xy), "scan_seconds": round(seconds, 2), "scan_stage_s": round(res.timings_s["scan"], 2),
-            "cpu_s": round(cpu, 2), "tissue_cells": res.n_tissue_cells, "model": model.card.name}
+    return {
+        **m.to_dict(),
+        "read_level": read_level,
+        "level_read": hm.attrs["grid"]["read_level"],
+        "patches_scanned": int(scanned.sum()),
+        "tta": args.tta,
+        "mode": res.mode,
+        "scan_mpp": args.scan_mpp,
+        "slide_mpp": list(res.mpp_xy),
+        "scan_seconds": round(seconds, 2),
+        "scan_stage_s": round(res.timings_s["scan"], 2),
+        "cpu_s": round(cpu, 2),
+        "tissue_cells": res.n_tissue_cells,
+        "model": model.card.name,
+    }
 
 
 def main() -> int:
@@ -62,8 +78,12 @@ def main() -> int:
     ap.add_argument("--mode", default="auto")
     ap.add_argument("--tta", action="store_true")
     ap.add_argument("--limit", type=int, default=0, help="use the first N patches only")
-    ap.add_argument("--scan-mpp", type=float, default=None,
-                    help="enlarge the mosaic to this um/px (e.g. 0.25, a 40x scan) and store it JPEG-tiled with a pyramid")
+    ap.add_argument(
+        "--scan-mpp",
+        type=float,
+        default=None,
+        help="enlarge the mosaic to this um/px (e.g. 0.25, a 40x scan) and store it JPEG-tiled with a pyramid",
+    )
     ap.add_argument("--read-level", default="exact", help="comma-separated read-level policies to compare (exact, nearest)")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every policy (times: medians)")
     ap.add_argument("--mosaic", type=Path, default=None, help="keep the mosaic slide here and reuse it when it exists")
@@ -75,28 +95,38 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         path = args.mosaic or tmp / "mosaic.tif"
-        if args.mosaic is not None and args.mosaic.exists():
-            mosaic = _truth(path, ps, idx)
-        else:
-            mosaic = write_mosaic(path, ps, idx, scan_mpp=args.scan_mpp)
+        mosaic = (
+            _truth(path, ps, idx)
+            if args.mosaic is not None and args.mosaic.exists()
+            else write_mosaic(path, ps, idx, scan_mpp=args.scan_mpp)
+        )
         runs: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
         for _ in range(args.rounds):
             for policy in policies:
                 r = scan_once(mosaic, model, args, policy, tmp)
                 runs[policy].append(r)
                 print(json.dumps(r), flush=True)
-    summary = {p: {k: rs[0][k] for k in ("auc", "accuracy", "sensitivity", "specificity", "level_read", "patches_scanned")
-                   if k in rs[0]} | {"scan_seconds_median": statistics.median(r["scan_seconds"] for r in rs),
-                                     "cpu_s_median": statistics.median(r["cpu_s"] for r in rs), "rounds": len(rs)}
-               for p, rs in runs.items()}
+    summary = {
+        p: {k: rs[0][k] for k in ("auc", "accuracy", "sensitivity", "specificity", "level_read", "patches_scanned") if k in rs[0]}
+        | {
+            "scan_seconds_median": statistics.median(r["scan_seconds"] for r in rs),
+            "cpu_s_median": statistics.median(r["cpu_s"] for r in rs),
+            "rounds": len(rs),
+        }
+        for p, rs in runs.items()
+    }
     print(json.dumps({"summary": summary, "dataset": f"{ps.name} as a mosaic slide", "n": len(idx)}))
     return 0
 
 
 def _truth(path: Path, ps: Any, idx: np.ndarray) -> Mosaic:
     """The truth of a kept mosaic (the original layout: row by row, ``write_mosaic``'s rule)."""
-    return Mosaic(path, (int(np.ceil(len(idx) / np.ceil(np.sqrt(len(idx))))), int(np.ceil(np.sqrt(len(idx))))),
-                  np.asarray(idx), ps.labels[np.asarray(idx)])
+    return Mosaic(
+        path,
+        (int(np.ceil(len(idx) / np.ceil(np.sqrt(len(idx))))), int(np.ceil(np.sqrt(len(idx))))),
+        np.asarray(idx),
+        ps.labels[np.asarray(idx)],
+    )
 
 
 if __name__ == "__main__":

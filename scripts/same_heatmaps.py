@@ -35,11 +35,15 @@ def cases() -> list[tuple[str, dict[str, Any], str]]:
     from wsi_scan.io import synthetic
 
     boxes = {"tissue": ((300, 300, 3900, 2700), (4300, 500, 5700, 4100)), "tumour": ((1200, 900, 2100, 1700),)}
-    out = [("native-0.972", {"size_wh": (6000, 4400), "mpp": 0.972, **boxes}, "dense"),
-           ("native-0.972", {"size_wh": (6000, 4400), "mpp": 0.972, **boxes}, "patch")]
+    out = [
+        ("native-0.972", {"size_wh": (6000, 4400), "mpp": 0.972, **boxes}, "dense"),
+        ("native-0.972", {"size_wh": (6000, 4400), "mpp": 0.972, **boxes}, "patch"),
+    ]
     x2 = {k: tuple(tuple(2 * v for v in b) for b in bs) for k, bs in boxes.items()}
     for layout in getattr(synthetic, "PYRAMID_LAYOUTS", ("pages",)):
-        out.append((f"40x-{layout}", {"size_wh": (12000, 8800), "mpp": 0.25, "downsamples": (1, 4, 16), "layout": layout, **x2}, "dense"))
+        out.append(
+            (f"40x-{layout}", {"size_wh": (12000, 8800), "mpp": 0.25, "downsamples": (1, 4, 16), "layout": layout, **x2}, "dense")
+        )
     return out
 
 
@@ -69,8 +73,12 @@ def scan_all(tmp: Path, only: str | None = None) -> dict[str, dict[str, Any]]:
             continue
         res = scan_slide(path, tmp / f"{key.replace('/', '-')}.zarr", ScanConfig(**kw, overwrite=True))
         attrs = open_heatmap(res.out).attrs
-        rows[key] = {"data_sha256": attrs["data_sha256"], "tissue_cells": attrs["tissue"]["tissue_cells"],
-                     "read_level": attrs["grid"].get("read_level"), "settings_hash": attrs["settings_hash"]}
+        rows[key] = {
+            "data_sha256": attrs["data_sha256"],
+            "tissue_cells": attrs["tissue"]["tissue_cells"],
+            "read_level": attrs["grid"].get("read_level"),
+            "settings_hash": attrs["settings_hash"],
+        }
         print(json.dumps({key: rows[key]}), flush=True)
     return rows
 

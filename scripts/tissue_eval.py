@@ -70,9 +70,18 @@ def glass_cells(m: Mosaic, shape_rc: tuple[int, int]) -> np.ndarray:
     return ~near
 
 
-def run_layout(ps: object, idx: np.ndarray, layout: str, method: str, scan_mpp: float | None, tmp: Path,
-               model: object | None, patch_probs: np.ndarray | None, overrides: dict[str, float],
-               stained: np.ndarray) -> dict[str, object]:
+def run_layout(
+    ps: object,
+    idx: np.ndarray,
+    layout: str,
+    method: str,
+    scan_mpp: float | None,
+    tmp: Path,
+    model: object | None,
+    patch_probs: np.ndarray | None,
+    overrides: dict[str, float],
+    stained: np.ndarray,
+) -> dict[str, object]:
     m = write_mosaic(tmp / f"{layout}.tif", ps, idx, scan_mpp=scan_mpp, layout=layout)  # type: ignore[arg-type]
     cfg = ScanConfig(tissue=TissueConfig(method=method, **overrides))  # type: ignore[arg-type]
     slide = open_slide(m.path)
@@ -87,7 +96,11 @@ def run_layout(ps: object, idx: np.ndarray, layout: str, method: str, scan_mpp: 
     scanned = np.array([cells[m.cell_of(k)] for k in range(len(idx))])
     glass = glass_cells(m, cells.shape)
     row: dict[str, object] = {
-        "layout": layout, "method": method, **({"overrides": overrides} if overrides else {}), "scan_mpp": scan_mpp, "patches": len(idx),
+        "layout": layout,
+        "method": method,
+        **({"overrides": overrides} if overrides else {}),
+        "scan_mpp": scan_mpp,
+        "patches": len(idx),
         "patches_scanned": round(float(scanned.mean()), 4),
         "patches_centre_stained": int(stained.sum()),
         "centre_stained_scanned": round(float(scanned[stained].mean()), 4),
@@ -115,7 +128,9 @@ def main() -> int:
     ap.add_argument("data", type=Path)
     ap.add_argument("--split", default="valid")
     ap.add_argument("--limit", type=int, default=0, help="use the first N patches only")
-    ap.add_argument("--scan-mpp", type=float, default=None, help="store the mosaics enlarged to this um/px, JPEG-tiled with a pyramid")
+    ap.add_argument(
+        "--scan-mpp", type=float, default=None, help="store the mosaics enlarged to this um/px, JPEG-tiled with a pyramid"
+    )
     ap.add_argument("--methods", default="otsu,glass")
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--auc", action="store_true", help="also scan end to end with the bundled (or --model) model")

@@ -48,8 +48,9 @@ def slide_spec(size_wh: tuple[int, int]) -> Any:
     tissue = tuple((int(a * w), int(b * h), int(c * w), int(d * h)) for a, b, c, d in sections)
     foci = ((0.12, 0.15, 0.02), (0.40, 0.30, 0.03), (0.70, 0.20, 0.015), (0.45, 0.68, 0.025))
     tumour = tuple((int(x * w), int(y * h), int(x * w + s * w), int(y * h + s * w)) for x, y, s in foci)
-    return SyntheticSlide(size_wh=size_wh, mpp=0.25, downsamples=(1, 4, 16, 64), tile_px=256, quality=90,
-                          tissue=tissue, tumour=tumour)
+    return SyntheticSlide(
+        size_wh=size_wh, mpp=0.25, downsamples=(1, 4, 16, 64), tile_px=256, quality=90, tissue=tissue, tumour=tumour
+    )
 
 
 def ensure_data(cache: Path, size_wh: tuple[int, int]) -> Path:
@@ -84,12 +85,26 @@ def ensure_data(cache: Path, size_wh: tuple[int, int]) -> Path:
         probs = np.where(tissue, probs, np.nan).astype(np.float32)
         attrs = {
             "format_version": 1,
-            "slide": {"path": str(slide.resolve()), "name": slide.name, "level0_size_wh": list(size_wh),
-                      "l0_bounds_xywh": [0, 0, *size_wh], "mpp_xy": [0.25, 0.25], "mpp_source": "synthetic", "backend": "auto"},
-            "grid": {"l0_origin_xy": list(grid.l0_origin_xy), "l0_cell_size_xy": list(grid.l0_cell_size_xy),
-                     "shape_rc": [rows, cols], "patch_px": 96, "cell_px": 32, "target_mpp": 0.972},
+            "slide": {
+                "path": str(slide.resolve()),
+                "name": slide.name,
+                "level0_size_wh": list(size_wh),
+                "l0_bounds_xywh": [0, 0, *size_wh],
+                "mpp_xy": [0.25, 0.25],
+                "mpp_source": "synthetic",
+                "backend": "auto",
+            },
+            "grid": {
+                "l0_origin_xy": list(grid.l0_origin_xy),
+                "l0_cell_size_xy": list(grid.l0_cell_size_xy),
+                "shape_rc": [rows, cols],
+                "patch_px": 96,
+                "cell_px": 32,
+                "target_mpp": 0.972,
+            },
             "model": {"threshold": 0.5, "name": "synthetic"},
-            "summary": {}, "tissue": {},
+            "summary": {},
+            "tissue": {},
         }
         write_heatmap(store, probs, tissue, grid, (0.25, 0.25), attrs)
         print(f"heatmap written: {store} ({rows} x {cols} cells)")
@@ -179,8 +194,12 @@ def stats(values: list[float]) -> dict[str, float]:
     if not values:
         return {}
     v = sorted(values)
-    return {"n": len(v), "median_ms": 1e3 * statistics.median(v), "p95_ms": 1e3 * v[min(len(v) - 1, int(0.95 * len(v)))],
-            "max_ms": 1e3 * v[-1]}
+    return {
+        "n": len(v),
+        "median_ms": 1e3 * statistics.median(v),
+        "p95_ms": 1e3 * v[min(len(v) - 1, int(0.95 * len(v)))],
+        "max_ms": 1e3 * v[-1],
+    }
 
 
 def summarise(results: list[tuple[str, float, int]]) -> dict[str, Any]:
@@ -192,8 +211,10 @@ def summarise(results: list[tuple[str, float, int]]) -> dict[str, Any]:
             first.append((url, dt))
     out: dict[str, Any] = {"errors": sum(1 for *_, s in results if s != 200)}
     for layer in ("slide", "heat"):
-        out[layer] = {"all": stats([dt for u, dt, _ in results if f"/{layer}/" in u]),
-                      "first_request": stats([dt for u, dt in first if f"/{layer}/" in u])}
+        out[layer] = {
+            "all": stats([dt for u, dt, _ in results if f"/{layer}/" in u]),
+            "first_request": stats([dt for u, dt in first if f"/{layer}/" in u]),
+        }
     return out
 
 
@@ -211,8 +232,13 @@ def main() -> None:
     import psutil
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "wsi_scan", "view", str(store), "--no-browser"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsi_scan", "view", str(store), "--no-browser"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert proc.stdout is not None
     url = proc.stdout.readline().strip()
     hostport = url.split("//", 1)[1].rstrip("/")
@@ -249,13 +275,21 @@ def main() -> None:
         proc.terminate()
         proc.wait(30)
     report = {
-        "size_wh": [w, h], "cpus": os.cpu_count(), "open_slide_s": open_s,
-        "single_client": single, "concurrent": {"clients": args.clients, "viewports": args.viewports,
-                                                "tiles": len(many_results), "seconds": many_s,
-                                                "tiles_per_s": len(many_results) / many_s, **many},
-        "rss_mb": {"peak": max(rss), "end": end_rss, "samples": len(rss),
-                   "every_10_s": [round(v, 1) for v in rss[::50]]},
-        "tile_cache_mb": 128, "seconds_total": time.perf_counter() - t0,
+        "size_wh": [w, h],
+        "cpus": os.cpu_count(),
+        "open_slide_s": open_s,
+        "single_client": single,
+        "concurrent": {
+            "clients": args.clients,
+            "viewports": args.viewports,
+            "tiles": len(many_results),
+            "seconds": many_s,
+            "tiles_per_s": len(many_results) / many_s,
+            **many,
+        },
+        "rss_mb": {"peak": max(rss), "end": end_rss, "samples": len(rss), "every_10_s": [round(v, 1) for v in rss[::50]]},
+        "tile_cache_mb": 128,
+        "seconds_total": time.perf_counter() - t0,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     print(json.dumps(report, indent=1))

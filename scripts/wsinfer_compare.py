@@ -95,8 +95,12 @@ def wsinfer_windows(results: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("slide", type=Path, nargs="?")
-    ap.add_argument("--make-slide", choices=("pages", "subifds", "ome", "svs", "series"), default=None,
-                    help="write a synthetic 40x slide in this pyramid layout (scripts/benchmark.py's) instead")
+    ap.add_argument(
+        "--make-slide",
+        choices=("pages", "subifds", "ome", "svs", "series"),
+        default=None,
+        help="write a synthetic 40x slide in this pyramid layout (scripts/benchmark.py's) instead",
+    )
     ap.add_argument("--size", default="19200x19200")
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--rounds", type=int, default=3)
@@ -117,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             from wsi_scan.io.synthetic import write_synthetic_slide
 
             w, h = (int(v) for v in args.size.lower().split("x"))
-            slide = write_synthetic_slide(tmp / "slides" / f"bench-{args.make_slide}.tif",
-                                          slide_spec((w, h), real_texture(), args.make_slide))
+            slide = write_synthetic_slide(
+                tmp / "slides" / f"bench-{args.make_slide}.tif", slide_spec((w, h), real_texture(), args.make_slide)
+            )
         else:
             slide = args.slide.resolve()
             (tmp / "slides").mkdir()
@@ -132,15 +137,40 @@ def main(argv: list[str] | None = None) -> int:
             for name in runs:
                 out = tmp / f"out-{r}-{name.replace(' ', '-')}"
                 if name == "wsinfer":
-                    cmd = ["wsinfer", "run", "--wsi-dir", str(tmp / "slides"), "--results-dir", str(out),
-                           "--model-path", str(model_pt), "--config", str(cfg), "--num-workers", str(args.threads)]
+                    cmd = [
+                        "wsinfer",
+                        "run",
+                        "--wsi-dir",
+                        str(tmp / "slides"),
+                        "--results-dir",
+                        str(out),
+                        "--model-path",
+                        str(model_pt),
+                        "--config",
+                        str(cfg),
+                        "--num-workers",
+                        str(args.threads),
+                    ]
                     if overlap:
                         cmd += ["--patch-overlap-ratio", str(2 / 3)]
                     res = timed(cmd, env)
                     res["windows"] = wsinfer_windows(out)
                 else:
-                    cmd = [sys.executable, "-m", "wsi_scan", str(slide), "--out", str(out / "h.zarr"), "--quiet",
-                           "--mode", name.split()[1], "--device", "cpu", "--tissue", "all"]
+                    cmd = [
+                        sys.executable,
+                        "-m",
+                        "wsi_scan",
+                        str(slide),
+                        "--out",
+                        str(out / "h.zarr"),
+                        "--quiet",
+                        "--mode",
+                        name.split()[1],
+                        "--device",
+                        "cpu",
+                        "--tissue",
+                        "all",
+                    ]
                     if args.model is not None:
                         cmd += ["--model", str(args.model)]
                     res = timed(cmd, env)

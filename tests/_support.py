@@ -46,12 +46,11 @@ class ColourProbe(nn.Module):
 
 
 def mock_card(**kw: Any) -> ModelCard:
-    base: dict[str, Any] = dict(arch="mock-colour-probe", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                                dense_exact=True, name="mock", trained=False)
+    base: dict[str, Any] = dict(
+        arch="mock-colour-probe", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), dense_exact=True, name="mock", trained=False
+    )
     base.update(kw)
     return ModelCard(**base)
-
-
 
 
 def share_from_prob(p: np.ndarray) -> np.ndarray:

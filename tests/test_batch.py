@@ -79,8 +79,19 @@ def read_summary(out: Path) -> dict[str, dict[str, str]]:
 
 def test_listing_sorted_hidden_and_temp_ignored_recursive(tmp_path):
     d = tmp_path / "slides"
-    for name in ("b.svs", "A.tif", "a.ndpi", ".hidden.svs", "~lock.svs", "x.tif.part", "readme.txt",
-                 "sub/c.tif", ".git/d.tif", "sub/deeper/e.SVS", "sub/.f.tmp-1.tif"):
+    for name in (
+        "b.svs",
+        "A.tif",
+        "a.ndpi",
+        ".hidden.svs",
+        "~lock.svs",
+        "x.tif.part",
+        "readme.txt",
+        "sub/c.tif",
+        ".git/d.tif",
+        "sub/deeper/e.SVS",
+        "sub/.f.tmp-1.tif",
+    ):
         (d / name).parent.mkdir(parents=True, exist_ok=True)
         (d / name).write_bytes(b"x")
     (d / "out" / "g.tif").parent.mkdir(parents=True)
@@ -245,8 +256,10 @@ def test_locked_slide_is_left_to_its_holder_then_resumed(tmp_path, mock_model):
 
 def test_lock_of_a_killed_process_is_free(tmp_path):
     out = tmp_path / "out"
-    code = ("import sys, time; from pathlib import Path; from wsi_scan.batch import SlideLock; "
-            f"l = SlideLock(Path({str(out)!r}), 'a.tif'); assert l.acquire(False); print('held', flush=True); time.sleep(60)")
+    code = (
+        "import sys, time; from pathlib import Path; from wsi_scan.batch import SlideLock; "
+        f"l = SlideLock(Path({str(out)!r}), 'a.tif'); assert l.acquire(False); print('held', flush=True); time.sleep(60)"
+    )
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert p.stdout is not None and p.stdout.readline().strip() == "held"
@@ -342,8 +355,10 @@ def test_two_concurrent_runs_share_the_work_without_corruption(tmp_path):
         small_slide(slides / f"s{i}.tif", i)
     ref, out = tmp_path / "ref", tmp_path / "out"
     subprocess.run(cli_cmd(slides, "--out", ref), check=True, env=env(), cwd=tmp_path, timeout=300)
-    procs = [subprocess.Popen(cli_cmd(slides, "--out", out), env=env(), cwd=tmp_path,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(cli_cmd(slides, "--out", out), env=env(), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
@@ -366,8 +381,14 @@ def test_local_cluster_of_two_processes_equals_serial(tmp_path):
     # the serial reference runs with one OpenMP thread, as Dask's nannies start their workers:
     # torch's CPU kernels differ in the last bit between OpenMP configurations
     subprocess.run(cli_cmd(slides, "--out", tmp_path / "serial"), check=True, env=env(), cwd=tmp_path, timeout=300)
-    r = subprocess.run(cli_cmd(slides, "--out", tmp_path / "cli", "--workers", "2"), env=env(), cwd=tmp_path,
-                       timeout=300, capture_output=True, text=True)
+    r = subprocess.run(
+        cli_cmd(slides, "--out", tmp_path / "cli", "--workers", "2"),
+        env=env(),
+        cwd=tmp_path,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as cluster:
         res = scan_folder(slides, tmp_path / "dask", ScanConfig(threads=1), scheduler_address=cluster.scheduler_address)
@@ -405,7 +426,12 @@ def test_report_fallback_thumbnail_without_overlay_renderer(tmp_path, mock_model
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs Debian chromium (scripts/check_report.sh installs it)")
 def test_report_renders_and_sorts_in_headless_chromium(tmp_path):
-    r = subprocess.run(["bash", str(REPO / "scripts" / "check_report.sh"), "", str(tmp_path / "report.png")],
-                       env={**env(), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        ["bash", str(REPO / "scripts" / "check_report.sh"), "", str(tmp_path / "report.png")],
+        env={**env(), "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "sorted by tumour area" in r.stdout and (tmp_path / "report.png").stat().st_size > 10_000

@@ -178,8 +178,9 @@ def test_malicious_model_refused(make_slide, tmp_path):
 def test_real_process_prints_no_traceback(tmp_path):
     p = tmp_path / "notes.svs"
     p.write_text("hello")
-    r = subprocess.run([sys.executable, "-m", "wsi_scan", str(p), "--out", str(tmp_path / "h.zarr")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "wsi_scan", str(p), "--out", str(tmp_path / "h.zarr")], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 3
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
 

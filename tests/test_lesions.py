@@ -90,15 +90,29 @@ def test_call_and_score():
     assert c.call == "negative" and c.score == pytest.approx(0.1) and c.summary()["n_lesions"] == 0
     p[10:12, 10:12] = 0.99
     c = call_slide(p, g, MPP, 0.5)
-    assert c.call == "itc" and c.summary() == {"call": "itc", "score": pytest.approx(0.99), "n_lesions": 1,
-                                                "largest_lesion_mm": pytest.approx(math.hypot(20, 20) / 1000)}
+    assert c.call == "itc" and c.summary() == {
+        "call": "itc",
+        "score": pytest.approx(0.99),
+        "n_lesions": 1,
+        "largest_lesion_mm": pytest.approx(math.hypot(20, 20) / 1000),
+    }
 
 
-@pytest.mark.parametrize(("calls", "stage"), [
-    ([], "pN0"), (["negative"] * 5, "pN0"), (["itc", "negative"], "pN0(i+)"), (["itc"] * 5, "pN0(i+)"),
-    (["micro", "itc"], "pN1mi"), (["micro"] * 4, "pN1mi"), (["macro", "itc", "itc", "itc", "itc"], "pN1"),
-    (["macro", "micro", "micro"], "pN1"), (["macro", "micro", "micro", "micro"], "pN2"), (["macro"] * 5, "pN2"),
-])
+@pytest.mark.parametrize(
+    ("calls", "stage"),
+    [
+        ([], "pN0"),
+        (["negative"] * 5, "pN0"),
+        (["itc", "negative"], "pN0(i+)"),
+        (["itc"] * 5, "pN0(i+)"),
+        (["micro", "itc"], "pN1mi"),
+        (["micro"] * 4, "pN1mi"),
+        (["macro", "itc", "itc", "itc", "itc"], "pN1"),
+        (["macro", "micro", "micro"], "pN1"),
+        (["macro", "micro", "micro", "micro"], "pN2"),
+        (["macro"] * 5, "pN2"),
+    ],
+)
 def test_pn_stage_rules(calls, stage):
     assert pn_stage(calls) == stage
 
@@ -145,8 +159,11 @@ def test_scan_stores_the_call_and_the_cli_lists_lesions(make_slide, mock_model, 
     code, out, err = run("lesions", res.out, "--json", "--seed-prob", "0.8")
     assert code == 0, err
     d = json.loads(out)
-    assert d["call"] in ("itc", "micro") and d["lesions"] and set(d["lesions"][0]) >= {
-        "l0_centroid_xy", "area_mm2", "longest_diameter_mm", "max_prob", "size_class"}
+    assert (
+        d["call"] in ("itc", "micro")
+        and d["lesions"]
+        and set(d["lesions"][0]) >= {"l0_centroid_xy", "area_mm2", "longest_diameter_mm", "max_prob", "size_class"}
+    )
     # the painted square is 500 x 500 level-0 px at 0.243 um/px: ~0.12 mm, its lesion a little larger
     assert 0.10 < d["lesions"][0]["longest_diameter_mm"] < 0.30
     for name in ("l.csv", "l.geojson"):
@@ -218,8 +235,9 @@ def test_painted_lesions_of_known_size_end_to_end(make_slide, mock_model, tmp_pa
         "micro": (1800, 1500, 3800, 2900),  # 486 x 340 um, across x = 2048
         "macro": (4200, 400, 12800, 2800),  # 2.09 x 0.58 mm
     }
-    slide = make_slide(size_wh=(13400, 3400), mpp=mpp, tissue=((200, 200, 13200, 3200),), tumour=tuple(boxes.values()),
-                       downsamples=(1, 4, 16))
+    slide = make_slide(
+        size_wh=(13400, 3400), mpp=mpp, tissue=((200, 200, 13200, 3200),), tumour=tuple(boxes.values()), downsamples=(1, 4, 16)
+    )
     res = scan_slide(slide, tmp_path / "h.zarr", ScanConfig(block_cells=16), model=mock_model)
     hm = open_heatmap(res.out)
     lesions = find_lesions(hm.probs, hm.grid, hm.mpp_xy, 0.5, LesionConfig(seed_prob=0.8))
@@ -239,6 +257,7 @@ def test_evaluate_slides_on_an_annotated_synthetic_cohort(make_slide, mock_model
     """Three nodes of one patient: a macro-size tumour annotated in ASAP XML, a micro annotated in
     QuPath GeoJSON, a negative without annotation. The mock model finds both tumours exactly."""
     from wsi_scan.batch import scan_folder
+
     slides = tmp_path / "slides"
     macro = (1000, 400, 10000, 2400)  # 2.2 mm x 0.49 mm at 0.243 um/px
     micro = (2000, 1000, 3600, 2200)
@@ -250,24 +269,50 @@ def test_evaluate_slides_on_an_annotated_synthetic_cohort(make_slide, mock_model
     ann = tmp_path / "ann"
     ann.mkdir()
     x0, y0, x1, y1 = macro
-    coords = "".join(f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>' for i, (x, y) in enumerate([(x0, y0), (x1, y0), (x1, y1), (x0, y1)]))
+    coords = "".join(
+        f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>' for i, (x, y) in enumerate([(x0, y0), (x1, y0), (x1, y1), (x0, y1)])
+    )
     (ann / "patient_000_node_0.xml").write_text(
         f'<ASAP_Annotations><Annotations><Annotation Name="A1" PartOfGroup="_0" Type="Polygon"><Coordinates>{coords}'
-        "</Coordinates></Annotation></Annotations></ASAP_Annotations>")
+        "</Coordinates></Annotation></Annotations></ASAP_Annotations>"
+    )
     x0, y0, x1, y1 = micro
-    (ann / "patient_000_node_1.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [{
-        "type": "Feature", "properties": {"classification": {"name": "Tumor"}},
-        "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}}]}))
+    (ann / "patient_000_node_1.geojson").write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "features": [
+                    {
+                        "type": "Feature",
+                        "properties": {"classification": {"name": "Tumor"}},
+                        "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
+                    }
+                ],
+            }
+        )
+    )
     (tmp_path / "reference.csv").write_text("patient,stage\npatient_000.zip,pN1\npatient_000_node_0.tif,macro\n")
-    code, out, err = run("evaluate-slides", tmp_path / "results", "--annotations", ann, "--reference", tmp_path / "reference.csv",
-                         "--json", "--seed-prob", "0.8")  # the mock model peaks at 0.88
+    code, out, err = run(
+        "evaluate-slides",
+        tmp_path / "results",
+        "--annotations",
+        ann,
+        "--reference",
+        tmp_path / "reference.csv",
+        "--json",
+        "--seed-prob",
+        "0.8",
+    )  # the mock model peaks at 0.88
     assert code == 0, err
     ev = json.loads(out)
     assert ev["slide_auc"] == 1.0
     assert ev["froc"] == 1.0 and all(v == 1.0 for v in ev["sensitivities"].values())
     calls = {s["slide"]: (s["reference_call"], s["call"]) for s in ev["slides"]}
-    assert calls == {"patient_000_node_0.tif": ("macro", "macro"), "patient_000_node_1.tif": ("micro", "micro"),
-                     "patient_000_node_2.tif": ("negative", "negative")}
+    assert calls == {
+        "patient_000_node_0.tif": ("macro", "macro"),
+        "patient_000_node_1.tif": ("micro", "micro"),
+        "patient_000_node_2.tif": ("negative", "negative"),
+    }
     assert ev["kappa"]["kappa"] == 1.0 and ev["kappa"]["patients"][0]["predicted"] == "pN1"
     assert (tmp_path / "results" / "evaluation.json").is_file()
     for name in ("froc.png", "slide_roc.png"):

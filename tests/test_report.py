@@ -50,7 +50,7 @@ def test_report_links_each_slide_and_the_cohort_to_the_viewer(run_dir):
     for o in outcomes:
         assert f"wsi-scan view {shlex.quote(o.out)}" in page.replace("&#x27;", "'")
     assert f"wsi-scan view {shlex.quote(str(out))}" in page.replace("&#x27;", "'")  # the whole cohort
-    assert "micro<div class=\"lesions\">2 lesions, largest 0.50 mm</div>" in page
+    assert 'micro<div class="lesions">2 lesions, largest 0.50 mm</div>' in page
     assert page.count('class="lesions"') == 1  # a slide without lesions shows its call alone
 
 

@@ -101,12 +101,15 @@ def test_out_dot_and_symlink_loop(make_slide, tmp_path, monkeypatch):
         assert code == 4 and loop.is_symlink()
 
 
-@pytest.mark.parametrize(("command", "name", "extra"), [
-    ("overlay", "picture.png", []),
-    ("overlay", "picture.jpg", []),
-    ("geojson", "tumour.geojson", []),
-    ("heatmap-tiff", "heatmap.tif", []),
-])
+@pytest.mark.parametrize(
+    ("command", "name", "extra"),
+    [
+        ("overlay", "picture.png", []),
+        ("overlay", "picture.jpg", []),
+        ("geojson", "tumour.geojson", []),
+        ("heatmap-tiff", "heatmap.tif", []),
+    ],
+)
 def test_exports_replace_only_their_own_files(heatmap, tmp_path, command, name, extra):
     _, hm = heatmap
     user = tmp_path / "user" / name
@@ -175,11 +178,20 @@ def test_train_never_replaces_a_foreign_file(tmp_path):
 # ----------------------------------------------------------------------------- options and sizes
 
 
-@pytest.mark.parametrize("opt", [
-    ["--tissue-mpp", "-1"], ["--tissue-mpp", "0"], ["--tissue-mpp", "nan"], ["--min-cell-fraction", "2"],
-    ["--min-cell-fraction", "nan"], ["--mpp", "1e-4"], ["--mpp", "inf"], ["--min-saturation", "-0.5"],
-    ["--min-object-um2", "nan"],
-])
+@pytest.mark.parametrize(
+    "opt",
+    [
+        ["--tissue-mpp", "-1"],
+        ["--tissue-mpp", "0"],
+        ["--tissue-mpp", "nan"],
+        ["--min-cell-fraction", "2"],
+        ["--min-cell-fraction", "nan"],
+        ["--mpp", "1e-4"],
+        ["--mpp", "inf"],
+        ["--min-saturation", "-0.5"],
+        ["--min-object-um2", "nan"],
+    ],
+)
 def test_invalid_option_values_are_usage_errors(make_slide, tmp_path, opt):
     slide = make_slide()
     out = tmp_path / "h.zarr"
@@ -264,17 +276,20 @@ def _model_file(path: Path, **card_changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("change", "needle"), [
-    ({"cell_px": 16}, "cell_px"),
-    ({"input_px": 64}, "input"),
-    ({"input_px": 128}, "input"),
-    ({"mpp": 1e9}, "mpp"),
-    ({"mean": "0.5"}, "mean"),
-    ({"threshold": "high"}, "threshold"),
-    ({"arch_kwargs": {"width": 1_000_000}}, "width"),
-    ({"arch_kwargs": {"width": 32, "depth": 9}}, "depth"),
-    ({"temperature": 2.0}, "temperature"),
-])
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"cell_px": 16}, "cell_px"),
+        ({"input_px": 64}, "input"),
+        ({"input_px": 128}, "input"),
+        ({"mpp": 1e9}, "mpp"),
+        ({"mean": "0.5"}, "mean"),
+        ({"threshold": "high"}, "threshold"),
+        ({"arch_kwargs": {"width": 1_000_000}}, "width"),
+        ({"arch_kwargs": {"width": 32, "depth": 9}}, "depth"),
+        ({"temperature": 2.0}, "temperature"),
+    ],
+)
 @pytest.mark.parametrize("mode", ["dense", "patch"])
 def test_a_card_that_disagrees_with_its_network_is_refused_at_load(make_slide, tmp_path, change, needle, mode):
     slide = make_slide()
@@ -294,7 +309,9 @@ def test_a_model_with_nan_weights_is_refused(make_slide, tmp_path):
     from wsi_scan.io.model_files import CARD_KEY, load_model
 
     m = load_model()
-    state = {k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v).contiguous() for k, v in m.net.state_dict().items()}
+    state = {
+        k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v).contiguous() for k, v in m.net.state_dict().items()
+    }
     path = tmp_path / "nan.safetensors"
     save_file(state, str(path), metadata={CARD_KEY: json.dumps(m.card.to_dict())})
     out = tmp_path / "h.zarr"
@@ -349,9 +366,14 @@ def _damage(store: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["chunk", "garbled-chunk", "grid", "slide", "model"])
-@pytest.mark.parametrize(("command", "name"), [
-    ("overlay", "o.png"), ("geojson", "t.geojson"), ("heatmap-tiff", "h.tif"),
-])
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [
+        ("overlay", "o.png"),
+        ("geojson", "t.geojson"),
+        ("heatmap-tiff", "h.tif"),
+    ],
+)
 def test_every_export_refuses_a_damaged_store(heatmap, tmp_path, how, command, name):
     _, hm = heatmap
     _damage(hm, how)

@@ -119,7 +119,9 @@ def test_scan_decodes_each_tile_once(make_slide, mock_model, tmp_path):
     handle = cached_slide(str(slide), "tifffile")
     before = handle.read_stats.tiles_decoded
     # level 0: the one both readers frame alike (OpenSlide keeps one downsample for both axes)
-    res = scan_slide(slide, tmp_path / "h.zarr", ScanConfig(backend="tifffile", block_cells=4, read_level="exact"), model=mock_model)
+    res = scan_slide(
+        slide, tmp_path / "h.zarr", ScanConfig(backend="tifffile", block_cells=4, read_level="exact"), model=mock_model
+    )
     hm = open_heatmap(res.out)
     plan_level = hm.attrs["grid"]["read_level"]
     decoded = handle.read_stats.tiles_decoded - before
@@ -136,8 +138,11 @@ def test_scan_decodes_each_tile_once(make_slide, mock_model, tmp_path):
     assert handle._cache.nbytes == 0
     assert_same_heatmap_across_readers(
         hm.probs,
-        open_heatmap(scan_slide(slide, tmp_path / "o.zarr", ScanConfig(backend="openslide", block_cells=4, read_level="exact"),
-                               model=mock_model).out).probs,
+        open_heatmap(
+            scan_slide(
+                slide, tmp_path / "o.zarr", ScanConfig(backend="openslide", block_cells=4, read_level="exact"), model=mock_model
+            ).out
+        ).probs,
     )
 
 
@@ -214,8 +219,12 @@ def test_nearest_read_level_enlarges_the_coarser_level_in_place(make_slide, mock
     tissue = ((int(200 * scale), int(200 * scale), int(2800 * scale), int(2200 * scale)),)
     tumour = tuple(tuple(int(v * scale) for v in b) for b in TUMOUR)
     slide = make_slide(size_wh=(3001, 2399), mpp=0.25, downsamples=(1, 4, 16), tissue=tissue, tumour=tumour)
-    exact = scan_slide(slide, tmp_path / "e.zarr", ScanConfig(backend=backend, block_cells=8, read_level="exact"), model=mock_model)
-    near = scan_slide(slide, tmp_path / "n.zarr", ScanConfig(backend=backend, block_cells=8, read_level="nearest"), model=mock_model)
+    exact = scan_slide(
+        slide, tmp_path / "e.zarr", ScanConfig(backend=backend, block_cells=8, read_level="exact"), model=mock_model
+    )
+    near = scan_slide(
+        slide, tmp_path / "n.zarr", ScanConfig(backend=backend, block_cells=8, read_level="nearest"), model=mock_model
+    )
     assert _check_alignment(near.out, tumour) == near.n_tissue_cells == exact.n_tissue_cells  # type: ignore[arg-type]
     he, hn = open_heatmap(exact.out), open_heatmap(near.out)
     assert (he.attrs["grid"]["read_level"], hn.attrs["grid"]["read_level"]) == (0, 1)

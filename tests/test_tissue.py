@@ -84,9 +84,15 @@ def _artefact_slide(tmp_path):
     h, w = 1500, 2000
     img = np.clip(np.array([238.0, 237.0, 241.0]) + rng.normal(0, 2.0, (h, w, 1)), 0, 255)
     regions = {
-        "tissue": (200, 200, 700, 700), "fat": (800, 200, 1200, 600), "fragment": (1400, 300, 1450, 350),
-        "pen_blue": (200, 900, 700, 930), "pen_green": (200, 1000, 700, 1030), "pen_black": (200, 1100, 700, 1130),
-        "dust": (900, 1000, 905, 1005), "border": (1960, 0, 2000, 1500), "bubble": (1000, 800, 1300, 1100),
+        "tissue": (200, 200, 700, 700),
+        "fat": (800, 200, 1200, 600),
+        "fragment": (1400, 300, 1450, 350),
+        "pen_blue": (200, 900, 700, 930),
+        "pen_green": (200, 1000, 700, 1030),
+        "pen_black": (200, 1100, 700, 1130),
+        "dust": (900, 1000, 905, 1005),
+        "border": (1960, 0, 2000, 1500),
+        "bubble": (1000, 800, 1300, 1100),
         "blur": (1450, 900, 1800, 1300),
     }
     x0, y0, x1, y1 = regions["tissue"]
@@ -116,8 +122,16 @@ def _artefact_slide(tmp_path):
     img[y0:y1, x0:x1] = np.clip(np.array([226.0, 226.0, 229.0]) + patch[..., None], 0, 255)
     path = tmp_path / "artefacts.tif"
     res = 1e4 / SLIDE_MPP
-    tifffile.imwrite(path, img.astype(np.uint8), tile=(256, 256), photometric="rgb", compression="zlib",
-                     resolution=(res, res), resolutionunit="CENTIMETER", metadata=None)
+    tifffile.imwrite(
+        path,
+        img.astype(np.uint8),
+        tile=(256, 256),
+        photometric="rgb",
+        compression="zlib",
+        resolution=(res, res),
+        resolutionunit="CENTIMETER",
+        metadata=None,
+    )
     return path, regions
 
 
@@ -128,8 +142,12 @@ def _cells_in(grid, box, inner: bool) -> tuple[slice, slice]:
     (ox, oy), (sx, sy) = grid.l0_origin_xy, grid.l0_cell_size_xy
     x0, y0, x1, y1 = box
     if inner:
-        return slice(math.ceil((y0 - oy) / sy), math.floor((y1 - oy) / sy)), slice(math.ceil((x0 - ox) / sx), math.floor((x1 - ox) / sx))
-    return slice(max(0, math.floor((y0 - oy) / sy)), math.ceil((y1 - oy) / sy)), slice(max(0, math.floor((x0 - ox) / sx)), math.ceil((x1 - ox) / sx))
+        return slice(math.ceil((y0 - oy) / sy), math.floor((y1 - oy) / sy)), slice(
+            math.ceil((x0 - ox) / sx), math.floor((x1 - ox) / sx)
+        )
+    return slice(max(0, math.floor((y0 - oy) / sy)), math.ceil((y1 - oy) / sy)), slice(
+        max(0, math.floor((x0 - ox) / sx)), math.ceil((x1 - ox) / sx)
+    )
 
 
 def test_artefacts_stay_out_and_pale_tissue_stays_in(tmp_path):
@@ -174,8 +192,16 @@ def test_tissue_all_mask_and_roi(tmp_path):
         assert user.cells[_cells_in(user.grid, regions["tissue"], inner=True)].all()
         assert user.cells.sum() <= user.cells[_cells_in(user.grid, (180, 180, 720, 720), inner=False)].sum()
         # an ROI over the left half of the tissue square
-        roi = {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {},
-               "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [450, 0], [450, 1500], [0, 1500], [0, 0]]]}}]}
+        roi = {
+            "type": "FeatureCollection",
+            "features": [
+                {
+                    "type": "Feature",
+                    "properties": {},
+                    "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [450, 0], [450, 1500], [0, 1500], [0, 0]]]},
+                }
+            ],
+        }
         (tmp_path / "roi.geojson").write_text(json.dumps(roi))
         part = plan_scan(slide, (SLIDE_MPP, SLIDE_MPP), 0.972, 32, 96, ScanConfig(roi=str(tmp_path / "roi.geojson")))
     xs = part.grid.l0_origin_xy[0] + (np.nonzero(part.cells)[1] + 0.5) * part.grid.l0_cell_size_xy[0]

@@ -88,8 +88,9 @@ class SlideOutcome:
     def row(self) -> dict[str, Any]:
         """Flat columns for CSV/JSON; timings become ``seconds_<stage>`` columns."""
         # JSON has no NaN: a value that is not finite is simply unknown
-        d: dict[str, Any] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                             for k, v in dataclasses.asdict(self).items()}
+        d: dict[str, Any] = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in dataclasses.asdict(self).items()
+        }
         timings: dict[str, float] = d.pop("timings_s")
         for stage in STAGES:
             v = timings.get(stage)
@@ -170,7 +171,9 @@ def read_mpp_csv(path: str | Path) -> dict[str, float]:
     try:
         p.read_text(encoding="utf-8-sig")
     except (UnicodeDecodeError, OSError) as exc:
-        raise UsageError(f"--mpp-csv {p}: not a readable text file ({type(exc).__name__}); expected a CSV file with columns slide,mpp") from None
+        raise UsageError(
+            f"--mpp-csv {p}: not a readable text file ({type(exc).__name__}); expected a CSV file with columns slide,mpp"
+        ) from None
     with p.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
@@ -208,8 +211,16 @@ def plan_jobs(
         key = rel.as_posix()
         out = output_path(out_dir, rel)
         if out.as_posix() in taken:
-            clashes.append(SlideOutcome(key, str(p), str(out), "failed", "OutputExistsError",
-                                        f"{key} and {taken[out.as_posix()]} would both write {out}; rename one of them"))
+            clashes.append(
+                SlideOutcome(
+                    key,
+                    str(p),
+                    str(out),
+                    "failed",
+                    "OutputExistsError",
+                    f"{key} and {taken[out.as_posix()]} would both write {out}; rename one of them",
+                )
+            )
             continue
         taken[out.as_posix()] = key
         cfg = config
@@ -315,7 +326,10 @@ def _outcome_from_attrs(job: SlideJob, status: Status, attrs: dict[str, Any]) ->
     scan_s = timings.get("scan", 0.0)
     mpp_xy = slide.get("mpp_xy") or [None]
     return SlideOutcome(
-        slide=job.rel, path=job.path, out=job.out, status=status,
+        slide=job.rel,
+        path=job.path,
+        out=job.out,
+        status=status,
         n_tissue_cells=n_tissue,
         tissue_area_mm2=attrs.get("tissue", {}).get("area_mm2"),
         tumour_area_mm2=summary.get("tumour_area_mm2"),
@@ -361,8 +375,14 @@ def process_slide(job: SlideJob, model: Any = None, blocking: bool = False, prog
         if not lock.acquire(blocking):
             return SlideOutcome(job.rel, job.path, job.out, "busy", error=f"locked by another run ({lock.holder()})")
     except OSError as exc:
-        return SlideOutcome(job.rel, job.path, job.out, "failed", type(exc).__name__,
-                            f"cannot lock {lock.path} ({exc}); check that OUT_DIR is writable")
+        return SlideOutcome(
+            job.rel,
+            job.path,
+            job.out,
+            "failed",
+            type(exc).__name__,
+            f"cannot lock {lock.path} ({exc}); check that OUT_DIR is writable",
+        )
     try:
         clean_debris(out)
         loaded = _model_for(model)
@@ -376,8 +396,15 @@ def process_slide(job: SlideJob, model: Any = None, blocking: bool = False, prog
             same_slide = complete and attrs.get("slide", {}).get("size_bytes") == os.stat(job.path).st_size
             if not job.config.overwrite and same_hash and same_slide:
                 return _outcome_from_attrs(job, "skipped", attrs)
-            why = ("--overwrite" if job.config.overwrite else "incomplete" if not complete
-                   else "made with another model or settings" if not same_hash else "the slide file changed size")
+            why = (
+                "--overwrite"
+                if job.config.overwrite
+                else "incomplete"
+                if not complete
+                else "made with another model or settings"
+                if not same_hash
+                else "the slide file changed size"
+            )
             log.info("%s: redoing existing %s (%s)", job.rel, out, why)
             cfg = dataclasses.replace(cfg, overwrite=True)
         # a stale store is replaced, but its interrupted scan's finished blocks are kept unless
@@ -446,8 +473,14 @@ def _log_outcome(o: SlideOutcome) -> None:
     elif o.status == "skipped":
         log.info("%s: skipped, %s is complete with the same model and settings", o.slide, o.out)
     else:
-        log.info("%s: ok in %.1f s, tumour area %.3f mm2, max prob %s -> %s", o.slide,
-                 o.timings_s.get("total", 0.0), o.tumour_area_mm2 or 0.0, o.max_prob, o.out)
+        log.info(
+            "%s: ok in %.1f s, tumour area %.3f mm2, max prob %s -> %s",
+            o.slide,
+            o.timings_s.get("total", 0.0),
+            o.tumour_area_mm2 or 0.0,
+            o.max_prob,
+            o.out,
+        )
 
 
 def _run_serial(jobs: Sequence[SlideJob], model: Any, progress: bool, bar: _FolderBar) -> list[SlideOutcome]:
@@ -501,8 +534,9 @@ def _worker_task(job: SlideJob, model: Any, blocking: bool) -> SlideOutcome:
     return process_slide(job, model, blocking=blocking, progress=False)
 
 
-def _run_distributed(jobs: Sequence[SlideJob], model: Any, workers: int | None, address: str | None,
-                     bar: _FolderBar) -> list[SlideOutcome]:
+def _run_distributed(
+    jobs: Sequence[SlideJob], model: Any, workers: int | None, address: str | None, bar: _FolderBar
+) -> list[SlideOutcome]:
     from distributed import Client, LocalCluster, as_completed
 
     from .io.model_files import LoadedModel
@@ -512,15 +546,21 @@ def _run_distributed(jobs: Sequence[SlideJob], model: Any, workers: int | None, 
             try:
                 client = stack.enter_context(Client(address, timeout=SCHEDULER_TIMEOUT_S))
             except (OSError, ValueError, TypeError) as exc:  # bad address, refused, timed out
-                raise UsageError(f"--scheduler {address}: cannot reach a Dask scheduler there ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); expected tcp://host:port of a running one") from None
+                raise UsageError(
+                    f"--scheduler {address}: cannot reach a Dask scheduler there ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); expected tcp://host:port of a running one"
+                ) from None
         else:
             # processes, one thread each: a slide task already runs its own thread pool (--threads)
-            cluster = stack.enter_context(LocalCluster(n_workers=workers, processes=True, threads_per_worker=1,
-                                                       dashboard_address=None))
+            cluster = stack.enter_context(
+                LocalCluster(n_workers=workers, processes=True, threads_per_worker=1, dashboard_address=None)
+            )
             client = stack.enter_context(Client(cluster))
-        log.info("Dask cluster %s with %d workers", client.scheduler.address if client.scheduler else address,
-                 len(client.scheduler_info().get("workers", {})))
+        log.info(
+            "Dask cluster %s with %d workers",
+            client.scheduler.address if client.scheduler else address,
+            len(client.scheduler_info().get("workers", {})),
+        )
         ref: Any = model
         if isinstance(model, LoadedModel):
             # a model file on disk is reloaded by path in each worker (cached there); an
@@ -616,7 +656,8 @@ def scan_folder(
         raise SlideNotFoundError(
             f"{slides_dir} is a folder{' named like a slide' if named else ''} with no slide files "
             f"({', '.join(SLIDE_EXTS)}){'' if recursive else ' at its top level (--recursive looks in subfolders)'}; "
-            "nothing was written")
+            "nothing was written"
+        )
 
     # the run rewrites these at its end: refuse at the start, not after hours, if one is a user's file
     for name in (SUMMARY_CSV, SUMMARY_JSON, REPORT_HTML):
@@ -624,8 +665,13 @@ def scan_folder(
     prepare_parent(out_dir / SUMMARY_CSV)
     with _file_log(out_dir):
         jobs, outcomes = plan_jobs(slides_dir, out_dir, config, recursive, mpp_overrides)
-        log.info("folder run: %d slides in %s -> %s (%s)", len(jobs) + len(outcomes), slides_dir, out_dir,
-                 f"cluster {scheduler_address}" if scheduler_address else f"{workers} local workers" if workers else "serial")
+        log.info(
+            "folder run: %d slides in %s -> %s (%s)",
+            len(jobs) + len(outcomes),
+            slides_dir,
+            out_dir,
+            f"cluster {scheduler_address}" if scheduler_address else f"{workers} local workers" if workers else "serial",
+        )
         if not jobs and not outcomes:
             log.warning("no slides found in %s", slides_dir)
         loaded = _model_for(model)  # once for the run; fails the run early when the model is unusable

@@ -49,7 +49,7 @@ class DefaultGroup(click.Group):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if any(not a.strip() for a in args):
             # Path("") is ".": an empty argument would scan, or write into, the current folder
-            raise click.UsageError("an empty argument was given (a path or value of \"\"); every path and value needs text", ctx)
+            raise click.UsageError('an empty argument was given (a path or value of ""); every path and value needs text', ctx)
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["scan", *args]
         return super().parse_args(ctx, args)
@@ -119,31 +119,79 @@ def main() -> None:
 
 def _scan_options(f: F) -> F:
     opts = [
-        click.option("--model", "model_path", type=click.Path(path_type=Path), default=None, help="a bundled model's name (`wsi-scan models`) or a model file (default: the bundled default)"),
-        click.option("--mode", type=click.Choice(["auto", "dense", "patch"]), default=_SCAN.mode, help="dense: one pass per region (dense-exact models); patch: batches of 96x96 windows"),
+        click.option(
+            "--model",
+            "model_path",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="a bundled model's name (`wsi-scan models`) or a model file (default: the bundled default)",
+        ),
+        click.option(
+            "--mode",
+            type=click.Choice(["auto", "dense", "patch"]),
+            default=_SCAN.mode,
+            help="dense: one pass per region (dense-exact models); patch: batches of 96x96 windows",
+        ),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_SCAN.device),
         click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile"]), default=_SCAN.backend),
-        click.option("--read-level", type=click.Choice(["exact", "nearest"]), default=_SCAN.read_level,
-                     help="pyramid level read: exact (at or finer than the model's um/px, shrunk) or nearest (enlarged up to 1.1x)"),
+        click.option(
+            "--read-level",
+            type=click.Choice(["exact", "nearest"]),
+            default=_SCAN.read_level,
+            help="pyramid level read: exact (at or finer than the model's um/px, shrunk) or nearest (enlarged up to 1.1x)",
+        ),
         click.option("--mpp", type=float, default=None, help="level-0 micrometers per pixel, overriding the slide's metadata"),
-        click.option("--block-cells", type=click.IntRange(1, 512), default=_SCAN.block_cells, help="cells per block side (one read + one dense pass)"),
-        click.option("--batch-size", type=click.IntRange(0), default=_SCAN.batch_size, help="windows per batch in patch mode (0: chosen for the device's memory)"),
-        click.option("--threads", type=click.IntRange(1), default=_SCAN.threads, help="threads per slide reading and classifying blocks"),
+        click.option(
+            "--block-cells",
+            type=click.IntRange(1, 512),
+            default=_SCAN.block_cells,
+            help="cells per block side (one read + one dense pass)",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(0),
+            default=_SCAN.batch_size,
+            help="windows per batch in patch mode (0: chosen for the device's memory)",
+        ),
+        click.option(
+            "--threads", type=click.IntRange(1), default=_SCAN.threads, help="threads per slide reading and classifying blocks"
+        ),
         click.option("--tta/--no-tta", default=_SCAN.tta, help="average the 8 rotations/flips (8x slower)"),
         click.option("--amp/--no-amp", default=_SCAN.amp, help="mixed precision on CUDA"),
-        click.option("--tissue", "tissue_method", type=click.Choice(["glass", "otsu", "all"]), default=_TISSUE.method,
-                     help="tissue detection: glass (anything that differs from the glass), otsu (the former rule), all (every cell)"),
-        click.option("--tissue-mask", type=click.Path(path_type=Path), default=None,
-                     help="a mask image (PNG/TIFF) of the slide at any downsample, non-zero = tissue, used instead of detection"),
-        click.option("--roi", type=click.Path(path_type=Path), default=None,
-                     help="GeoJSON polygons in level-0 px (QuPath annotations): scan only inside them"),
+        click.option(
+            "--tissue",
+            "tissue_method",
+            type=click.Choice(["glass", "otsu", "all"]),
+            default=_TISSUE.method,
+            help="tissue detection: glass (anything that differs from the glass), otsu (the former rule), all (every cell)",
+        ),
+        click.option(
+            "--tissue-mask",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="a mask image (PNG/TIFF) of the slide at any downsample, non-zero = tissue, used instead of detection",
+        ),
+        click.option(
+            "--roi",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="GeoJSON polygons in level-0 px (QuPath annotations): scan only inside them",
+        ),
         click.option("--tissue-mpp", type=float, default=_TISSUE.mask_mpp, help="um/px of the tissue-mask thumbnail"),
-        click.option("--min-saturation", type=float, default=_TISSUE.min_saturation, help="lowest saturation threshold for tissue"),
+        click.option(
+            "--min-saturation", type=float, default=_TISSUE.min_saturation, help="lowest saturation threshold for tissue"
+        ),
         click.option("--min-object-um2", type=float, default=_TISSUE.min_object_um2, help="drop tissue pieces smaller than this"),
         click.option("--min-hole-um2", type=float, default=_TISSUE.min_hole_um2, help="fill holes smaller than this"),
-        click.option("--min-cell-fraction", type=float, default=_TISSUE.min_cell_fraction, help="tissue share of a cell needed to scan it"),
-        click.option("--min-window-fraction", type=float, default=_TISSUE.min_window_fraction,
-                     help="or tissue share of its 3 x 3-cell window (1: off)"),
+        click.option(
+            "--min-cell-fraction", type=float, default=_TISSUE.min_cell_fraction, help="tissue share of a cell needed to scan it"
+        ),
+        click.option(
+            "--min-window-fraction",
+            type=float,
+            default=_TISSUE.min_window_fraction,
+            help="or tissue share of its 3 x 3-cell window (1: off)",
+        ),
         click.option("--overwrite", is_flag=True, help="replace existing outputs"),
         click.option("--quiet", is_flag=True, help="no progress bar"),
     ]
@@ -173,13 +221,34 @@ def _scan_config(kw: dict[str, Any]) -> ScanConfig:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="heatmap .zarr (or a folder for a folder of slides)")
 @click.option("--overlay", type=click.Path(path_type=Path), default=None, help="also write an overlay picture (.png/.jpg)")
 @click.option("--recursive", is_flag=True, help="folder: also scan slides in subfolders")
-@click.option("--mpp-csv", type=click.Path(path_type=Path), default=None, help="folder: per-slide um/px overrides, CSV with columns slide,mpp")
-@click.option("--workers", type=click.IntRange(1), default=None, help="folder: start a local Dask cluster of N processes, one slide per task")
-@click.option("--scheduler", "scheduler_address", default=None, help="folder: address of a running Dask scheduler (tcp://host:8786)")
+@click.option(
+    "--mpp-csv",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="folder: per-slide um/px overrides, CSV with columns slide,mpp",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1),
+    default=None,
+    help="folder: start a local Dask cluster of N processes, one slide per task",
+)
+@click.option(
+    "--scheduler", "scheduler_address", default=None, help="folder: address of a running Dask scheduler (tcp://host:8786)"
+)
 @_scan_options
-def scan(source: Path, out: Path, model_path: Path | None, quiet: bool, overlay: Path | None = None,
-         recursive: bool = False, mpp_csv: Path | None = None, workers: int | None = None,
-         scheduler_address: str | None = None, **kw: Any) -> None:
+def scan(
+    source: Path,
+    out: Path,
+    model_path: Path | None,
+    quiet: bool,
+    overlay: Path | None = None,
+    recursive: bool = False,
+    mpp_csv: Path | None = None,
+    workers: int | None = None,
+    scheduler_address: str | None = None,
+    **kw: Any,
+) -> None:
     """Scan a slide (or a folder of slides) and write a tumour heatmap as OME-Zarr.
 
     This is the default command: `wsi-scan slide.svs --out heatmap.zarr`. With a folder,
@@ -193,8 +262,16 @@ def scan(source: Path, out: Path, model_path: Path | None, quiet: bool, overlay:
     if source.is_dir():
         _scan_folder_cmd(source, out, cfg, model_path, quiet, overlay, recursive, mpp_csv, workers, scheduler_address)
         return
-    folder_only = [n for n, v in (("--recursive", recursive), ("--mpp-csv", mpp_csv), ("--workers", workers),
-                                  ("--scheduler", scheduler_address)) if v]
+    folder_only = [
+        n
+        for n, v in (
+            ("--recursive", recursive),
+            ("--mpp-csv", mpp_csv),
+            ("--workers", workers),
+            ("--scheduler", scheduler_address),
+        )
+        if v
+    ]
     if folder_only:
         click.echo(f"wsi-scan: error: {', '.join(folder_only)} apply to a folder of slides; {source} is not a folder", err=True)
         sys.exit(2)
@@ -208,8 +285,11 @@ def scan(source: Path, out: Path, model_path: Path | None, quiet: bool, overlay:
 
         _run(lambda: render_overlay(res.out, overlay, slide=source, overwrite=cfg.overwrite))
     if res.decoder_warnings:
-        click.echo(f"wsi-scan: warning: {source.name}: {res.decoder_warnings} tiles held corrupt data and were decoded "
-                   f"with damage (first: {res.decoder_warning}); their cells may be wrong, recorded in the heatmap's attrs", err=True)
+        click.echo(
+            f"wsi-scan: warning: {source.name}: {res.decoder_warnings} tiles held corrupt data and were decoded "
+            f"with damage (first: {res.decoder_warning}); their cells may be wrong, recorded in the heatmap's attrs",
+            err=True,
+        )
     if res.n_tissue_cells == 0:
         click.echo(f"{source.name}: no tissue found; wrote an all-NaN heatmap to {res.out}", err=True)
         return
@@ -221,24 +301,48 @@ def scan(source: Path, out: Path, model_path: Path | None, quiet: bool, overlay:
     )
 
 
-def _scan_folder_cmd(source: Path, out: Path, cfg: ScanConfig, model_path: Path | None, quiet: bool, overlay: Path | None,
-                     recursive: bool, mpp_csv: Path | None, workers: int | None, scheduler_address: str | None) -> None:
+def _scan_folder_cmd(
+    source: Path,
+    out: Path,
+    cfg: ScanConfig,
+    model_path: Path | None,
+    quiet: bool,
+    overlay: Path | None,
+    recursive: bool,
+    mpp_csv: Path | None,
+    workers: int | None,
+    scheduler_address: str | None,
+) -> None:
     from .batch import scan_folder
     from .errors import SlidesFailedError
 
     if overlay is not None:
         click.echo("wsi-scan: error: --overlay is for one slide; a folder run embeds overlays in OUT/report.html", err=True)
         sys.exit(2)
-    res = _run(lambda: scan_folder(source, out, cfg, model_path, recursive=recursive, mpp_csv=mpp_csv,
-                                   workers=workers, scheduler_address=scheduler_address, progress=not quiet))
+    res = _run(
+        lambda: scan_folder(
+            source,
+            out,
+            cfg,
+            model_path,
+            recursive=recursive,
+            mpp_csv=mpp_csv,
+            workers=workers,
+            scheduler_address=scheduler_address,
+            progress=not quiet,
+        )
+    )
     if not quiet:
-        click.echo(f"{len(res.outcomes)} slides: {res.n_ok} scanned, {res.n_skipped} already done, {res.n_failed} failed "
-                   f"in {res.seconds:.1f} s -> {res.summary_csv}, {res.report_html}")
+        click.echo(
+            f"{len(res.outcomes)} slides: {res.n_ok} scanned, {res.n_skipped} already done, {res.n_failed} failed "
+            f"in {res.seconds:.1f} s -> {res.summary_csv}, {res.report_html}"
+        )
     if res.n_failed:
         first = res.failed[0]
         err = SlidesFailedError(
             f"{res.n_failed} of {len(res.outcomes)} slides failed (first: {first.slide}: {first.error_type}: {first.error}); "
-            f"every failure is listed in {res.summary_csv} and {out / 'wsi-scan.log'}")
+            f"every failure is listed in {res.summary_csv} and {out / 'wsi-scan.log'}"
+        )
         click.echo(f"wsi-scan: error: {err}", err=True)
         sys.exit(err.exit_code)
 
@@ -269,13 +373,17 @@ def info(slide_path: Path, backend: str, mpp: float | None, as_json: bool) -> No
         mpp_s = f", {lv['mpp']:.4g} um/px" if lv.get("mpp") else ""
         click.echo(f"  level {i}  {lv['size_wh'][0]} x {lv['size_wh'][1]}  downsample {lv['downsample_xy'][0]:.6g}{mpp_s}")
     if d.get("tissue_fraction") is not None:
-        click.echo(f"  tissue   {d['tissue_fraction']:.1%} of the slide: {d['tissue_area_mm2']:.2f} mm2 in the mask "
-                   f"({d['tissue_method']}), {d['scanned_area_mm2']:.2f} mm2 in the {d['tissue_cells']} cells a scan classifies")
+        click.echo(
+            f"  tissue   {d['tissue_fraction']:.1%} of the slide: {d['tissue_area_mm2']:.2f} mm2 in the mask "
+            f"({d['tissue_method']}), {d['scanned_area_mm2']:.2f} mm2 in the {d['tissue_cells']} cells a scan classifies"
+        )
 
 
 def _train_options(f: F) -> F:
     opts = [
-        click.option("--arch", type=click.Choice(["dense-cnn", "resnet18"]), default=_TRAIN.arch, help="network; dense-cnn is dense-exact"),
+        click.option(
+            "--arch", type=click.Choice(["dense-cnn", "resnet18"]), default=_TRAIN.arch, help="network; dense-cnn is dense-exact"
+        ),
         click.option("--width", type=int, default=_TRAIN.width, help="channels of the first dense-cnn stage"),
         click.option("--epochs", type=int, default=_TRAIN.epochs),
         click.option("--batch-size", type=int, default=_TRAIN.batch_size),
@@ -286,7 +394,9 @@ def _train_options(f: F) -> F:
         click.option("--label-smoothing", type=float, default=_TRAIN.label_smoothing),
         click.option("--val-fraction", type=float, default=_TRAIN.val_fraction, help="used only without a given valid split"),
         click.option("--seed", type=int, default=_TRAIN.seed),
-        click.option("--augment/--no-augment", default=_TRAIN.augment, help="dihedral, stain, brightness, JPEG and softening augmentation"),
+        click.option(
+            "--augment/--no-augment", default=_TRAIN.augment, help="dihedral, stain, brightness, JPEG and softening augmentation"
+        ),
         click.option("--stain-jitter", type=float, default=_TRAIN.stain_jitter),
         click.option("--jpeg-prob", type=float, default=_TRAIN.jpeg_prob),
         click.option("--soften-prob", type=float, default=_TRAIN.soften_prob, help="share of patches shrunk and enlarged back"),
@@ -295,11 +405,27 @@ def _train_options(f: F) -> F:
         click.option("--loader-workers", type=int, default=_TRAIN.loader_workers),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_TRAIN.device),
         click.option("--max-train", type=int, default=_TRAIN.max_train, help="cap on training patches (0: all)"),
-        click.option("--ema-decay", type=float, default=_TRAIN.ema_decay, help="keep an exponential moving average of the weights (e.g. 0.999; 0: off)"),
-        click.option("--max-valid", type=int, default=_TRAIN.max_valid, help="cap on validation patches, a seeded subset (0: all), for quick runs"),
-        click.option("--final-tta/--no-final-tta", default=_TRAIN.final_tta, help="score the kept epoch with 8 dihedral views at the end"),
-        click.option("--threshold-specificity", type=float, default=_TRAIN.threshold_specificity,
-                     help="set the card's threshold to the lowest giving this validation specificity (0: keep 0.5)"),
+        click.option(
+            "--ema-decay",
+            type=float,
+            default=_TRAIN.ema_decay,
+            help="keep an exponential moving average of the weights (e.g. 0.999; 0: off)",
+        ),
+        click.option(
+            "--max-valid",
+            type=int,
+            default=_TRAIN.max_valid,
+            help="cap on validation patches, a seeded subset (0: all), for quick runs",
+        ),
+        click.option(
+            "--final-tta/--no-final-tta", default=_TRAIN.final_tta, help="score the kept epoch with 8 dihedral views at the end"
+        ),
+        click.option(
+            "--threshold-specificity",
+            type=float,
+            default=_TRAIN.threshold_specificity,
+            help="set the card's threshold to the lowest giving this validation specificity (0: keep 0.5)",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -314,7 +440,9 @@ def _train_options(f: F) -> F:
 @click.option("--overwrite", is_flag=True, help="replace an existing model file written by wsi-scan")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @_train_options
-def train(data: tuple[Path, ...], out: Path, report_dir: Path | None, resume: bool, overwrite: bool, quiet: bool, **kw: Any) -> None:
+def train(
+    data: tuple[Path, ...], out: Path, report_dir: Path | None, resume: bool, overwrite: bool, quiet: bool, **kw: Any
+) -> None:
     """Train a patch classifier on Kaggle-layout or PCam-HDF5 folders."""
     from .train.loop import train as run_train
 
@@ -347,18 +475,39 @@ def explore(data: tuple[Path, ...], out_dir: Path) -> None:
 
 @main.command()
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None, help="a bundled model's name (`wsi-scan models`) or a model file (default: the bundled default)")
-@click.option("--split", type=click.Choice(["auto", "train", "valid", "test"]), default="auto",
-              help="auto: test, else valid, else train")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="a bundled model's name (`wsi-scan models`) or a model file (default: the bundled default)",
+)
+@click.option(
+    "--split", type=click.Choice(["auto", "train", "valid", "test"]), default="auto", help="auto: test, else valid, else train"
+)
 @click.option("--tta", is_flag=True, help="average the 8 rotations/flips")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_SCAN.device)
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=_SCAN.batch_size)
 @click.option("--quiet", is_flag=True, help="no progress bar")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="folder for predictions.csv (one row per patch), roc.png and metrics.json")
-def evaluate(data: Path, model_path: Path | None, split: str, tta: bool, as_json: bool, device: str, batch_size: int, quiet: bool,
-             out_dir: Path | None) -> None:
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="folder for predictions.csv (one row per patch), roc.png and metrics.json",
+)
+def evaluate(
+    data: Path,
+    model_path: Path | None,
+    split: str,
+    tta: bool,
+    as_json: bool,
+    device: str,
+    batch_size: int,
+    quiet: bool,
+    out_dir: Path | None,
+) -> None:
     """Score a model on labelled patches: AUC with its 95% bootstrap interval, accuracy, sensitivity, specificity."""
     from .io.model_files import load_model
     from .train.evaluate import evaluate_patchset, trained_on, write_evaluation
@@ -369,11 +518,20 @@ def evaluate(data: Path, model_path: Path | None, split: str, tta: bool, as_json
         model = load_model(model_path)
         seen = trained_on(model.card, ps)
         if seen is not None:
-            click.echo(f"warning: {model.card.name!r} was trained on {seen} (its card says so): these numbers are not a "
-                       "measure of how it does on new patches; evaluate on a held-out split", err=True)
+            click.echo(
+                f"warning: {model.card.name!r} was trained on {seen} (its card says so): these numbers are not a "
+                "measure of how it does on new patches; evaluate on a held-out split",
+                err=True,
+            )
         ev = evaluate_patchset(model, ps, device, batch_size, tta, progress=not quiet and not as_json)
-        d = {**ev.to_dict(), "auc_ci95": list(bootstrap_auc_ci(ev.labels, ev.probs)), "model": model.card.name,
-             "model_path": model.path, "model_sha256": model.sha256, "trained_on_these_patches": seen is not None}
+        d = {
+            **ev.to_dict(),
+            "auc_ci95": list(bootstrap_auc_ci(ev.labels, ev.probs)),
+            "model": model.card.name,
+            "model_path": model.path,
+            "model_sha256": model.sha256,
+            "trained_on_these_patches": seen is not None,
+        }
         files = write_evaluation(out_dir, ev, ps, model.card.threshold, d) if out_dir is not None else []
         return ev, d, files
 
@@ -383,8 +541,10 @@ def evaluate(data: Path, model_path: Path | None, split: str, tta: bool, as_json
         return
     m = ev.metrics
     lo, hi = d["auc_ci95"]
-    click.echo(f"{ev.dataset}: n={m.n}  AUC {m.auc:.4f} (95% CI {lo:.4f}-{hi:.4f})  accuracy {m.accuracy:.4f}  "
-               f"sensitivity {m.sensitivity:.4f}  specificity {m.specificity:.4f}  (threshold {m.threshold}, TTA {'on' if tta else 'off'})")
+    click.echo(
+        f"{ev.dataset}: n={m.n}  AUC {m.auc:.4f} (95% CI {lo:.4f}-{hi:.4f})  accuracy {m.accuracy:.4f}  "
+        f"sensitivity {m.sensitivity:.4f}  specificity {m.specificity:.4f}  (threshold {m.threshold}, TTA {'on' if tta else 'off'})"
+    )
     click.echo(f"confusion matrix [[TN FP] [FN TP]]: [[{m.tn} {m.fp}] [{m.fn} {m.tp}]]")
     for f in files:
         click.echo(f"wrote {f}")
@@ -422,31 +582,51 @@ def models_cmd(as_json: bool) -> None:
         auc = f"{v['auc']:.4f}" if v.get("auc") is not None else "?"
         tta = f", {r['valid_tta_auc']:.4f} with --tta" if r.get("valid_tta_auc") is not None else ""
         click.echo(f"{r['name']}{'  (default)' if r['default'] else ''}")
-        click.echo(f"  network    {r['arch']} {r['arch_kwargs']}, {r['parameters']:,} parameters, "
-                   f"{r['macs_per_cell'] / 1e6:.1f} M multiply-adds per cell, {'dense-exact' if r['dense_exact'] else 'patch mode only'}")
+        click.echo(
+            f"  network    {r['arch']} {r['arch_kwargs']}, {r['parameters']:,} parameters, "
+            f"{r['macs_per_cell'] / 1e6:.1f} M multiply-adds per cell, {'dense-exact' if r['dense_exact'] else 'patch mode only'}"
+        )
         click.echo(f"  input      {r['input_px']} px windows, {r['cell_px']} px cells, at {r['mpp']} um/px")
-        click.echo(f"  validation n={v.get('n')}: AUC {auc}{ci}{tta}; at threshold {r['threshold']:.4f} "
-                   f"sensitivity {v.get('sensitivity') or float('nan'):.4f}, specificity {v.get('specificity') or float('nan'):.4f}")
+        click.echo(
+            f"  validation n={v.get('n')}: AUC {auc}{ci}{tta}; at threshold {r['threshold']:.4f} "
+            f"sensitivity {v.get('sensitivity') or float('nan'):.4f}, specificity {v.get('specificity') or float('nan'):.4f}"
+        )
         rule = r.get("threshold_rule")
         if rule:
             click.echo(f"  threshold  lowest with specificity >= {rule['specificity']} on {rule['data']}")
-        click.echo(f"  training   {r['train_patches']} patches from {', '.join(r['train_sets']) or '?'}; epoch {r['epoch']}; {r['recipe']}")
+        click.echo(
+            f"  training   {r['train_patches']} patches from {', '.join(r['train_sets']) or '?'}; epoch {r['epoch']}; {r['recipe']}"
+        )
         click.echo(f"  file       {r['path']} ({r['size_bytes']:,} bytes, sha256 {r['sha256'][:16]})")
 
 
 @main.command("threshold")
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--specificity", type=click.FloatRange(0.5, 0.9999), default=_TRAIN.threshold_specificity, show_default=True,
-              help="the lowest threshold giving at least this specificity on DATA's validation patches")
+@click.option(
+    "--specificity",
+    type=click.FloatRange(0.5, 0.9999),
+    default=_TRAIN.threshold_specificity,
+    show_default=True,
+    help="the lowest threshold giving at least this specificity on DATA's validation patches",
+)
 @click.option("--split", type=click.Choice(["auto", "train", "valid", "test"]), default="valid", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="the model file to write (.safetensors or .pt)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_SCAN.device)
 @click.option("--name", default=None, help="the model's name in its card (default: kept)")
 @click.option("--overwrite", is_flag=True, help="replace an existing model file written by wsi-scan")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def threshold_cmd(model_path: Path, data: Path, specificity: float, split: str, out: Path, device: str, name: str | None,
-                  overwrite: bool, quiet: bool) -> None:
+def threshold_cmd(
+    model_path: Path,
+    data: Path,
+    specificity: float,
+    split: str,
+    out: Path,
+    device: str,
+    name: str | None,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
     """Copy a model with its card's threshold chosen on validation patches (the rule `train` applies)."""
     from .errors import UsageError
     from .io.model_files import load_model, save_model
@@ -464,8 +644,10 @@ def threshold_cmd(model_path: Path, data: Path, specificity: float, split: str, 
         model = load_model(model_path)
         seen = trained_on(model.card, ps)
         if seen is not None:
-            raise UsageError(f"{ps.name}: {model.card.name!r} was trained on these patches ({seen}); "
-                             "expected held-out validation patches to choose a threshold on")
+            raise UsageError(
+                f"{ps.name}: {model.card.name!r} was trained on these patches ({seen}); "
+                "expected held-out validation patches to choose a threshold on"
+            )
         ev = evaluate_patchset(model, ps, device, progress=not quiet)
         card = with_threshold(model.card, ev.labels, ev.probs, specificity, ps.name)
         metrics = {**model.card.metrics, **validation_metrics(card, ev.labels, ev.probs, None)}
@@ -476,21 +658,47 @@ def threshold_cmd(model_path: Path, data: Path, specificity: float, split: str, 
 
     card = _run(go)
     v = card.metrics["valid"]
-    click.echo(f"wrote {out}: threshold {card.threshold:.4f} (specificity {v['specificity']:.4f}, sensitivity {v['sensitivity']:.4f} "
-               f"on {card.training['threshold_rule']['data']})")
+    click.echo(
+        f"wrote {out}: threshold {card.threshold:.4f} (specificity {v['specificity']:.4f}, sensitivity {v['sensitivity']:.4f} "
+        f"on {card.training['threshold_rule']['data']})"
+    )
 
 
 @main.command()
 @click.argument("heatmap", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="picture file, .png or .jpg")
-@click.option("--slide", "slide_path", type=click.Path(path_type=Path), default=None, help="the slide (default: the path recorded in the heatmap)")
-@click.option("--max-size", type=click.IntRange(16, 16384), default=2048, help="longest side of the picture, px (at most the slide's own size)")
+@click.option(
+    "--slide",
+    "slide_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="the slide (default: the path recorded in the heatmap)",
+)
+@click.option(
+    "--max-size",
+    type=click.IntRange(16, 16384),
+    default=2048,
+    help="longest side of the picture, px (at most the slide's own size)",
+)
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, help="opacity of the heatmap over tissue")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="outline regions at or above this probability (default: the model's threshold)")
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="outline regions at or above this probability (default: the model's threshold)",
+)
 @click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile"]), default=_SCAN.backend)
 @click.option("--overwrite", is_flag=True, help="replace an existing picture")
-def overlay(heatmap: Path, out: Path, slide_path: Path | None, max_size: int, alpha: float, threshold: float | None,
-            backend: str, overwrite: bool) -> None:
+def overlay(
+    heatmap: Path,
+    out: Path,
+    slide_path: Path | None,
+    max_size: int,
+    alpha: float,
+    threshold: float | None,
+    backend: str,
+    overwrite: bool,
+) -> None:
     """A picture of the slide with its tumour heatmap, colour bar, scale bar and caption."""
     from .export.overlay import render_overlay
 
@@ -500,7 +708,9 @@ def overlay(heatmap: Path, out: Path, slide_path: Path | None, max_size: int, al
 @main.command()
 @click.argument("heatmap", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="GeoJSON file for QuPath")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="tumour probability cut-off (default: the model's threshold)")
+@click.option(
+    "--threshold", type=click.FloatRange(0, 1), default=None, help="tumour probability cut-off (default: the model's threshold)"
+)
 @click.option("--tissue", is_flag=True, help="add the scanned tissue outline as 'Tissue' annotations")
 @click.option("--overwrite", is_flag=True, help="replace an existing file")
 def geojson(heatmap: Path, out: Path, threshold: float | None, tissue: bool, overwrite: bool) -> None:
@@ -512,9 +722,16 @@ def geojson(heatmap: Path, out: Path, threshold: float | None, tissue: bool, ove
 
 @main.command()
 @click.argument("heatmap", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="lesions.csv (a table) or lesions.geojson (QuPath annotations by size class)")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="lesions.csv (a table) or lesions.geojson (QuPath annotations by size class)",
+)
 @click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout: call, score, lesions")
-@click.option("--threshold", type=float, default=None, help="tumour probability a lesion's cells reach (default: the model's threshold)")
+@click.option(
+    "--threshold", type=float, default=None, help="tumour probability a lesion's cells reach (default: the model's threshold)"
+)
 @click.option("--seed-prob", type=float, default=LesionConfig().seed_prob, help="a lesion needs one cell at least this probable")
 @click.option("--overwrite", is_flag=True, help="replace an existing file written by wsi-scan")
 def lesions(heatmap: Path, out: Path | None, as_json: bool, threshold: float | None, seed_prob: float, overwrite: bool) -> None:
@@ -531,19 +748,28 @@ def lesions(heatmap: Path, out: Path | None, as_json: bool, threshold: float | N
     if as_json:
         click.echo(json.dumps(call.to_dict()))
         return
-    click.echo(f"{heatmap}: {call.call} (score {call.score:.3f}, {len(call.lesions)} lesions, largest "
-               f"{call.largest_lesion_mm:.2f} mm){' -> ' + str(out) if out else ''}")
+    click.echo(
+        f"{heatmap}: {call.call} (score {call.score:.3f}, {len(call.lesions)} lesions, largest "
+        f"{call.largest_lesion_mm:.2f} mm){' -> ' + str(out) if out else ''}"
+    )
     for les in call.lesions[:20]:
         x, y = les.l0_centroid_xy
-        click.echo(f"  {les.id:3d}  {les.size_class:5s}  {les.longest_diameter_mm:6.2f} mm  {les.area_mm2:8.4f} mm2  "
-                   f"max {les.max_prob:.3f}  at level-0 ({x:.0f}, {y:.0f})")
+        click.echo(
+            f"  {les.id:3d}  {les.size_class:5s}  {les.longest_diameter_mm:6.2f} mm  {les.area_mm2:8.4f} mm2  "
+            f"max {les.max_prob:.3f}  at level-0 ({x:.0f}, {y:.0f})"
+        )
     if len(call.lesions) > 20:
         click.echo(f"  ... {len(call.lesions) - 20} more (--out lesions.csv lists them all)")
 
 
 @main.command()
 @click.argument("results", type=click.Path(path_type=Path))
-@click.option("--patients", required=True, type=click.Path(path_type=Path), help="CSV with columns patient,slide (slide: its path relative to the slides folder, or its file name)")
+@click.option(
+    "--patients",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="CSV with columns patient,slide (slide: its path relative to the slides folder, or its file name)",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="stages.csv (default: RESULTS/stages.csv)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
 @click.option("--overwrite", is_flag=True, help="replace an existing stages file written by wsi-scan")
@@ -570,14 +796,25 @@ def stage(results: Path, patients: Path, out: Path | None, as_json: bool, overwr
 
 @main.command("evaluate-slides")
 @click.argument("results", type=click.Path(path_type=Path))
-@click.option("--annotations", required=True, type=click.Path(path_type=Path), help="folder of per-slide annotations: NAME.xml (CAMELYON/ASAP) or NAME.geojson (QuPath)")
-@click.option("--reference", type=click.Path(path_type=Path), default=None, help="CAMELYON17-style CSV of patient stages (patient_XXX.zip,pN1) for the kappa")
+@click.option(
+    "--annotations",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="folder of per-slide annotations: NAME.xml (CAMELYON/ASAP) or NAME.geojson (QuPath)",
+)
+@click.option(
+    "--reference",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="CAMELYON17-style CSV of patient stages (patient_XXX.zip,pN1) for the kappa",
+)
 @click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="evaluation.json (default: RESULTS/evaluation.json)")
 @click.option("--seed-prob", type=float, default=LesionConfig().seed_prob, help="a lesion needs one cell at least this probable")
 @click.option("--overwrite", is_flag=True, help="replace an existing evaluation file written by wsi-scan")
-def evaluate_slides(results: Path, annotations: Path, reference: Path | None, as_json: bool, out: Path | None, seed_prob: float,
-                    overwrite: bool) -> None:
+def evaluate_slides(
+    results: Path, annotations: Path, reference: Path | None, as_json: bool, out: Path | None, seed_prob: float, overwrite: bool
+) -> None:
     """FROC, slide AUC, call confusion and pN kappa of a folder run against annotations (CAMELYON16/17 rules)."""
     from .evaluation import evaluate_cohort
     from .io.exports import write_json
@@ -616,25 +853,64 @@ def heatmap_tiff(heatmap: Path, out: Path, probability: bool, opacity: float, ov
 
 @main.command()
 @click.argument("slide_path", metavar="SLIDE", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="patches.h5 (one file), or a folder for the PCam pair camelyonpatch_level_2_split_<split>_{x,y}.h5")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="patches.h5 (one file), or a folder for the PCam pair camelyonpatch_level_2_split_<split>_{x,y}.h5",
+)
 @click.option("--stride-cells", type=click.IntRange(1), default=3, help="step between windows in 32 px cells (3: no overlap)")
-@click.option("--labels-geojson", type=click.Path(path_type=Path), default=None, help="tumour annotations (QuPath GeoJSON) for labels y")
-@click.option("--labels-mask", type=click.Path(path_type=Path), default=None,
-              help="or a mask image (PNG/TIFF) of the slide at any downsample, non-zero = tumour, for labels y")
+@click.option(
+    "--labels-geojson", type=click.Path(path_type=Path), default=None, help="tumour annotations (QuPath GeoJSON) for labels y"
+)
+@click.option(
+    "--labels-mask",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="or a mask image (PNG/TIFF) of the slide at any downsample, non-zero = tumour, for labels y",
+)
 @click.option("--split", type=click.Choice(["train", "valid", "test"]), default="train", help="split name of the folder output")
-@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None, help="take mpp and window size from this model, bundled name or file (default: PCam's)")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="take mpp and window size from this model, bundled name or file (default: PCam's)",
+)
 @click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile"]), default=_SCAN.backend)
 @click.option("--mpp", type=float, default=None, help="level-0 um/px, overriding the slide's metadata")
 @click.option("--overwrite", is_flag=True, help="replace existing files")
-def tile(slide_path: Path, out: Path, stride_cells: int, labels_geojson: Path | None, labels_mask: Path | None, split: str,
-         model_path: Path | None, backend: str, mpp: float | None, overwrite: bool) -> None:
+def tile(
+    slide_path: Path,
+    out: Path,
+    stride_cells: int,
+    labels_geojson: Path | None,
+    labels_mask: Path | None,
+    split: str,
+    model_path: Path | None,
+    backend: str,
+    mpp: float | None,
+    overwrite: bool,
+) -> None:
     """Cut the tissue of a slide into 96x96 patches (PCam HDF5) with level-0 coordinates."""
     from .export.tiles import tile_slide
 
     _run(lambda: ScanConfig(mpp=mpp))
-    res = _run(lambda: tile_slide(slide_path, out, stride_cells, labels_geojson, model_path, backend, mpp,
-                                  _TISSUE, split, overwrite=overwrite, labels_mask=labels_mask))
+    res = _run(
+        lambda: tile_slide(
+            slide_path,
+            out,
+            stride_cells,
+            labels_geojson,
+            model_path,
+            backend,
+            mpp,
+            _TISSUE,
+            split,
+            overwrite=overwrite,
+            labels_mask=labels_mask,
+        )
+    )
     pos = f", {res.n_positive} positive" if res.n_positive is not None else ""
     click.echo(f"{res.n_patches} patches{pos} at {res.target_mpp:g} um/px -> {', '.join(str(p) for p in res.files)}")
 

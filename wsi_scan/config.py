@@ -42,7 +42,12 @@ def _in_range(owner: str, name: str, value: Any, lo: float, hi: float, lo_open: 
     """Raise UsageError unless lo <= value <= hi (lo < value when ``lo_open``); NaN never passes."""
     from .errors import UsageError
 
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > lo if lo_open else value >= lo) and value <= hi
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and (value > lo if lo_open else value >= lo)
+        and value <= hi
+    )
     if not ok:
         lo_s = f"> {lo:g}" if lo_open else f">= {lo:g}"
         opt = flag or "--" + name.replace("_", "-")
@@ -131,11 +136,15 @@ class ScanConfig:
     mpp_source: str = ""  # where an override came from ("" = the --mpp option), recorded in the outputs
     mode: Mode = "auto"
     device: DeviceName = "auto"
-    block_cells: int = 16  # cells per block side: one region read and one dense pass each; 16 keeps peak RSS under 1.5 GB (docs/benchmarks.md)
+    block_cells: int = (
+        16  # cells per block side: one region read and one dense pass each; 16 keeps peak RSS under 1.5 GB (docs/benchmarks.md)
+    )
     batch_size: int = 256  # windows per forward pass in patch mode
     threads: int = 2  # Dask threads per slide: blocks read and computed concurrently
     checkpoint_s: float = 30.0  # save finished blocks this often, so an interrupted scan resumes (0: never)
-    tile_cache_mb: int = 256  # bound on decoded tiles kept for later blocks (peak 80 MB on a 60000 px wide slide, 161 MB at 120000 px)
+    tile_cache_mb: int = (
+        256  # bound on decoded tiles kept for later blocks (peak 80 MB on a 60000 px wide slide, 161 MB at 120000 px)
+    )
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     tta: bool = False  # average the 8 dihedral views
     max_upsample: float = 1.1  # a slide at most this much coarser than the model is accepted
@@ -154,12 +163,21 @@ class ScanConfig:
         if self.mpp is not None:
             _in_range("scan", "mpp", self.mpp, *MPP_RANGE_UM)
         for name, lo, hi in (
-            ("block_cells", 1, 512), ("batch_size", 0, 65536), ("threads", 1, 1024), ("checkpoint_s", 0.0, 1e6),
-            ("tile_cache_mb", 0, 1 << 20), ("max_upsample", 1.0, 4.0), ("mpp_xy_tolerance", 0.0, 0.5),
+            ("block_cells", 1, 512),
+            ("batch_size", 0, 65536),
+            ("threads", 1, 1024),
+            ("checkpoint_s", 0.0, 1e6),
+            ("tile_cache_mb", 0, 1 << 20),
+            ("max_upsample", 1.0, 4.0),
+            ("mpp_xy_tolerance", 0.0, 0.5),
         ):
             _in_range("scan", name, getattr(self, name), lo, hi)
-        for name, allowed in (("mode", ("auto", "dense", "patch")), ("device", ("auto", "cpu", "cuda")),
-                              ("backend", ("auto", "openslide", "tifffile")), ("read_level", ("exact", "nearest"))):
+        for name, allowed in (
+            ("mode", ("auto", "dense", "patch")),
+            ("device", ("auto", "cpu", "cuda")),
+            ("backend", ("auto", "openslide", "tifffile")),
+            ("read_level", ("exact", "nearest")),
+        ):
             if getattr(self, name) not in allowed:
                 from .errors import UsageError
 
@@ -211,13 +229,26 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name, lo, hi, lo_open in (
-            ("width", 4, 256, False), ("epochs", 1, 100_000, False), ("batch_size", 1, 65536, False),
-            ("lr", 0.0, 10.0, True), ("weight_decay", 0.0, 1.0, False), ("label_smoothing", 0.0, 0.5, False),
-            ("val_fraction", 0.0, 0.9, True), ("stain_jitter", 0.0, 1.0, False), ("jpeg_prob", 0.0, 1.0, False),
-            ("soften_prob", 0.0, 1.0, False), ("soften_max", 1.0, 4.0, False), ("threads", 0, 1024, False),
-            ("loader_workers", 0, 256, False), ("max_train", 0, 1 << 40, False), ("ema_decay", 0.0, 0.99999, False),
-            ("max_valid", 0, 1 << 40, False), ("threshold_specificity", 0.0, 0.9999, False),
-            ("brightness_contrast", 0.0, 0.5, False), ("sgd_momentum", 0.0, 0.999, False), ("onecycle_pct_start", 0.0, 1.0, True),
+            ("width", 4, 256, False),
+            ("epochs", 1, 100_000, False),
+            ("batch_size", 1, 65536, False),
+            ("lr", 0.0, 10.0, True),
+            ("weight_decay", 0.0, 1.0, False),
+            ("label_smoothing", 0.0, 0.5, False),
+            ("val_fraction", 0.0, 0.9, True),
+            ("stain_jitter", 0.0, 1.0, False),
+            ("jpeg_prob", 0.0, 1.0, False),
+            ("soften_prob", 0.0, 1.0, False),
+            ("soften_max", 1.0, 4.0, False),
+            ("threads", 0, 1024, False),
+            ("loader_workers", 0, 256, False),
+            ("max_train", 0, 1 << 40, False),
+            ("ema_decay", 0.0, 0.99999, False),
+            ("max_valid", 0, 1 << 40, False),
+            ("threshold_specificity", 0.0, 0.9999, False),
+            ("brightness_contrast", 0.0, 0.5, False),
+            ("sgd_momentum", 0.0, 0.999, False),
+            ("onecycle_pct_start", 0.0, 1.0, True),
             ("valid_batch_size", 1, 65536, False),
         ):
             _in_range("train", name, getattr(self, name), lo, hi, lo_open)
@@ -241,7 +272,13 @@ class ViewConfig:
     threads: int = 16  # requests served at once (the browser opens about 6 connections)
 
     def __post_init__(self) -> None:
-        for name, lo, hi in (("port", 0, 65535), ("tile_px", 64, 2048), ("jpeg_quality", 10, 100),
-                             ("tile_cache_mb", 0, 1 << 16), ("max_open_slides", 1, 1024), ("thumbnail_px", 256, 16384),
-                             ("threads", 1, 1024)):
+        for name, lo, hi in (
+            ("port", 0, 65535),
+            ("tile_px", 64, 2048),
+            ("jpeg_quality", 10, 100),
+            ("tile_cache_mb", 0, 1 << 16),
+            ("max_open_slides", 1, 1024),
+            ("thumbnail_px", 256, 16384),
+            ("threads", 1, 1024),
+        ):
             _in_range("view", name, getattr(self, name), lo, hi)

@@ -86,8 +86,9 @@ EVAL_DILATE_UM = 75.0
 EVAL_ITC_UM = 275.0
 
 
-def evaluation_regions(tumour: Sequence[object], exclusion: Sequence[object], level0_wh: tuple[int, int],
-                       mpp: float) -> tuple[np.ndarray, float, frozenset[int]]:
+def evaluation_regions(
+    tumour: Sequence[object], exclusion: Sequence[object], level0_wh: tuple[int, int], mpp: float
+) -> tuple[np.ndarray, float, frozenset[int]]:
     """Labelled evaluation mask of a slide (0 = no tumour), its level-0 px per mask px and the ITC labels."""
     from PIL import Image, ImageDraw
     from scipy import ndimage
@@ -130,8 +131,13 @@ def reference_call(tumour: Sequence[object], exclusion: Sequence[object], mpp: f
     return size_class(best / 1000.0) if best > 0 else "negative"
 
 
-def evaluate_cohort(results: object, annotations: object, reference: object | None = None,
-                    cfg: LesionConfig = LesionConfig(), figures: object | None = None) -> dict[str, object]:
+def evaluate_cohort(
+    results: object,
+    annotations: object,
+    reference: object | None = None,
+    cfg: LesionConfig = LesionConfig(),
+    figures: object | None = None,
+) -> dict[str, object]:
     """FROC, slide AUC, call confusion and (with a CAMELYON17-style reference) kappa of a folder run."""
     import json
     from pathlib import Path
@@ -173,10 +179,13 @@ def evaluate_cohort(results: object, annotations: object, reference: object | No
     f = froc(dets)
     confusion = [[sum(1 for a, b in zip(ref_calls, pred_calls) if a == ra and b == pb) for pb in CALLS] for ra in CALLS]
     out: dict[str, object] = {
-        "froc": f.score, "sensitivities": dict(zip([str(x) for x in FP_RATES], f.sensitivities)),
+        "froc": f.score,
+        "sensitivities": dict(zip([str(x) for x in FP_RATES], f.sensitivities)),
         "slide_auc": binary_metrics(np.asarray(truth), np.asarray(scores), 0.5).auc if 0 < sum(truth) < len(truth) else None,
         "confusion": {"labels": list(CALLS), "rows_reference_cols_predicted": confusion},
-        "slides": [{"slide": n, "reference_call": a, "call": b, "score": s} for n, a, b, s in zip(names, ref_calls, pred_calls, scores)],
+        "slides": [
+            {"slide": n, "reference_call": a, "call": b, "score": s} for n, a, b, s in zip(names, ref_calls, pred_calls, scores)
+        ],
         "kappa": None,
     }
     if reference is not None:
@@ -185,8 +194,15 @@ def evaluate_cohort(results: object, annotations: object, reference: object | No
         from .train.plots import evaluation_figures
 
         auc = out["slide_auc"]
-        paths = evaluation_figures(Path(str(figures)), f.fps_per_slide, f.sensitivity, f.score, np.asarray(truth),
-                                   np.asarray(scores), auc if isinstance(auc, float) else None)
+        paths = evaluation_figures(
+            Path(str(figures)),
+            f.fps_per_slide,
+            f.sensitivity,
+            f.score,
+            np.asarray(truth),
+            np.asarray(scores),
+            auc if isinstance(auc, float) else None,
+        )
         out["figures"] = [str(p) for p in paths]
     return out
 
@@ -214,5 +230,7 @@ def _kappa_from_reference(path: object, calls: dict[str, str]) -> dict[str, obje
             raise DataError(f"--reference {p}: no scanned node of {patient} in the results")
         ref.append(stage)
         pred.append(pn_stage([calls[n] for n in nodes]))
-    return {"kappa": quadratic_weighted_kappa(ref, pred),
-            "patients": [{"patient": a, "reference": b, "predicted": c} for a, b, c in zip(sorted(stages), ref, pred)]}
+    return {
+        "kappa": quadratic_weighted_kappa(ref, pred),
+        "patients": [{"patient": a, "reference": b, "predicted": c} for a, b, c in zip(sorted(stages), ref, pred)],
+    }

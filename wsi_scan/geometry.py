@@ -88,8 +88,13 @@ def level_mpp(mpp_xy: tuple[float, float], downsample_xy: tuple[float, float]) -
     return (mpp_xy[0] * downsample_xy[0], mpp_xy[1] * downsample_xy[1])
 
 
-def choose_level(downsamples_xy: Sequence[tuple[float, float]], mpp_xy: tuple[float, float], target_mpp: float,
-                 policy: str = "exact", max_upsample: float = 1.0) -> int:
+def choose_level(
+    downsamples_xy: Sequence[tuple[float, float]],
+    mpp_xy: tuple[float, float],
+    target_mpp: float,
+    policy: str = "exact",
+    max_upsample: float = 1.0,
+) -> int:
     """The level a scan reads for a model at ``target_mpp``.
 
     ``exact``: the coarsest level at or finer than ``target_mpp`` (level 0 when every level is
@@ -98,12 +103,16 @@ def choose_level(downsamples_xy: Sequence[tuple[float, float]], mpp_xy: tuple[fl
     1.0 um/px level serves a 0.972 um/px model, enlarged 3%, instead of level 0 shrunk 4x.
     """
     if policy == "nearest":
-        ok = [i for i, ds in enumerate(downsamples_xy)
-              if max(level_mpp(mpp_xy, ds)) <= target_mpp * max(1.0, max_upsample) * (1 + LEVEL_MPP_SLACK)]
+        ok = [
+            i
+            for i, ds in enumerate(downsamples_xy)
+            if max(level_mpp(mpp_xy, ds)) <= target_mpp * max(1.0, max_upsample) * (1 + LEVEL_MPP_SLACK)
+        ]
         if ok:
             # ties go to the finer level (smaller downsample)
-            return min(ok, key=lambda i: (abs(math.log(max(level_mpp(mpp_xy, downsamples_xy[i])) / target_mpp)),
-                                          downsamples_xy[i][0]))
+            return min(
+                ok, key=lambda i: (abs(math.log(max(level_mpp(mpp_xy, downsamples_xy[i])) / target_mpp)), downsamples_xy[i][0])
+            )
     elif policy != "exact":
         raise ValueError(f"read-level policy must be exact or nearest, found {policy!r}")
     best = 0

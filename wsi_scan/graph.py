@@ -33,9 +33,13 @@ def block_key(block: tuple[int, int, int, int]) -> str:
     return f"block-{block[0]:07d}-{block[1]:07d}"
 
 
-def build_graph(plan: ReadPlan, cells: np.ndarray, block_list: list[tuple[int, int, int, int]], predictor: BlockClassifier) -> list[Any]:
+def build_graph(
+    plan: ReadPlan, cells: np.ndarray, block_list: list[tuple[int, int, int, int]], predictor: BlockClassifier
+) -> list[Any]:
     """One Dask task per tissue block (read, then classify), in the order of ``block_list``."""
     import dask
 
     task = dask.delayed(block_task, pure=False)
-    return [task(plan, b, cells[b[0] : b[0] + b[2], b[1] : b[1] + b[3]], predictor, dask_key_name=block_key(b)) for b in block_list]
+    return [
+        task(plan, b, cells[b[0] : b[0] + b[2], b[1] : b[1] + b[3]], predictor, dask_key_name=block_key(b)) for b in block_list
+    ]

@@ -52,7 +52,9 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(_M_TRIM_THRESHOLD, CPU_MALLOC_TRIM_BYTES)) and bool(libc.mallopt(_M_MMAP_THRESHOLD, CPU_MALLOC_MMAP_BYTES))
+        return bool(libc.mallopt(_M_TRIM_THRESHOLD, CPU_MALLOC_TRIM_BYTES)) and bool(
+            libc.mallopt(_M_MMAP_THRESHOLD, CPU_MALLOC_MMAP_BYTES)
+        )
     except (OSError, AttributeError):
         return False
 
@@ -65,8 +67,17 @@ class Predictor:
     Both see the very same pixels, so they agree to float precision.
     """
 
-    def __init__(self, net: torch.nn.Module, card: Any, device: torch.device, mode: str,
-                 tta: bool = False, batch_size: int = 256, amp: bool = True, cpu_threads: int = 0) -> None:
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        card: Any,
+        device: torch.device,
+        mode: str,
+        tta: bool = False,
+        batch_size: int = 256,
+        amp: bool = True,
+        cpu_threads: int = 0,
+    ) -> None:
         if mode == "auto":
             mode = "dense" if card.dense_exact else "patch"
         if mode == "dense" and not card.dense_exact:
@@ -129,8 +140,10 @@ class Predictor:
         if self.mode == "dense":
             probs = self._probs(region)[0, 0]
             if probs.shape != cells.shape:
-                raise ModelError(f"model {self.card.name!r} gave {probs.shape} outputs for a block of {cells.shape} cells; "
-                                 "its card's cell_px/input_px do not match the network")
+                raise ModelError(
+                    f"model {self.card.name!r} gave {probs.shape} outputs for a block of {cells.shape} cells; "
+                    "its card's cell_px/input_px do not match the network"
+                )
             out[cells] = probs[cells]
         else:
             windows = block_windows(region, cells, self.card.input_px, self.card.cell_px)
@@ -139,6 +152,8 @@ class Predictor:
         bad = int((~np.isfinite(out[cells])).sum())
         if bad:
             # NaN marks "no tissue" in a heatmap: a NaN output would read as "no tumour"
-            raise ModelError(f"model {self.card.name!r} gave non-finite probabilities (NaN or infinity) for {bad} of "
-                             f"{int(cells.sum())} windows of a block; the model is broken, no heatmap is written")
+            raise ModelError(
+                f"model {self.card.name!r} gave non-finite probabilities (NaN or infinity) for {bad} of "
+                f"{int(cells.sum())} windows of a block; the model is broken, no heatmap is written"
+            )
         return out

@@ -9,7 +9,9 @@ from .config import TissueConfig
 from .errors import MppError
 
 
-def slide_info(path: str | Path, backend: str = "auto", mpp_override: float | None = None, tissue_cfg: TissueConfig = TissueConfig()) -> dict[str, Any]:
+def slide_info(
+    path: str | Path, backend: str = "auto", mpp_override: float | None = None, tissue_cfg: TissueConfig = TissueConfig()
+) -> dict[str, Any]:
     from .io.slide import open_slide
 
     slide = open_slide(path, backend)

@@ -65,12 +65,20 @@ class SlideCall:
 
     def summary(self) -> dict[str, Any]:
         """The keys a scan stores in ``attrs["wsi_scan"]["summary"]``."""
-        return {"call": self.call, "score": self.score, "n_lesions": len(self.lesions),
-                "largest_lesion_mm": self.largest_lesion_mm}
+        return {
+            "call": self.call,
+            "score": self.score,
+            "n_lesions": len(self.lesions),
+            "largest_lesion_mm": self.largest_lesion_mm,
+        }
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.summary(), "threshold": self.threshold, "seed_prob": self.seed_prob,
-                "lesions": [les.to_dict() for les in self.lesions]}
+        return {
+            **self.summary(),
+            "threshold": self.threshold,
+            "seed_prob": self.seed_prob,
+            "lesions": [les.to_dict() for les in self.lesions],
+        }
 
 
 def size_class(longest_diameter_mm: float, cfg: LesionConfig = LesionConfig()) -> str:
@@ -115,8 +123,14 @@ def lesion_labels(probs: np.ndarray, threshold: float, cfg: LesionConfig = Lesio
     return np.where(keep[labels], labels, 0).astype(np.int32)
 
 
-def find_lesions(probs: np.ndarray, grid: GridGeometry, mpp_xy: tuple[float, float], threshold: float,
-                 cfg: LesionConfig = LesionConfig(), labels: np.ndarray | None = None) -> list[Lesion]:
+def find_lesions(
+    probs: np.ndarray,
+    grid: GridGeometry,
+    mpp_xy: tuple[float, float],
+    threshold: float,
+    cfg: LesionConfig = LesionConfig(),
+    labels: np.ndarray | None = None,
+) -> list[Lesion]:
     """Lesions of a heatmap, largest first (NaN cells, off tissue, are never part of one).
     With ``labels``, each lesion's cells are relabelled in place with its final id."""
     from scipy import ndimage
@@ -136,19 +150,21 @@ def find_lesions(probs: np.ndarray, grid: GridGeometry, mpp_xy: tuple[float, flo
         rr, cc = np.nonzero(region)
         rows, cols = rr + sl[0].start, cc + sl[1].start
         diameter_mm = longest_diameter_um(rows, cols, grid, mpp_xy) / 1000.0
-        found.append(Lesion(
-            id=0,
-            l0_centroid_xy=(ox + (cols.mean() + 0.5) * sx, oy + (rows.mean() + 0.5) * sy),
-            l0_peak_xy=(ox + (cols[int(np.argmax(p))] + 0.5) * sx, oy + (rows[int(np.argmax(p))] + 0.5) * sy),
-            l0_bbox_xyxy=(ox + cols.min() * sx, oy + rows.min() * sy, ox + (cols.max() + 1) * sx, oy + (rows.max() + 1) * sy),
-            area_mm2=len(rows) * cell_mm2,
-            longest_diameter_mm=diameter_mm,
-            max_prob=float(p.max()),
-            mean_prob=float(p.mean()),
-            n_cells=len(rows),
-            size_class=size_class(diameter_mm, cfg),
-            score=float(p.max()),
-        ))
+        found.append(
+            Lesion(
+                id=0,
+                l0_centroid_xy=(ox + (cols.mean() + 0.5) * sx, oy + (rows.mean() + 0.5) * sy),
+                l0_peak_xy=(ox + (cols[int(np.argmax(p))] + 0.5) * sx, oy + (rows[int(np.argmax(p))] + 0.5) * sy),
+                l0_bbox_xyxy=(ox + cols.min() * sx, oy + rows.min() * sy, ox + (cols.max() + 1) * sx, oy + (rows.max() + 1) * sy),
+                area_mm2=len(rows) * cell_mm2,
+                longest_diameter_mm=diameter_mm,
+                max_prob=float(p.max()),
+                mean_prob=float(p.mean()),
+                n_cells=len(rows),
+                size_class=size_class(diameter_mm, cfg),
+                score=float(p.max()),
+            )
+        )
     order = sorted(range(len(found)), key=lambda i: (-found[i].longest_diameter_mm, -found[i].score))
     if labels is not None:
         relabel = np.zeros(lab.max() + 1, dtype=np.int32)
@@ -158,8 +174,9 @@ def find_lesions(probs: np.ndarray, grid: GridGeometry, mpp_xy: tuple[float, flo
     return [Lesion(**{**asdict(found[i]), "id": new_id}) for new_id, i in enumerate(order, start=1)]
 
 
-def call_slide(probs: np.ndarray, grid: GridGeometry, mpp_xy: tuple[float, float], threshold: float,
-               cfg: LesionConfig = LesionConfig()) -> SlideCall:
+def call_slide(
+    probs: np.ndarray, grid: GridGeometry, mpp_xy: tuple[float, float], threshold: float, cfg: LesionConfig = LesionConfig()
+) -> SlideCall:
     """The node's call (its largest lesion's class, or negative) with the lesions behind it."""
     lesions = find_lesions(probs, grid, mpp_xy, threshold, cfg)
     finite = probs[np.isfinite(probs)]
@@ -208,7 +225,12 @@ def stage_patients(node_calls: Mapping[str, str], patients: Mapping[str, Sequenc
         if missing:
             raise KeyError(f"patient {patient}: no result for {', '.join(missing)}")
         calls = [node_calls[s] for s in slides]
-        rows.append({"patient": patient, "stage": pn_stage(calls), "nodes": dict(zip(slides, calls)),
-                     "nodes_with_metastases": sum(c in ("micro", "macro") for c in calls)})
+        rows.append(
+            {
+                "patient": patient,
+                "stage": pn_stage(calls),
+                "nodes": dict(zip(slides, calls)),
+                "nodes_with_metastases": sum(c in ("micro", "macro") for c in calls),
+            }
+        )
     return rows
-

@@ -44,8 +44,9 @@ def plan_tissue(slide: Any, mpp_xy: tuple[float, float], cfg: TissueConfig) -> T
     return compute_mask(thumb, mask_mpp, cfg, l0_per_mask)
 
 
-def plan_scan(slide: Any, mpp_xy: tuple[float, float], target_mpp: float, cell_px: int, patch_px: int,
-              config: ScanConfig = ScanConfig()) -> SlidePlan:
+def plan_scan(
+    slide: Any, mpp_xy: tuple[float, float], target_mpp: float, cell_px: int, patch_px: int, config: ScanConfig = ScanConfig()
+) -> SlidePlan:
     """Everything a scan decides before reading a block, for a slide with a known pixel size."""
     from .geometry import plan_grid
     from .grid import crop_to_tissue, tissue_blocks, tissue_cells

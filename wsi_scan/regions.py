@@ -88,15 +88,18 @@ def release_slide(path: str) -> None:
     _HANDLES.release(path)
 
 
-def make_read_plan(slide: Slide, mpp_xy: tuple[float, float], grid: GridGeometry, read_level: str = "exact",
-                   max_upsample: float = 1.0) -> ReadPlan:
+def make_read_plan(
+    slide: Slide, mpp_xy: tuple[float, float], grid: GridGeometry, read_level: str = "exact", max_upsample: float = 1.0
+) -> ReadPlan:
     """Which level the blocks are read from (``geometry.choose_level``'s ``read_level`` policy)."""
     ds = [lv.downsample_xy for lv in slide.info.levels]
     level = choose_level(ds, mpp_xy, grid.target_mpp, read_level, max_upsample)
     return ReadPlan(slide.info.path, slide.info.backend, level, ds[level], grid)
 
 
-def region_read(l0_box: tuple[float, float, float, float], downsample_xy: tuple[float, float], out_wh: tuple[int, int]) -> ReadRequest:
+def region_read(
+    l0_box: tuple[float, float, float, float], downsample_xy: tuple[float, float], out_wh: tuple[int, int]
+) -> ReadRequest:
     """The ``read_region`` call (l0_xy, level size) that ``resample_region`` makes for ``l0_box``."""
     out_w, out_h = out_wh
     scale = max((l0_box[2] - l0_box[0]) / downsample_xy[0] / out_w, (l0_box[3] - l0_box[1]) / downsample_xy[1] / out_h)
@@ -105,7 +108,11 @@ def region_read(l0_box: tuple[float, float, float, float], downsample_xy: tuple[
 
 
 def resample_region(
-    slide: Slide, level: int, downsample_xy: tuple[float, float], l0_box: tuple[float, float, float, float], out_wh: tuple[int, int]
+    slide: Slide,
+    level: int,
+    downsample_xy: tuple[float, float],
+    l0_box: tuple[float, float, float, float],
+    out_wh: tuple[int, int],
 ) -> np.ndarray:
     """Pixels of ``l0_box`` resampled to ``out_wh``: (h, w, 3) uint8, antialiased when shrinking."""
     from PIL import Image
@@ -127,7 +134,9 @@ def resample_region(
     return np.array(img)  # writable: torch refuses read-only buffers
 
 
-def _block_box_and_size(plan: ReadPlan, block: tuple[int, int, int, int]) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+def _block_box_and_size(
+    plan: ReadPlan, block: tuple[int, int, int, int]
+) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
     x0, y0, x1, y1 = plan.grid.block_tgt_box(*block)
     return plan.grid.block_l0_box(*block), (x1 - x0, y1 - y0)
 
@@ -158,7 +167,9 @@ def expected_reads(plan: ReadPlan, block_list: list[tuple[int, int, int, int]], 
         slide.forget_reads()
 
 
-def read_thumbnail(slide: Slide, mpp_xy: tuple[float, float], mask_mpp: float, max_read_px: int = 2048) -> tuple[np.ndarray, tuple[float, float]]:
+def read_thumbnail(
+    slide: Slide, mpp_xy: tuple[float, float], mask_mpp: float, max_read_px: int = 2048
+) -> tuple[np.ndarray, tuple[float, float]]:
     """The whole level-0 frame at about ``mask_mpp``, read in pieces of bounded size.
 
     Returns the image and its exact level-0 pixels per thumbnail pixel (x, y).
@@ -168,8 +179,10 @@ def read_thumbnail(slide: Slide, mpp_xy: tuple[float, float], mask_mpp: float, m
     th = max(1, math.ceil(h0 * mpp_xy[1] / mask_mpp))
     kx, ky = w0 / tw, h0 / th
     if tw * th * 3 > MAX_THUMBNAIL_BYTES:
-        raise UsageError(f"a thumbnail of {slide.info.path} at {mask_mpp:g} um/px would be {tw} x {th} px "
-                         f"(over {MAX_THUMBNAIL_BYTES >> 20} MiB); pass a coarser --tissue-mpp")
+        raise UsageError(
+            f"a thumbnail of {slide.info.path} at {mask_mpp:g} um/px would be {tw} x {th} px "
+            f"(over {MAX_THUMBNAIL_BYTES >> 20} MiB); pass a coarser --tissue-mpp"
+        )
     ds = [lv.downsample_xy for lv in slide.info.levels]
     level = choose_level(ds, mpp_xy, mask_mpp)
     d = ds[level]

@@ -95,8 +95,9 @@ def _slide_background(slide_path: str, attrs: dict[str, Any], size_wh: tuple[int
         thumb, l0_per = read_thumbnail(slide, mpp_xy, max(want_mpp, 1.0))
         x0, y0 = g["l0_origin_xy"]
         box = (x0 / l0_per[0], y0 / l0_per[1], (x0 + l0_w) / l0_per[0], (y0 + l0_h) / l0_per[1])
-        img = Image.fromarray(thumb).transform(size_wh, Image.Transform.EXTENT, box, Image.Resampling.BILINEAR,
-                                               fillcolor=(255, 255, 255))
+        img = Image.fromarray(thumb).transform(
+            size_wh, Image.Transform.EXTENT, box, Image.Resampling.BILINEAR, fillcolor=(255, 255, 255)
+        )
         return np.asarray(img.convert("RGB"))
     except Exception as exc:  # noqa: BLE001 - the report still shows the heatmap alone
         log.info("report: no slide thumbnail for %s (%s: %s)", slide_path, type(exc).__name__, exc)
@@ -145,7 +146,9 @@ def thumbnail_data_uri(heatmap_path: str | Path, slide_path: str | None, max_px:
             png = render_overlay(heatmap_path, Path(td) / "overlay.png", slide=slide_path, max_size=max_px)
             return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
     except Exception as exc:  # noqa: BLE001 - fall back, the report must still show the heatmap
-        log.info("report: overlay renderer failed for %s (%s: %s); using the plain thumbnail", heatmap_path, type(exc).__name__, exc)
+        log.info(
+            "report: overlay renderer failed for %s (%s: %s); using the plain thumbnail", heatmap_path, type(exc).__name__, exc
+        )
     return _png_data_uri(heatmap_thumbnail(heatmap_path, slide_path, max_px))
 
 
@@ -165,8 +168,14 @@ def thumbnail_key(heatmap_path: str | Path, slide_path: str | None, max_px: int 
         slide_id = file_identity(slide_path) if slide_path else "no slide"
     except OSError:
         slide_id = "slide missing"
-    parts = [str(THUMB_VERSION), str(max_px), str(attrs["data_sha256"]), str(attrs.get("settings_hash", "")), slide_id,
-             str(attrs.get("slide", {}).get("level0_size_wh"))]
+    parts = [
+        str(THUMB_VERSION),
+        str(max_px),
+        str(attrs["data_sha256"]),
+        str(attrs.get("settings_hash", "")),
+        slide_id,
+        str(attrs.get("slide", {}).get("level0_size_wh")),
+    ]
     return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
 
 
@@ -219,7 +228,8 @@ def write_report(out_dir: Path, outcomes: Sequence[SlideOutcome], meta: dict[str
                 img = f'<img data-key="{key or ""}" alt="{html.escape(o.slide)}" src="{uri}">'
             except Exception as exc:  # noqa: BLE001 - a broken thumbnail must not lose the report
                 log.warning("report: no thumbnail for %s (%s: %s)", o.slide, type(exc).__name__, exc)
-            view = f'<code class="view" title="run this to open the slide and its heatmap in the browser; click to copy">{html.escape(viewer_command(o.out))}</code>'
+            tip = "run this to open the slide and its heatmap in the browser; click to copy"
+            view = f'<code class="view" title="{tip}">{html.escape(viewer_command(o.out))}</code>'
         call = html.escape(o.call)
         if o.n_lesions:
             largest = f", largest {o.largest_lesion_mm:.2f} mm" if o.largest_lesion_mm is not None else ""
@@ -243,22 +253,37 @@ def write_report(out_dir: Path, outcomes: Sequence[SlideOutcome], meta: dict[str
         ]
         tds = "".join(f'<td class="{c}" data-v="{html.escape(v, quote=True)}">{t}</td>' for c, t, v in cells)
         rows.append(f"<tr>{tds}</tr>")
-    heads = ["heatmap", "slide", "status", "call", "score", "largest lesion (mm)", "tumour area (mm²)", "max prob", "mean prob", "tissue (mm²)",
-             "µm/px", "µm/px source", "seconds", "error", "viewer"]
+    heads = [
+        "heatmap",
+        "slide",
+        "status",
+        "call",
+        "score",
+        "largest lesion (mm)",
+        "tumour area (mm²)",
+        "max prob",
+        "mean prob",
+        "tissue (mm²)",
+        "µm/px",
+        "µm/px source",
+        "seconds",
+        "error",
+        "viewer",
+    ]
     counts = meta.get("counts", {})
     model = meta.get("model", {})
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">{HTML_MARK}<title>wsi-scan report</title>
 <style>{_CSS}</style></head><body>
 <h1>wsi-scan report</h1>
-<div class="meta">{html.escape(str(meta.get('slides_dir', '')))} &rarr; {html.escape(str(meta.get('out_dir', '')))}<br>
-{counts.get('ok', 0)} scanned, {counts.get('skipped', 0)} already done, {counts.get('failed', 0)} failed &middot;
-model {html.escape(str(model.get('name', '')))} (sha256 {html.escape(str(model.get('sha256', ''))[:12])}),
-tumour = probability &ge; {model.get('threshold', '')}
+<div class="meta">{html.escape(str(meta.get("slides_dir", "")))} &rarr; {html.escape(str(meta.get("out_dir", "")))}<br>
+{counts.get("ok", 0)} scanned, {counts.get("skipped", 0)} already done, {counts.get("failed", 0)} failed &middot;
+model {html.escape(str(model.get("name", "")))} (sha256 {html.escape(str(model.get("sha256", ""))[:12])}),
+tumour = probability &ge; {model.get("threshold", "")}
 &middot; click a column header to sort<br>
 the whole cohort in the viewer (slides at full resolution with their heatmaps and lesions):
-<code class="view" title="click to copy">{html.escape(viewer_command(meta.get('out_dir') or out_dir))}</code></div>
-<table><thead><tr>{''.join(f'<th>{h}</th>' for h in heads)}</tr></thead>
+<code class="view" title="click to copy">{html.escape(viewer_command(meta.get("out_dir") or out_dir))}</code></div>
+<table><thead><tr>{"".join(f"<th>{h}</th>" for h in heads)}</tr></thead>
 <tbody>
 {chr(10).join(rows)}
 </tbody></table>

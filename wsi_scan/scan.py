@@ -51,7 +51,17 @@ def settings_hash(model_sha256: str, cfg: ScanConfig) -> str:
     d = cfg.to_dict()
     # how the work is cut and run does not change the numbers beyond float rounding (tests:
     # block size, batch size, threads and backends give the same heatmap)
-    for k in ("overwrite", "threads", "device", "batch_size", "block_cells", "backend", "mpp_source", "tile_cache_mb", "checkpoint_s"):
+    for k in (
+        "overwrite",
+        "threads",
+        "device",
+        "batch_size",
+        "block_cells",
+        "backend",
+        "mpp_source",
+        "tile_cache_mb",
+        "checkpoint_s",
+    ):
         d.pop(k, None)
     # a user's mask or ROI enters by content: the same file moved gives the same heatmap, an edited one not
     from .plan import file_sha256
@@ -139,8 +149,18 @@ def scan_slide(
         release_slide(slide.info.path)  # the handles the block tasks opened: no descriptor outlives a scan
 
 
-def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, model: Any, progress: bool,
-                 scheduler: str, restart: bool | None, t_start: float, t: float) -> ScanResult:
+def _scan_opened(
+    slide: Any,
+    slide_path: Path,
+    out: Path,
+    config: ScanConfig,
+    model: Any,
+    progress: bool,
+    scheduler: str,
+    restart: bool | None,
+    t_start: float,
+    t: float,
+) -> ScanResult:
     """The stages of a scan of an opened slide: pixel size, model, plan, classify, write."""
     from .io.heatmap import write_heatmap
     from .io.mpp import check_extent, resolve_mpp
@@ -176,10 +196,20 @@ def _scan_opened(slide: Any, slide_path: Path, out: Path, config: ScanConfig, mo
     timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     return ScanResult(
-        out=out, slide_path=str(slide_path), n_cells=int(run.probs.size), n_tissue_cells=summary.n_tissue,
-        tissue_area_mm2=summary.tissue_area_mm2, tumour_area_mm2=summary.tumour_area_mm2, max_prob=summary.max_prob,
-        mean_prob=summary.mean_prob, mpp_xy=mpp.xy, mpp_source=mpp.source, timings_s=timings, mode=predictor.mode,
-        device=str(predictor.device), resumed_cells=run.resumed_cells,
+        out=out,
+        slide_path=str(slide_path),
+        n_cells=int(run.probs.size),
+        n_tissue_cells=summary.n_tissue,
+        tissue_area_mm2=summary.tissue_area_mm2,
+        tumour_area_mm2=summary.tumour_area_mm2,
+        max_prob=summary.max_prob,
+        mean_prob=summary.mean_prob,
+        mpp_xy=mpp.xy,
+        mpp_source=mpp.source,
+        timings_s=timings,
+        mode=predictor.mode,
+        device=str(predictor.device),
+        resumed_cells=run.resumed_cells,
         decoder_warnings=run.decoder.count if run.decoder is not None else 0,
         decoder_warning=(run.decoder.first or "") if run.decoder is not None else "",
     )
@@ -208,8 +238,17 @@ class _Classified:
     decoder: Any  # the reader's decoder warnings, None when no block was read in this process
 
 
-def _classify(sp: Any, predictor: Any, slide_path: Path, out: Path, config: ScanConfig, settings: str, restart: bool | None,
-              progress: bool, scheduler: str) -> _Classified:
+def _classify(
+    sp: Any,
+    predictor: Any,
+    slide_path: Path,
+    out: Path,
+    config: ScanConfig,
+    settings: str,
+    restart: bool | None,
+    progress: bool,
+    scheduler: str,
+) -> _Classified:
     """Every tissue block not finished by an interrupted scan of ``out``, read and classified on
     Dask, the finished ones saved as they come (io/resume.py)."""
     import dask
@@ -224,7 +263,11 @@ def _classify(sp: Any, predictor: Any, slide_path: Path, out: Path, config: Scan
     if config.overwrite if restart is None else restart:
         drop_partial(out)
     resumed = load_partial(out, key, grid.shape_rc)
-    probs, done = resumed if resumed is not None else (np.full(grid.shape_rc, np.nan, dtype=np.float32), np.zeros(grid.shape_rc, dtype=bool))
+    probs, done = (
+        resumed
+        if resumed is not None
+        else (np.full(grid.shape_rc, np.nan, dtype=np.float32), np.zeros(grid.shape_rc, dtype=bool))
+    )
     resumed_cells = int((done & cells).sum())
     todo = [b for b in sp.blocks if not done[b[0] : b[0] + b[2], b[1] : b[1] + b[3]].all()]
     if not todo:
@@ -263,8 +306,13 @@ class _Summary:
     def of(cls, probs: np.ndarray, sp: Any, mpp_xy: tuple[float, float], threshold: float) -> _Summary:
         (sx, sy) = sp.grid.l0_cell_size_xy
         finite = probs[np.isfinite(probs)]
-        return cls(int(sp.cells.sum()), sx * mpp_xy[0] * sy * mpp_xy[1], int((finite >= threshold).sum()),
-                   float(finite.max()) if finite.size else None, float(finite.mean()) if finite.size else None)
+        return cls(
+            int(sp.cells.sum()),
+            sx * mpp_xy[0] * sy * mpp_xy[1],
+            int((finite >= threshold).sum()),
+            float(finite.max()) if finite.size else None,
+            float(finite.mean()) if finite.size else None,
+        )
 
     @property
     def tissue_area_mm2(self) -> float:
@@ -275,8 +323,19 @@ class _Summary:
         return self.tumour_cells * self.cell_um2 / 1e6
 
 
-def _attrs(info: Any, slide_path: Path, mpp: Any, sp: Any, loaded: Any, predictor: Any, config: ScanConfig, settings: str,
-           run: _Classified, summary: _Summary, timings: dict[str, float]) -> dict[str, Any]:
+def _attrs(
+    info: Any,
+    slide_path: Path,
+    mpp: Any,
+    sp: Any,
+    loaded: Any,
+    predictor: Any,
+    config: ScanConfig,
+    settings: str,
+    run: _Classified,
+    summary: _Summary,
+    timings: dict[str, float],
+) -> dict[str, Any]:
     """The store's attrs: slide, grid, tissue, model, settings, summary, provenance (README: output format)."""
     from .io.heatmap import FORMAT_VERSION
     from .io.model_files import card_summary

@@ -133,8 +133,9 @@ def _closing(mask: np.ndarray, radius: int) -> np.ndarray:
     return np.asarray(closed[pad:-pad, pad:-pad] | mask)
 
 
-def compute_mask(rgb: np.ndarray, mask_mpp_xy: tuple[float, float], cfg: TissueConfig,
-                 l0_per_mask_xy: tuple[float, float] = (1.0, 1.0)) -> TissueMask:
+def compute_mask(
+    rgb: np.ndarray, mask_mpp_xy: tuple[float, float], cfg: TissueConfig, l0_per_mask_xy: tuple[float, float] = (1.0, 1.0)
+) -> TissueMask:
     """The tissue mask of an (h, w, 3) uint8 thumbnail at ``mask_mpp_xy`` um/px."""
     from skimage import morphology
 

@@ -56,8 +56,10 @@ def test_scan_writes_overlay(make_slide, tmp_path):
 def test_tile_command(make_slide, tmp_path):
     slide = make_slide(tumour=((1000, 700, 1500, 1200),))
     labels = tmp_path / "t.geojson"
-    labels.write_text('{"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {}, "geometry": '
-                      '{"type": "Polygon", "coordinates": [[[1000, 700], [1500, 700], [1500, 1200], [1000, 1200], [1000, 700]]]}}]}')
+    labels.write_text(
+        '{"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {}, "geometry": '
+        '{"type": "Polygon", "coordinates": [[[1000, 700], [1500, 700], [1500, 1200], [1000, 1200], [1000, 700]]]}}]}'
+    )
     code, out, err = run("tile", slide, "--out", tmp_path / "data", "--labels-geojson", labels)
     assert code == 0, err
     assert "positive" in out and (tmp_path / "data" / "camelyonpatch_level_2_split_train_y.h5").exists()

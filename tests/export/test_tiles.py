@@ -20,12 +20,22 @@ TUMOUR = ((1013, 707, 1511, 1209),)
 
 
 def _geojson(tmp_path, boxes):
-    feats = [{"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
-              "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}}
-             for x0, y0, x1, y1 in boxes]
+    feats = [
+        {
+            "type": "Feature",
+            "properties": {"classification": {"name": "Tumor"}},
+            "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
+        }
+        for x0, y0, x1, y1 in boxes
+    ]
     # a non-tumour annotation is ignored
-    feats.append({"type": "Feature", "properties": {"classification": {"name": "Stroma"}},
-                  "geometry": {"type": "Polygon", "coordinates": [[[300, 300], [900, 300], [900, 600], [300, 300]]]}})
+    feats.append(
+        {
+            "type": "Feature",
+            "properties": {"classification": {"name": "Stroma"}},
+            "geometry": {"type": "Polygon", "coordinates": [[[300, 300], [900, 300], [900, 600], [300, 300]]]},
+        }
+    )
     p = tmp_path / "labels.geojson"
     p.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
     return p
@@ -58,7 +68,10 @@ def test_tiles_single_file(make_slide, tmp_path):
 def test_tiles_pcam_folder_is_trainable_data(make_slide, tmp_path):
     slide = make_slide(size_wh=SIZE_WH, mpp=MPP, tissue=TISSUE, tumour=TUMOUR)
     res = tile_slide(slide, tmp_path / "data", stride_cells=3, labels_geojson=_geojson(tmp_path, TUMOUR))
-    assert sorted(p.name for p in res.files) == ["camelyonpatch_level_2_split_train_x.h5", "camelyonpatch_level_2_split_train_y.h5"]
+    assert sorted(p.name for p in res.files) == [
+        "camelyonpatch_level_2_split_train_x.h5",
+        "camelyonpatch_level_2_split_train_y.h5",
+    ]
     pd = open_patch_data(tmp_path / "data", cache_dir=tmp_path / "cache")
     ps = pd.splits["train"]
     assert len(ps) == res.n_patches and int(ps.labels.sum()) == res.n_positive

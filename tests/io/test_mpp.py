@@ -7,7 +7,12 @@ from wsi_scan.io.mpp import resolve_mpp
 
 
 def test_vendor_first_and_override():
-    meta = {"openslide.mpp-x": "0.2527", "openslide.mpp-y": "0.2527", "openslide.vendor": "aperio", "openslide.objective-power": "40"}
+    meta = {
+        "openslide.mpp-x": "0.2527",
+        "openslide.mpp-y": "0.2527",
+        "openslide.vendor": "aperio",
+        "openslide.objective-power": "40",
+    }
     m = resolve_mpp(meta, None, "s")
     assert m.xy == (0.2527, 0.2527) and "aperio" in m.source
     assert resolve_mpp(meta, 0.5, "s").source == "user (--mpp)"
@@ -19,7 +24,15 @@ def test_vendor_first_and_override():
         ({"tiff.XResolution": "40000", "tiff.YResolution": "40000", "tiff.ResolutionUnit": "centimeter"}, 0.25),
         ({"tiff.XResolution": "50800", "tiff.YResolution": "50800", "tiff.ResolutionUnit": "inch"}, 0.5),
         ({"aperio.MPP": "0.499"}, 0.499),
-        ({"ome.PhysicalSizeX": "250", "ome.PhysicalSizeY": "250", "ome.PhysicalSizeXUnit": "nm", "ome.PhysicalSizeYUnit": "nm"}, 0.25),
+        (
+            {
+                "ome.PhysicalSizeX": "250",
+                "ome.PhysicalSizeY": "250",
+                "ome.PhysicalSizeXUnit": "nm",
+                "ome.PhysicalSizeYUnit": "nm",
+            },
+            0.25,
+        ),
     ],
 )
 def test_sources(meta, want):
@@ -59,8 +72,13 @@ def test_ome_tiff_pixel_size_survives_every_backend(tmp_path):
     img = np.full((1024, 1024, 3), 200, np.uint8)
     path = tmp_path / "s.ome.tif"
     with tifffile.TiffWriter(path, ome=True) as tw:
-        tw.write(img, tile=(256, 256), photometric="rgb", subifds=1,
-                 metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25})
+        tw.write(
+            img,
+            tile=(256, 256),
+            photometric="rgb",
+            subifds=1,
+            metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25},
+        )
         tw.write(img[::2, ::2].copy(), tile=(256, 256), photometric="rgb", subfiletype=1)
     for backend in ("auto", "tifffile"):
         with open_slide(path, backend) as s:

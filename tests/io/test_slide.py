@@ -90,7 +90,12 @@ def test_auto_reads_aperio_svs_with_tifffile_and_same_pixels(name):
     assert (auto.info.backend, auto.info.vendor) == ("tifffile", "aperio")
     assert auto.info.metadata == osr.info.metadata  # OpenSlide's properties, mpp included
     w0, h0 = osr.info.level0_size_wh
-    for l0_xy, wh in (((0, 0), (300, 200)), ((w0 - 150, h0 - 100), (300, 200)), ((-30, 700), (512, 512)), ((1000, 1500), (777, 333))):
+    for l0_xy, wh in (
+        ((0, 0), (300, 200)),
+        ((w0 - 150, h0 - 100), (300, 200)),
+        ((-30, 700), (512, 512)),
+        ((1000, 1500), (777, 333)),
+    ):
         assert np.array_equal(auto.read_region(l0_xy, 0, wh).rgb, osr.read_region(l0_xy, 0, wh).rgb), l0_xy
     auto.close()
     osr.close()
@@ -123,8 +128,13 @@ def _openslide_levels(path) -> list[tuple[int, int]] | None:
 @pytest.mark.parametrize("downsamples", [(1, 4, 16), (1, 8, 32)])
 @pytest.mark.parametrize("layout", PYRAMID_LAYOUTS)
 def test_every_pyramid_layout_reads_its_levels_with_tifffile_and_openslides_pixels(tmp_path, layout, downsamples):
-    spec = SyntheticSlide(size_wh=(2100, 1700), downsamples=downsamples, tissue=((300, 300, 1800, 1500),),
-                          tumour=((500, 400, 900, 800),), layout=layout)
+    spec = SyntheticSlide(
+        size_wh=(2100, 1700),
+        downsamples=downsamples,
+        tissue=((300, 300, 1800, 1500),),
+        tumour=((500, 400, 900, 800),),
+        layout=layout,
+    )
     path = write_synthetic_slide(tmp_path / f"{layout}.tif", spec)
     if downsamples == (1, 8, 32) and layout in ("pages", "subifds"):
         with tifffile.TiffFile(path) as tf:  # the case: tifffile lists the pyramid in two series

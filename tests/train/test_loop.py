@@ -18,7 +18,9 @@ TINY = dict(width=8, batch_size=16, epochs=1, loader_workers=0, threads=1)
 
 def test_one_epoch_writes_loadable_model_with_card(kaggle_dir, tmp_path):
     out = tmp_path / "m.pt"
-    res = train([kaggle_dir], out, TrainConfig(**TINY), report_dir=tmp_path / "rep", progress=False, command="wsi-scan train test")
+    res = train(
+        [kaggle_dir], out, TrainConfig(**TINY), report_dir=tmp_path / "rep", progress=False, command="wsi-scan train test"
+    )
     m = load_model(out)
     assert m.card.dense_exact and m.card.arch == "dense-cnn" and m.card.arch_kwargs == {"width": 8}
     assert m.card.training["command"] == "wsi-scan train test"
@@ -124,14 +126,35 @@ def test_weight_averaging_saves_the_averaged_weights_and_resumes(kaggle_dir, tmp
     assert max(diff) > 0  # the saved weights are the average, not the last step's
     state = torch.load(state_path(tmp_path / "e.pt"), weights_only=True)
     assert "ema" in state
-    res = train([kaggle_dir], tmp_path / "e.pt", TrainConfig(**{**TINY, "epochs": 2, "ema_decay": 0.9}), resume=True, progress=False)
+    res = train(
+        [kaggle_dir], tmp_path / "e.pt", TrainConfig(**{**TINY, "epochs": 2, "ema_decay": 0.9}), resume=True, progress=False
+    )
     assert len(res.history) == 2 and load_model(res.model_path).card.training["config"]["ema_decay"] == 0.9
 
 
 def test_quick_run_options(kaggle_dir, tmp_path):
     out = tmp_path / "q.pt"
-    code = CliRunner().invoke(main, ["train", str(kaggle_dir), "--out", str(out), "--width", "8", "--batch-size", "16",
-                                     "--epochs", "1", "--loader-workers", "0", "--max-valid", "10", "--no-final-tta", "--quiet"])
+    code = CliRunner().invoke(
+        main,
+        [
+            "train",
+            str(kaggle_dir),
+            "--out",
+            str(out),
+            "--width",
+            "8",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "1",
+            "--loader-workers",
+            "0",
+            "--max-valid",
+            "10",
+            "--no-final-tta",
+            "--quiet",
+        ],
+    )
     assert code.exit_code == 0, code.stderr
     card = load_model(out).card
     assert "valid_tta" not in card.metrics and card.metrics["valid"]["n"] == 10
@@ -165,7 +188,9 @@ def test_threshold_rule_sets_card_threshold_on_validation(kaggle_dir, tmp_path):
 def test_evaluate_out_folder_and_warning_on_training_patches(kaggle_dir, tmp_path):
     out = tmp_path / "m.pt"
     train([kaggle_dir], out, TrainConfig(**TINY), progress=False)
-    r = CliRunner().invoke(main, ["evaluate", str(kaggle_dir), "--model", str(out), "--split", "valid", "--out", str(tmp_path / "ev")])
+    r = CliRunner().invoke(
+        main, ["evaluate", str(kaggle_dir), "--model", str(out), "--split", "valid", "--out", str(tmp_path / "ev")]
+    )
     assert r.exit_code == 0, r.output
     assert "warning" not in r.stderr and "95% CI" in r.stdout
     rows = (tmp_path / "ev" / "predictions.csv").read_text().splitlines()
@@ -183,15 +208,29 @@ def test_evaluate_out_folder_and_warning_on_training_patches(kaggle_dir, tmp_pat
     assert json.loads(r.stdout)["trained_on_these_patches"] is True
     # a rerun replaces its own files; a user's file of the same name is kept
     (tmp_path / "ev" / "predictions.csv").write_text("mine\n")
-    r = CliRunner().invoke(main, ["evaluate", str(kaggle_dir), "--model", str(out), "--split", "valid", "--out", str(tmp_path / "ev")])
+    r = CliRunner().invoke(
+        main, ["evaluate", str(kaggle_dir), "--model", str(out), "--split", "valid", "--out", str(tmp_path / "ev")]
+    )
     assert r.exit_code == 4 and (tmp_path / "ev" / "predictions.csv").read_text() == "mine\n"
 
 
 def test_threshold_command(kaggle_dir, tmp_path):
     out = tmp_path / "m.pt"
     train([kaggle_dir], out, TrainConfig(**TINY, threshold_specificity=0.0), progress=False)
-    r = CliRunner().invoke(main, ["threshold", str(out), str(kaggle_dir), "--specificity", "0.75", "--out", str(tmp_path / "t.safetensors"),
-                                  "--name", "fast"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "threshold",
+            str(out),
+            str(kaggle_dir),
+            "--specificity",
+            "0.75",
+            "--out",
+            str(tmp_path / "t.safetensors"),
+            "--name",
+            "fast",
+        ],
+    )
     assert r.exit_code == 0, r.output
     m = load_model(tmp_path / "t.safetensors")
     assert m.card.name == "fast"

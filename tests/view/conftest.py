@@ -28,8 +28,15 @@ ODD_ORIGIN_XY = (37, 53)
 ODD_CELL = 131.7
 
 CHROMIUM = os.environ.get("WSI_SCAN_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def ramp(rows: int, cols: int) -> np.ndarray:
@@ -38,9 +45,14 @@ def ramp(rows: int, cols: int) -> np.ndarray:
     return ((c / max(cols - 1, 1)) * 0.9 + (r % 5) * 0.02).astype(np.float32)
 
 
-def paint_store(src: Path, out: Path, probs_fn: Callable[[int, int], np.ndarray],
-                grid: GridGeometry | None = None, lesion_box_rc: tuple[int, int, int, int] | None = None,
-                overwrite: bool = False) -> Path:
+def paint_store(
+    src: Path,
+    out: Path,
+    probs_fn: Callable[[int, int], np.ndarray],
+    grid: GridGeometry | None = None,
+    lesion_box_rc: tuple[int, int, int, int] | None = None,
+    overwrite: bool = False,
+) -> Path:
     """A store for ``src``'s slide with probabilities of our choosing (``probs_fn(rows, cols)``)
     on a grid of our choosing; tissue is every cell whose centre lies in the slide's tissue box;
     ``lesion_box_rc`` (r0, c0, r1, c1) is set to 0.99 (a lesion)."""
@@ -63,10 +75,20 @@ def paint_store(src: Path, out: Path, probs_fn: Callable[[int, int], np.ndarray]
     attrs = dict(attrs)
     attrs.pop("status", None)
     attrs.pop("data_sha256", None)
-    attrs["grid"] = {**attrs["grid"], "l0_origin_xy": list(g.l0_origin_xy), "l0_cell_size_xy": list(g.l0_cell_size_xy),
-                     "shape_rc": list(g.shape_rc)}
-    attrs["summary"] = {**attrs["summary"], "call": call.call, "score": call.score, "n_lesions": len(call.lesions),
-                        "largest_lesion_mm": call.largest_lesion_mm, "max_prob": float(np.nanmax(probs))}
+    attrs["grid"] = {
+        **attrs["grid"],
+        "l0_origin_xy": list(g.l0_origin_xy),
+        "l0_cell_size_xy": list(g.l0_cell_size_xy),
+        "shape_rc": list(g.shape_rc),
+    }
+    attrs["summary"] = {
+        **attrs["summary"],
+        "call": call.call,
+        "score": call.score,
+        "n_lesions": len(call.lesions),
+        "largest_lesion_mm": call.largest_lesion_mm,
+        "max_prob": float(np.nanmax(probs)),
+    }
     write_heatmap(out, probs, tissue, g, mpp_xy, attrs, overwrite=overwrite)  # type: ignore[arg-type]
     return out
 
@@ -80,8 +102,9 @@ def odd_grid() -> GridGeometry:
 @pytest.fixture
 def scanned_store(tmp_path: Path, mock_model: Any) -> tuple[Path, Path]:
     """(slide, store): a synthetic slide with a painted tumour, scanned with the mock model."""
-    slide = write_synthetic_slide(tmp_path / "slides" / "s.tif",
-                                  SyntheticSlide(size_wh=SIZE_WH, mpp=MPP, tissue=TISSUE, tumour=TUMOUR))
+    slide = write_synthetic_slide(
+        tmp_path / "slides" / "s.tif", SyntheticSlide(size_wh=SIZE_WH, mpp=MPP, tissue=TISSUE, tumour=TUMOUR)
+    )
     out = tmp_path / "s.zarr"
     scan_slide(slide, out, ScanConfig(), model=mock_model)
     return slide, out
@@ -102,8 +125,9 @@ def results_folder(tmp_path: Path, mock_model: Any) -> Path:
 
     slides, out = tmp_path / "cohort-slides", tmp_path / "results"
     for i in range(3):
-        write_synthetic_slide(slides / f"case{i}.tif", SyntheticSlide(size_wh=SIZE_WH, mpp=MPP, tissue=TISSUE,
-                                                                      tumour=TUMOUR, seed=i))
+        write_synthetic_slide(
+            slides / f"case{i}.tif", SyntheticSlide(size_wh=SIZE_WH, mpp=MPP, tissue=TISSUE, tumour=TUMOUR, seed=i)
+        )
     (slides / "broken.svs").write_text("not a slide\n")  # a failed row: listed, not openable
     scan_folder(slides, out, ScanConfig(), model=mock_model, report=False)
     # case0: negative (a low ramp); case1: a lesion of 3 x 3 cells (ITC); case2: 13 x 17 cells (micro)

@@ -38,9 +38,11 @@ def settle(page: Any, version: int | None = None) -> None:
     """Wait until every tile of every layer is drawn (and, with ``version``, a new heat layer)."""
     cond = LOADED if version is None else f"{LOADED} && wsiView.heatVersion > {version}"
     page.wait_for_function(cond, timeout=60_000)
-    page.wait_for_function("!wsiView.viewer.viewport.getZoom(true) || "
-                           "Math.abs(wsiView.viewer.viewport.getZoom(true) - wsiView.viewer.viewport.getZoom(false)) < 1e-9",
-                           timeout=30_000)
+    page.wait_for_function(
+        "!wsiView.viewer.viewport.getZoom(true) || "
+        "Math.abs(wsiView.viewer.viewport.getZoom(true) - wsiView.viewer.viewport.getZoom(false)) < 1e-9",
+        timeout=30_000,
+    )
     page.wait_for_function(LOADED, timeout=60_000)
     page.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
 
@@ -94,7 +96,9 @@ def test_layers_load_and_cells_have_the_colour_of_their_probability(painted_stor
     # the cursor read-out: level-0 coordinates and the probability of the cell under the mouse
     x, y = cell_centre(7, 12)
     page.mouse.move(*screen_xy(page, x, y))
-    page.wait_for_function("wsiView.cursor && wsiView.cursor.cell_rc && wsiView.cursor.cell_rc[0] === 7 && wsiView.cursor.cell_rc[1] === 12")
+    page.wait_for_function(
+        "wsiView.cursor && wsiView.cursor.cell_rc && wsiView.cursor.cell_rc[0] === 7 && wsiView.cursor.cell_rc[1] === 12"
+    )
     assert abs(page.evaluate("wsiView.cursor.prob") - float(hm.probs[7, 12])) < 1e-6
     assert page.inner_text("#cursor-p") == f"{float(hm.probs[7, 12]):.3f}"
     shown = page.inner_text("#cursor-xy")
@@ -158,7 +162,12 @@ def test_slide_layer_shows_the_slide_where_the_level0_frame_says(painted_store, 
     inside = screen_xy(page, (tx0 + tx1) / 2, (ty0 + ty1) / 2)
     assert np.abs(img[inside[1], inside[0]] - np.array(TUMOUR_RGB)).max() <= 12
     # just outside each edge of the painted square (by 12 level-0 px): tissue, not tumour
-    for x, y in ((tx0 - 12, (ty0 + ty1) / 2), (tx1 + 12, (ty0 + ty1) / 2), ((tx0 + tx1) / 2, ty0 - 12), ((tx0 + tx1) / 2, ty1 + 12)):
+    for x, y in (
+        (tx0 - 12, (ty0 + ty1) / 2),
+        (tx1 + 12, (ty0 + ty1) / 2),
+        ((tx0 + tx1) / 2, ty0 - 12),
+        ((tx0 + tx1) / 2, ty1 + 12),
+    ):
         px, py = screen_xy(page, x, y)
         assert np.abs(img[py, px] - np.array(TISSUE_RGB)).max() <= 20, (x, y, img[py, px])
         px, py = screen_xy(page, x + (24 if x < tx0 else -24 if x > tx1 else 0), y + (24 if y < ty0 else -24 if y > ty1 else 0))
@@ -177,7 +186,9 @@ def test_lesion_list_and_outlines(painted_store, serve, page, tmp_path):
     cx, cy = les["l0_centroid_xy"]
     page.wait_for_function(
         f"(() => {{ const p = wsiView.l0ToScreen({cx}, {cy}), e = document.getElementById('osd');"
-        f" return Math.abs(p[0] - e.clientWidth / 2) < 20 && Math.abs(p[1] - e.clientHeight / 2) < 20; }})()", timeout=30_000)
+        f" return Math.abs(p[0] - e.clientWidth / 2) < 20 && Math.abs(p[1] - e.clientHeight / 2) < 20; }})()",
+        timeout=30_000,
+    )
     settle(page)
     img = shot(page, tmp_path / "lesion.png")
     # the outline is drawn on the lesion's edge: the lesion's left edge is column 4 of the odd grid

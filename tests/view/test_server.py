@@ -54,14 +54,40 @@ def planted(tmp_path: Path) -> Path:
 
 
 ATTACKS = [
-    "/static/../secret.txt", "/static/../../secret.txt", "/static/%2e%2e/secret.txt", "/static/%2e%2e%2fsecret.txt",
-    "/static/..%2f..%2fsecret.txt", "/static/..%5c..%5csecret.txt", "/static/%252e%252e/secret.txt",
-    "/static/....//....//secret.txt", "/static//etc/passwd", "/static/%2fetc%2fpasswd", "/static/openseadragon/../../../../../../etc/passwd",
-    "/../../../../etc/passwd", "/etc/passwd", "//etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/secret.txt", "/s.zarr/zarr.json",
-    "/static/viewer.js%00.png", "/static/viewer.js/..", "/tiles/0/slide/../../../../etc/passwd", "/tiles/0/slide/12/..%2f..%2f0_0.jpeg",
-    "/api/slide/0/../../../secret.txt", "/api/slide/../../secret.txt", "/api/slide/%30", "/api/slide/-1", "/api/slide/7",
-    "/tiles/7/slide/12/0_0.jpeg", "/tiles/0/slide/99/0_0.jpeg", "/tiles/0/slide/12/99_0.jpeg", "/tiles/0/heat/12/0_0.jpeg",
-    "http://127.0.0.1/etc/passwd", "file:///etc/passwd", "/static/C:/Windows/win.ini", "/static/~/.ssh/id_rsa",
+    "/static/../secret.txt",
+    "/static/../../secret.txt",
+    "/static/%2e%2e/secret.txt",
+    "/static/%2e%2e%2fsecret.txt",
+    "/static/..%2f..%2fsecret.txt",
+    "/static/..%5c..%5csecret.txt",
+    "/static/%252e%252e/secret.txt",
+    "/static/....//....//secret.txt",
+    "/static//etc/passwd",
+    "/static/%2fetc%2fpasswd",
+    "/static/openseadragon/../../../../../../etc/passwd",
+    "/../../../../etc/passwd",
+    "/etc/passwd",
+    "//etc/passwd",
+    "/%2e%2e/%2e%2e/etc/passwd",
+    "/secret.txt",
+    "/s.zarr/zarr.json",
+    "/static/viewer.js%00.png",
+    "/static/viewer.js/..",
+    "/tiles/0/slide/../../../../etc/passwd",
+    "/tiles/0/slide/12/..%2f..%2f0_0.jpeg",
+    "/api/slide/0/../../../secret.txt",
+    "/api/slide/../../secret.txt",
+    "/api/slide/%30",
+    "/api/slide/-1",
+    "/api/slide/7",
+    "/tiles/7/slide/12/0_0.jpeg",
+    "/tiles/0/slide/99/0_0.jpeg",
+    "/tiles/0/slide/12/99_0.jpeg",
+    "/tiles/0/heat/12/0_0.jpeg",
+    "http://127.0.0.1/etc/passwd",
+    "file:///etc/passwd",
+    "/static/C:/Windows/win.ini",
+    "/static/~/.ssh/id_rsa",
 ]
 
 
@@ -80,8 +106,14 @@ def test_only_the_named_slide_and_own_static_files_are_served(scanned_store, ser
     v = serve(store)
     app = v.app
     assert [e.slide_path for e in app.entries] == [str(slide.resolve())]
-    assert set(app.static) >= {"index.html", "viewer.js", "viewer.css", "openseadragon/openseadragon.min.js",
-                               "openseadragon/LICENSE.txt", "openseadragon/images/zoomin_rest.png"}
+    assert set(app.static) >= {
+        "index.html",
+        "viewer.js",
+        "viewer.css",
+        "openseadragon/openseadragon.min.js",
+        "openseadragon/LICENSE.txt",
+        "openseadragon/images/zoomin_rest.png",
+    }
     status, body = raw_get(v.url, "/static/openseadragon/LICENSE.txt")
     assert status == 200 and b"Redistribution and use in source and binary forms" in body
     status, body = raw_get(v.url, "/")
@@ -241,8 +273,7 @@ def test_tile_requests_are_served_in_parallel(scanned_store, serve, monkeypatch)
     v = serve(scanned_store[1])
     assert raw_get(v.url, "/api/slide/0")[0] == 200
     results: list[int] = []
-    ts = [threading.Thread(target=lambda c=c: results.append(raw_get(v.url, f"/tiles/0/slide/12/{c}_0.jpeg")[0]))
-          for c in (0, 1)]
+    ts = [threading.Thread(target=lambda c=c: results.append(raw_get(v.url, f"/tiles/0/slide/12/{c}_0.jpeg")[0])) for c in (0, 1)]
     for t in ts:
         t.start()
     for t in ts:
@@ -287,8 +318,14 @@ def test_cli_errors_are_one_line(tmp_path):
 
 def _start_cli(*args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "wsi_scan", "view", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, "-m", "wsi_scan", "view", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
 
 
 def test_cli_serves_until_interrupted(scanned_store):

@@ -99,32 +99,47 @@ def to_geojson(heatmap: str | Path | Heatmap, threshold: float | None = None, in
     features = []
     for i, (geom, sl, cells) in enumerate(region_polygons(tumour, hm), start=1):
         p = probs[sl][cells]
-        features.append(_feature(geom, TUMOR_CLASS, {
-            "area_um2": float(geom.area * mx * my),
-            "mean_probability": float(p.mean()),
-            "max_probability": float(p.max()),
-            "cells": int(cells.sum()),
-        }, f"Tumor {i}"))
+        features.append(
+            _feature(
+                geom,
+                TUMOR_CLASS,
+                {
+                    "area_um2": float(geom.area * mx * my),
+                    "mean_probability": float(p.mean()),
+                    "max_probability": float(p.max()),
+                    "cells": int(cells.sum()),
+                },
+                f"Tumor {i}",
+            )
+        )
     if include_tissue:
         for i, (geom, _, cells) in enumerate(region_polygons(hm.tissue, hm), start=1):
-            features.append(_feature(geom, TISSUE_CLASS, {"area_um2": float(geom.area * mx * my), "cells": int(cells.sum())},
-                                     f"Tissue {i}"))
+            features.append(
+                _feature(geom, TISSUE_CLASS, {"area_um2": float(geom.area * mx * my), "cells": int(cells.sum())}, f"Tissue {i}")
+            )
     model = hm.attrs.get("model", {})
-    return _json_geom({
-        "type": "FeatureCollection",
-        "features": features,
-        "properties": {
-            "slide": hm.attrs["slide"].get("name"),
-            "model": model.get("name"),
-            "threshold": thr,
-            "coordinates": "level-0 pixels",
-            "mpp_xy": [mx, my],
-        },
-    })
+    return _json_geom(
+        {
+            "type": "FeatureCollection",
+            "features": features,
+            "properties": {
+                "slide": hm.attrs["slide"].get("name"),
+                "model": model.get("name"),
+                "threshold": thr,
+                "coordinates": "level-0 pixels",
+                "mpp_xy": [mx, my],
+            },
+        }
+    )
 
 
-def write_geojson(heatmap: str | Path | Heatmap, out: str | Path, threshold: float | None = None,
-                  include_tissue: bool = False, overwrite: bool = False) -> Path:
+def write_geojson(
+    heatmap: str | Path | Heatmap,
+    out: str | Path,
+    threshold: float | None = None,
+    include_tissue: bool = False,
+    overwrite: bool = False,
+) -> Path:
     from ..io.exports import write_json
 
     return write_json(out, to_geojson(heatmap, threshold, include_tissue), overwrite)

@@ -17,14 +17,30 @@ from ..errors import DataError, UsageError
 from ..io.heatmap import Heatmap, open_heatmap
 from ..lesions import SlideCall, call_slide, find_lesions, stage_patients
 
-LESION_FIELDS = ["lesion_id", "size_class", "longest_diameter_mm", "area_mm2", "max_prob", "mean_prob", "n_cells",
-                 "l0_centroid_x", "l0_centroid_y", "l0_bbox_x0", "l0_bbox_y0", "l0_bbox_x1", "l0_bbox_y1", "score"]
+LESION_FIELDS = [
+    "lesion_id",
+    "size_class",
+    "longest_diameter_mm",
+    "area_mm2",
+    "max_prob",
+    "mean_prob",
+    "n_cells",
+    "l0_centroid_x",
+    "l0_centroid_y",
+    "l0_bbox_x0",
+    "l0_bbox_y0",
+    "l0_bbox_x1",
+    "l0_bbox_y1",
+    "score",
+]
 STAGE_FIELDS = ["patient", "stage", "nodes_with_metastases", "nodes"]
 #: QuPath colours per size class (packed RGB as QuPath writes them)
 _COLOURS = {"itc": [255, 200, 0], "micro": [255, 120, 0], "macro": [220, 0, 0]}
 
 
-def heatmap_call(heatmap: str | Path | Heatmap, threshold: float | None = None, cfg: LesionConfig = LesionConfig()) -> tuple[Heatmap, SlideCall]:
+def heatmap_call(
+    heatmap: str | Path | Heatmap, threshold: float | None = None, cfg: LesionConfig = LesionConfig()
+) -> tuple[Heatmap, SlideCall]:
     hm = heatmap if isinstance(heatmap, Heatmap) else open_heatmap(heatmap)
     thr = hm.threshold if threshold is None else threshold
     if not 0.0 <= thr <= 1.0:
@@ -37,9 +53,19 @@ def lesions_csv(call: SlideCall) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(LESION_FIELDS)
     for les in call.lesions:
-        w.writerow([les.id, les.size_class, f"{les.longest_diameter_mm:.4f}", f"{les.area_mm2:.5f}", f"{les.max_prob:.4f}",
-                    f"{les.mean_prob:.4f}", les.n_cells, *(f"{v:.1f}" for v in (*les.l0_centroid_xy, *les.l0_bbox_xyxy)),
-                    f"{les.score:.4f}"])
+        w.writerow(
+            [
+                les.id,
+                les.size_class,
+                f"{les.longest_diameter_mm:.4f}",
+                f"{les.area_mm2:.5f}",
+                f"{les.max_prob:.4f}",
+                f"{les.mean_prob:.4f}",
+                les.n_cells,
+                *(f"{v:.1f}" for v in (*les.l0_centroid_xy, *les.l0_bbox_xyxy)),
+                f"{les.score:.4f}",
+            ]
+        )
     return buf.getvalue()
 
 
@@ -54,18 +80,46 @@ def lesions_geojson(hm: Heatmap, call: SlideCall, cfg: LesionConfig = LesionConf
     features = []
     for les in lesions:
         geom = shapely.union_all([g for g, _, _ in region_polygons(labels == les.id, hm)])
-        cls = {"name": les.size_class.upper() if les.size_class == "itc" else les.size_class.capitalize() + "-metastasis",
-               "color": _COLOURS[les.size_class]}
-        features.append(_feature(geom, cls, {"longest_diameter_mm": les.longest_diameter_mm, "area_mm2": les.area_mm2,
-                                             "max_probability": les.max_prob, "mean_probability": les.mean_prob},
-                                 f"Lesion {les.id} ({les.size_class}, {les.longest_diameter_mm:.2f} mm)"))
-    return _json_geom({"type": "FeatureCollection", "features": features,
-                       "properties": {"slide": hm.attrs["slide"].get("name"), "call": call.call, "score": call.score,
-                                      "threshold": call.threshold, "seed_prob": call.seed_prob, "coordinates": "level-0 pixels"}})
+        cls = {
+            "name": les.size_class.upper() if les.size_class == "itc" else les.size_class.capitalize() + "-metastasis",
+            "color": _COLOURS[les.size_class],
+        }
+        features.append(
+            _feature(
+                geom,
+                cls,
+                {
+                    "longest_diameter_mm": les.longest_diameter_mm,
+                    "area_mm2": les.area_mm2,
+                    "max_probability": les.max_prob,
+                    "mean_probability": les.mean_prob,
+                },
+                f"Lesion {les.id} ({les.size_class}, {les.longest_diameter_mm:.2f} mm)",
+            )
+        )
+    return _json_geom(
+        {
+            "type": "FeatureCollection",
+            "features": features,
+            "properties": {
+                "slide": hm.attrs["slide"].get("name"),
+                "call": call.call,
+                "score": call.score,
+                "threshold": call.threshold,
+                "seed_prob": call.seed_prob,
+                "coordinates": "level-0 pixels",
+            },
+        }
+    )
 
 
-def write_lesions(heatmap: str | Path, out: str | Path, threshold: float | None = None, overwrite: bool = False,
-                  cfg: LesionConfig = LesionConfig()) -> tuple[Path, SlideCall]:
+def write_lesions(
+    heatmap: str | Path,
+    out: str | Path,
+    threshold: float | None = None,
+    overwrite: bool = False,
+    cfg: LesionConfig = LesionConfig(),
+) -> tuple[Path, SlideCall]:
     from ..io.exports import write_json, write_text
 
     out = Path(out)
@@ -84,7 +138,9 @@ def read_patients(path: str | Path) -> dict[str, list[str]]:
     try:
         text = p.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"--patients {p}: not a readable CSV file ({type(exc).__name__}); expected columns patient,slide") from None
+        raise DataError(
+            f"--patients {p}: not a readable CSV file ({type(exc).__name__}); expected columns patient,slide"
+        ) from None
     reader = csv.DictReader(io.StringIO(text))
     cols = [c.strip().lower() for c in (reader.fieldnames or [])]
     if "patient" not in cols or "slide" not in cols:
@@ -107,7 +163,9 @@ def results_calls(results: str | Path) -> dict[str, str]:
         obj = json.loads(p.read_text(encoding="utf-8"))
         rows: Sequence[dict[str, Any]] = obj["slides"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{p}: not a wsi-scan folder summary ({type(exc).__name__}); run `wsi-scan SLIDES --out {results}` first") from None
+        raise DataError(
+            f"{p}: not a wsi-scan folder summary ({type(exc).__name__}); run `wsi-scan SLIDES --out {results}` first"
+        ) from None
     calls: dict[str, str] = {}
     names: dict[str, list[str]] = {}
     for r in rows:
@@ -124,8 +182,10 @@ def stage_results(results: str | Path, patients: str | Path) -> list[dict[str, A
     try:
         return stage_patients(results_calls(results), read_patients(patients))
     except KeyError as exc:
-        raise DataError(f"{exc.args[0]} in {Path(results) / 'summary.json'} (slides that failed or were never scanned "
-                        "have no call); rerun the folder scan or correct --patients") from None
+        raise DataError(
+            f"{exc.args[0]} in {Path(results) / 'summary.json'} (slides that failed or were never scanned "
+            "have no call); rerun the folder scan or correct --patients"
+        ) from None
 
 
 def stages_csv(rows: Sequence[dict[str, Any]]) -> str:

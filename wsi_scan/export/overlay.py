@@ -55,11 +55,15 @@ def check_same_slide(hm: Heatmap, info: Any) -> None:
     want_bytes = rec.get("size_bytes")
     found_wh = [int(v) for v in info.level0_size_wh]
     if want_wh and want_wh != found_wh:
-        raise SlideError(f"{info.path} is {found_wh[0]} x {found_wh[1]} px but the heatmap was made from "
-                         f"{rec.get('name')} of {want_wh[0]} x {want_wh[1]} px; pass the slide the heatmap was made from")
+        raise SlideError(
+            f"{info.path} is {found_wh[0]} x {found_wh[1]} px but the heatmap was made from "
+            f"{rec.get('name')} of {want_wh[0]} x {want_wh[1]} px; pass the slide the heatmap was made from"
+        )
     if want_bytes is not None and int(want_bytes) != int(info.size_bytes):
-        raise SlideError(f"{info.path} has {info.size_bytes:,} bytes but the heatmap was made from {rec.get('name')} "
-                         f"of {int(want_bytes):,} bytes; pass the slide the heatmap was made from")
+        raise SlideError(
+            f"{info.path} has {info.size_bytes:,} bytes but the heatmap was made from {rec.get('name')} "
+            f"of {int(want_bytes):,} bytes; pass the slide the heatmap was made from"
+        )
 
 
 def _outline(mask: np.ndarray, width: int) -> np.ndarray:
@@ -87,7 +91,11 @@ def _nice_scale_mm(image_w_um: float) -> float:
 
 
 def compose_overlay(
-    hm: Heatmap, thumb: np.ndarray, l0_per_px_xy: tuple[float, float], alpha: float = 0.5, threshold: float | None = None,
+    hm: Heatmap,
+    thumb: np.ndarray,
+    l0_per_px_xy: tuple[float, float],
+    alpha: float = 0.5,
+    threshold: float | None = None,
 ) -> np.ndarray:
     """The picture as an (h, w, 3) uint8 array; ``thumb`` shows the whole level-0 frame."""
     from PIL import Image, ImageDraw
@@ -141,8 +149,10 @@ def compose_overlay(
     draw.rectangle((fs, sy, fs + bar_px, sy + max(3, fs // 3)), fill=TEXT_RGB)
     draw.text((fs + bar_px + fs // 2, sy), f"{mm:g} mm", fill=TEXT_RGB, font=font, anchor="lt")
     model = hm.attrs.get("model", {})
-    caption = (f"{hm.attrs['slide'].get('name', '?')}  |  model {model.get('name', '?')}  |  "
-               f"tumour probability ({CMAP}); green: >= {thr:.2f}; blue: tissue")
+    caption = (
+        f"{hm.attrs['slide'].get('name', '?')}  |  model {model.get('name', '?')}  |  "
+        f"tumour probability ({CMAP}); green: >= {thr:.2f}; blue: tissue"
+    )
     draw.text((fs, sy + 1.6 * fs), caption, fill=TEXT_RGB, font=font, anchor="lt")
     return np.asarray(canvas)
 
@@ -188,4 +198,3 @@ def render_overlay(
         s.close()
     pic = compose_overlay(hm, thumb, l0_per_px, alpha, threshold)
     return write_image(out, pic, overwrite)
-

@@ -95,8 +95,10 @@ def check_free_space(out: Path, raw_bytes: int) -> None:
     need = int(raw_bytes * TILE_COMPRESSED_SHARE) + (1 << 20)
     free = shutil.disk_usage(folder).free
     if free < need:
-        raise OutputWriteError(f"--out {out}: about {need / 2**20:.0f} MiB are needed for the patches and {free / 2**20:.1f} MiB "
-                               "are free there; free some space or choose another --out")
+        raise OutputWriteError(
+            f"--out {out}: about {need / 2**20:.0f} MiB are needed for the patches and {free / 2**20:.1f} MiB "
+            "are free there; free some space or choose another --out"
+        )
 
 
 def check_mask_shape(shape_rc: tuple[int, ...], l0_size_wh: tuple[int, int], where: str) -> None:
@@ -181,7 +183,9 @@ def tile_slide(
         raise UsageError("give labels as a GeoJSON or as a mask, not both")
     target_mpp, patch_px, cell_px = _window_contract(model)
     labels = Labeller(labels_geojson, labels_mask)
-    plan = plan_tiles(Path(slide_path), backend, mpp, target_mpp, patch_px, cell_px, tissue_config, stride_cells, block_cells, labels)
+    plan = plan_tiles(
+        Path(slide_path), backend, mpp, target_mpp, patch_px, cell_px, tissue_config, stride_cells, block_cells, labels
+    )
     return cut_tiles(plan, out, split, workers, overwrite, labels)
 
 
@@ -242,8 +246,18 @@ class TilePlan:
     attrs: dict[str, Any]
 
 
-def plan_tiles(slide_path: Path, backend: str, mpp: float | None, target_mpp: float, patch_px: int, cell_px: int,
-               tissue_config: TissueConfig, stride_cells: int, block_cells: int, labels: Labeller) -> TilePlan:
+def plan_tiles(
+    slide_path: Path,
+    backend: str,
+    mpp: float | None,
+    target_mpp: float,
+    patch_px: int,
+    cell_px: int,
+    tissue_config: TissueConfig,
+    stride_cells: int,
+    block_cells: int,
+    labels: Labeller,
+) -> TilePlan:
     """The slide opened, its pixel size resolved and checked, the scan's own plan made, the
     cells thinned to the stride and grouped into blocks."""
     from ..geometry import check_resolution
@@ -266,10 +280,19 @@ def plan_tiles(slide_path: Path, backend: str, mpp: float | None, target_mpp: fl
     block_list = tissue_blocks(cells, max(block_cells // stride_cells, 1) * stride_cells)
     fx, fy = sp.grid.l0_per_tgt_xy
     attrs = {
-        "slide": {"path": str(slide_path.resolve()), "name": slide_path.name, "mpp_xy": list(res.xy), "mpp_source": res.source,
-                  "level0_size_wh": list(info.level0_size_wh)},
-        "target_mpp": target_mpp, "patch_px": patch_px, "cell_px": cell_px, "stride_cells": stride_cells,
-        "l0_xy": "top-left corner of each window, level-0 px", "l0_window_size_xy": [patch_px * fx, patch_px * fy],
+        "slide": {
+            "path": str(slide_path.resolve()),
+            "name": slide_path.name,
+            "mpp_xy": list(res.xy),
+            "mpp_source": res.source,
+            "level0_size_wh": list(info.level0_size_wh),
+        },
+        "target_mpp": target_mpp,
+        "patch_px": patch_px,
+        "cell_px": cell_px,
+        "stride_cells": stride_cells,
+        "l0_xy": "top-left corner of each window, level-0 px",
+        "l0_window_size_xy": [patch_px * fx, patch_px * fy],
         "labels": str(labels.geojson or labels.mask) if labels.labelled else None,
         "label_rule": labels.rule(),
     }
@@ -305,7 +328,9 @@ def cut_tiles(plan: TilePlan, out: str | Path, split: str, workers: int, overwri
                 parts = dask.compute(*[task(b) for b in plan.blocks[i : i + step]], scheduler="threads", num_workers=workers)
                 for x, rc in parts:
                     m = grid.margin_px
-                    l0_xy = np.array([grid.tgt_to_l0(float(c * cell_px - m), float(r * cell_px - m)) for r, c in rc]).reshape(-1, 2)
+                    l0_xy = np.array([grid.tgt_to_l0(float(c * cell_px - m), float(r * cell_px - m)) for r, c in rc]).reshape(
+                        -1, 2
+                    )
                     y = labels(grid, rc, plan.level0_size_wh)
                     n_pos += int(y.sum()) if y is not None else 0
                     writer.append(x, l0_xy, rc, y)
@@ -313,5 +338,12 @@ def cut_tiles(plan: TilePlan, out: str | Path, split: str, workers: int, overwri
     finally:
         files = writer.close(ok)
     fx, fy = grid.l0_per_tgt_xy
-    return TileResult(files, writer.n, n_pos if labels.labelled else None, plan.attrs["target_mpp"], plan.attrs["stride_cells"],
-                      (patch_px * fx, patch_px * fy), plan.attrs)
+    return TileResult(
+        files,
+        writer.n,
+        n_pos if labels.labelled else None,
+        plan.attrs["target_mpp"],
+        plan.attrs["stride_cells"],
+        (patch_px * fx, patch_px * fy),
+        plan.attrs,
+    )

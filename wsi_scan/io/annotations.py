@@ -38,8 +38,13 @@ def read_asap_xml(path: Path) -> Annotations:
     for ann in root.iter("Annotation"):
         group = (ann.get("PartOfGroup") or "").strip().lower()
         try:
-            pts = sorted(((int(float(c.get("Order", i))), float(c.get("X", "nan")), float(c.get("Y", "nan")))
-                          for i, c in enumerate(ann.iter("Coordinate"))), key=lambda t: t[0])
+            pts = sorted(
+                (
+                    (int(float(c.get("Order", i))), float(c.get("X", "nan")), float(c.get("Y", "nan")))
+                    for i, c in enumerate(ann.iter("Coordinate"))
+                ),
+                key=lambda t: t[0],
+            )
         except ValueError as exc:
             raise DataError(f"{path}: annotation {ann.get('Name')!r} has a coordinate that is not a number ({exc})") from None
         if len(pts) < 3:

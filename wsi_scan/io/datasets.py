@@ -63,14 +63,18 @@ class PatchSet:
 
     def describe(self) -> dict[str, Any]:
         pos = int(self.labels.sum())
-        return {"name": self.name, "n": len(self), "positive": pos, "negative": len(self) - pos, "fingerprint": self.fingerprint()}
+        return {
+            "name": self.name,
+            "n": len(self),
+            "positive": pos,
+            "negative": len(self) - pos,
+            "fingerprint": self.fingerprint(),
+        }
 
 
 def _check_patch(arr: np.ndarray, where: str) -> np.ndarray:
     if arr.shape != PATCH_SHAPE or arr.dtype != np.uint8:
-        raise DataError(
-            f"{where}: expected a 96x96 RGB 8-bit patch, found shape {arr.shape} {arr.dtype}"
-        )
+        raise DataError(f"{where}: expected a 96x96 RGB 8-bit patch, found shape {arr.shape} {arr.dtype}")
     return arr
 
 
@@ -95,7 +99,9 @@ class KagglePatches(PatchSet):
                 if im.mode != "RGB":
                     raise DataError(f"{path}: expected an RGB patch, found mode {im.mode}")
                 if im.size[0] > 4 * PATCH_SHAPE[1] or im.size[1] > 4 * PATCH_SHAPE[0]:  # before decoding a bomb
-                    raise DataError(f"{path}: expected a {PATCH_SHAPE[1]} x {PATCH_SHAPE[0]} patch, found {im.size[0]} x {im.size[1]} px")
+                    raise DataError(
+                        f"{path}: expected a {PATCH_SHAPE[1]} x {PATCH_SHAPE[0]} patch, found {im.size[0]} x {im.size[1]} px"
+                    )
                 arr = np.asarray(im)
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise DataError(f"{path}: not a readable image ({exc})") from None
@@ -263,8 +269,15 @@ class PatchWriter:
     that the PCam reader opens; with a ``.h5`` file, one file holding every dataset.
     """
 
-    def __init__(self, out: str | Path, patch_shape: tuple[int, int, int], labelled: bool, attrs: Mapping[str, Any],
-                 split: str = "train", overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        out: str | Path,
+        patch_shape: tuple[int, int, int],
+        labelled: bool,
+        attrs: Mapping[str, Any],
+        split: str = "train",
+        overwrite: bool = False,
+    ) -> None:
         import h5py
 
         self.out = Path(out)
@@ -282,12 +295,22 @@ class PatchWriter:
         self._files = [h5py.File(t, "w") for t in self._tmps]
         fx = self._files[0]
         fy = self._files[-1]
-        self._x = fx.create_dataset("x", shape=(0, *patch_shape), maxshape=(None, *patch_shape), dtype="uint8",
-                                    chunks=(64, *patch_shape), compression="gzip", compression_opts=4)
+        self._x = fx.create_dataset(
+            "x",
+            shape=(0, *patch_shape),
+            maxshape=(None, *patch_shape),
+            dtype="uint8",
+            chunks=(64, *patch_shape),
+            compression="gzip",
+            compression_opts=4,
+        )
         self._xy = fx.create_dataset("l0_xy", shape=(0, 2), maxshape=(None, 2), dtype="float64", chunks=(4096, 2))
         self._rc = fx.create_dataset("cell_rc", shape=(0, 2), maxshape=(None, 2), dtype="int64", chunks=(4096, 2))
-        self._y = (fy.create_dataset("y", shape=(0, 1, 1, 1), maxshape=(None, 1, 1, 1), dtype="uint8", chunks=(4096, 1, 1, 1))
-                   if labelled else None)
+        self._y = (
+            fy.create_dataset("y", shape=(0, 1, 1, 1), maxshape=(None, 1, 1, 1), dtype="uint8", chunks=(4096, 1, 1, 1))
+            if labelled
+            else None
+        )
         for f in self._files:
             f.attrs["wsi_scan"] = json.dumps(dict(attrs))
         self.n = 0
@@ -298,8 +321,10 @@ class PatchWriter:
         except (OSError, RuntimeError) as exc:  # h5py reports a full disk as either
             from ..errors import OutputWriteError
 
-            raise OutputWriteError(f"cannot write the patch file {self._targets[0]}: {str(exc).splitlines()[0][:120]}; "
-                                   "its temporary files are removed, free some space and run again") from None
+            raise OutputWriteError(
+                f"cannot write the patch file {self._targets[0]}: {str(exc).splitlines()[0][:120]}; "
+                "its temporary files are removed, free some space and run again"
+            ) from None
 
     def _append(self, x: np.ndarray, l0_xy: np.ndarray, cell_rc: np.ndarray, y: np.ndarray | None = None) -> None:
         k = x.shape[0]

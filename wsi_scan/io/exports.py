@@ -78,8 +78,15 @@ def write_text(out: str | Path, text: str, overwrite: bool = False) -> Path:
     return out
 
 
-def write_predictions_csv(out: str | Path, ids: Sequence[tuple[str, int, str]], labels: np.ndarray, probs: np.ndarray,
-                          probs_tta: np.ndarray | None, threshold: float, overwrite: bool = False) -> Path:
+def write_predictions_csv(
+    out: str | Path,
+    ids: Sequence[tuple[str, int, str]],
+    labels: np.ndarray,
+    probs: np.ndarray,
+    probs_tta: np.ndarray | None,
+    threshold: float,
+    overwrite: bool = False,
+) -> Path:
     """One row per patch: its set, index and id, label, probability (and the 8-view one), the call
     at ``threshold``."""
     import csv
@@ -126,7 +133,10 @@ def write_pyramid_tiff(
                 tile[:h, :w] = render_tile(level, tx, ty, w, h).reshape(h, w, channels)
                 yield tile if channels > 1 else tile[..., 0]
 
-    with _atomic(out, overwrite) as tmp, tifffile.TiffWriter(tmp, bigtiff=w0 * h0 * channels * np.dtype(dtype).itemsize > 2**31) as tw:
+    with (
+        _atomic(out, overwrite) as tmp,
+        tifffile.TiffWriter(tmp, bigtiff=w0 * h0 * channels * np.dtype(dtype).itemsize > 2**31) as tw,
+    ):
         for level, (lw, lh) in enumerate(level_sizes_wh):
             dx, dy = w0 / lw, h0 / lh
             shape = (lh, lw, channels) if channels > 1 else (lh, lw)

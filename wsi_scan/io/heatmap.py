@@ -124,24 +124,38 @@ def write_heatmap(
     return given
 
 
-def _write_store(tmp: Path, out: Path, probs: np.ndarray, tissue: np.ndarray, grid: GridGeometry,
-                 mpp_xy: tuple[float, float], attrs: Mapping[str, Any]) -> None:
+def _write_store(
+    tmp: Path,
+    out: Path,
+    probs: np.ndarray,
+    tissue: np.ndarray,
+    grid: GridGeometry,
+    mpp_xy: tuple[float, float],
+    attrs: Mapping[str, Any],
+) -> None:
     import zarr
 
     try:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         levels = _pyramid(probs.astype(np.float32))
         for k, arr in enumerate(levels):
-            z = root.create_array(str(k), shape=arr.shape, chunks=_chunks(arr.shape), dtype="float32",
-                                  fill_value=float("nan"), dimension_names=["y", "x"])
+            z = root.create_array(
+                str(k),
+                shape=arr.shape,
+                chunks=_chunks(arr.shape),
+                dtype="float32",
+                fill_value=float("nan"),
+                dimension_names=["y", "x"],
+            )
             z[...] = arr
         labels = root.create_group("labels")
         labels.attrs["ome"] = {"version": OME_VERSION, "labels": ["tissue"]}
         lab = labels.create_group("tissue")
         # as many levels as the image: OME-Zarr validators (ome-zarr-models) require it
         for k, t in enumerate(_label_pyramid(tissue.astype(bool), len(levels))):
-            zt = lab.create_array(str(k), shape=t.shape, chunks=_chunks(t.shape), dtype="uint8",
-                                  fill_value=0, dimension_names=["y", "x"])
+            zt = lab.create_array(
+                str(k), shape=t.shape, chunks=_chunks(t.shape), dtype="uint8", fill_value=0, dimension_names=["y", "x"]
+            )
             zt[...] = t.astype(np.uint8)
         lab.attrs["ome"] = {
             "version": OME_VERSION,
@@ -159,7 +173,15 @@ def _write_store(tmp: Path, out: Path, probs: np.ndarray, tissue: np.ndarray, gr
         # read back as NaN, i.e. as "no tissue", and every export would go on silently
         meta["data_sha256"] = data_digest(levels[0], tissue.astype(bool))
         meta["status"] = "writing"
-        root.attrs.update({"ome": {"version": OME_VERSION, "multiscales": ome_multiscales(grid, mpp_xy, len(levels), f"{name} tumour probability")}, "wsi_scan": meta})
+        root.attrs.update(
+            {
+                "ome": {
+                    "version": OME_VERSION,
+                    "multiscales": ome_multiscales(grid, mpp_xy, len(levels), f"{name} tumour probability"),
+                },
+                "wsi_scan": meta,
+            }
+        )
         meta["status"] = "complete"  # last: a store without it was interrupted
         root.attrs["wsi_scan"] = meta
         move_into_place(tmp, out)
@@ -196,8 +218,10 @@ class Heatmap:
         r, c = self.grid.l0_to_cell(l0_x, l0_y)
         rows, cols = self.grid.shape_rc
         if not (0 <= r < rows and 0 <= c < cols):
-            raise OutsideGridError(f"level-0 point ({l0_x}, {l0_y}) lies outside the heatmap's grid "
-                                   f"(cells 0..{rows - 1} x 0..{cols - 1}, origin {self.grid.l0_origin_xy})")
+            raise OutsideGridError(
+                f"level-0 point ({l0_x}, {l0_y}) lies outside the heatmap's grid "
+                f"(cells 0..{rows - 1} x 0..{cols - 1}, origin {self.grid.l0_origin_xy})"
+            )
         return r, c
 
 
@@ -219,16 +243,25 @@ def _check_contract(p: Path, meta: Mapping[str, Any]) -> GridGeometry:
         level0_wh = [int(v) for v in slide["level0_size_wh"]]
         threshold = float(meta["model"].get("threshold", 0.5))
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-        raise HeatmapError(f"{p}: damaged heatmap store, its attrs lack or garble {exc!s:.80} "
-                           "(expected wsi_scan.grid, .slide.mpp_xy and .model); rerun the scan") from None
+        raise HeatmapError(
+            f"{p}: damaged heatmap store, its attrs lack or garble {exc!s:.80} "
+            "(expected wsi_scan.grid, .slide.mpp_xy and .model); rerun the scan"
+        ) from None
     lo, hi = MPP_RANGE_UM
-    ok = (len(mpp_xy) == 2 and all(lo <= v <= hi for v in mpp_xy) and 0.0 <= threshold <= 1.0
-          and len(level0_wh) == 2 and min(level0_wh) >= 1
-          and max(level0_wh[0] * mpp_xy[0], level0_wh[1] * mpp_xy[1]) <= MAX_SLIDE_EXTENT_MM * 1000
-          and min(grid.shape_rc) >= 1 and max(grid.shape_rc) <= MAX_GRID_SIDE
-          and all(math.isfinite(v) and 0 < v <= max(level0_wh) for v in grid.l0_cell_size_xy)
-          and all(0 <= v <= w for v, w in zip(grid.l0_origin_xy, level0_wh))
-          and 0 < grid.cell_px <= grid.patch_px <= 4096 and lo <= grid.target_mpp <= hi)
+    ok = (
+        len(mpp_xy) == 2
+        and all(lo <= v <= hi for v in mpp_xy)
+        and 0.0 <= threshold <= 1.0
+        and len(level0_wh) == 2
+        and min(level0_wh) >= 1
+        and max(level0_wh[0] * mpp_xy[0], level0_wh[1] * mpp_xy[1]) <= MAX_SLIDE_EXTENT_MM * 1000
+        and min(grid.shape_rc) >= 1
+        and max(grid.shape_rc) <= MAX_GRID_SIDE
+        and all(math.isfinite(v) and 0 < v <= max(level0_wh) for v in grid.l0_cell_size_xy)
+        and all(0 <= v <= w for v, w in zip(grid.l0_origin_xy, level0_wh))
+        and 0 < grid.cell_px <= grid.patch_px <= 4096
+        and lo <= grid.target_mpp <= hi
+    )
     if ok:
         # the grid covers the slide's bounds (its whole level 0 but for MRXS-like offsets): a slide
         # size far beyond it would make exports draw the heatmap in a corner of a huge picture
@@ -282,19 +315,26 @@ def open_heatmap(path: str | Path) -> Heatmap:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise HeatmapError(f"{p}: damaged heatmap store, format_version is {version!r}; rerun the scan")
     if version > FORMAT_VERSION:
-        raise HeatmapError(f"{p}: format_version {meta.get('format_version')} is newer than this wsi-scan understands ({FORMAT_VERSION})")
+        raise HeatmapError(
+            f"{p}: format_version {meta.get('format_version')} is newer than this wsi-scan understands ({FORMAT_VERSION})"
+        )
     grid = _check_contract(p, meta)
     if tuple(arr0.shape) != grid.shape_rc or tuple(arr_tissue.shape) != grid.shape_rc:
-        raise HeatmapError(f"{p}: array shapes {tuple(arr0.shape)} / {tuple(arr_tissue.shape)} disagree with grid shape_rc {grid.shape_rc}")
+        raise HeatmapError(
+            f"{p}: array shapes {tuple(arr0.shape)} / {tuple(arr_tissue.shape)} disagree with grid shape_rc {grid.shape_rc}"
+        )
     try:
         probs = np.asarray(arr0[...], dtype=np.float32)
         tissue = np.asarray(arr_tissue[...]).astype(bool)
     except Exception as exc:  # noqa: BLE001 - codec or file errors of a damaged chunk
-        raise HeatmapError(f"{p}: damaged heatmap store, a data chunk cannot be read ({type(exc).__name__}); rerun the scan") from None
+        raise HeatmapError(
+            f"{p}: damaged heatmap store, a data chunk cannot be read ({type(exc).__name__}); rerun the scan"
+        ) from None
     want = meta.get("data_sha256")
     if want is not None and data_digest(probs, tissue) != want:
-        raise HeatmapError(f"{p}: damaged heatmap store, its data differ from what was written (a chunk is missing or "
-                           "altered); rerun the scan")
+        raise HeatmapError(
+            f"{p}: damaged heatmap store, its data differ from what was written (a chunk is missing or altered); rerun the scan"
+        )
     if want is None and bool((tissue & ~np.isfinite(probs)).any()):
         raise HeatmapError(f"{p}: damaged heatmap store, tissue cells without a probability (a chunk is missing); rerun the scan")
     return Heatmap(str(p), probs, tissue, grid, meta)

@@ -54,8 +54,10 @@ def resolve_model(spec: str | Path | None) -> Path:
     if text in bundled and Path(text).name == text and not Path(text).suffix:
         return bundled[text]
     if "/" not in text and "\\" not in text and not Path(text).suffix and not Path(text).exists():
-        raise ModelError(f"--model {text}: not a bundled model ({', '.join(bundled) or 'none installed'}) and no such file; "
-                         "pass a bundled model's name or a model file (see `wsi-scan models`)")
+        raise ModelError(
+            f"--model {text}: not a bundled model ({', '.join(bundled) or 'none installed'}) and no such file; "
+            "pass a bundled model's name or a model file (see `wsi-scan models`)"
+        )
     return Path(text)
 
 
@@ -108,8 +110,7 @@ def _read_weights(path: Path) -> tuple[ModelCard, dict[str, Any]]:
         return ModelCard.from_json(meta[CARD_KEY]), state
     if not zipfile.is_zipfile(path):
         raise ModelError(
-            f"{path}: not a readable model file (expected a torch zip archive, a .safetensors "
-            "or a .ts file with its JSON card)"
+            f"{path}: not a readable model file (expected a torch zip archive, a .safetensors or a .ts file with its JSON card)"
         )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -163,8 +164,10 @@ def _load_torchscript(path: Path) -> tuple[Any, ModelCard]:
             per_window = out.numel() // max(1, x.shape[0])
             if per_window not in (1, 2) or out.numel() != per_window * x.shape[0]:
                 # one logit, or two class logits, per window: anything else is not a classifier's output
-                raise ModelError(f"the TorchScript model returns {tuple(out.shape)} for {x.shape[0]} windows; "
-                                 "expected one tumour logit (or two class logits) per window")
+                raise ModelError(
+                    f"the TorchScript model returns {tuple(out.shape)} for {x.shape[0]} windows; "
+                    "expected one tumour logit (or two class logits) per window"
+                )
             return out.reshape(x.shape[0], -1)[:, -1:]  # last logit is the tumour class
 
     card = ModelCard.from_dict({**card.to_dict(), "dense_exact": False})
@@ -178,9 +181,7 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
     p = resolve_model(path)
     if not p.exists():
         if path is None:
-            raise ModelError(
-                f"the bundled default model is missing ({p}); reinstall wsi-scan or pass --model"
-            )
+            raise ModelError(f"the bundled default model is missing ({p}); reinstall wsi-scan or pass --model")
         raise ModelError(f"model file {p} does not exist; pass an existing file to --model")
     if p.is_dir():
         raise ModelError(f"model path {p} is a directory; expected a .pt, .safetensors or .ts file")
@@ -193,10 +194,7 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ModelError(
-            f"{p}: weights do not match architecture {card.arch!r} "
-            f"({str(exc).splitlines()[0][:160]})"
-        ) from None
+        raise ModelError(f"{p}: weights do not match architecture {card.arch!r} ({str(exc).splitlines()[0][:160]})") from None
     net.eval()
     if card.dense_exact != bool(getattr(net, "dense_exact", False)):
         card = ModelCard.from_dict({**card.to_dict(), "dense_exact": bool(net.dense_exact)})
@@ -218,15 +216,20 @@ def check_card_against_network(net: Any, card: ModelCard, where: str) -> None:
                 y = net(torch.zeros(1, 3, px, px))
         except Exception as exc:  # noqa: BLE001 - any failure here is the card's or the network's
             msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{where}: the network cannot run on the card's {px} x {px} px input ({msg}); "
-                             f"the card (input_px {card.input_px}, cell_px {card.cell_px}) does not fit the network") from None
+            raise ModelError(
+                f"{where}: the network cannot run on the card's {px} x {px} px input ({msg}); "
+                f"the card (input_px {card.input_px}, cell_px {card.cell_px}) does not fit the network"
+            ) from None
         want = (1, 1, 1 + n, 1 + n)
         if tuple(y.shape) != want:
-            raise ModelError(f"{where}: on a {px} x {px} px input the network gives an output of shape {tuple(y.shape)}, "
-                             f"the card (input_px {card.input_px}, cell_px {card.cell_px}) needs {want}")
+            raise ModelError(
+                f"{where}: on a {px} x {px} px input the network gives an output of shape {tuple(y.shape)}, "
+                f"the card (input_px {card.input_px}, cell_px {card.cell_px}) needs {want}"
+            )
         if not bool(torch.isfinite(y).all()):
-            raise ModelError(f"{where}: the network gives non-finite outputs (NaN or infinity) on a blank input; "
-                             "the weights are damaged")
+            raise ModelError(
+                f"{where}: the network gives non-finite outputs (NaN or infinity) on a blank input; the weights are damaged"
+            )
 
 
 def card_summary(card: ModelCard) -> dict[str, Any]:
@@ -249,18 +252,33 @@ def describe_model(model: LoadedModel, name: str | None = None) -> dict[str, Any
     cfg = training.get("config", {})
     valid = card.metrics.get("valid", {})
     return {
-        "name": name or card.name, "path": model.path, "sha256": model.sha256,
+        "name": name or card.name,
+        "path": model.path,
+        "sha256": model.sha256,
         "size_bytes": Path(model.path).stat().st_size if Path(model.path).is_file() else None,
-        "arch": card.arch, "arch_kwargs": card.arch_kwargs, "dense_exact": card.dense_exact,
+        "arch": card.arch,
+        "arch_kwargs": card.arch_kwargs,
+        "dense_exact": card.dense_exact,
         "parameters": int(sum(p.numel() for p in model.net.parameters())),
         "macs_per_cell": int(fc.get_total_flops() // 2 // (n * n)),
-        "input_px": card.input_px, "cell_px": card.cell_px, "mpp": card.mpp,
-        "threshold": card.threshold, "threshold_rule": training.get("threshold_rule"),
+        "input_px": card.input_px,
+        "cell_px": card.cell_px,
+        "mpp": card.mpp,
+        "threshold": card.threshold,
+        "threshold_rule": training.get("threshold_rule"),
         "valid": {k: valid.get(k) for k in ("n", "auc", "auc_ci95", "sensitivity", "specificity")},
         "valid_tta_auc": card.metrics.get("valid_tta", {}).get("auc"),
         "epoch": card.metrics.get("epoch"),
         "train_patches": training.get("data", {}).get("train", {}).get("n"),
-        "train_sets": [sp.get("name") for src in training.get("data", {}).get("sources", [])
-                       for key, sp in src.get("splits", {}).items() if key == "train"],
-        "recipe": {k: cfg[k] for k in ("epochs", "lr", "optimizer", "schedule", "ema_decay", "stain_jitter", "label_smoothing") if k in cfg},
+        "train_sets": [
+            sp.get("name")
+            for src in training.get("data", {}).get("sources", [])
+            for key, sp in src.get("splits", {}).items()
+            if key == "train"
+        ],
+        "recipe": {
+            k: cfg[k]
+            for k in ("epochs", "lr", "optimizer", "schedule", "ema_decay", "stain_jitter", "label_smoothing")
+            if k in cfg
+        },
     }

@@ -78,8 +78,14 @@ def layout_slots(n: int, layout: str) -> tuple[np.ndarray, tuple[int, int], np.n
 
 
 def write_mosaic(
-    path: str | Path, ps: PatchSet, indices: np.ndarray, mpp: float = 0.972, tile_px: int = 256, scan_mpp: float | None = None,
-    layout: str | None = None, seed: int = 0,
+    path: str | Path,
+    ps: PatchSet,
+    indices: np.ndarray,
+    mpp: float = 0.972,
+    tile_px: int = 256,
+    scan_mpp: float | None = None,
+    layout: str | None = None,
+    seed: int = 0,
 ) -> Mosaic:
     """Write the mosaic; with ``scan_mpp`` (e.g. 0.25) it is enlarged to about that pixel size
     (bicubic), JPEG-tiled (quality 90) with a 1/4/16 pyramid, as a 40x scanner would store it, so
@@ -108,19 +114,31 @@ def write_mosaic(
         img[i * 96 : (i + 1) * 96, j * 96 : (j + 1) * 96] = ps.read(int(indices[f % n]))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    truth = Mosaic(path, (rows, cols), np.asarray(indices), ps.labels[np.asarray(indices)],
-                   None if layout is None else slots)
+    truth = Mosaic(path, (rows, cols), np.asarray(indices), ps.labels[np.asarray(indices)], None if layout is None else slots)
     if scan_mpp is None:
         res = 1e4 / mpp
-        tifffile.imwrite(path, img, tile=(tile_px, tile_px), photometric="rgb", compression="zlib",
-                         resolution=(res, res), resolutionunit="CENTIMETER", metadata=None)
+        tifffile.imwrite(
+            path,
+            img,
+            tile=(tile_px, tile_px),
+            photometric="rgb",
+            compression="zlib",
+            resolution=(res, res),
+            resolutionunit="CENTIMETER",
+            metadata=None,
+        )
         return truth
     h, w = img.shape[:2]
     big_w, big_h = round(w * mpp / scan_mpp), round(h * mpp / scan_mpp)
     big = np.asarray(Image.fromarray(img).resize((big_w, big_h), Image.Resampling.BICUBIC))
     del img
     res_x, res_y = 1e4 / (mpp * w / big_w), 1e4 / (mpp * h / big_h)
-    opts: dict[str, Any] = {"tile": (tile_px, tile_px), "photometric": "rgb", "compression": "jpeg", "compressionargs": {"level": 90}}
+    opts: dict[str, Any] = {
+        "tile": (tile_px, tile_px),
+        "photometric": "rgb",
+        "compression": "jpeg",
+        "compressionargs": {"level": 90},
+    }
     # levels as successive pages, the layout both OpenSlide (generic-tiff) and tifffile read
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
         tw.write(big, subfiletype=0, resolution=(res_x, res_y), resolutionunit="CENTIMETER", metadata=None, **opts)

@@ -68,9 +68,7 @@ def _from_metadata(meta: Mapping[str, str]) -> Mpp | None:
     return None
 
 
-def resolve_mpp(
-    meta: Mapping[str, str], override: float | None, where: str, tolerance: float = 0.02
-) -> Mpp:
+def resolve_mpp(meta: Mapping[str, str], override: float | None, where: str, tolerance: float = 0.02) -> Mpp:
     """Level-0 um/px of a slide; raises MppError (naming --mpp) when it cannot be known or
     lies outside physical sense (``MPP_RANGE_UM``)."""
     lo, hi = MPP_RANGE_UM
@@ -79,10 +77,20 @@ def resolve_mpp(
         if not (math.isfinite(override) and lo <= override <= hi):
             raise MppError(f"--mpp must be between {lo:g} and {hi:g} micrometers per pixel, found {override}")
         if recorded is not None and abs(recorded.mean - override) > tolerance * max(recorded.mean, override):
-            log.warning("%s: --mpp %g replaces the %.5g um/px the slide records (%s); both are recorded in the output",
-                        where, override, recorded.mean, recorded.source)
-        return Mpp(float(override), float(override), "user (--mpp)",
-                   recorded.xy if recorded is not None else None, recorded.source if recorded is not None else "")
+            log.warning(
+                "%s: --mpp %g replaces the %.5g um/px the slide records (%s); both are recorded in the output",
+                where,
+                override,
+                recorded.mean,
+                recorded.source,
+            )
+        return Mpp(
+            float(override),
+            float(override),
+            "user (--mpp)",
+            recorded.xy if recorded is not None else None,
+            recorded.source if recorded is not None else "",
+        )
     mpp = recorded
     if mpp is None:
         raise MppError(

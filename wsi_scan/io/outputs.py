@@ -33,7 +33,12 @@ from ..errors import OutputExistsError, OutputWriteError, UsageError
 MARK = "wsi-scan"
 STORE_ENTRIES = {"zarr.json", "labels", "lesions"}
 #: first columns of the CSV files wsi-scan writes: folder summary, lesions, patient stages, patch predictions
-CSV_MARKS = ("slide,path,out,status,", "lesion_id,size_class,", "patient,stage,nodes_with_metastases,", "patch_set,index,patch_id,label,prob,")
+CSV_MARKS = (
+    "slide,path,out,status,",
+    "lesion_id,size_class,",
+    "patient,stage,nodes_with_metastases,",
+    "patch_set,index,patch_id,label,prob,",
+)
 HTML_MARK = f'<meta name="generator" content="{MARK}">'
 #: first bytes of a file read to find its mark (marks sit in headers)
 _HEAD_BYTES = 1 << 16
@@ -116,8 +121,9 @@ def written_by_wsi_scan(path: Path) -> bool:
     return False
 
 
-def check_replaceable(out: str | Path, overwrite: bool, kind: str = "file", flag: str = "--out",
-                      protect: Iterable[str | Path] = ()) -> Path:
+def check_replaceable(
+    out: str | Path, overwrite: bool, kind: str = "file", flag: str = "--out", protect: Iterable[str | Path] = ()
+) -> Path:
     """Refuse, before any work, an output that exists and may not be replaced; returns ``out`` absolute.
 
     ``kind`` is "store" (a heatmap store folder) or "file". ``protect`` are inputs (slides)
@@ -127,7 +133,9 @@ def check_replaceable(out: str | Path, overwrite: bool, kind: str = "file", flag
     for p in protect:
         p_abs = absolute(p)
         if p_abs == out_abs or out_abs in p_abs.parents:
-            raise OutputExistsError(f"{flag} {out} is or holds the input {p}; an input is never written to, choose another {flag}")
+            raise OutputExistsError(
+                f"{flag} {out} is or holds the input {p}; an input is never written to, choose another {flag}"
+            )
     for parent in out_abs.parents:
         if is_heatmap_store(parent):
             raise OutputExistsError(f"{flag} {out} lies inside the heatmap store {parent}; write it beside the store")
@@ -140,14 +148,17 @@ def check_replaceable(out: str | Path, overwrite: bool, kind: str = "file", flag
     if not overwrite:
         raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it or choose another {flag}")
     if out_abs.is_symlink():
-        raise OutputExistsError(f"{flag} {out} is a symbolic link; wsi-scan replaces only its own outputs, "
-                                f"give the real path or another {flag}")
+        raise OutputExistsError(
+            f"{flag} {out} is a symbolic link; wsi-scan replaces only its own outputs, give the real path or another {flag}"
+        )
     ours = is_heatmap_store(out_abs) if kind == "store" else written_by_wsi_scan(out_abs)
     if not ours:
         what = "folder" if out_abs.is_dir() else "file" if out_abs.is_file() else "special file"
         expected = "a wsi-scan heatmap store" if kind == "store" else "a file written by wsi-scan"
-        raise OutputExistsError(f"{flag} {out} is a {what} that is not {expected}; wsi-scan only ever replaces its "
-                                f"own outputs, whatever the flags: move it away or choose another {flag}")
+        raise OutputExistsError(
+            f"{flag} {out} is a {what} that is not {expected}; wsi-scan only ever replaces its "
+            f"own outputs, whatever the flags: move it away or choose another {flag}"
+        )
     return out_abs
 
 
@@ -166,7 +177,9 @@ def prepare_parent(out: Path, flag: str = "--out") -> None:
     except FileExistsError:
         raise UsageError(f"{flag} {out}: {parent} is a file, not a folder") from None
     except OSError as exc:
-        raise UsageError(f"cannot create the output folder {parent} ({exc.strerror}); choose a writable folder for {flag}") from None
+        raise UsageError(
+            f"cannot create the output folder {parent} ({exc.strerror}); choose a writable folder for {flag}"
+        ) from None
     probe = parent / f".wsi-scan-write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         # a real file, because os.access says yes to root on read-only mounts and /proc
@@ -186,9 +199,15 @@ def writing(out: Path, what: str = "output") -> Iterator[None]:
         raise
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        hint = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
-                errno.EROFS: "choose a writable folder", errno.EACCES: "choose a writable folder"}.get(exc.errno or 0, "check the folder")
-        raise OutputWriteError(f"cannot write the {what} {out}: {reason}; its temporary file was removed, {hint} and run again") from None
+        hint = {
+            errno.ENOSPC: "free some space",
+            errno.EDQUOT: "free some space",
+            errno.EROFS: "choose a writable folder",
+            errno.EACCES: "choose a writable folder",
+        }.get(exc.errno or 0, "check the folder")
+        raise OutputWriteError(
+            f"cannot write the {what} {out}: {reason}; its temporary file was removed, {hint} and run again"
+        ) from None
 
 
 @contextmanager

@@ -22,8 +22,18 @@ from .outputs import atomic_write
 def partial_key(settings: str, slide_identity: str, grid: Any, read_level: int) -> str:
     """What an interrupted scan's finished cells depend on: model and settings, the slide file,
     the cell grid and the pyramid level read."""
-    payload = json.dumps([settings, slide_identity, list(grid.l0_origin_xy), list(grid.l0_cell_size_xy),
-                          list(grid.shape_rc), grid.patch_px, grid.cell_px, read_level])
+    payload = json.dumps(
+        [
+            settings,
+            slide_identity,
+            list(grid.l0_origin_xy),
+            list(grid.l0_cell_size_xy),
+            list(grid.shape_rc),
+            grid.patch_px,
+            grid.cell_px,
+            read_level,
+        ]
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -31,8 +41,15 @@ class Checkpoint:
     """Keeps the cells of finished blocks and saves them every ``every_s`` seconds (and when
     the scan fails), so that a scan killed at any point resumes with the blocks it finished."""
 
-    def __init__(self, out: Path, key: str, probs: np.ndarray, done: np.ndarray,
-                 blocks: dict[str, tuple[int, int, int, int]], every_s: float) -> None:
+    def __init__(
+        self,
+        out: Path,
+        key: str,
+        probs: np.ndarray,
+        done: np.ndarray,
+        blocks: dict[str, tuple[int, int, int, int]],
+        every_s: float,
+    ) -> None:
         self.out, self.key, self.probs, self.done, self.blocks, self.every_s = out, key, probs, done, blocks, every_s
         self.dirty = False
         self.last = time.monotonic()

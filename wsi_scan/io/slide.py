@@ -44,7 +44,19 @@ from ..errors import SlideFormatError, SlideNotFoundError, UsageError, WsiScanEr
 from .tilecache import ReadStats, TileCache, TileKey
 
 SLIDE_EXTS = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".czi", ".qptiff",
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".dcm",
+    ".czi",
+    ".qptiff",
 )
 MAX_TILE_PX = 1 << 26  # 8192 x 8192: scanners write 256-1024 px tiles
 MAX_IMAGE_SIDE_PX = 1 << 22  # 4 million px (400 mm at 0.1 um/px)
@@ -508,7 +520,9 @@ class TiffFileSlide(_Lifetime):
         if tl.strict_jpeg:
             rgb = self._decode_jpeg(page, data, f"level {level} tile {index}")
             if rgb.shape != (th, tw, 3):
-                raise SlideFormatError(f"{self.info.path}: level {level} tile {index} decodes to {rgb.shape}, expected {(th, tw, 3)}")
+                raise SlideFormatError(
+                    f"{self.info.path}: level {level} tile {index} decodes to {rgb.shape}, expected {(th, tw, 3)}"
+                )
             return rgb
         seg, pos, _ = page.decode(data, index, jpegtables=page.jpegtables, jpegheader=page.jpegheader)
         if (pos[2], pos[3]) != (ty * th, tx * tw):  # tiles are stored row by row; say so if not
@@ -538,7 +552,9 @@ class TiffFileSlide(_Lifetime):
             except SlideFormatError:
                 raise
             except Exception as exc:  # codec and file errors of a damaged slide
-                raise SlideFormatError(f"{self.info.path}: cannot decode tiles, the file is damaged or truncated ({exc})") from None
+                raise SlideFormatError(
+                    f"{self.info.path}: cannot decode tiles, the file is damaged or truncated ({exc})"
+                ) from None
         return Region(out, (float(lx), float(ly)))
 
     def _read_tiles(self, level: int, lv_box: tuple[int, int, int, int], out: np.ndarray) -> None:
@@ -580,9 +596,13 @@ def _sniff(path: Path) -> None:
     if not path.exists():
         raise SlideNotFoundError(f"slide {path} does not exist; check the path")
     if path.is_dir() and path.suffix.lower() != ".zarr":
-        raise SlideNotFoundError(f"slide {path} is a directory; expected a slide file (for a folder of slides, --out must be a folder)")
+        raise SlideNotFoundError(
+            f"slide {path} is a directory; expected a slide file (for a folder of slides, --out must be a folder)"
+        )
     if not path.is_dir() and not path.is_file():
-        raise SlideFormatError(f"slide {path} is not a regular file (a device, pipe or socket); expected a whole-slide image file")
+        raise SlideFormatError(
+            f"slide {path} is not a regular file (a device, pipe or socket); expected a whole-slide image file"
+        )
     size = path.stat().st_size
     if size == 0:
         raise SlideFormatError(f"slide {path} is an empty file (0 bytes); expected a whole-slide image")
@@ -610,7 +630,9 @@ def _check_tiff_complete(path: Path, size: int) -> None:
         try:
             pages = list(tf.pages)
         except Exception as exc:  # noqa: BLE001 - a directory chain cut off mid-way
-            raise SlideFormatError(f"{path}: damaged or truncated TIFF, its image directories cannot be read ({exc!s:.80})") from None
+            raise SlideFormatError(
+                f"{path}: damaged or truncated TIFF, its image directories cannot be read ({exc!s:.80})"
+            ) from None
         for i, page in enumerate(pages):
             try:
                 tw, tl = int(getattr(page, "tilewidth", 0) or 0), int(getattr(page, "tilelength", 0) or 0)
@@ -619,8 +641,10 @@ def _check_tiff_complete(path: Path, size: int) -> None:
                 raise SlideFormatError(f"{path}: image {i} has unreadable size tags; the file's header is damaged") from None
             if tw * tl > MAX_TILE_PX or max(iw, il) > MAX_IMAGE_SIDE_PX:
                 # OpenSlide would try to allocate such a tile and abort the whole process
-                raise SlideFormatError(f"{path}: image {i} declares {iw} x {il} px in tiles of "
-                                       f"{tw} x {tl} px; the file's header is damaged or hostile")
+                raise SlideFormatError(
+                    f"{path}: image {i} declares {iw} x {il} px in tiles of "
+                    f"{tw} x {tl} px; the file's header is damaged or hostile"
+                )
             offsets = np.asarray(getattr(page, "dataoffsets", ()), dtype=np.uint64)
             counts = np.asarray(getattr(page, "databytecounts", ()), dtype=np.uint64)
             if offsets.size == 0 or offsets.size != counts.size:
@@ -630,7 +654,8 @@ def _check_tiff_complete(path: Path, size: int) -> None:
             if end > size:
                 raise SlideFormatError(
                     f"{path}: truncated slide: image {i} needs {end:,} bytes but the file has {size:,}; "
-                    "copy the slide again from its source")
+                    "copy the slide again from its source"
+                )
 
 
 def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> Slide:
@@ -662,7 +687,11 @@ def _open(p: Path, backend: str) -> Slide:
         with p.open("rb") as fh:
             magic = fh.read(4)
         if magic not in TIFF_MAGIC:
-            kind = "a PNG image" if magic == b"\x89PNG" else ("a JPEG image" if magic[:3] == b"\xff\xd8\xff" else "not a slide format")
+            kind = (
+                "a PNG image"
+                if magic == b"\x89PNG"
+                else ("a JPEG image" if magic[:3] == b"\xff\xd8\xff" else "not a slide format")
+            )
             raise SlideFormatError(
                 f"{p}: {kind}; expected a whole-slide image (SVS, NDPI, MRXS, SCN, DICOM, pyramidal TIFF)"
             ) from None

@@ -61,8 +61,8 @@ def _paint(spec: SyntheticSlide, lv_ds_xy: tuple[float, float], x0: int, y0: int
     if tissue.any():
         if spec.texture is not None:
             tex = spec.texture
-            ty = ((cy / dy).astype(np.int64) % tex.shape[0])
-            tx = ((cx / dx).astype(np.int64) % tex.shape[1])
+            ty = (cy / dy).astype(np.int64) % tex.shape[0]
+            tx = (cx / dx).astype(np.int64) % tex.shape[1]
             out[tissue] = tex[ty[:, None], tx[None, :]][tissue]
         else:
             base = np.array(TISSUE_RGB, dtype=np.int16)
@@ -70,7 +70,7 @@ def _paint(spec: SyntheticSlide, lv_ds_xy: tuple[float, float], x0: int, y0: int
             ix = (cx // 7).astype(np.int64)[None, :]
             iy = (cy // 7).astype(np.int64)[:, None]
             hsh = (ix * 73856093 ^ iy * 19349663 ^ spec.seed * 83492791) % 1000
-            jitter = (hsh.astype(np.int16) * spec.noise // 1000 - spec.noise // 2)
+            jitter = hsh.astype(np.int16) * spec.noise // 1000 - spec.noise // 2
             tex = np.clip(base[None, None, :] + jitter[..., None], 0, 255).astype(np.uint8)
             out[tissue] = tex[tissue]
     for bx0, by0, bx1, by1 in spec.tumour:
@@ -173,8 +173,10 @@ def write_synthetic_slide(path: str | Path, spec: SyntheticSlide) -> Path:
             if sub and i == 0 and len(sizes) > 1:
                 kw["subifds"] = len(sizes) - 1
             if spec.layout == "svs":
-                kw["description"] = (f"Aperio Image Library v10.0.0\r\n{lw}x{lh} [0,0 {lw}x{lh}] ({spec.tile_px}x{spec.tile_px}) "
-                                     f"JPEG/RGB Q={spec.quality}" + (f"|AppMag = 40|MPP = {spec.mpp}" if i == 0 else ""))
+                kw["description"] = (
+                    f"Aperio Image Library v10.0.0\r\n{lw}x{lh} [0,0 {lw}x{lh}] ({spec.tile_px}x{spec.tile_px}) "
+                    f"JPEG/RGB Q={spec.quality}" + (f"|AppMag = 40|MPP = {spec.mpp}" if i == 0 else "")
+                )
             if spec.compression == "jpeg":
                 kw["compression"] = "jpeg"
                 kw["compressionargs"] = {"level": spec.quality}
@@ -187,10 +189,19 @@ def write_synthetic_slide(path: str | Path, spec: SyntheticSlide) -> Path:
                 kw["resolutionunit"] = "NONE"
             tw.write(_tiles(spec, i), **kw)  # type: ignore[arg-type]
             if spec.layout == "svs" and i == 0:  # the stripped thumbnail Aperio writes second: not a level
-                tw.write(_paint(spec, (8.0, 8.0), 0, 0, max(1, lw // 8), max(1, lh // 8)), photometric="rgb",
-                         description="Aperio Image Library v10.0.0\r\nthumbnail", metadata=None)
+                tw.write(
+                    _paint(spec, (8.0, 8.0), 0, 0, max(1, lw // 8), max(1, lh // 8)),
+                    photometric="rgb",
+                    description="Aperio Image Library v10.0.0\r\nthumbnail",
+                    metadata=None,
+                )
         if spec.layout == "svs":  # a label: another aspect ratio, stripped, marked reduced
-            tw.write(np.full((120, 300, 3), 200, dtype=np.uint8), photometric="rgb", subfiletype=1,
-                     description="Aperio Image Library v10.0.0\r\nlabel 300x120", metadata=None)
+            tw.write(
+                np.full((120, 300, 3), 200, dtype=np.uint8),
+                photometric="rgb",
+                subfiletype=1,
+                description="Aperio Image Library v10.0.0\r\nlabel 300x120",
+                metadata=None,
+            )
     tmp.replace(path)
     return path

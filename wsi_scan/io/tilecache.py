@@ -75,7 +75,9 @@ class TileCache:
             self._reads.pop(read, None)
             return False
 
-    def tiles(self, keys: list[TileKey], planned: bool, decode: Callable[[TileKey], np.ndarray]) -> Iterable[tuple[TileKey, np.ndarray]]:
+    def tiles(
+        self, keys: list[TileKey], planned: bool, decode: Callable[[TileKey], np.ndarray]
+    ) -> Iterable[tuple[TileKey, np.ndarray]]:
         """Each tile of ``keys``, from the cache or decoded; tiles another thread is decoding
         are taken last, so that both threads keep working meanwhile."""
         waiting: list[tuple[TileKey, threading.Event]] = []

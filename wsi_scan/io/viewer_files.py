@@ -66,8 +66,9 @@ def viewer_sources(path: str | Path) -> tuple[str, list[Path], dict[str, dict[st
         raise UsageError(f"{p} is a file; expected a heatmap store (.zarr) or a results folder of a folder scan")
     stores = find_stores(p)
     if not stores:
-        raise HeatmapError(f"{p}: no heatmap store in this folder; expected a heatmap store (.zarr) or a results "
-                           "folder written by a folder scan")
+        raise HeatmapError(
+            f"{p}: no heatmap store in this folder; expected a heatmap store (.zarr) or a results folder written by a folder scan"
+        )
     return "folder", stores, read_summary_rows(p)
 
 

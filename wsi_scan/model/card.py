@@ -20,10 +20,22 @@ MIN_INPUT_PX, MAX_INPUT_PX = 8, 1024
 
 #: the JSON type each card field must have (ints are accepted where a float is expected)
 _TYPES: dict[str, tuple[type, ...]] = {
-    "arch": (str,), "arch_kwargs": (dict,), "input_px": (int,), "cell_px": (int,), "mpp": (int, float),
-    "mean": (list, tuple), "std": (list, tuple), "class_names": (list, tuple), "threshold": (int, float),
-    "dense_exact": (bool,), "name": (str,), "trained": (bool,), "training": (dict,), "metrics": (dict,),
-    "software": (dict,), "card_version": (int,),
+    "arch": (str,),
+    "arch_kwargs": (dict,),
+    "input_px": (int,),
+    "cell_px": (int,),
+    "mpp": (int, float),
+    "mean": (list, tuple),
+    "std": (list, tuple),
+    "class_names": (list, tuple),
+    "threshold": (int, float),
+    "dense_exact": (bool,),
+    "name": (str,),
+    "trained": (bool,),
+    "training": (dict,),
+    "metrics": (dict,),
+    "software": (dict,),
+    "card_version": (int,),
 }
 
 
@@ -37,8 +49,10 @@ def _check_types(kw: dict[str, Any]) -> None:
         if k == "class_names" and not bad:
             bad = not all(isinstance(x, str) for x in v)
         if bad:
-            raise ModelError(f"model card field {k!r} must be {' or '.join(t.__name__ for t in want)}"
-                             f"{' of numbers' if k in ('mean', 'std') else ''}, found {v!r:.80}")
+            raise ModelError(
+                f"model card field {k!r} must be {' or '.join(t.__name__ for t in want)}"
+                f"{' of numbers' if k in ('mean', 'std') else ''}, found {v!r:.80}"
+            )
 
 
 @dataclass(frozen=True)
@@ -75,11 +89,15 @@ class ModelCard:
         known = {f.name for f in dataclasses.fields(cls)}
         version = d.get("card_version", CARD_VERSION)
         if not isinstance(version, int) or isinstance(version, bool) or version > CARD_VERSION:
-            raise ModelError(f"model card_version {version!r} is not one this wsi-scan reads (<= {CARD_VERSION}); upgrade wsi-scan")
+            raise ModelError(
+                f"model card_version {version!r} is not one this wsi-scan reads (<= {CARD_VERSION}); upgrade wsi-scan"
+            )
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ModelError(f"model card has unknown settings {', '.join(map(repr, unknown))}; expected only "
-                             f"{', '.join(sorted(known))}: the card was edited or comes from another tool")
+            raise ModelError(
+                f"model card has unknown settings {', '.join(map(repr, unknown))}; expected only "
+                f"{', '.join(sorted(known))}: the card was edited or comes from another tool"
+            )
         missing = [k for k in ("arch", "input_px", "mpp", "mean", "std") if k not in d]
         if missing:
             raise ModelError(
@@ -109,15 +127,18 @@ class ModelCard:
         lo, hi = MPP_RANGE_UM
         if not (lo <= self.mpp <= hi):
             raise ModelError(f"model card mpp must lie between {lo:g} and {hi:g} um/px, found {self.mpp}")
-        if (len(self.mean) != 3 or len(self.std) != 3 or not all(math.isfinite(v) for v in (*self.mean, *self.std))
-                or min(self.std) <= 0):
+        if (
+            len(self.mean) != 3
+            or len(self.std) != 3
+            or not all(math.isfinite(v) for v in (*self.mean, *self.std))
+            or min(self.std) <= 0
+        ):
             raise ModelError("model card mean/std must be three finite numbers each, std positive")
         if not (MIN_INPUT_PX <= self.input_px <= MAX_INPUT_PX):
             raise ModelError(f"model card input_px must lie in [{MIN_INPUT_PX}, {MAX_INPUT_PX}], found {self.input_px}")
         if self.input_px <= 0 or self.cell_px <= 0 or self.cell_px > self.input_px or (self.input_px - self.cell_px) % 2:
             raise ModelError(
-                f"model card input_px={self.input_px} and cell_px={self.cell_px} must leave an "
-                "equal margin on each side"
+                f"model card input_px={self.input_px} and cell_px={self.cell_px} must leave an equal margin on each side"
             )
         if len(self.class_names) != 2:
             raise ModelError(f"model card class_names must name two classes (normal, tumour), found {list(self.class_names)}")

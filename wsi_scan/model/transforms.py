@@ -13,9 +13,7 @@ import torch
 from .card import ModelCard
 
 
-def to_input(
-    rgb: np.ndarray | torch.Tensor, card: ModelCard, device: torch.device | str = "cpu"
-) -> torch.Tensor:
+def to_input(rgb: np.ndarray | torch.Tensor, card: ModelCard, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 (N, H, W, 3) -> normalised float32 (N, 3, H, W) in channels-last memory."""
     t = torch.as_tensor(rgb)
     if t.ndim == 3:
@@ -40,9 +38,7 @@ def dihedral_inverse(x: torch.Tensor, k: int) -> torch.Tensor:
     return x
 
 
-def predict_logits(
-    net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: bool = False
-) -> torch.Tensor:
+def predict_logits(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: bool = False) -> torch.Tensor:
     """Logits (N, 1, h, w); with ``tta`` the mean probability of the 8 dihedral views, as a logit.
 
     A dihedral transform of a region maps the window grid onto itself (the region is

@@ -17,9 +17,7 @@ import numpy as np
 import torch
 
 # Ruifrok & Johnston's H&E(-DAB) stain vectors, rows = stains, columns = RGB optical density.
-_RGB_FROM_HED = torch.tensor(
-    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float32
-)
+_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float32)
 
 
 def jpeg_roundtrip(patch: np.ndarray, rng: np.random.Generator, quality: tuple[int, int]) -> np.ndarray:

@@ -45,9 +45,11 @@ def make_splits(datas: Sequence[PatchData], val_fraction: float, seed: int) -> S
     train = np.concatenate(train_rows)
     if valid_rows:
         valid = np.concatenate(valid_rows)
-        how = "given: the validation split(s) shipped with the data (" + ", ".join(
-            sets[int(r[0, 0])].name for r in valid_rows
-        ) + ")"
+        how = (
+            "given: the validation split(s) shipped with the data ("
+            + ", ".join(sets[int(r[0, 0])].name for r in valid_rows)
+            + ")"
+        )
     else:
         labels = np.array([sets[s].labels[i] for s, i in train])
         rng = np.random.default_rng(seed)
@@ -64,7 +66,9 @@ def make_splits(datas: Sequence[PatchData], val_fraction: float, seed: int) -> S
         return {"n": int(len(rows)), "positive": int(lab.sum()), "negative": int(len(rows) - lab.sum())}
 
     description: dict[str, object] = {
-        "sources": [{"layout": d.layout, "root": d.root, "splits": {k: v.describe() for k, v in d.splits.items()}} for d in datas],
+        "sources": [
+            {"layout": d.layout, "root": d.root, "splits": {k: v.describe() for k, v in d.splits.items()}} for d in datas
+        ],
         "validation": how,
         "train": count(train),
         "valid": count(valid),
@@ -131,11 +135,7 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return self.n
 
     def __iter__(self) -> Iterator[int]:
-        order = (
-            np.random.default_rng([self.seed, self.epoch, 7]).permutation(self.n)
-            if self.shuffle
-            else np.arange(self.n)
-        )
+        order = np.random.default_rng([self.seed, self.epoch, 7]).permutation(self.n) if self.shuffle else np.arange(self.n)
         base = self.epoch * self.n
         return iter((base + order).tolist())
 

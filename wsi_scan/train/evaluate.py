@@ -65,9 +65,7 @@ def evaluate_patchset(
     dev = resolve_device(device)
     net = model.net.to(dev).to(memory_format=torch.channels_last)
     rows = np.stack([np.zeros(len(ps), dtype=np.int64), np.arange(len(ps))], axis=1)
-    probs = predict_probs(
-        net, model.card, RowsDataset([ps], rows), dev, batch_size, tta, workers, progress, desc=ps.name
-    )
+    probs = predict_probs(net, model.card, RowsDataset([ps], rows), dev, batch_size, tta, workers, progress, desc=ps.name)
     labels = ps.labels
     return Evaluation(binary_metrics(labels, probs, model.card.threshold), probs, labels, ps.name, tta)
 
@@ -82,8 +80,16 @@ def write_evaluation(out_dir: Path, ev: Evaluation, ps: PatchSet, threshold: flo
     ids = [(ps.name, i, ps.patch_id(i)) for i in range(len(ps))]
     written = [write_predictions_csv(out_dir / "predictions.csv", ids, ev.labels, ev.probs, None, threshold, True)]
     lo, hi = info.get("auc_ci95", (float("nan"), float("nan")))
-    written.append(roc_figure(out_dir / "roc.png", ev.labels, ev.probs, f"AUC {ev.metrics.auc:.4f} (95% CI {lo:.4f}-{hi:.4f})",
-                              f"ROC, {ps.name}{' (TTA)' if ev.tta else ''}", ""))
+    written.append(
+        roc_figure(
+            out_dir / "roc.png",
+            ev.labels,
+            ev.probs,
+            f"AUC {ev.metrics.auc:.4f} (95% CI {lo:.4f}-{hi:.4f})",
+            f"ROC, {ps.name}{' (TTA)' if ev.tta else ''}",
+            "",
+        )
+    )
     written.append(write_json(out_dir / "metrics.json", info, True))
     return written
 

@@ -81,15 +81,18 @@ def load_state(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated, foreign or unsafe files alike
-        raise UsageError(f"--resume: the training state {path} cannot be read ({type(exc).__name__}); "
-                         "delete it and start without --resume") from None
+        raise UsageError(
+            f"--resume: the training state {path} cannot be read ({type(exc).__name__}); delete it and start without --resume"
+        ) from None
     missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise UsageError(f"--resume: the training state {path} lacks {', '.join(missing)}; delete it and start without --resume")
     return state
 
 
-def _augment_batch(x_u8: torch.Tensor, cfg: TrainConfig, card: ModelCard, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+def _augment_batch(
+    x_u8: torch.Tensor, cfg: TrainConfig, card: ModelCard, gen: torch.Generator, device: torch.device
+) -> torch.Tensor:
     rgb = x_u8.permute(0, 3, 1, 2).float() / 255.0
     rgb = random_dihedral(rgb, gen)
     rgb = hed_jitter(rgb, cfg.stain_jitter, gen)
@@ -127,8 +130,13 @@ def train(
     state = load_state(state_path(out)) if resume else None
     run = build_run(cfg, splits, len(train_rows), device, state, out.stem, command or " ".join(sys.argv))
     ds_train = RowsDataset(
-        splits.sets, train_rows, cfg.seed, cfg.jpeg_prob if cfg.augment else 0.0, cfg.jpeg_quality,
-        cfg.soften_prob if cfg.augment else 0.0, cfg.soften_max,
+        splits.sets,
+        train_rows,
+        cfg.seed,
+        cfg.jpeg_prob if cfg.augment else 0.0,
+        cfg.jpeg_quality,
+        cfg.soften_prob if cfg.augment else 0.0,
+        cfg.soften_max,
     )
     ds_valid = RowsDataset(splits.sets, splits.valid)
     val_labels = labels_of(splits, splits.valid)
@@ -136,8 +144,14 @@ def train(
         t0 = time.time()
         losses = train_epoch(run, ds_train, cfg, epoch, device, progress)
         m, val_loss = validate(run, ds_valid, val_labels, cfg, device)
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "valid_loss": val_loss, "valid_auc": m.auc,
-               "valid_accuracy": m.accuracy, "seconds": round(time.time() - t0, 1)}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)),
+            "valid_loss": val_loss,
+            "valid_auc": m.auc,
+            "valid_accuracy": m.accuracy,
+            "seconds": round(time.time() - t0, 1),
+        }
         run.history.append(row)
         if progress:
             tqdm.write(
@@ -156,8 +170,9 @@ def prepare_data(data: list[str | Path], cfg: TrainConfig) -> tuple[Splits, np.n
     if cfg.max_valid and cfg.max_valid < len(splits.valid):
         # a seeded subset: quick runs only; the card says how many patches chose the epoch
         keep = np.sort(np.random.default_rng([cfg.seed, 6]).permutation(len(splits.valid))[: cfg.max_valid])
-        splits = dataclasses.replace(splits, valid=splits.valid[keep],
-                                     description={**splits.description, "valid_used": int(cfg.max_valid)})
+        splits = dataclasses.replace(
+            splits, valid=splits.valid[keep], description={**splits.description, "valid_used": int(cfg.max_valid)}
+        )
     train_rows = splits.train
     if cfg.max_train and cfg.max_train < len(train_rows):
         train_rows = train_rows[np.random.default_rng([cfg.seed, 5]).permutation(len(train_rows))[: cfg.max_train]]
@@ -165,8 +180,10 @@ def prepare_data(data: list[str | Path], cfg: TrainConfig) -> tuple[Splits, np.n
         if lab.size == 0 or lab.min() == lab.max():
             from ..errors import DataError
 
-            raise DataError(f"the {name} patches hold {lab.size} patches of {'one class' if lab.size else 'no class'}; "
-                            "training and choosing an epoch need both tumour and normal patches")
+            raise DataError(
+                f"the {name} patches hold {lab.size} patches of {'one class' if lab.size else 'no class'}; "
+                "training and choosing an epoch need both tumour and normal patches"
+            )
     return splits, train_rows
 
 
@@ -193,16 +210,21 @@ class Run:
         return self.ema.module if self.ema is not None else self.net
 
 
-def build_run(cfg: TrainConfig, splits: Splits, n_train: int, device: torch.device, state: dict[str, Any] | None,
-              name: str, command: str) -> Run:
+def build_run(
+    cfg: TrainConfig, splits: Splits, n_train: int, device: torch.device, state: dict[str, Any] | None, name: str, command: str
+) -> Run:
     """Network, card, optimiser, schedule, loss scaler and weight average, restored from ``state``
     when resuming."""
     arch_kwargs: dict[str, Any] = {"width": cfg.width} if cfg.arch == "dense-cnn" else {}
     mean, std = (tuple(state["mean"]), tuple(state["std"])) if state is not None else _norm_stats(splits, cfg.seed)
     net = build_network(cfg.arch, **arch_kwargs).to(device).to(memory_format=torch.channels_last)
     card = ModelCard(
-        arch=cfg.arch, arch_kwargs=arch_kwargs, mean=mean, std=std,  # type: ignore[arg-type]
-        dense_exact=bool(getattr(net, "dense_exact", False)), name=name,
+        arch=cfg.arch,
+        arch_kwargs=arch_kwargs,
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        dense_exact=bool(getattr(net, "dense_exact", False)),
+        name=name,
         training={"command": command, "config": cfg.to_dict(), "data": splits.description},
         software=software_versions(),
     )
@@ -228,8 +250,13 @@ def build_run(cfg: TrainConfig, splits: Splits, n_train: int, device: torch.devi
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     # weight averaging: an exponential moving average of the weights (batch-norm statistics
     # averaged too), used for validation and saved as the model
-    ema = (torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
-                                               use_buffers=True) if cfg.ema_decay > 0 else None)
+    ema = (
+        torch.optim.swa_utils.AveragedModel(
+            net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
+        )
+        if cfg.ema_decay > 0
+        else None
+    )
     run = Run(net, card, opt, sched, scaler, ema, mean, std, [])
     if state is not None:
         net.load_state_dict(state["model"])
@@ -244,7 +271,9 @@ def build_run(cfg: TrainConfig, splits: Splits, n_train: int, device: torch.devi
     return run
 
 
-def train_epoch(run: Run, ds_train: RowsDataset, cfg: TrainConfig, epoch: int, device: torch.device, progress: bool) -> list[float]:
+def train_epoch(
+    run: Run, ds_train: RowsDataset, cfg: TrainConfig, epoch: int, device: torch.device, progress: bool
+) -> list[float]:
     """One pass over the training rows; the batch losses. Seeded by epoch, so a resumed run
     repeats an uninterrupted one."""
     run.net.train()
@@ -272,7 +301,9 @@ def train_epoch(run: Run, ds_train: RowsDataset, cfg: TrainConfig, epoch: int, d
     return losses
 
 
-def validate(run: Run, ds_valid: RowsDataset, val_labels: np.ndarray, cfg: TrainConfig, device: torch.device) -> tuple[BinaryMetrics, float]:
+def validate(
+    run: Run, ds_valid: RowsDataset, val_labels: np.ndarray, cfg: TrainConfig, device: torch.device
+) -> tuple[BinaryMetrics, float]:
     """Metrics and loss of the kept weights on the validation split."""
     probs = predict_probs(run.scored, run.card, ds_valid, device, cfg.valid_batch_size, workers=cfg.loader_workers)
     m = binary_metrics(val_labels, probs, run.card.threshold)
@@ -287,8 +318,11 @@ def keep_epoch(run: Run, out: Path, m: BinaryMetrics, epoch: int) -> None:
     if m.auc > run.best_auc:
         run.best_auc, run.best_epoch = m.auc, epoch + 1
         best_card = ModelCard.from_dict(
-            {**run.card.to_dict(), "metrics": {"valid": m.to_dict(), "epoch": epoch + 1},
-             "training": {**run.card.training, "history": run.history}}
+            {
+                **run.card.to_dict(),
+                "metrics": {"valid": m.to_dict(), "epoch": epoch + 1},
+                "training": {**run.card.training, "history": run.history},
+            }
         )
         save_model(out, run.scored, best_card)
     save_state(
@@ -310,8 +344,13 @@ def keep_epoch(run: Run, out: Path, m: BinaryMetrics, epoch: int) -> None:
 
 
 def finalize(
-    out: Path, splits: Splits, device: torch.device, history: list[dict[str, Any]],
-    report_dir: str | Path | None, progress: bool, cfg: TrainConfig,
+    out: Path,
+    splits: Splits,
+    device: torch.device,
+    history: list[dict[str, Any]],
+    report_dir: str | Path | None,
+    progress: bool,
+    cfg: TrainConfig,
 ) -> TrainResult:
     """Score the chosen epoch (with TTA unless ``cfg.final_tta`` is off), choose the card's threshold on
     the validation split, store both in its card, draw the report."""
@@ -323,20 +362,33 @@ def finalize(
     ds_valid = RowsDataset(splits.sets, splits.valid)
     bs = cfg.valid_batch_size
     probs = predict_probs(net, model.card, ds_valid, device, bs, progress=progress, desc="valid")
-    probs_tta = predict_probs(net, model.card, ds_valid, device, bs, tta=True, progress=progress, desc="valid TTA") if cfg.final_tta else None
+    probs_tta = (
+        predict_probs(net, model.card, ds_valid, device, bs, tta=True, progress=progress, desc="valid TTA")
+        if cfg.final_tta
+        else None
+    )
     epoch = int(model.card.metrics.get("epoch", 0))
     card = ModelCard.from_dict({**model.card.to_dict(), "training": {**model.card.training, "history": history}})
     if cfg.threshold_specificity > 0:
         card = with_threshold(card, labels, probs, cfg.threshold_specificity, "the training's validation split")
-    card = ModelCard.from_dict({**card.to_dict(), "metrics": {"epoch": epoch, **validation_metrics(card, labels, probs, probs_tta)}})
+    card = ModelCard.from_dict(
+        {**card.to_dict(), "metrics": {"epoch": epoch, **validation_metrics(card, labels, probs, probs_tta)}}
+    )
     save_model(out, model.net, card)
     if report_dir is not None:
         from ..io.exports import write_predictions_csv
         from .plots import training_report
 
         training_report(Path(report_dir), history, labels, probs, card.metrics["valid"]["auc"])
-        write_predictions_csv(Path(report_dir) / "valid_predictions.csv", patch_ids(splits, splits.valid), labels, probs, probs_tta,
-                              card.threshold, overwrite=True)
+        write_predictions_csv(
+            Path(report_dir) / "valid_predictions.csv",
+            patch_ids(splits, splits.valid),
+            labels,
+            probs,
+            probs_tta,
+            card.threshold,
+            overwrite=True,
+        )
     return TrainResult(out, epoch, card.metrics, history)
 
 
@@ -356,6 +408,11 @@ def with_threshold(card: ModelCard, labels: np.ndarray, probs: np.ndarray, speci
     from .metrics import threshold_for_specificity
 
     t = threshold_for_specificity(labels, probs, specificity)
-    rule = {"rule": "lowest threshold at which the validation negatives' specificity is at least `specificity` (single view)",
-            "specificity": specificity, "data": data, "n": int(len(labels)), "threshold": t}
+    rule = {
+        "rule": "lowest threshold at which the validation negatives' specificity is at least `specificity` (single view)",
+        "specificity": specificity,
+        "data": data,
+        "n": int(len(labels)),
+        "threshold": t,
+    }
     return ModelCard.from_dict({**card.to_dict(), "threshold": t, "training": {**card.training, "threshold_rule": rule}})

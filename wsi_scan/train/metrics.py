@@ -84,8 +84,9 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> B
     )
 
 
-def bootstrap_auc_ci(labels: np.ndarray, scores: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                     level: float = 0.95) -> tuple[float, float]:
+def bootstrap_auc_ci(
+    labels: np.ndarray, scores: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the AUC.
 
     Positives and negatives are resampled separately (a stratified bootstrap), so that every

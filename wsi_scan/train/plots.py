@@ -147,8 +147,15 @@ def roc_figure(path: Path, labels: np.ndarray, scores: np.ndarray, legend: str, 
     return path
 
 
-def evaluation_figures(out_dir: Path, fps_per_slide: np.ndarray, sensitivity: np.ndarray, froc_score: float,
-                       labels: np.ndarray | None, scores: np.ndarray | None, slide_auc: float | None) -> list[Path]:
+def evaluation_figures(
+    out_dir: Path,
+    fps_per_slide: np.ndarray,
+    sensitivity: np.ndarray,
+    froc_score: float,
+    labels: np.ndarray | None,
+    scores: np.ndarray | None,
+    slide_auc: float | None,
+) -> list[Path]:
     """The FROC curve of a cohort and, when it has both classes, the slide-level ROC."""
     from ..evaluation import FP_RATES
 
@@ -173,5 +180,7 @@ def evaluation_figures(out_dir: Path, fps_per_slide: np.ndarray, sensitivity: np
     save_figure(fig, written[-1])
     plt.close(fig)
     if labels is not None and scores is not None and slide_auc is not None:
-        written.append(roc_figure(out_dir / "slide_roc.png", labels, scores, f"slide AUC {slide_auc:.4f}", "ROC, slide level", " (slides)"))
+        written.append(
+            roc_figure(out_dir / "slide_roc.png", labels, scores, f"slide AUC {slide_auc:.4f}", "ROC, slide level", " (slides)")
+        )
     return written

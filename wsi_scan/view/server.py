@@ -37,10 +37,18 @@ from .tiles import ByteLRU, DeepZoom, HeatTiles, SlideTiles, colour_lut, encode_
 
 log = logging.getLogger("wsi_scan.view")
 
-CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
-                 ".png": "image/png", ".txt": "text/plain; charset=utf-8", ".svg": "image/svg+xml"}
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
-       "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".png": "image/png",
+    ".txt": "text/plain; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 _TILE = re.compile(r"/tiles/(\d{1,6})/(slide|heat)/(\d{1,2})/(\d{1,7})_(\d{1,7})\.(jpeg|png)")
 _META = re.compile(r"/api/slide/(\d{1,6})")
 _PROB = re.compile(r"/api/slide/(\d{1,6})/prob")
@@ -90,23 +98,44 @@ class Entry:
         sl = self.attrs.get("slide", {}) or {}
         r = self.row
         return {
-            "id": self.id, "slide": self.name, "status": r.get("status") or self.attrs.get("status", ""),
-            "call": s.get("call") or r.get("call") or "", "score": _finite(s.get("score", r.get("score"))),
-            "n_lesions": s.get("n_lesions", r.get("n_lesions")), "largest_lesion_mm": _finite(s.get("largest_lesion_mm")),
-            "tumour_area_mm2": _finite(s.get("tumour_area_mm2")), "max_prob": _finite(s.get("max_prob")),
-            "mean_prob": _finite(s.get("mean_prob")), "tissue_area_mm2": _finite((self.attrs.get("tissue") or {}).get("area_mm2")),
-            "mpp": _finite((sl.get("mpp_xy") or [None])[0]), "mpp_source": sl.get("mpp_source", ""),
-            "seconds": _finite(r.get("seconds_total")), "error": "",
+            "id": self.id,
+            "slide": self.name,
+            "status": r.get("status") or self.attrs.get("status", ""),
+            "call": s.get("call") or r.get("call") or "",
+            "score": _finite(s.get("score", r.get("score"))),
+            "n_lesions": s.get("n_lesions", r.get("n_lesions")),
+            "largest_lesion_mm": _finite(s.get("largest_lesion_mm")),
+            "tumour_area_mm2": _finite(s.get("tumour_area_mm2")),
+            "max_prob": _finite(s.get("max_prob")),
+            "mean_prob": _finite(s.get("mean_prob")),
+            "tissue_area_mm2": _finite((self.attrs.get("tissue") or {}).get("area_mm2")),
+            "mpp": _finite((sl.get("mpp_xy") or [None])[0]),
+            "mpp_source": sl.get("mpp_source", ""),
+            "seconds": _finite(r.get("seconds_total")),
+            "error": "",
         }
 
 
 def _failed_row(r: dict[str, Any]) -> dict[str, Any]:
     """A summary.json row without a heatmap to open (a slide that failed): shown, not openable."""
     err = f"{r.get('error_type') or ''}: {r.get('error') or ''}".strip(": ")
-    return {"id": None, "slide": str(r.get("slide") or ""), "status": str(r.get("status") or ""), "call": "",
-            "score": None, "n_lesions": None, "largest_lesion_mm": None, "tumour_area_mm2": None, "max_prob": None,
-            "mean_prob": None, "tissue_area_mm2": None, "mpp": _finite(r.get("mpp")), "mpp_source": str(r.get("mpp_source") or ""),
-            "seconds": _finite(r.get("seconds_total")), "error": err[:300]}
+    return {
+        "id": None,
+        "slide": str(r.get("slide") or ""),
+        "status": str(r.get("status") or ""),
+        "call": "",
+        "score": None,
+        "n_lesions": None,
+        "largest_lesion_mm": None,
+        "tumour_area_mm2": None,
+        "max_prob": None,
+        "mean_prob": None,
+        "tissue_area_mm2": None,
+        "mpp": _finite(r.get("mpp")),
+        "mpp_source": str(r.get("mpp_source") or ""),
+        "seconds": _finite(r.get("seconds_total")),
+        "error": err[:300],
+    }
 
 
 @dataclass
@@ -187,8 +216,10 @@ class ViewerApp:
             slide = open_slide(entry.slide_path, hm.attrs["slide"].get("backend", "auto"))
             if tuple(slide.info.level0_size_wh) != size_wh:
                 slide.close()
-                raise UsageError(f"{entry.slide_path} is {slide.info.level0_size_wh[0]} x {slide.info.level0_size_wh[1]} px, "
-                                 f"the heatmap's slide was {size_wh[0]} x {size_wh[1]} px: not the slide the heatmap was made from")
+                raise UsageError(
+                    f"{entry.slide_path} is {slide.info.level0_size_wh[0]} x {slide.info.level0_size_wh[1]} px, "
+                    f"the heatmap's slide was {size_wh[0]} x {size_wh[1]} px: not the slide the heatmap was made from"
+                )
             slide_tiles = SlideTiles(slide, dz, self.cfg.thumbnail_px)
         except WsiScanError as exc:
             slide_error = str(exc)
@@ -200,28 +231,58 @@ class ViewerApp:
             rings = []
             for geom, _, _ in region_polygons(labels == les.id, hm):
                 rings += _rings(geom)
-            les_out.append({"id": les.id, "size_class": les.size_class, "diameter_mm": les.longest_diameter_mm,
-                            "area_mm2": les.area_mm2, "max_prob": les.max_prob, "mean_prob": les.mean_prob,
-                            "l0_centroid_xy": list(les.l0_centroid_xy), "l0_bbox_xyxy": list(les.l0_bbox_xyxy),
-                            "rings": rings})
+            les_out.append(
+                {
+                    "id": les.id,
+                    "size_class": les.size_class,
+                    "diameter_mm": les.longest_diameter_mm,
+                    "area_mm2": les.area_mm2,
+                    "max_prob": les.max_prob,
+                    "mean_prob": les.mean_prob,
+                    "l0_centroid_xy": list(les.l0_centroid_xy),
+                    "l0_bbox_xyxy": list(les.l0_bbox_xyxy),
+                    "rings": rings,
+                }
+            )
         tissue = []
         for geom, _, _ in region_polygons(hm.tissue, hm):
             tissue += _rings(geom)
         g = hm.grid
         finite = hm.probs[np.isfinite(hm.probs)]
         meta = {
-            "id": entry.id, "name": entry.name, "store": entry.store.name,
-            "slide_path": entry.slide_path, "slide_available": slide_tiles is not None, "slide_error": slide_error,
-            "width": size_wh[0], "height": size_wh[1], "tile_px": dz.tile_px, "max_level": dz.max_level,
-            "mpp_xy": list(hm.mpp_xy), "threshold": hm.threshold,
-            "grid": {"l0_origin_xy": list(g.l0_origin_xy), "l0_cell_size_xy": list(g.l0_cell_size_xy), "shape_rc": list(g.shape_rc)},
+            "id": entry.id,
+            "name": entry.name,
+            "store": entry.store.name,
+            "slide_path": entry.slide_path,
+            "slide_available": slide_tiles is not None,
+            "slide_error": slide_error,
+            "width": size_wh[0],
+            "height": size_wh[1],
+            "tile_px": dz.tile_px,
+            "max_level": dz.max_level,
+            "mpp_xy": list(hm.mpp_xy),
+            "threshold": hm.threshold,
+            "grid": {
+                "l0_origin_xy": list(g.l0_origin_xy),
+                "l0_cell_size_xy": list(g.l0_cell_size_xy),
+                "shape_rc": list(g.shape_rc),
+            },
             "call": "negative" if not lesions else lesions[0].size_class,
             "score": float(finite.max()) if finite.size else None,
-            "cmap": self.cfg.cmap, "lut": self.lut.tolist(), "tissue": tissue, "lesions": les_out,
+            "cmap": self.cfg.cmap,
+            "lut": self.lut.tolist(),
+            "tissue": tissue,
+            "lesions": les_out,
             "version": str(hm.attrs.get("data_sha256", ""))[:12],
         }
-        return Opened(entry, dz, HeatTiles(hm, dz, self.lut), slide_tiles, slide_error,
-                      json.dumps(meta, allow_nan=False, separators=(",", ":")).encode("utf-8"))
+        return Opened(
+            entry,
+            dz,
+            HeatTiles(hm, dz, self.lut),
+            slide_tiles,
+            slide_error,
+            json.dumps(meta, allow_nan=False, separators=(",", ":")).encode("utf-8"),
+        )
 
     @contextmanager
     def using(self, eid: int) -> Iterator[Opened]:
@@ -296,8 +357,15 @@ class ViewerApp:
         try:
             m = _TILE.fullmatch(path)
             if m:
-                return self._tile(int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4)), int(m.group(5)), m.group(6),
-                                  parse_qs(parts.query))
+                return self._tile(
+                    int(m.group(1)),
+                    m.group(2),
+                    int(m.group(3)),
+                    int(m.group(4)),
+                    int(m.group(5)),
+                    m.group(6),
+                    parse_qs(parts.query),
+                )
             m = _META.fullmatch(path)
             if m:
                 with self.using(int(m.group(1))) as op:
@@ -354,8 +422,14 @@ class ViewerApp:
             rows, cols = hm.grid.shape_rc
             inside = 0 <= r < rows and 0 <= c < cols
             p = _finite(hm.probs[r, c]) if inside else None
-            return _json({"l0_xy": [x, y], "cell_rc": [r, c] if inside else None, "prob": p,
-                          "tissue": bool(hm.tissue[r, c]) if inside else False})
+            return _json(
+                {
+                    "l0_xy": [x, y],
+                    "cell_rc": [r, c] if inside else None,
+                    "prob": p,
+                    "tissue": bool(hm.tissue[r, c]) if inside else False,
+                }
+            )
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -433,7 +507,9 @@ class Viewer:
         try:
             self.httpd = server_cls((cfg.host, cfg.port), handler)
         except OSError as exc:
-            raise UsageError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror or exc}); choose another --host or --port") from None
+            raise UsageError(
+                f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror or exc}); choose another --host or --port"
+            ) from None
         self.host = cfg.host
         self.port = int(self.httpd.server_address[1])
         if is_loopback(cfg.host):
@@ -470,5 +546,7 @@ class Viewer:
 def non_loopback_warning(host: str) -> str | None:
     if is_loopback(host):
         return None
-    return (f"--host {host} is not a loopback address: anyone who can reach this machine on the network can view "
-            "these slides and heatmaps (no password, no encryption); use --host 127.0.0.1 unless that is intended")
+    return (
+        f"--host {host} is not a loopback address: anyone who can reach this machine on the network can view "
+        "these slides and heatmaps (no password, no encryption); use --host 127.0.0.1 unless that is intended"
+    )

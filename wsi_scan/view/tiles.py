@@ -207,8 +207,9 @@ class SlideTiles:
         if ds >= self.overview_ds:
             img, (kx, ky) = self.overview()
             src = Image.fromarray(img)
-            return np.asarray(src.resize(size, Image.Resampling.BILINEAR,
-                                         box=(box[0] / kx, box[1] / ky, box[2] / kx, box[3] / ky)))
+            return np.asarray(
+                src.resize(size, Image.Resampling.BILINEAR, box=(box[0] / kx, box[1] / ky, box[2] / kx, box[3] / ky))
+            )
         level = self._level_for(ds)
         return resample_region(self.slide, level, self.levels[level], box, size)
 
