@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
-from .config import LesionConfig, ScanConfig, TissueConfig, TrainConfig
+from .config import OVERLAY_ALPHA, OVERLAY_MAX_SIZE_PX, TILE_STRIDE_CELLS, LesionConfig, ScanConfig, TissueConfig, TrainConfig
 from .errors import OutputWriteError, WsiScanError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -677,10 +677,10 @@ def threshold_cmd(
 @click.option(
     "--max-size",
     type=click.IntRange(16, 16384),
-    default=2048,
+    default=OVERLAY_MAX_SIZE_PX,
     help="longest side of the picture, px (at most the slide's own size)",
 )
-@click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, help="opacity of the heatmap over tissue")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=OVERLAY_ALPHA, help="opacity of the heatmap over tissue")
 @click.option(
     "--threshold",
     type=click.FloatRange(0, 1),
@@ -859,7 +859,12 @@ def heatmap_tiff(heatmap: Path, out: Path, probability: bool, opacity: float, ov
     type=click.Path(path_type=Path),
     help="patches.h5 (one file), or a folder for the PCam pair camelyonpatch_level_2_split_<split>_{x,y}.h5",
 )
-@click.option("--stride-cells", type=click.IntRange(1), default=3, help="step between windows in 32 px cells (3: no overlap)")
+@click.option(
+    "--stride-cells",
+    type=click.IntRange(1),
+    default=TILE_STRIDE_CELLS,
+    help="step between windows in 32 px cells (3: no overlap)",
+)
 @click.option(
     "--labels-geojson", type=click.Path(path_type=Path), default=None, help="tumour annotations (QuPath GeoJSON) for labels y"
 )

@@ -36,6 +36,13 @@ MAX_THUMBNAIL_BYTES = 1 << 30
 #: a 16k x 12k px slide); 32 windows per pass is a dense block's footprint, reuses the heap,
 #: and is as fast (docs/benchmarks.md, "Patch mode memory")
 CPU_PATCH_BATCH = 32
+#: heatmap opacity over the slide in the overlay picture and the report's thumbnails (one value,
+#: so that both pictures of a slide look alike)
+OVERLAY_ALPHA = 0.5
+#: longest side of an overlay picture, px (``wsi-scan overlay --max-size``)
+OVERLAY_MAX_SIZE_PX = 2048
+#: step between the windows ``wsi-scan tile`` cuts, in cells: 3 gives non-overlapping 96 px windows
+TILE_STRIDE_CELLS = 3
 
 
 def _in_range(owner: str, name: str, value: Any, lo: float, hi: float, lo_open: bool = False, flag: str | None = None) -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .config import OVERLAY_ALPHA
 from .io.outputs import HTML_MARK
 from .lesions import CALLS
 
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("wsi_scan.report")
 
 THUMB_PX = 280  # longest side of a thumbnail in the report
-OVERLAY_ALPHA = 0.55  # heatmap opacity over the slide
 FALLBACK_CMAP = "inferno"  # as the export overlay, so thumbnails look alike either way
 #: bump when thumbnails change look: every report then renders them afresh once
 THUMB_VERSION = 1

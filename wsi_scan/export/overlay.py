@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import OVERLAY_ALPHA, OVERLAY_MAX_SIZE_PX
 from ..errors import SlideError, SlideNotFoundError, UsageError
 from ..io.heatmap import Heatmap, open_heatmap
 
@@ -94,7 +95,7 @@ def compose_overlay(
     hm: Heatmap,
     thumb: np.ndarray,
     l0_per_px_xy: tuple[float, float],
-    alpha: float = 0.5,
+    alpha: float = OVERLAY_ALPHA,
     threshold: float | None = None,
 ) -> np.ndarray:
     """The picture as an (h, w, 3) uint8 array; ``thumb`` shows the whole level-0 frame."""
@@ -161,8 +162,8 @@ def render_overlay(
     heatmap: str | Path | Heatmap,
     out: str | Path,
     slide: str | Path | None = None,
-    max_size: int = 2048,
-    alpha: float = 0.5,
+    max_size: int = OVERLAY_MAX_SIZE_PX,
+    alpha: float = OVERLAY_ALPHA,
     threshold: float | None = None,
     overwrite: bool = False,
     backend: str = "auto",

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import PCAM_CELL_PX, PCAM_MPP, PCAM_PATCH_PX, ScanConfig, TissueConfig
+from ..config import PCAM_CELL_PX, PCAM_MPP, PCAM_PATCH_PX, TILE_STRIDE_CELLS, ScanConfig, TissueConfig
 from ..errors import DataError, UsageError
 
 
@@ -152,7 +152,7 @@ def mask_cell_labels(grid: Any, cells_rc: np.ndarray, sat: np.ndarray, l0_size_w
 def tile_slide(
     slide_path: str | Path,
     out: str | Path,
-    stride_cells: int = 3,
+    stride_cells: int = TILE_STRIDE_CELLS,
     labels_geojson: str | Path | None = None,
     model: Any = None,
     backend: str = "auto",
