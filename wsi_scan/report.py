@@ -170,6 +170,7 @@ def thumbnail_key(heatmap_path: str | Path, slide_path: str | None, max_px: int 
         slide_id = "slide missing"
     parts = [
         str(THUMB_VERSION),
+        str(OVERLAY_ALPHA),  # a changed opacity re-renders
         str(max_px),
         str(attrs["data_sha256"]),
         str(attrs.get("settings_hash", "")),
