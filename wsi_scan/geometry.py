@@ -15,6 +15,9 @@ import numpy as np
 
 from .errors import MppError
 
+#: a block of cells: (r0, c0, n_rows, n_cols), in cells of the grid
+CellBlock = tuple[int, int, int, int]
+
 #: a level this close to the target counts as "at the target" (metadata rounding)
 LEVEL_MPP_SLACK = 1e-3
 
@@ -159,7 +162,7 @@ def box_in_read(
     return (l0_box[0] / dx - ox, l0_box[1] / dy - oy, l0_box[2] / dx - ox, l0_box[3] / dy - oy)
 
 
-def blocks(shape_rc: tuple[int, int], block_cells: int) -> list[tuple[int, int, int, int]]:
+def blocks(shape_rc: tuple[int, int], block_cells: int) -> list[CellBlock]:
     """(r0, c0, nr, nc) of the blocks tiling the grid, row-major."""
     rows, cols = shape_rc
     return [

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .geometry import CellBlock
 from .regions import ReadPlan, read_block
 
 
@@ -17,13 +18,13 @@ class BlockClassifier(Protocol):
     def predict_block(self, region: np.ndarray, cells: np.ndarray) -> np.ndarray: ...
 
 
-def block_task(plan: ReadPlan, block: tuple[int, int, int, int], cells: np.ndarray, predictor: BlockClassifier) -> np.ndarray:
+def block_task(plan: ReadPlan, block: CellBlock, cells: np.ndarray, predictor: BlockClassifier) -> np.ndarray:
     """Read one block and classify its tissue cells: (nr, nc) float32, NaN off tissue."""
     region = read_block(plan, block)
     return predictor.predict_block(region, cells)
 
 
-def block_key(block: tuple[int, int, int, int]) -> str:
+def block_key(block: CellBlock) -> str:
     """The Dask key of a block's task.
 
     Dask's local schedulers run independent tasks in (reverse) order of their keys; zero-padded
@@ -33,9 +34,7 @@ def block_key(block: tuple[int, int, int, int]) -> str:
     return f"block-{block[0]:07d}-{block[1]:07d}"
 
 
-def build_graph(
-    plan: ReadPlan, cells: np.ndarray, block_list: list[tuple[int, int, int, int]], predictor: BlockClassifier
-) -> list[Any]:
+def build_graph(plan: ReadPlan, cells: np.ndarray, block_list: list[CellBlock], predictor: BlockClassifier) -> list[Any]:
     """One Dask task per tissue block (read, then classify), in the order of ``block_list``."""
     import dask
 

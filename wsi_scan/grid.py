@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .geometry import GridGeometry, blocks
+from .geometry import CellBlock, GridGeometry, blocks
 from .tissue import TissueMask
 
 
@@ -50,12 +50,12 @@ def tissue_cells(grid: GridGeometry, tissue: TissueMask, min_fraction: float, mi
     return cells
 
 
-def tissue_blocks(cells: np.ndarray, block_cells: int) -> list[tuple[int, int, int, int]]:
+def tissue_blocks(cells: np.ndarray, block_cells: int) -> list[CellBlock]:
     """Blocks (r0, c0, nr, nc) that contain at least one tissue cell."""
     return [b for b in blocks(cells.shape, block_cells) if cells[b[0] : b[0] + b[2], b[1] : b[1] + b[3]].any()]
 
 
-def crop_to_tissue(cells: np.ndarray, block_list: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+def crop_to_tissue(cells: np.ndarray, block_list: list[CellBlock]) -> list[CellBlock]:
     """Each block cropped to the bounding box of its tissue cells; blocks without any are dropped.
 
     Results do not change (a cell's window is the same whatever block holds it), but blocks on

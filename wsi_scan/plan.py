@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .config import ScanConfig, TissueConfig
-from .geometry import GridGeometry
+from .geometry import CellBlock, GridGeometry
 from .regions import ReadPlan
 from .tissue import TissueMask
 
@@ -22,7 +22,7 @@ class SlidePlan:
     tissue: TissueMask
     grid: GridGeometry
     cells: np.ndarray  # (rows, cols) bool: cells to classify
-    blocks: list[tuple[int, int, int, int]]  # (r0, c0, n_rows, n_cols) of each block with tissue cells
+    blocks: list[CellBlock]  # each block with tissue cells, cropped to them
     read: ReadPlan
 
     @property

@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import MAX_THUMBNAIL_BYTES
 from .errors import UsageError
-from .geometry import GridGeometry, box_in_read, choose_level, level_read_plan
+from .geometry import CellBlock, GridGeometry, box_in_read, choose_level, level_read_plan
 from .io.slide import ReadRequest, Slide, open_slide
 
 
@@ -134,26 +134,24 @@ def resample_region(
     return np.array(img)  # writable: torch refuses read-only buffers
 
 
-def _block_box_and_size(
-    plan: ReadPlan, block: tuple[int, int, int, int]
-) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+def _block_box_and_size(plan: ReadPlan, block: CellBlock) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
     x0, y0, x1, y1 = plan.grid.block_tgt_box(*block)
     return plan.grid.block_l0_box(*block), (x1 - x0, y1 - y0)
 
 
-def read_block(plan: ReadPlan, block: tuple[int, int, int, int]) -> np.ndarray:
+def read_block(plan: ReadPlan, block: CellBlock) -> np.ndarray:
     """The target-frame image of a block's windows: (32 nr + 64, 32 nc + 64, 3) uint8."""
     slide = cached_slide(plan.slide_path, plan.backend)
     return resample_region(slide, plan.level, plan.downsample_xy, *_block_box_and_size(plan, block))
 
 
-def block_reads(plan: ReadPlan, block_list: list[tuple[int, int, int, int]]) -> list[ReadRequest]:
+def block_reads(plan: ReadPlan, block_list: list[CellBlock]) -> list[ReadRequest]:
     """The slide reads ``read_block`` will make for these blocks, for ``Slide.expect_reads``."""
     return [region_read(box, plan.downsample_xy, size) for box, size in (_block_box_and_size(plan, b) for b in block_list)]
 
 
 @contextlib.contextmanager
-def expected_reads(plan: ReadPlan, block_list: list[tuple[int, int, int, int]], cache_bytes: int) -> Iterator[None]:
+def expected_reads(plan: ReadPlan, block_list: list[CellBlock], cache_bytes: int) -> Iterator[None]:
     """Announce the blocks' reads to this process's slide handle while they run.
 
     Tiles shared by neighbouring blocks are then decoded once (``io.tilecache``). Tasks run in

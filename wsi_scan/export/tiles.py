@@ -16,6 +16,7 @@ import numpy as np
 
 from ..config import PCAM_CELL_PX, PCAM_MPP, PCAM_PATCH_PX, TILE_STRIDE_CELLS, ScanConfig, TissueConfig
 from ..errors import DataError, UsageError
+from ..geometry import CellBlock
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,7 @@ class TilePlan:
     grid: Any
     read: Any
     cells: np.ndarray  # (rows, cols) bool: windows to cut (tissue cells on the stride)
-    blocks: list[tuple[int, int, int, int]]
+    blocks: list[CellBlock]
     patch_px: int
     cell_px: int
     level0_size_wh: tuple[int, int]
@@ -309,7 +310,7 @@ def cut_tiles(plan: TilePlan, out: str | Path, split: str, workers: int, overwri
 
     grid, cells, patch_px, cell_px = plan.grid, plan.cells, plan.patch_px, plan.cell_px
 
-    def cut(block: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def cut(block: CellBlock) -> tuple[np.ndarray, np.ndarray]:
         r0, c0, nr, nc = block
         sel = cells[r0 : r0 + nr, c0 : c0 + nc]
         region = read_block(plan.read, block)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..geometry import CellBlock
 from .outputs import atomic_write
 
 
@@ -47,7 +48,7 @@ class Checkpoint:
         key: str,
         probs: np.ndarray,
         done: np.ndarray,
-        blocks: dict[str, tuple[int, int, int, int]],
+        blocks: dict[str, CellBlock],
         every_s: float,
     ) -> None:
         self.out, self.key, self.probs, self.done, self.blocks, self.every_s = out, key, probs, done, blocks, every_s
