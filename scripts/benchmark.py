@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         try:  # announce the reads as scan_slide does, in trees that have the tile cache
             from wsi_scan.regions import block_reads
 
-            counting.expect_reads(plan.level, block_reads(plan, block_list), cfg.tile_cache_mb << 20)
+            counting.expect_reads(plan.level, block_reads(plan, block_list), cfg.tile_cache_mib << 20)
         except ImportError:
             pass
         try:  # the scan's task names, hence its order of blocks

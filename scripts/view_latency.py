@@ -288,7 +288,7 @@ def main() -> None:
             **many,
         },
         "rss_mb": {"peak": max(rss), "end": end_rss, "samples": len(rss), "every_10_s": [round(v, 1) for v in rss[::50]]},
-        "tile_cache_mb": 128,
+        "tile_cache_mib": 128,
         "seconds_total": time.perf_counter() - t0,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }

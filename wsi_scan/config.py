@@ -149,9 +149,8 @@ class ScanConfig:
     batch_size: int = 256  # windows per forward pass in patch mode
     threads: int = 2  # Dask threads per slide: blocks read and computed concurrently
     checkpoint_s: float = 30.0  # save finished blocks this often, so an interrupted scan resumes (0: never)
-    tile_cache_mb: int = (
-        256  # bound on decoded tiles kept for later blocks (peak 80 MB on a 60000 px wide slide, 161 MB at 120000 px)
-    )
+    # bound on decoded tiles kept for later blocks, MiB (its measured peaks: docs/benchmarks.md)
+    tile_cache_mib: int = 256
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     tta: bool = False  # average the 8 dihedral views
     max_upsample: float = 1.1  # a slide at most this much coarser than the model is accepted
@@ -174,7 +173,7 @@ class ScanConfig:
             ("batch_size", 0, 65536),
             ("threads", 1, 1024),
             ("checkpoint_s", 0.0, 1e6),
-            ("tile_cache_mb", 0, 1 << 20),
+            ("tile_cache_mib", 0, 1 << 20),
             ("max_upsample", 1.0, 4.0),
             ("mpp_xy_tolerance", 0.0, 0.5),
         ):
@@ -272,7 +271,7 @@ class ViewConfig:
     port: int = 0  # 0: a free port chosen by the system
     tile_px: int = 256  # Deep Zoom tile side (no overlap)
     jpeg_quality: int = 85  # slide tiles
-    tile_cache_mb: int = 128  # encoded tiles kept (slide JPEG and heatmap PNG), least recently used dropped
+    tile_cache_mib: int = 128  # encoded tiles kept (slide JPEG and heatmap PNG), least recently used dropped
     max_open_slides: int = 4  # slide handles, thumbnails and heatmaps kept open; the least recent is closed
     thumbnail_px: int = 2048  # longest side of the per-slide overview from which the coarsest tiles are cut
     cmap: str = "inferno"  # heatmap colour map, as the overlay export
@@ -283,7 +282,7 @@ class ViewConfig:
             ("port", 0, 65535),
             ("tile_px", 64, 2048),
             ("jpeg_quality", 10, 100),
-            ("tile_cache_mb", 0, 1 << 16),
+            ("tile_cache_mib", 0, 1 << 16),
             ("max_open_slides", 1, 1024),
             ("thumbnail_px", 256, 16384),
             ("threads", 1, 1024),

@@ -59,7 +59,7 @@ def settings_hash(model_sha256: str, cfg: ScanConfig) -> str:
         "block_cells",
         "backend",
         "mpp_source",
-        "tile_cache_mb",
+        "tile_cache_mib",
         "checkpoint_s",
     ):
         d.pop(k, None)
@@ -276,7 +276,7 @@ def _classify(
     bar = _Progress(len(todo), slide_path.name, progress)
     ckpt = Checkpoint(out, key, probs, done, {block_key(b): b for b in todo}, config.checkpoint_s)
     try:
-        with bar.callback(), ckpt.callback(), expected_reads(plan, todo, config.tile_cache_mb << 20):
+        with bar.callback(), ckpt.callback(), expected_reads(plan, todo, config.tile_cache_mib << 20):
             results = dask.compute(*tasks, scheduler=scheduler, num_workers=max(1, config.threads))
     finally:
         bar.close()

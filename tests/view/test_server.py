@@ -227,7 +227,7 @@ def test_probability_endpoint(painted_store):
 def test_caches_are_bounded(results_folder):
     from wsi_scan.config import ViewConfig
 
-    app = ViewerApp(results_folder, ViewConfig(max_open_slides=1, tile_cache_mb=1))
+    app = ViewerApp(results_folder, ViewConfig(max_open_slides=1, tile_cache_mib=1))
     for i in range(3):
         assert app.handle(f"/api/slide/{i}").status == 200
         for level in (10, 11, 12):

@@ -324,7 +324,7 @@ def cut_tiles(plan: TilePlan, out: str | Path, split: str, workers: int, overwri
     try:
         task = dask.delayed(cut, pure=False)
         step = max(1, 4 * workers)  # a few blocks in flight: bounded memory, both cores busy
-        with expected_reads(plan.read, plan.blocks, ScanConfig().tile_cache_mb << 20):
+        with expected_reads(plan.read, plan.blocks, ScanConfig().tile_cache_mib << 20):
             for i in range(0, len(plan.blocks), step):
                 parts = dask.compute(*[task(b) for b in plan.blocks[i : i + step]], scheduler="threads", num_workers=workers)
                 for x, rc in parts:

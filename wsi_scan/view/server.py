@@ -194,7 +194,7 @@ class ViewerApp:
         self.title = root.name or str(root)
         self.static = static_files()
         self.lut = colour_lut(cfg.cmap)
-        self.tiles = ByteLRU(cfg.tile_cache_mb << 20)
+        self.tiles = ByteLRU(cfg.tile_cache_mib << 20)
         self._open: OrderedDict[int, Opened] = OrderedDict()
         self._lock = threading.Lock()
         self._opening: dict[int, threading.Lock] = {e.id: threading.Lock() for e in self.entries}
