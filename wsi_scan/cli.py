@@ -950,6 +950,12 @@ def view(path: Path, host: str, port: int, no_browser: bool) -> None:
         opened = webbrowser.open(viewer.url)
         if not opened:
             click.echo("wsi-scan: warning: no browser could be opened; open the address above", err=True)
+    import signal
+
+    # Ctrl-C and a plain kill stop the server cleanly; explicitly, because a process started in
+    # the background by a non-interactive shell inherits SIGINT ignored, and Python then keeps it so
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     try:
         viewer.serve_forever()
     except KeyboardInterrupt:

@@ -344,6 +344,30 @@ def test_cli_serves_until_interrupted(scanned_store):
     assert "Traceback" not in err and "stopped" in err
 
 
+def test_cli_stops_on_sigint_even_when_started_with_it_ignored(scanned_store):
+    # a process started in the background by a non-interactive shell (CI, nohup ... &) inherits
+    # SIGINT ignored; the viewer must still stop on it, and on SIGTERM
+    _, store = scanned_store
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "wsi_scan", "view", str(store), "--no-browser"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            cwd=REPO,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )
+        try:
+            assert proc.stdout is not None
+            url = proc.stdout.readline().strip()
+            assert raw_get(url, "/api/catalog")[0] == 200
+        finally:
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "stopped" in err, err
+
+
 def test_cli_warns_on_a_non_loopback_address(scanned_store):
     _, store = scanned_store
     proc = _start_cli(str(store), "--no-browser", "--host", "0.0.0.0")
