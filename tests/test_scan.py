@@ -230,3 +230,20 @@ def test_nearest_read_level_enlarges_the_coarser_level_in_place(make_slide, mock
     assert (he.attrs["grid"]["read_level"], hn.attrs["grid"]["read_level"]) == (0, 1)
     assert (he.attrs["config"]["read_level"], hn.attrs["config"]["read_level"]) == ("exact", "nearest")
     assert he.attrs["settings_hash"] != hn.attrs["settings_hash"]
+
+
+def test_roi_enters_attrs_and_settings_hash_by_content(make_slide, mock_model, tmp_path):
+    import json
+
+    from wsi_scan.plan import file_sha256
+    from wsi_scan.scan import settings_hash
+
+    slide = make_slide(size_wh=(4000, 3000), tissue=((100, 100, 3900, 2900),))
+    roi = tmp_path / "roi.geojson"
+    square = [[0, 0], [2000, 0], [2000, 1500], [0, 1500], [0, 0]]
+    roi.write_text(json.dumps({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square]}}))
+    cfg = ScanConfig(roi=str(roi))
+    attrs = open_heatmap(scan_slide(slide, tmp_path / "r.zarr", cfg, model=mock_model).out).attrs
+    assert attrs["tissue"]["roi"] == {"path": str(roi), "sha256": file_sha256(str(roi))}
+    assert attrs["settings_hash"] == settings_hash(mock_model.sha256, cfg)  # as a folder run recomputes it
+    assert attrs["settings_hash"] != settings_hash(mock_model.sha256, ScanConfig())

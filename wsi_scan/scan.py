@@ -46,8 +46,16 @@ class ScanResult:
         return (self.n_tissue_cells - self.resumed_cells) / t if t > 0 else 0.0
 
 
-def settings_hash(model_sha256: str, cfg: ScanConfig) -> str:
-    """Identifies the model and every setting that changes the numbers of a heatmap."""
+def user_file_digests(cfg: ScanConfig) -> dict[str, str]:
+    """sha256 of the user's tissue mask and ROI files, by setting name (those given only)."""
+    from .plan import file_sha256
+
+    return {k: file_sha256(v) for k in ("tissue_mask", "roi") if (v := getattr(cfg, k)) is not None}
+
+
+def settings_hash(model_sha256: str, cfg: ScanConfig, digests: dict[str, str] | None = None) -> str:
+    """Identifies the model and every setting that changes the numbers of a heatmap. ``digests``
+    (``user_file_digests``) saves reading the mask and ROI files again where they were hashed."""
     d = cfg.to_dict()
     # how the work is cut and run does not change the numbers beyond float rounding (tests:
     # block size, batch size, threads and backends give the same heatmap)
@@ -64,19 +72,9 @@ def settings_hash(model_sha256: str, cfg: ScanConfig) -> str:
     ):
         d.pop(k, None)
     # a user's mask or ROI enters by content: the same file moved gives the same heatmap, an edited one not
-    from .plan import file_sha256
-
-    for k in ("tissue_mask", "roi"):
-        if d.get(k) is not None:
-            d[k] = file_sha256(d[k])
+    d.update(user_file_digests(cfg) if digests is None else digests)
     payload = json.dumps({"model": model_sha256, "config": d}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def settings_roi_digest(config: ScanConfig) -> str | None:
-    from .plan import file_sha256
-
-    return file_sha256(config.roi) if config.roi else None
 
 
 def software_versions() -> dict[str, str]:
@@ -183,13 +181,14 @@ def _scan_opened(
     timings["tissue"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    settings = settings_hash(loaded.sha256, config)  # reads a mask or ROI file once, not per use
+    digests = user_file_digests(config)  # the mask and ROI files hashed once, for the hash and the attrs
+    settings = settings_hash(loaded.sha256, config, digests)
     run = _classify(sp, predictor, slide_path, out, config, settings, restart, progress, scheduler)
     timings["scan"] = time.perf_counter() - t
 
     t = time.perf_counter()
     summary = _Summary.of(run.probs, sp, mpp.xy, loaded.card.threshold)
-    attrs = _attrs(slide.info, slide_path, mpp, sp, loaded, predictor, config, settings, run, summary, timings)
+    attrs = _attrs(slide.info, slide_path, mpp, sp, loaded, predictor, config, settings, digests, run, summary, timings)
     timings["write"] = 0.0
     write_heatmap(out, run.probs, sp.cells, sp.grid, mpp.xy, attrs, overwrite=config.overwrite)
     drop_partial(out)
@@ -332,6 +331,7 @@ def _attrs(
     predictor: Any,
     config: ScanConfig,
     settings: str,
+    digests: dict[str, str],
     run: _Classified,
     summary: _Summary,
     timings: dict[str, float],
@@ -374,7 +374,7 @@ def _attrs(
         },
         "tissue": {
             **tissue.params,
-            "roi": {"path": config.roi, "sha256": settings_roi_digest(config)} if config.roi else None,
+            "roi": {"path": config.roi, "sha256": digests["roi"]} if config.roi else None,
             "mask_mpp_xy": list(tissue.mask_mpp_xy),
             "fraction_of_slide": tissue.fraction,
             "area_mm2": summary.tissue_area_mm2,
