@@ -50,9 +50,10 @@ def soften(patch: np.ndarray, rng: np.random.Generator, max_factor: float) -> np
 def random_dihedral(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Apply an independent random rotation/flip to each image of an (N, C, H, W) batch."""
     n = x.shape[0]
-    flip = torch.rand(n, generator=gen) < 0.5
+    # drawn from the CPU generator whatever the batch's device, so a GPU run draws what a CPU run does
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-    k = torch.randint(0, 4, (n,), generator=gen)
+    k = torch.randint(0, 4, (n,), generator=gen).to(x.device)
     out = x.clone()
     for r in (1, 2, 3):
         idx = torch.nonzero(k == r).flatten()
@@ -66,12 +67,12 @@ def hed_jitter(rgb01: torch.Tensor, sigma: float, gen: torch.Generator) -> torch
     if sigma <= 0:
         return rgb01
     n = rgb01.shape[0]
-    m = _RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)
+    m = (_RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)).to(rgb01.device)
     m_inv = torch.linalg.inv(m)
     od = -torch.log(rgb01.clamp(min=1.0 / 255.0))  # (N, 3, H, W)
     hed = torch.einsum("nchw,cs->nshw", od, m_inv)
-    alpha = 1.0 + (torch.rand(n, 3, 1, 1, generator=gen) * 2 - 1) * sigma
-    beta = (torch.rand(n, 3, 1, 1, generator=gen) * 2 - 1) * sigma
+    alpha = (1.0 + (torch.rand(n, 3, 1, 1, generator=gen) * 2 - 1) * sigma).to(rgb01.device)
+    beta = ((torch.rand(n, 3, 1, 1, generator=gen) * 2 - 1) * sigma).to(rgb01.device)
     hed = hed * alpha + beta
     od = torch.einsum("nshw,sc->nchw", hed, m)
     return torch.exp(-od).clamp(0.0, 1.0)
@@ -79,7 +80,7 @@ def hed_jitter(rgb01: torch.Tensor, sigma: float, gen: torch.Generator) -> torch
 
 def brightness_contrast(rgb01: torch.Tensor, amount: float, gen: torch.Generator) -> torch.Tensor:
     n = rgb01.shape[0]
-    b = (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * amount
-    c = 1.0 + (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * amount
+    b = ((torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * amount).to(rgb01.device)
+    c = (1.0 + (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * amount).to(rgb01.device)
     mean = rgb01.mean(dim=(1, 2, 3), keepdim=True)
     return ((rgb01 - mean) * c + mean + b).clamp(0.0, 1.0)

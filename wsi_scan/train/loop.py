@@ -93,7 +93,9 @@ def load_state(path: Path) -> dict[str, Any]:
 def _augment_batch(
     x_u8: torch.Tensor, cfg: TrainConfig, card: ModelCard, gen: torch.Generator, device: torch.device
 ) -> torch.Tensor:
-    rgb = x_u8.permute(0, 3, 1, 2).float() / 255.0
+    # on the training device: on a GPU the per-pixel stain arithmetic would otherwise hold the
+    # main process's CPU while the loader workers wait
+    rgb = x_u8.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
     rgb = random_dihedral(rgb, gen)
     rgb = hed_jitter(rgb, cfg.stain_jitter, gen)
     rgb = brightness_contrast(rgb, cfg.brightness_contrast, gen)
