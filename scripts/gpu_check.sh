@@ -22,7 +22,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 
 echo "== gpu tests"
-python -m pytest -m gpu -q tests/test_gpu.py
+# a failing test still lets the benchmark run (a lease is short); the script's status says it failed
+TESTS_RC=0
+python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py || TESTS_RC=$?
 
 echo "== components on cuda (slide written once into $CACHE)"
 python scripts/benchmark.py --device cuda --size "$SIZE" --cache "$CACHE" --threads "$THREADS" \
@@ -67,3 +69,4 @@ if window:
 else:
     print("GPU utilisation      no busy sample recorded")
 PY
+exit "$TESTS_RC"
