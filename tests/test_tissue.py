@@ -219,3 +219,26 @@ def test_closing_equals_skimage_on_the_padded_mask():
         for r in (1, 2, 4):
             want = morphology.closing(np.pad(m, r + 1), morphology.disk(r))[r + 1 : -r - 1, r + 1 : -r - 1] | m
             assert np.array_equal(_closing(m, r), want)
+
+
+def test_glass_threshold_equals_the_plain_formula():
+    """The glass level is computed in place to save memory; it must equal the plain formula:
+    the histogram mode of bright grey pixels plus the larger of the margin and 4 spreads."""
+    import math
+
+    from wsi_scan.tissue import glass_threshold
+
+    cfg = TissueConfig(min_saturation=0.0, max_saturation=1.0)  # the clamp would hide a difference
+    rng = np.random.default_rng(3)
+    sat = np.clip(rng.normal(0.013, 0.004, (300, 400)), 0, 1)
+    sat[:100] = rng.uniform(0.05, 0.6, (100, 400))  # tissue
+    value = np.full(sat.shape, 240, np.uint8)
+    thr, found = glass_threshold(sat, value, cfg)
+    glass = sat[(value / 255.0 >= cfg.glass_min_value) & (sat < cfg.glass_max_saturation)]
+    step = 0.0025
+    hist, edges = np.histogram(glass, bins=int(math.ceil(cfg.glass_max_saturation / step)), range=(0.0, cfg.glass_max_saturation))
+    k = int(np.argmax(hist))
+    mode = (edges[k] + edges[k + 1]) / 2
+    spread = 1.4826 * np.median(np.abs(glass[glass <= mode + 4 * step] - mode))
+    assert thr == mode + max(cfg.glass_margin, 4 * spread)
+    assert found == {"glass_seen": True, "glass_saturation_mode": round(mode, 4), "glass_saturation_spread": round(spread, 4)}

@@ -86,7 +86,12 @@ def glass_threshold(sat: np.ndarray, value: np.ndarray, cfg: TissueConfig) -> tu
     k = int(np.argmax(hist))
     mode = float((edges[k] + edges[k + 1]) / 2)
     below = glass[glass <= mode + 4 * step]  # the glass's own spread: its side of the mode
-    spread = float(1.4826 * np.median(np.abs(below - mode))) if below.size else 0.0
+    del glass
+    # in place, and a median that may reorder its input: the glass can be most of the thumbnail,
+    # and each float64 copy of it was the rule's peak memory (docs/tissue.md, cost)
+    below -= mode
+    np.abs(below, out=below)
+    spread = float(1.4826 * np.median(below, overwrite_input=True)) if below.size else 0.0
     thr = min(max(mode + max(cfg.glass_margin, 4 * spread), cfg.min_saturation), cfg.max_saturation)
     return thr, {"glass_seen": True, "glass_saturation_mode": round(mode, 4), "glass_saturation_spread": round(spread, 4)}
 
