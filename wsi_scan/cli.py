@@ -509,12 +509,13 @@ def evaluate(
     out_dir: Path | None,
 ) -> None:
     """Score a model on labelled patches: AUC with its 95% bootstrap interval, accuracy, sensitivity, specificity."""
+    from .io.datasets import patch_split
     from .io.model_files import load_model
     from .train.evaluate import evaluate_patchset, trained_on, write_evaluation
     from .train.metrics import bootstrap_auc_ci
 
     def go() -> Any:
-        ps = _patch_split(data, split)
+        ps = patch_split(data, split)
         model = load_model(model_path)
         seen = trained_on(model.card, ps)
         if seen is not None:
@@ -548,18 +549,6 @@ def evaluate(
     click.echo(f"confusion matrix [[TN FP] [FN TP]]: [[{m.tn} {m.fp}] [{m.fn} {m.tp}]]")
     for f in files:
         click.echo(f"wrote {f}")
-
-
-def _patch_split(data: Path, split: str) -> Any:
-    """The named split of a patch folder ("auto": test, else valid, else train)."""
-    from .errors import DataError
-    from .io.datasets import open_patch_data
-
-    pd = open_patch_data(data)
-    name = next((s for s in ("test", "valid", "train") if s in pd.splits), "") if split == "auto" else split
-    if name not in pd.splits:
-        raise DataError(f"{data}: no {split!r} split; found {', '.join(pd.splits) or 'none'}")
-    return pd.splits[name]
 
 
 @main.command("models")
@@ -628,35 +617,13 @@ def threshold_cmd(
     quiet: bool,
 ) -> None:
     """Copy a model with its card's threshold chosen on validation patches (the rule `train` applies)."""
-    from .errors import UsageError
-    from .io.model_files import load_model, save_model
-    from .io.outputs import check_replaceable, prepare_parent
-    from .model.card import ModelCard
-    from .train.evaluate import evaluate_patchset, trained_on
-    from .train.loop import validation_metrics, with_threshold
+    from .train.threshold import rethreshold_model
 
-    def go() -> Any:
-        if out.suffix not in (".safetensors", ".pt"):
-            raise UsageError(f"--out {out}: expected a .safetensors or .pt file name, found suffix {out.suffix or '(none)'!r}")
-        check_replaceable(out, overwrite, kind="file")
-        prepare_parent(out, "--out")
-        ps = _patch_split(data, split)
-        model = load_model(model_path)
-        seen = trained_on(model.card, ps)
-        if seen is not None:
-            raise UsageError(
-                f"{ps.name}: {model.card.name!r} was trained on these patches ({seen}); "
-                "expected held-out validation patches to choose a threshold on"
-            )
-        ev = evaluate_patchset(model, ps, device, progress=not quiet)
-        card = with_threshold(model.card, ev.labels, ev.probs, specificity, ps.name)
-        metrics = {**model.card.metrics, **validation_metrics(card, ev.labels, ev.probs, None)}
-        metrics.pop("valid_tta", None)  # measured at the former threshold: evaluate --tta gives it again
-        card = ModelCard.from_dict({**card.to_dict(), "metrics": metrics, "name": name or card.name})
-        save_model(out, model.net, card)
-        return card
-
-    card = _run(go)
+    card = _run(
+        lambda: rethreshold_model(
+            model_path, data, out, specificity, split=split, device=device, name=name, overwrite=overwrite, progress=not quiet
+        )
+    )
     v = card.metrics["valid"]
     click.echo(
         f"wrote {out}: threshold {card.threshold:.4f} (specificity {v['specificity']:.4f}, sensitivity {v['sensitivity']:.4f} "

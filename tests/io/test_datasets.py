@@ -8,7 +8,7 @@ import pytest
 
 from tests.train.conftest import write_h5, write_kaggle
 from wsi_scan.errors import DataError
-from wsi_scan.io.datasets import open_patch_data
+from wsi_scan.io.datasets import open_patch_data, patch_split
 
 
 @pytest.mark.parametrize("ext", [".tif", ".png", ".jpg", ".webp"])
@@ -19,6 +19,15 @@ def test_kaggle_layout(tmp_path, ext):
     tr = pd.splits["train"]
     assert len(tr) == 10 and tr.read(3).shape == (96, 96, 3)
     assert tr.labels.tolist() == [0, 1] * 5
+
+
+def test_patch_split_by_name_and_auto(tmp_path):
+    root = write_kaggle(tmp_path / "kaggle", n=6, valid=4)
+    assert patch_split(root, "train").name == "kaggle/train" and len(patch_split(root, "train")) == 6
+    assert patch_split(root, "auto").name == "kaggle/valid"  # no test split: valid before train
+    with pytest.raises(DataError, match=r"no 'test' split; found train, valid"):
+        patch_split(root, "test")
+    assert patch_split(write_kaggle(tmp_path / "t", n=6), "auto").name == "t/train"
 
 
 def test_h5_layout_plain_and_gz(tmp_path):

@@ -262,6 +262,15 @@ def open_patch_data(folder: str | Path, cache_dir: Path | None = None) -> PatchD
     return PatchData(str(root), "kaggle", kaggle)
 
 
+def patch_split(folder: str | Path, split: str) -> PatchSet:
+    """The named split of a patch folder ("auto": test, else valid, else train)."""
+    pd = open_patch_data(folder)
+    name = next((s for s in ("test", "valid", "train") if s in pd.splits), "") if split == "auto" else split
+    if name not in pd.splits:
+        raise DataError(f"{folder}: no {split!r} split; found {', '.join(pd.splits) or 'none'}")
+    return pd.splits[name]
+
+
 class PatchWriter:
     """Appends patches to HDF5 in the PCam layout: ``x`` (N, 96, 96, 3) uint8, ``y`` (N, 1, 1, 1).
 
