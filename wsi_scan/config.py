@@ -31,10 +31,10 @@ MIN_LABEL_OVERLAP_L0_PX2 = 0.5
 #: the tissue thumbnail is held in memory whole; beyond this, ask for a coarser --tissue-mpp
 MAX_THUMBNAIL_BYTES = 1 << 30
 #: windows per patch-mode pass on the CPU, at most (--batch-size is capped to it there): a pass
-#: of 256 windows holds first-layer activations of 75 MB per tensor, which glibc maps and unmaps
-#: afresh every pass (page faults: a quarter of the CPU time in the kernel, peak RSS 1.24 GB on
-#: a 16k x 12k px slide); 32 windows per pass is a dense block's footprint, reuses the heap,
-#: and is as fast (docs/benchmarks.md, "Patch mode memory")
+#: of 256 windows holds first-layer activations above glibc's mmap threshold, which it maps and
+#: unmaps afresh every pass (page faults: much of the CPU time in the kernel, and a higher peak
+#: RSS); 32 windows per pass is a dense block's footprint, reuses the heap, and is as fast
+#: (docs/benchmarks.md, "Patch mode memory")
 CPU_PATCH_BATCH = 32
 #: heatmap opacity over the slide in the overlay picture and the report's thumbnails (one value,
 #: so that both pictures of a slide look alike)
@@ -73,7 +73,7 @@ class TissueConfig:
 
     method: Literal["glass", "otsu", "all"] = "glass"
     mask_mpp: float = 8.0  # thumbnail resolution, um/px
-    min_saturation: float = 0.025  # floor of the threshold: scanner glass sits at 0.005-0.02
+    min_saturation: float = 0.025  # floor of the threshold: above scanner glass's saturation (docs/tissue.md, the rule)
     max_saturation: float = 0.08  # cap of the threshold ("glass" method), the value used when no glass is seen
     glass_min_value: float = 0.7  # glass is bright: HSV value at least this ...
     glass_max_saturation: float = 0.12  # ... and grey: saturation below this
@@ -143,9 +143,9 @@ class ScanConfig:
     mpp_source: str = ""  # where an override came from ("" = the --mpp option), recorded in the outputs
     mode: Mode = "auto"
     device: DeviceName = "auto"
-    block_cells: int = (
-        16  # cells per block side: one region read and one dense pass each; 16 keeps peak RSS under 1.5 GB (docs/benchmarks.md)
-    )
+    #: cells per block side: one region read and one dense pass each; 16 keeps peak RSS within the
+    #: issue's target (docs/benchmarks.md, current results)
+    block_cells: int = 16
     batch_size: int = 256  # windows per forward pass in patch mode
     threads: int = 2  # Dask threads per slide: blocks read and computed concurrently
     checkpoint_s: float = 30.0  # save finished blocks this often, so an interrupted scan resumes (0: never)
@@ -156,8 +156,8 @@ class ScanConfig:
     max_upsample: float = 1.1  # a slide at most this much coarser than the model is accepted
     #: pyramid level read (geometry.choose_level): "nearest" = the nearest in pixel size, enlarged
     #: by up to max_upsample; "exact" = the coarsest at or finer than the model, shrunk. Measured
-    #: end to end on a 40x mosaic of the validation split: nearest AUC 0.9397 vs 0.9403, at 60%
-    #: of the CPU time (docs/benchmarks.md, "Read-level policy"): within the 0.002 AUC allowed
+    #: end to end on a 40x mosaic of the validation split, nearest loses less AUC than the 0.002
+    #: allowed for much less CPU time (docs/benchmarks.md, "Read-level policy")
     read_level: ReadLevel = "nearest"
     mpp_xy_tolerance: float = 0.02  # relative disagreement of x and y pixel size that is an error
     overwrite: bool = False

@@ -60,7 +60,8 @@ def crop_to_tissue(cells: np.ndarray, block_list: list[CellBlock]) -> list[CellB
 
     Results do not change (a cell's window is the same whatever block holds it), but blocks on
     the tissue's edge stop reading and classifying glass: without it, the benchmark slide
-    decoded 2.4x the pixels its tissue cells need (docs/benchmarks.md).
+    decoded well over the pixels its tissue cells need (docs/benchmarks.md, "What was changed":
+    the block crop).
     """
     out = []
     for r0, c0, nr, nc in block_list:

@@ -40,10 +40,10 @@ def keep_freed_memory() -> bool:
 
     A CPU scan allocates and frees the same activation sizes pass after pass in each Dask
     thread; glibc's defaults give the top of each thread's heap back to the kernel (and map
-    large blocks afresh), so every pass page-faults its buffers in again: 2.3-2.7 s of 20 CPU s
-    in the kernel in patch mode on the 16k x 12k benchmark slide, 0.48 s with fixed thresholds,
-    peak RSS unchanged (docs/benchmarks.md). Process-wide and harmless elsewhere; a no-op off
-    glibc. Returns whether it was applied.
+    large blocks afresh), so every pass page-faults its buffers in again: patch mode spent a
+    noticeable share of its CPU time in the kernel, a fraction of it with fixed thresholds, peak
+    RSS unchanged (docs/benchmarks.md, "Patch mode memory"). Process-wide and harmless elsewhere;
+    a no-op off glibc. Returns whether it was applied.
     """
     import ctypes
     import platform

@@ -52,7 +52,7 @@ def _saturation(rgb: np.ndarray, max_value_dark: float) -> tuple[np.ndarray, np.
     several float64 copies of the image (docs/benchmarks.md: the mask stage's peak memory).
     """
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    # elementwise over the three planes: a reduction over the last axis of uint8 is ~10x slower
+    # elementwise over the three planes: a reduction over the last axis of uint8 is much slower (docs/tissue.md, cost)
     hi = np.maximum(np.maximum(r, g), b)
     lo = np.minimum(np.minimum(r, g), b)
     v = np.arange(256, dtype=np.float64) * (1.0 / 255.0)  # exactly skimage's img_as_float of uint8
@@ -126,9 +126,9 @@ def _drop_specks(mask: np.ndarray, sat: np.ndarray, min_px: int, min_stained_px:
 
 def _closing(mask: np.ndarray, radius: int) -> np.ndarray:
     """Binary closing by skimage's ``disk(radius)`` with scipy's binary morphology: the pixels of
-    ``skimage.morphology.closing`` on the zero-padded mask (tested), in about a third of its time
-    on a 3750 x 3125 px thumbnail (2.5 s -> 0.7-1.0 s, measured; skimage goes through grey
-    min/max filters). The padding keeps the image's edge from counting as tissue."""
+    ``skimage.morphology.closing`` on the zero-padded mask (tested), in a fraction of its time
+    (docs/tissue.md, cost; skimage goes through grey min/max filters). The padding keeps the
+    image's edge from counting as tissue."""
     from scipy import ndimage
     from skimage.morphology import disk
 

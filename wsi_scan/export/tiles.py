@@ -77,8 +77,8 @@ def cell_labels(grid: Any, cells_rc: np.ndarray, tumour: Any) -> np.ndarray:
     return out
 
 
-#: the patch file's size as a share of the patches' raw bytes, rounded up from the 0.81 measured
-#: on the sample slide (93 patches, gzip level 4, coordinates included)
+#: the patch file's size as a share of the patches' raw bytes, rounded up from the share measured
+#: on the sample slide (docs/exports.md, "Patch data sets from your own slides")
 TILE_COMPRESSED_SHARE = 0.9
 
 

@@ -1,13 +1,14 @@
 """Decoded tiles kept for exactly as long as a planned read still needs them.
 
 A scan reads every tissue block once, with a margin, so neighbouring blocks share the tiles
-along their common edges. Decoding those tiles once per block made the scan decode 1.6-1.8x
-the pixels it needs (docs/benchmarks.md). Because the scan knows every read before it starts,
-the cache is told the reads up front: each tile carries the number of planned reads still to
-use it, is kept while that number is positive and dropped at its last use. Memory is then the
-tiles on the edges of blocks not yet read (tens of MB), not a block row's worth, and a tile is
-decoded once whatever the order the threads take the blocks in. ``max_bytes`` bounds memory
-when plans and reads disagree (another process read some of the blocks, a scan failed).
+along their common edges. Decoding those tiles once per block made the scan decode far more
+pixels than it needs (docs/benchmarks.md, "The tile cache"). Because the scan knows every read
+before it starts, the cache is told the reads up front: each tile carries the number of planned
+reads still to use it, is kept while that number is positive and dropped at its last use.
+Memory is then the tiles on the edges of blocks not yet read (the cache's measured peak:
+docs/benchmarks.md), not a block row's worth, and a tile is decoded once whatever the order the
+threads take the blocks in. ``max_bytes`` bounds memory when plans and reads disagree (another
+process read some of the blocks, a scan failed).
 
 Reads that were not planned (thumbnails, tools) use tiles that happen to be cached but never
 count against a plan.

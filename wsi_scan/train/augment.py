@@ -6,7 +6,8 @@ contrast, JPEG re-encoding at random quality because slides are JPEG-compressed 
 part of the training data is lossless, and softening (shrink by up to ``max_factor``, enlarge
 back) because a scan resamples 40x or 20x pixels to the model's frame and scanners differ in
 focus, while PCam's patches are a pyramid level taken as is: the network trained without it
-lost 0.025 validation AUC on patches softened by 2-10% (docs/benchmarks.md).
+lost validation AUC on patches softened by 2-10% (docs/benchmarks.md, session of 2026-11-27: "Not
+adopted, measured"; README, the bundled models).
 """
 
 from __future__ import annotations
