@@ -1,4 +1,4 @@
-"""Folder runs: listing, resume, contained failures, mpp CSV, report, locks, Dask, crash safety.
+"""Folder runs: resume, contained failures, mpp CSV, report, locks, Dask, crash safety.
 
 Slides are tiny (1200 x 1000 px at 0.5 um/px) so a scan takes well under a second; the
 subprocess tests use the bundled model because the mock model lives only in memory.
@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from wsi_scan.batch import SlideLock, list_slides, process_slide, scan_folder
+from wsi_scan.batch import SlideJob, process_slide, scan_folder
 from wsi_scan.cli import main
 from wsi_scan.config import ScanConfig
+from wsi_scan.io.folder_run import SlideLock
 from wsi_scan.io.heatmap import open_heatmap, read_attrs
 from wsi_scan.io.synthetic import SyntheticSlide, write_synthetic_slide
 
@@ -72,34 +73,6 @@ def mark_incomplete(store: Path) -> None:
 def read_summary(out: Path) -> dict[str, dict[str, str]]:
     with (out / "summary.csv").open(newline="") as fh:
         return {r["slide"]: r for r in csv.DictReader(fh)}
-
-
-# ----------------------------------------------------------------------------- listing
-
-
-def test_listing_sorted_hidden_and_temp_ignored_recursive(tmp_path):
-    d = tmp_path / "slides"
-    for name in (
-        "b.svs",
-        "A.tif",
-        "a.ndpi",
-        ".hidden.svs",
-        "~lock.svs",
-        "x.tif.part",
-        "readme.txt",
-        "sub/c.tif",
-        ".git/d.tif",
-        "sub/deeper/e.SVS",
-        "sub/.f.tmp-1.tif",
-    ):
-        (d / name).parent.mkdir(parents=True, exist_ok=True)
-        (d / name).write_bytes(b"x")
-    (d / "out" / "g.tif").parent.mkdir(parents=True)
-    (d / "out" / "g.tif").write_bytes(b"x")
-    rel = [p.relative_to(d).as_posix() for p in list_slides(d, exclude=d / "out")]
-    assert rel == ["A.tif", "a.ndpi", "b.svs"]
-    rel = [p.relative_to(d).as_posix() for p in list_slides(d, recursive=True, exclude=d / "out")]
-    assert rel == ["A.tif", "a.ndpi", "b.svs", "sub/c.tif", "sub/deeper/e.SVS"]
 
 
 # ----------------------------------------------------------------------------- the library
@@ -240,8 +213,6 @@ def test_bad_run_arguments_are_usage_errors(tmp_path, mock_model):
 
 
 def test_locked_slide_is_left_to_its_holder_then_resumed(tmp_path, mock_model):
-    from wsi_scan.batch import SlideJob
-
     slides, out = tmp_path / "slides", tmp_path / "out"
     small_slide(slides / "a.tif", 0)
     job = SlideJob(str(slides / "a.tif"), "a.tif", str(out / "a.zarr"), str(out), ScanConfig())
@@ -252,26 +223,6 @@ def test_locked_slide_is_left_to_its_holder_then_resumed(tmp_path, mock_model):
     assert o.status == "busy" and str(os.getpid()) in o.error and not (out / "a.zarr").exists()
     held.release()
     assert process_slide(job, mock_model).status == "ok"
-
-
-def test_lock_of_a_killed_process_is_free(tmp_path):
-    out = tmp_path / "out"
-    code = (
-        "import sys, time; from pathlib import Path; from wsi_scan.batch import SlideLock; "
-        f"l = SlideLock(Path({str(out)!r}), 'a.tif'); assert l.acquire(False); print('held', flush=True); time.sleep(60)"
-    )
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        assert p.stdout is not None and p.stdout.readline().strip() == "held"
-        assert SlideLock(out, "a.tif").acquire(blocking=False) is False
-        p.send_signal(signal.SIGKILL)
-        p.wait(30)
-        lock = SlideLock(out, "a.tif")
-        assert lock.acquire(blocking=False)  # the kernel dropped the dead holder's lock
-        lock.release()
-    finally:
-        if p.poll() is None:
-            p.kill()
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -5,43 +5,46 @@ work is a whole slide (:func:`process_slide`), which runs the same way in this p
 task on a Dask distributed worker: it takes the slide's lock, removes debris of killed runs,
 decides whether the existing heatmap can be kept (complete, same ``settings_hash``) and scans
 otherwise. Heatmaps are written under a temporary name and renamed (``io.heatmap``), so a killed
-run leaves nothing that looks complete.
+run leaves nothing that looks complete. The run's files (listing, locks, log, summaries) are
+``io.folder_run``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import fcntl
-import hashlib
-import json
 import logging
 import math
 import os
-import shutil
-import socket
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from .config import ScanConfig
-from .errors import MppError, SlideNotFoundError, UsageError, WsiScanError
-from .io.outputs import MARK
+from .errors import MppError, UsageError, WsiScanError
+from .io.folder_run import (
+    SlideLock,
+    check_run_folders,
+    clean_debris,
+    file_log,
+    list_slides,
+    output_path,
+    prepare_out_dir,
+    read_mpp_csv,
+    require_slides,
+    slide_size_bytes,
+    stored_attrs,
+    write_summary,
+)
 
 log = logging.getLogger("wsi_scan.batch")
 
 Status = Literal["ok", "skipped", "failed", "busy"]
 STAGES = ("open", "model", "tissue", "scan", "write", "total")
-LOG_NAME = "wsi-scan.log"
-SUMMARY_CSV, SUMMARY_JSON, REPORT_HTML = "summary.csv", "summary.json", "report.html"
 SCHEDULER_TIMEOUT_S = 20  # connecting to --scheduler: a wrong address fails in this time, not never
-LOCK_DIR = ".locks"
-# names editors, copy tools and our own writers leave behind while a file is incomplete
-_TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
 
 #: models loaded in this process, by path: a Dask worker loads each model once for all its slides
 _MODEL_CACHE: dict[str, Any] = {}
@@ -128,74 +131,7 @@ class BatchResult:
         return [o for o in self.outcomes if o.status == "failed"]
 
 
-# ----------------------------------------------------------------------------- listing
-
-
-def _is_hidden_or_temp(name: str) -> bool:
-    low = name.lower()
-    return name.startswith((".", "~", "_")) or low.endswith(_TEMP_SUFFIXES) or ".tmp-" in low
-
-
-def list_slides(slides_dir: str | Path, recursive: bool = False, exclude: Path | None = None) -> list[Path]:
-    """Slide files under ``slides_dir`` (known extensions), sorted by relative path.
-
-    Hidden and temporary files (and hidden folders) are ignored, and so is ``exclude`` (the
-    output folder when it lies inside the input folder).
-    """
-    from .io.slide import SLIDE_EXTS
-
-    root = Path(slides_dir)
-    if not root.is_dir():
-        raise UsageError(f"{root} is not a folder of slides; pass a slide file or an existing folder")
-    excl = exclude.resolve() if exclude is not None else None
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        d = Path(dirpath)
-        # sorted in place so the walk order, and therefore logs, are deterministic too
-        dirnames[:] = sorted(n for n in dirnames if not _is_hidden_or_temp(n) and (excl is None or (d / n).resolve() != excl))
-        if not recursive:
-            dirnames[:] = []
-        for n in filenames:
-            p = d / n
-            if _is_hidden_or_temp(n) or p.suffix.lower() not in SLIDE_EXTS or not p.is_file():
-                continue
-            found.append(p)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
-def read_mpp_csv(path: str | Path) -> dict[str, float]:
-    """``slide,mpp`` rows -> {slide (name or relative path): mpp}."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--mpp-csv {p} does not exist or is not a file; expected a CSV file with columns slide,mpp")
-    try:
-        p.read_text(encoding="utf-8-sig")
-    except (UnicodeDecodeError, OSError) as exc:
-        raise UsageError(
-            f"--mpp-csv {p}: not a readable text file ({type(exc).__name__}); expected a CSV file with columns slide,mpp"
-        ) from None
-    with p.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
-        if "slide" not in cols or "mpp" not in cols:
-            raise UsageError(f"--mpp-csv {p}: expected columns slide,mpp, found {','.join(cols) or 'no header'}")
-        out: dict[str, float] = {}
-        for i, raw in enumerate(reader, start=2):
-            row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
-            if not row.get("slide"):
-                continue
-            try:
-                mpp = float(row["mpp"])
-            except ValueError:
-                mpp = math.nan
-            if not (math.isfinite(mpp) and mpp > 0):
-                raise UsageError(f"--mpp-csv {p} line {i}: mpp must be a positive number of um/px, found {row['mpp']!r}")
-            out[row["slide"].replace("\\", "/")] = mpp
-    return out
-
-
-def output_path(out_dir: Path, rel: Path) -> Path:
-    return out_dir / rel.with_suffix(".zarr")
+# ----------------------------------------------------------------------------- planning
 
 
 def plan_jobs(
@@ -234,71 +170,6 @@ def plan_jobs(
     if unused:
         log.warning("--mpp-csv rows that match no slide: %s", ", ".join(unused))
     return jobs, clashes
-
-
-# ----------------------------------------------------------------------------- locks
-
-
-class SlideLock:
-    """An exclusive lock per output, held with ``flock`` on a small file under OUT_DIR/.locks.
-
-    ``flock`` is released by the kernel when its holder dies, even by SIGKILL, so a killed run
-    never leaves a lock that a later run has to judge stale. The file records pid and host for
-    people reading it; it is removed by its holder, and an acquirer checks it still locks the file
-    that is on disk (another holder may have removed it between open and flock).
-    """
-
-    def __init__(self, out_dir: Path, rel: str) -> None:
-        # a readable name plus a hash of the exact path: "a/b.tif" and "a__b.tif" stay distinct
-        digest = hashlib.sha1(rel.encode()).hexdigest()[:8]
-        self.path = out_dir / LOCK_DIR / f"{rel.replace('/', '__')}.{digest}.lock"
-        self.fd: int | None = None
-
-    def acquire(self, blocking: bool) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                os.close(fd)
-                return False
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:
-                os.close(fd)
-                continue
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-            self.fd = fd
-            return True
-
-    def holder(self) -> str:
-        try:
-            return self.path.read_text().strip() or "unknown"
-        except OSError:
-            return "unknown"
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        os.close(self.fd)  # closing drops the flock
-        self.fd = None
-
-
-def clean_debris(out: Path) -> list[Path]:
-    """Remove temporary stores of killed writers of ``out`` (call only while holding its lock)."""
-    removed = []
-    if out.parent.is_dir():
-        for p in out.parent.glob(f".{out.name}.*"):
-            if ".tmp-" in p.name or ".old-" in p.name:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-                removed.append(p)
-    return removed
 
 
 # ----------------------------------------------------------------------------- one slide
@@ -360,16 +231,55 @@ def _failure(job: SlideJob, exc: BaseException) -> SlideOutcome:
     return SlideOutcome(job.rel, job.path, job.out, "failed", type(exc).__name__, msg)
 
 
+def _why_redo(job: SlideJob, attrs: dict[str, Any], want_hash: str) -> str | None:
+    """Why an existing store must be scanned again; None where it is complete and current."""
+    complete = attrs.get("status") == "complete"
+    same_hash = complete and attrs.get("settings_hash") == want_hash
+    # a slide replaced by another file of the same name must not keep the old result
+    same_slide = complete and attrs.get("slide", {}).get("size_bytes") == slide_size_bytes(job.path)
+    if not job.config.overwrite and same_hash and same_slide:
+        return None
+    return (
+        "--overwrite"
+        if job.config.overwrite
+        else "incomplete"
+        if not complete
+        else "made with another model or settings"
+        if not same_hash
+        else "the slide file changed size"
+    )
+
+
+def _scan_unless_current(job: SlideJob, model: Any, progress: bool) -> SlideOutcome:
+    """The slide's outcome while its lock is held: kept as it is, or scanned (again)."""
+    from .io.heatmap import read_attrs
+    from .scan import scan_slide, settings_hash
+
+    out = Path(job.out)
+    clean_debris(out)
+    loaded = _model_for(model)
+    want = settings_hash(loaded.sha256, job.config)
+    cfg = job.config
+    attrs = stored_attrs(out)
+    if attrs is not None:
+        why = _why_redo(job, attrs, want)
+        if why is None:
+            return _outcome_from_attrs(job, "skipped", attrs)
+        log.info("%s: redoing existing %s (%s)", job.rel, out, why)
+        cfg = dataclasses.replace(cfg, overwrite=True)
+    # a stale store is replaced, but its interrupted scan's finished blocks are kept unless
+    # the user asked to start afresh
+    res = scan_slide(job.path, out, cfg, model=loaded, progress=progress, restart=job.config.overwrite)
+    o = _outcome_from_attrs(job, "ok", read_attrs(out) or {})
+    return dataclasses.replace(o, timings_s=dict(res.timings_s), cells_per_s=res.cells_per_s)
+
+
 def process_slide(job: SlideJob, model: Any = None, blocking: bool = False, progress: bool = False) -> SlideOutcome:
     """Scan one slide of a folder unless its heatmap is complete and current.
 
     Returns status "busy" (without waiting) when another run holds the slide's lock and
     ``blocking`` is false. Never raises for a problem of this slide: it becomes status "failed".
     """
-    from .io.heatmap import read_attrs
-    from .scan import scan_slide, settings_hash
-
-    out = Path(job.out)
     lock = SlideLock(Path(job.out_dir), job.rel)
     try:
         if not lock.acquire(blocking):
@@ -384,69 +294,14 @@ def process_slide(job: SlideJob, model: Any = None, blocking: bool = False, prog
             f"cannot lock {lock.path} ({exc}); check that OUT_DIR is writable",
         )
     try:
-        clean_debris(out)
-        loaded = _model_for(model)
-        want = settings_hash(loaded.sha256, job.config)
-        cfg = job.config
-        if out.exists():
-            attrs = read_attrs(out) or {}
-            complete = attrs.get("status") == "complete"
-            same_hash = complete and attrs.get("settings_hash") == want
-            # a slide replaced by another file of the same name must not keep the old result
-            same_slide = complete and attrs.get("slide", {}).get("size_bytes") == os.stat(job.path).st_size
-            if not job.config.overwrite and same_hash and same_slide:
-                return _outcome_from_attrs(job, "skipped", attrs)
-            why = (
-                "--overwrite"
-                if job.config.overwrite
-                else "incomplete"
-                if not complete
-                else "made with another model or settings"
-                if not same_hash
-                else "the slide file changed size"
-            )
-            log.info("%s: redoing existing %s (%s)", job.rel, out, why)
-            cfg = dataclasses.replace(cfg, overwrite=True)
-        # a stale store is replaced, but its interrupted scan's finished blocks are kept unless
-        # the user asked to start afresh
-        res = scan_slide(job.path, out, cfg, model=loaded, progress=progress, restart=job.config.overwrite)
-        attrs = read_attrs(out) or {}
-        o = _outcome_from_attrs(job, "ok", attrs)
-        return dataclasses.replace(o, timings_s=dict(res.timings_s), cells_per_s=res.cells_per_s)
+        return _scan_unless_current(job, model, progress)
     except (Exception, MemoryError) as exc:  # noqa: BLE001 - contained: one slide never stops the run
         return _failure(job, exc)
     finally:
         lock.release()
 
 
-# ----------------------------------------------------------------------------- the run
-
-
-@contextlib.contextmanager
-def _file_log(out_dir: Path) -> Iterator[None]:
-    from .io.outputs import writing
-
-    with writing(out_dir / LOG_NAME, "run log"):
-        handler = logging.FileHandler(out_dir / LOG_NAME, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(f"%(asctime)s pid {os.getpid()} %(levelname)s %(message)s"))
-    pkg = logging.getLogger("wsi_scan")
-    old_level = pkg.level
-    pkg.addHandler(handler)
-    # readers warn about damaged files on stderr; in a folder run the slide's failure is already
-    # recorded, so their warnings go to the log file instead of between the progress bars
-    readers = [logging.getLogger(n) for n in ("tifffile", "openslide")]
-    for lg in readers:
-        lg.addHandler(handler)
-    if pkg.level == logging.NOTSET or pkg.level > logging.INFO:
-        pkg.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        pkg.removeHandler(handler)
-        for lg in readers:
-            lg.removeHandler(handler)
-        pkg.setLevel(old_level)
-        handler.close()
+# ----------------------------------------------------------------------------- the runners
 
 
 class _FolderBar:
@@ -534,40 +389,53 @@ def _worker_task(job: SlideJob, model: Any, blocking: bool) -> SlideOutcome:
     return process_slide(job, model, blocking=blocking, progress=False)
 
 
+def _connect(stack: contextlib.ExitStack, workers: int | None, address: str | None) -> Any:
+    """A Dask client of the scheduler at ``address``, or of a new local cluster of ``workers``."""
+    from distributed import Client, LocalCluster
+
+    if address:
+        try:
+            client = stack.enter_context(Client(address, timeout=SCHEDULER_TIMEOUT_S))
+        except (OSError, ValueError, TypeError) as exc:  # bad address, refused, timed out
+            raise UsageError(
+                f"--scheduler {address}: cannot reach a Dask scheduler there ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); expected tcp://host:port of a running one"
+            ) from None
+    else:
+        # processes, one thread each: a slide task already runs its own thread pool (--threads)
+        cluster = stack.enter_context(
+            LocalCluster(n_workers=workers, processes=True, threads_per_worker=1, dashboard_address=None)
+        )
+        client = stack.enter_context(Client(cluster))
+    log.info(
+        "Dask cluster %s with %d workers",
+        client.scheduler.address if client.scheduler else address,
+        len(client.scheduler_info().get("workers", {})),
+    )
+    return client
+
+
+def _model_ref(model: Any, client: Any) -> Any:
+    """What the workers get for ``model``: a path where they can load it, else the model itself."""
+    from .io.model_files import LoadedModel
+
+    if isinstance(model, LoadedModel):
+        # a model file on disk is reloaded by path in each worker (cached there); an
+        # in-memory model is sent once to every worker instead of once per slide
+        return model.path if Path(model.path).is_file() else client.scatter(model, broadcast=True)
+    if model is not None:
+        return str(Path(model).resolve())
+    return model
+
+
 def _run_distributed(
     jobs: Sequence[SlideJob], model: Any, workers: int | None, address: str | None, bar: _FolderBar
 ) -> list[SlideOutcome]:
-    from distributed import Client, LocalCluster, as_completed
-
-    from .io.model_files import LoadedModel
+    from distributed import as_completed
 
     with contextlib.ExitStack() as stack:
-        if address:
-            try:
-                client = stack.enter_context(Client(address, timeout=SCHEDULER_TIMEOUT_S))
-            except (OSError, ValueError, TypeError) as exc:  # bad address, refused, timed out
-                raise UsageError(
-                    f"--scheduler {address}: cannot reach a Dask scheduler there ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); expected tcp://host:port of a running one"
-                ) from None
-        else:
-            # processes, one thread each: a slide task already runs its own thread pool (--threads)
-            cluster = stack.enter_context(
-                LocalCluster(n_workers=workers, processes=True, threads_per_worker=1, dashboard_address=None)
-            )
-            client = stack.enter_context(Client(cluster))
-        log.info(
-            "Dask cluster %s with %d workers",
-            client.scheduler.address if client.scheduler else address,
-            len(client.scheduler_info().get("workers", {})),
-        )
-        ref: Any = model
-        if isinstance(model, LoadedModel):
-            # a model file on disk is reloaded by path in each worker (cached there); an
-            # in-memory model is sent once to every worker instead of once per slide
-            ref = model.path if Path(model.path).is_file() else client.scatter(model, broadcast=True)
-        elif model is not None:
-            ref = str(Path(model).resolve())
+        client = _connect(stack, workers, address)
+        ref = _model_ref(model, client)
         order = {j.rel: i for i, j in enumerate(jobs)}
         run = uuid.uuid4().hex[:8]  # task keys must not meet those of another run on the same cluster
         futures = [client.submit(_worker_task, j, ref, False, key=f"slide-{run}-{i}", pure=False) for i, j in enumerate(jobs)]
@@ -592,21 +460,59 @@ def _run_distributed(
         return sorted(done, key=lambda o: order.get(o.slide, 0))
 
 
-def _write_summary(out_dir: Path, outcomes: Sequence[SlideOutcome], meta: dict[str, Any]) -> tuple[Path, Path]:
-    from .io.outputs import atomic_write
+# ----------------------------------------------------------------------------- the folder
 
-    rows = [o.row() for o in outcomes]
-    csv_path, json_path = out_dir / SUMMARY_CSV, out_dir / SUMMARY_JSON
-    fields = list(SlideOutcome("", "", "", "ok").row())
-    # concurrent runs: a reader sees one whole file or the other
-    with atomic_write(csv_path, "run summary") as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-    with atomic_write(json_path, "run summary") as tmp:
-        tmp.write_text(json.dumps({"generator": MARK, **meta, "slides": rows}, indent=1, allow_nan=False), encoding="utf-8")
-    return csv_path, json_path
+
+def _check_arguments(config: ScanConfig, workers: int | None, scheduler_address: str | None) -> None:
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be at least 1, found {workers}")
+    if workers is not None and scheduler_address:
+        raise UsageError("pass either --workers (start a local cluster) or --scheduler (use a running one), not both")
+    if config.mpp is not None:
+        from .io.mpp import resolve_mpp
+
+        try:
+            resolve_mpp({}, config.mpp, "--mpp")
+        except MppError as exc:
+            raise UsageError(str(exc)) from None
+
+
+def _run_jobs(
+    jobs: Sequence[SlideJob],
+    decided: Sequence[SlideOutcome],
+    model: Any,
+    loaded: Any,
+    workers: int | None,
+    scheduler_address: str | None,
+    progress: bool,
+) -> list[SlideOutcome]:
+    """The outcomes of ``decided`` and of every job, run serially or on a Dask cluster."""
+    outcomes = list(decided)
+    bar = _FolderBar(len(jobs) + len(decided), progress)
+    try:
+        for o in decided:
+            _log_outcome(o)
+            bar.update(o)
+        if workers is not None or scheduler_address:
+            # workers load the caller's model themselves (see _model_ref), each once for all its slides
+            outcomes += _run_distributed(jobs, model, workers, scheduler_address, bar)
+        else:
+            outcomes += _run_serial(jobs, loaded, progress, bar)
+    finally:
+        bar.close()
+    return outcomes
+
+
+def _run_meta(slides_dir: Path, out_dir: Path, loaded: Any, outcomes: Sequence[SlideOutcome]) -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        "wsi_scan": __version__,
+        "slides_dir": str(slides_dir.resolve()),
+        "out_dir": str(out_dir.resolve()),
+        "model": {"path": loaded.path, "sha256": loaded.sha256, "name": loaded.card.name, "threshold": loaded.card.threshold},
+        "counts": {s: sum(1 for o in outcomes if o.status == s) for s in ("ok", "skipped", "failed")},
+    }
 
 
 def scan_folder(
@@ -632,71 +538,28 @@ def scan_folder(
     t0 = time.perf_counter()
     slides_dir = Path(slides_dir)
     out_dir = Path(out_dir)
-    if workers is not None and workers < 1:
-        raise UsageError(f"--workers must be at least 1, found {workers}")
-    if workers is not None and scheduler_address:
-        raise UsageError("pass either --workers (start a local cluster) or --scheduler (use a running one), not both")
-    if config.mpp is not None:
-        from .io.mpp import resolve_mpp
-
-        try:
-            resolve_mpp({}, config.mpp, "--mpp")
-        except MppError as exc:
-            raise UsageError(str(exc)) from None
-    if slides_dir.resolve() == out_dir.resolve():
-        raise UsageError(f"--out {out_dir} is the slides folder itself; choose a separate output folder")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out {out_dir} is a file; a folder of slides needs an output folder")
+    _check_arguments(config, workers, scheduler_address)
+    check_run_folders(slides_dir, out_dir)
     mpp_overrides = read_mpp_csv(mpp_csv) if mpp_csv is not None else {}
-    from .io.outputs import check_replaceable, prepare_parent
-    from .io.slide import SLIDE_EXTS
-
-    if not list_slides(slides_dir, recursive, exclude=out_dir):
-        named = slides_dir.suffix.lower() in SLIDE_EXTS
-        raise SlideNotFoundError(
-            f"{slides_dir} is a folder{' named like a slide' if named else ''} with no slide files "
-            f"({', '.join(SLIDE_EXTS)}){'' if recursive else ' at its top level (--recursive looks in subfolders)'}; "
-            "nothing was written"
-        )
-
-    # the run rewrites these at its end: refuse at the start, not after hours, if one is a user's file
-    for name in (SUMMARY_CSV, SUMMARY_JSON, REPORT_HTML):
-        check_replaceable(out_dir / name, True, kind="file")
-    prepare_parent(out_dir / SUMMARY_CSV)
-    with _file_log(out_dir):
-        jobs, outcomes = plan_jobs(slides_dir, out_dir, config, recursive, mpp_overrides)
+    require_slides(slides_dir, recursive, exclude=out_dir)
+    prepare_out_dir(out_dir)
+    with file_log(out_dir):
+        jobs, decided = plan_jobs(slides_dir, out_dir, config, recursive, mpp_overrides)
         log.info(
             "folder run: %d slides in %s -> %s (%s)",
-            len(jobs) + len(outcomes),
+            len(jobs) + len(decided),
             slides_dir,
             out_dir,
             f"cluster {scheduler_address}" if scheduler_address else f"{workers} local workers" if workers else "serial",
         )
-        if not jobs and not outcomes:
+        if not jobs and not decided:
             log.warning("no slides found in %s", slides_dir)
         loaded = _model_for(model)  # once for the run; fails the run early when the model is unusable
-        bar = _FolderBar(len(jobs) + len(outcomes), progress)
-        try:
-            for o in outcomes:
-                _log_outcome(o)
-                bar.update(o)
-            if workers is not None or scheduler_address:
-                outcomes += _run_distributed(jobs, model, workers, scheduler_address, bar)
-            else:
-                outcomes += _run_serial(jobs, loaded, progress, bar)
-        finally:
-            bar.close()
+        outcomes = _run_jobs(jobs, decided, model, loaded, workers, scheduler_address, progress)
         outcomes.sort(key=lambda o: o.slide)
-        from . import __version__
-
-        meta = {
-            "wsi_scan": __version__,
-            "slides_dir": str(slides_dir.resolve()),
-            "out_dir": str(out_dir.resolve()),
-            "model": {"path": loaded.path, "sha256": loaded.sha256, "name": loaded.card.name, "threshold": loaded.card.threshold},
-            "counts": {s: sum(1 for o in outcomes if o.status == s) for s in ("ok", "skipped", "failed")},
-        }
-        csv_path, json_path = _write_summary(out_dir, outcomes, meta)
+        meta = _run_meta(slides_dir, out_dir, loaded, outcomes)
+        fields = list(SlideOutcome("", "", "", "ok").row())
+        csv_path, json_path = write_summary(out_dir, fields, [o.row() for o in outcomes], meta)
         html_path = None
         if report:
             from .report import write_report
@@ -707,4 +570,4 @@ def scan_folder(
     return res
 
 
-__all__ = ["BatchResult", "SlideJob", "SlideOutcome", "list_slides", "process_slide", "read_mpp_csv", "scan_folder"]
+__all__ = ["BatchResult", "SlideJob", "SlideOutcome", "plan_jobs", "process_slide", "scan_folder"]
