@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """wsi-scan against WSInfer on the same slide and weights: windows/s, CPU-ms per window, peak RSS.
 
-Runs only where WSInfer is installed (``pip install wsinfer``, 0.6.x); says that it is skipped
-and exits 0 otherwise. The bundled model (or ``--model``) is exported to TorchScript with a
+Runs only where WSInfer's command is found (``pip install wsinfer==0.6.1``; it pins zarr 2, so
+give it an environment of its own and pass ``--wsinfer PATH``); says that it is skipped and exits
+0 otherwise. WSInfer runs offline (a stand-in for its model zoo's registry, which it otherwise
+fetches from Hugging Face at start-up). The bundled model (or ``--model``) is exported to TorchScript with a
 two-class head (softmax of [0, logit] is the model's sigmoid), with a WSInfer model config of
 the same pixel size, patch size and normalisation; both tools then scan the same slide in fresh
 processes under ``/usr/bin/time``, in interleaved rounds (medians reported, since other work on
@@ -12,13 +14,13 @@ default stride otherwise (said in the output): per-window costs compare either w
 
     python scripts/wsinfer_compare.py SLIDE [--rounds 3] [--model M] [--json out.json]
     python scripts/wsinfer_compare.py --make-slide pages --size 19200x19200 --rounds 3
+    python scripts/wsinfer_compare.py --make-slide series --wsinfer /opt/wsinfer-env/bin/wsinfer
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -106,9 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores both tools may use")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--wsinfer", default=None, help="WSInfer's command (default: `wsinfer` on PATH)")
     args = ap.parse_args(argv)
-    if importlib.util.find_spec("wsinfer") is None or shutil.which("wsinfer") is None:
-        print("skipped: WSInfer is not installed (pip install wsinfer==0.6.1 to run this comparison)")
+    # WSInfer 0.6 pins zarr 2 and this project zarr 3, so it usually lives in an environment of
+    # its own: only its command is needed here
+    wsinfer = args.wsinfer or shutil.which("wsinfer")
+    if wsinfer is None:
+        print("skipped: WSInfer is not installed (pip install wsinfer==0.6.1, in its own environment, then --wsinfer PATH)")
         return 0
     if args.slide is None and args.make_slide is None:
         ap.error("give a SLIDE or --make-slide LAYOUT")
@@ -129,16 +135,24 @@ def main(argv: list[str] | None = None) -> int:
             (tmp / "slides").mkdir()
             os.symlink(slide, tmp / "slides" / slide.name)  # WSInfer takes a folder of slides
         model_pt, cfg = export_for_wsinfer(args.model, tmp)
-        help_text = subprocess.run(["wsinfer", "run", "--help"], capture_output=True, text=True, check=False).stdout
-        overlap = "--patch-overlap-ratio" in help_text
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        # WSInfer loads its model zoo's registry from Hugging Face when its command starts, even
+        # for a local model: offline, an empty registry in a home of its own stands in for it
+        home = tmp / "wsinfer-home"
+        (home / ".wsinfer-zoo").mkdir(parents=True)
+        (home / ".wsinfer-zoo" / "wsinfer-zoo-registry.json").write_text('{"models": {}}')
+        wsinfer_env = {**env, "HOME": str(home), "HF_HUB_OFFLINE": "1"}
+        help_text = subprocess.run(
+            [wsinfer, "run", "--help"], capture_output=True, text=True, check=False, env=wsinfer_env
+        ).stdout
+        overlap = "--patch-overlap-ratio" in help_text
         runs: dict[str, list[dict[str, float]]] = {"wsi-scan dense": [], "wsi-scan patch": [], "wsinfer": []}
         for r in range(args.rounds):
             for name in runs:
                 out = tmp / f"out-{r}-{name.replace(' ', '-')}"
                 if name == "wsinfer":
                     cmd = [
-                        "wsinfer",
+                        wsinfer,
                         "run",
                         "--wsi-dir",
                         str(tmp / "slides"),
@@ -153,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                     ]
                     if overlap:
                         cmd += ["--patch-overlap-ratio", str(2 / 3)]
-                    res = timed(cmd, env)
+                    res = timed(cmd, wsinfer_env)
                     res["windows"] = wsinfer_windows(out)
                 else:
                     cmd = [
