@@ -364,9 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         read_cpu = [0.0]
 
         def read(b: tuple[int, int, int, int]) -> np.ndarray:
-            x0, y0, x1, y1 = g.block_tgt_box(*b)
+            x0, y0, x1, y1 = g.block_tgt_box_xyxy(*b)
             t = time.thread_time()
-            out = resample_region(counting, plan.level, plan.downsample_xy, g.block_l0_box(*b), (x1 - x0, y1 - y0))
+            out = resample_region(counting, plan.level, plan.downsample_xy, g.block_l0_box_xyxy(*b), (x1 - x0, y1 - y0))
             with counting._lock:
                 read_cpu[0] += time.thread_time() - t
             return out

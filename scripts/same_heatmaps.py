@@ -54,8 +54,9 @@ def scan_all(tmp: Path, only: str | None = None) -> dict[str, dict[str, Any]]:
     from wsi_scan.scan import scan_slide
 
     fields = {f.name for f in dataclasses.fields(SyntheticSlide)}
-    has_read_level = "read_level" in {f.name for f in dataclasses.fields(ScanConfig)}
-    base: dict[str, Any] = {"read_level": "exact"} if has_read_level else {}
+    scan_fields = {f.name for f in dataclasses.fields(ScanConfig)}
+    base: dict[str, Any] = {"read_level": "exact"} if "read_level" in scan_fields else {}
+    mpp_key = "mpp_override" if "mpp_override" in scan_fields else "mpp"  # its name before issue 16
     jobs: list[tuple[str, Path, dict[str, Any]]] = []
     for name, spec, mode in cases():
         path = tmp / f"{name}.tif"
@@ -66,7 +67,7 @@ def scan_all(tmp: Path, only: str | None = None) -> dict[str, dict[str, Any]]:
         jobs.append((f"{name}/{mode}", path, {**base, "mode": mode, **({"batch_size": 32} if mode == "patch" else {})}))
     for slide, mpp in REAL.items():
         if (SHARED_SLIDES / slide).is_file():
-            jobs.append((f"{slide}/dense", SHARED_SLIDES / slide, {**base, "mpp": mpp}))
+            jobs.append((f"{slide}/dense", SHARED_SLIDES / slide, {**base, mpp_key: mpp}))
     rows: dict[str, dict[str, Any]] = {}
     for key, path, kw in jobs:
         if only and only not in key:

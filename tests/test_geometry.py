@@ -26,7 +26,7 @@ def test_grid_starts_at_bounds_and_keeps_full_frame():
     assert g.cell_to_l0_rect(0, 0) == pytest.approx((1234, 567, 1362, 695))
     assert g.l0_to_cell(1234 + 128 * 3 + 5, 567 + 128 * 2) == (2, 3)
     # a block's window box reaches one margin (32 target px = 128 l0 px) beyond its cells
-    assert g.block_l0_box(0, 0, 2, 2) == pytest.approx((1234 - 128, 567 - 128, 1234 + 384, 567 + 384))
+    assert g.block_l0_box_xyxy(0, 0, 2, 2) == pytest.approx((1234 - 128, 567 - 128, 1234 + 384, 567 + 384))
 
 
 def test_non_square_mpp_within_tolerance_gives_per_axis_cells():

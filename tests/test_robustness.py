@@ -207,7 +207,7 @@ def test_option_ranges_hold_in_the_python_api_too():
     with pytest.raises(UsageError):
         TissueConfig(mask_mpp=float("nan"))
     with pytest.raises(UsageError):
-        ScanConfig(mpp=1e-9)
+        ScanConfig(mpp_override=1e-9)
 
 
 @pytest.mark.parametrize("mpp", [1e-4, 1e4])

@@ -162,7 +162,7 @@ def plan_jobs(
         cfg = config
         for k in (key, rel.name):  # the relative path wins over a bare file name
             if k in mpp_overrides:
-                cfg = dataclasses.replace(config, mpp=mpp_overrides[k], mpp_source=f"user (--mpp-csv, row {k})")
+                cfg = dataclasses.replace(config, mpp_override=mpp_overrides[k], mpp_source=f"user (--mpp-csv, row {k})")
                 used_keys.add(k)
                 break
         jobs.append(SlideJob(str(p), key, str(out), str(out_dir), cfg))
@@ -468,11 +468,11 @@ def _check_arguments(config: ScanConfig, workers: int | None, scheduler_address:
         raise UsageError(f"--workers must be at least 1, found {workers}")
     if workers is not None and scheduler_address:
         raise UsageError("pass either --workers (start a local cluster) or --scheduler (use a running one), not both")
-    if config.mpp is not None:
+    if config.mpp_override is not None:
         from .io.mpp import resolve_mpp
 
         try:
-            resolve_mpp({}, config.mpp, "--mpp")
+            resolve_mpp({}, config.mpp_override, "--mpp")
         except MppError as exc:
             raise UsageError(str(exc)) from None
 

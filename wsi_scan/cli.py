@@ -213,7 +213,7 @@ def _scan_config(kw: dict[str, Any]) -> ScanConfig:
     for k in ("tissue_mask", "roi"):
         if kw.get(k) is not None:
             kw[k] = str(kw[k])
-    return ScanConfig(tissue=tissue, **kw)
+    return ScanConfig(tissue=tissue, mpp_override=kw.pop("mpp"), **kw)
 
 
 @main.command()
@@ -356,7 +356,7 @@ def info(slide_path: Path, backend: str, mpp: float | None, as_json: bool) -> No
     """Format, levels, pixel size and its source, bounds and tissue fraction of a slide."""
     from .info import slide_info
 
-    _run(lambda: ScanConfig(mpp=mpp))  # the one range check of --mpp
+    _run(lambda: ScanConfig(mpp_override=mpp))  # the one range check of --mpp
     d = _run(lambda: slide_info(slide_path, backend, mpp, _TISSUE))
     if as_json:
         click.echo(json.dumps(d))
@@ -867,7 +867,7 @@ def tile(
     """Cut the tissue of a slide into 96x96 patches (PCam HDF5) with level-0 coordinates."""
     from .export.tiles import tile_slide
 
-    _run(lambda: ScanConfig(mpp=mpp))
+    _run(lambda: ScanConfig(mpp_override=mpp))
     res = _run(
         lambda: tile_slide(
             slide_path,

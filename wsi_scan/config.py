@@ -17,7 +17,7 @@ ReadLevel = Literal["exact", "nearest"]
 
 #: PatchCamelyon patches were cut at level 2 of Camelyon16 slides scanned at 0.243 um/px.
 PCAM_MPP = 0.972
-PCAM_PATCH_PX = 96
+PCAM_INPUT_PX = 96  # the model's window side in px (ModelCard.input_px)
 PCAM_CELL_PX = 32
 
 #: physical sense: slide scanners image at 0.1-0.5 um/px, thumbnails and masks up to tens of um/px;
@@ -139,7 +139,9 @@ class ScanConfig:
     """How one slide is scanned."""
 
     backend: Backend = "auto"
-    mpp: float | None = None  # user override of the slide's um/px
+    #: the user's level-0 um/px, replacing the slide's metadata (--mpp, or a row of --mpp-csv);
+    #: written to the outputs' config under its file key "mpp" (``to_dict``)
+    mpp_override: float | None = None
     mpp_source: str = ""  # where an override came from ("" = the --mpp option), recorded in the outputs
     mode: Mode = "auto"
     device: DeviceName = "auto"
@@ -166,8 +168,8 @@ class ScanConfig:
     roi: str | None = None  # GeoJSON polygons in level-0 px: scan only cells whose centre lies inside
 
     def __post_init__(self) -> None:
-        if self.mpp is not None:
-            _in_range("scan", "mpp", self.mpp, *MPP_RANGE_UM)
+        if self.mpp_override is not None:
+            _in_range("scan", "mpp_override", self.mpp_override, *MPP_RANGE_UM, flag="--mpp")
         for name, lo, hi in (
             ("block_cells", 1, 512),
             ("batch_size", 0, 65536),
@@ -194,7 +196,9 @@ class ScanConfig:
         return self.mpp_source or "user (--mpp)"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as a heatmap's attrs record them and ``settings_hash`` hashes them: the
+        fields in order, ``mpp_override`` under its file key ``mpp``."""
+        return {("mpp" if k == "mpp_override" else k): v for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass(frozen=True)

@@ -87,31 +87,34 @@ EVAL_ITC_UM = 275.0
 
 
 def evaluation_regions(
-    tumour: Sequence[object], exclusion: Sequence[object], level0_wh: tuple[int, int], mpp: float
+    tumour: Sequence[object], exclusion: Sequence[object], level0_wh: tuple[int, int], slide_mpp: float
 ) -> tuple[np.ndarray, float, frozenset[int]]:
-    """Labelled evaluation mask of a slide (0 = no tumour), its level-0 px per mask px and the ITC labels."""
+    """Labelled evaluation mask of a slide (0 = no tumour), its level-0 px per mask px and the ITC labels.
+
+    ``slide_mpp`` is the slide's level-0 um/px; the polygons are in level-0 px."""
     from PIL import Image, ImageDraw
     from scipy import ndimage
     from skimage import measure
 
-    l0_per_px = EVAL_MASK_UM / mpp
-    w, h = max(1, int(np.ceil(level0_wh[0] / l0_per_px))), max(1, int(np.ceil(level0_wh[1] / l0_per_px)))
+    l0_per_mask_px = EVAL_MASK_UM / slide_mpp
+    w, h = max(1, int(np.ceil(level0_wh[0] / l0_per_mask_px))), max(1, int(np.ceil(level0_wh[1] / l0_per_mask_px)))
     img = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(img)
     for value, polys in ((1, tumour), (0, exclusion)):
         for poly in polys:
             for ring, fill in [(poly.exterior, value)] + [(r, 1 - value) for r in poly.interiors]:  # type: ignore[attr-defined]
-                draw.polygon([(x / l0_per_px, y / l0_per_px) for x, y in ring.coords], fill=fill)
+                draw.polygon([(x / l0_per_mask_px, y / l0_per_mask_px) for x, y in ring.coords], fill=fill)
     mask = np.asarray(img, dtype=bool)
     if mask.any():
         mask = ndimage.distance_transform_edt(~mask) < EVAL_DILATE_UM / EVAL_MASK_UM
     labels = measure.label(mask, connectivity=2)
     itc = frozenset(int(r.label) for r in measure.regionprops(labels) if r.axis_major_length * EVAL_MASK_UM < EVAL_ITC_UM)
-    return labels.astype(np.int32), l0_per_px, itc
+    return labels.astype(np.int32), l0_per_mask_px, itc
 
 
-def reference_call(tumour: Sequence[object], exclusion: Sequence[object], mpp: float) -> str:
-    """The class of the largest annotated region (longest diameter on its polygon), or negative."""
+def reference_call(tumour: Sequence[object], exclusion: Sequence[object], slide_mpp: float) -> str:
+    """The class of the largest annotated region (longest diameter on its polygon), or negative;
+    ``slide_mpp``, the slide's level-0 um/px, turns the polygons' level-0 px into um."""
     import shapely
 
     from .lesions import size_class
@@ -125,7 +128,7 @@ def reference_call(tumour: Sequence[object], exclusion: Sequence[object], mpp: f
     for part in getattr(geom, "geoms", [geom]):
         if part.is_empty:
             continue
-        pts = np.asarray(part.convex_hull.exterior.coords if hasattr(part.convex_hull, "exterior") else part.coords) * mpp
+        pts = np.asarray(part.convex_hull.exterior.coords if hasattr(part.convex_hull, "exterior") else part.coords) * slide_mpp
         d = pts[:, None, :] - pts[None, :, :]
         best = max(best, float(np.sqrt((d**2).sum(-1)).max()))
     return size_class(best / 1000.0) if best > 0 else "negative"
@@ -163,10 +166,12 @@ def evaluate_cohort(
         call = call_slide(hm.probs, hm.grid, hm.mpp_xy, hm.threshold, cfg)
         ann = find_annotations(annotations, Path(r["slide"]).name)
         tumour, exclusion = (ann.tumour, ann.exclusion) if ann is not None else ((), ())
-        labels, l0_per_px, itc = evaluation_regions(tumour, exclusion, tuple(hm.attrs["slide"]["level0_size_wh"]), hm.mpp_xy[0])
+        labels, l0_per_mask_px, itc = evaluation_regions(
+            tumour, exclusion, tuple(hm.attrs["slide"]["level0_size_wh"]), hm.mpp_xy[0]
+        )
         hits = []
         for les in call.lesions:
-            x, y = (int(v / l0_per_px) for v in les.l0_peak_xy)
+            x, y = (int(v / l0_per_mask_px) for v in les.l0_peak_xy)
             hits.append(int(labels[y, x]) if 0 <= y < labels.shape[0] and 0 <= x < labels.shape[1] else 0)
         dets.append(SlideDetections(hits, [le.score for le in call.lesions], int(labels.max()), itc))
         truth.append(1 if tumour else 0)

@@ -60,13 +60,13 @@ class GridGeometry:
         fx, fy = self.l0_per_tgt_xy
         return (self.l0_origin_xy[0] + tgt_x * fx, self.l0_origin_xy[1] + tgt_y * fy)
 
-    def block_tgt_box(self, r0: int, c0: int, nr: int, nc: int) -> tuple[int, int, int, int]:
+    def block_tgt_box_xyxy(self, r0: int, c0: int, nr: int, nc: int) -> tuple[int, int, int, int]:
         """Target-frame box (x0, y0, x1, y1) of the windows of cells [r0, r0+nr) x [c0, c0+nc)."""
         m, p = self.margin_px, self.cell_px
         return (c0 * p - m, r0 * p - m, (c0 + nc) * p + m, (r0 + nr) * p + m)
 
-    def block_l0_box(self, r0: int, c0: int, nr: int, nc: int) -> tuple[float, float, float, float]:
-        x0, y0, x1, y1 = self.block_tgt_box(r0, c0, nr, nc)
+    def block_l0_box_xyxy(self, r0: int, c0: int, nr: int, nc: int) -> tuple[float, float, float, float]:
+        x0, y0, x1, y1 = self.block_tgt_box_xyxy(r0, c0, nr, nc)
         a = self.tgt_to_l0(x0, y0)
         b = self.tgt_to_l0(x1, y1)
         return (a[0], a[1], b[0], b[1])
@@ -137,29 +137,29 @@ def check_resolution(mpp_xy: tuple[float, float], target_mpp: float, max_upsampl
 
 
 def level_read_plan(
-    l0_box: tuple[float, float, float, float], downsample_xy: tuple[float, float], pad_lv: int
+    l0_box_xyxy: tuple[float, float, float, float], downsample_xy: tuple[float, float], pad_lv: int
 ) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Integer level-0 location and level size of a read that covers ``l0_box`` plus ``pad_lv``.
+    """Integer level-0 location and level size of a read that covers ``l0_box_xyxy`` plus ``pad_lv``.
 
     The size allows for a backend starting the read up to one level pixel before the location.
     """
     dx, dy = downsample_xy
-    lv_x0 = math.floor(l0_box[0] / dx) - pad_lv
-    lv_y0 = math.floor(l0_box[1] / dy) - pad_lv
+    lv_x0 = math.floor(l0_box_xyxy[0] / dx) - pad_lv
+    lv_y0 = math.floor(l0_box_xyxy[1] / dy) - pad_lv
     l0_x = math.floor(lv_x0 * dx)
     l0_y = math.floor(lv_y0 * dy)
-    w = math.ceil(l0_box[2] / dx) + pad_lv - math.floor(l0_x / dx) + 1
-    h = math.ceil(l0_box[3] / dy) + pad_lv - math.floor(l0_y / dy) + 1
+    w = math.ceil(l0_box_xyxy[2] / dx) + pad_lv - math.floor(l0_x / dx) + 1
+    h = math.ceil(l0_box_xyxy[3] / dy) + pad_lv - math.floor(l0_y / dy) + 1
     return (l0_x, l0_y), (w, h)
 
 
 def box_in_read(
-    l0_box: tuple[float, float, float, float], downsample_xy: tuple[float, float], lv_origin_xy: tuple[float, float]
+    l0_box_xyxy: tuple[float, float, float, float], downsample_xy: tuple[float, float], lv_origin_xy: tuple[float, float]
 ) -> tuple[float, float, float, float]:
-    """``l0_box`` in the pixel frame of a read whose corner lies at ``lv_origin_xy``."""
+    """``l0_box_xyxy`` in the pixel frame of a read whose corner lies at ``lv_origin_xy``."""
     dx, dy = downsample_xy
     ox, oy = lv_origin_xy
-    return (l0_box[0] / dx - ox, l0_box[1] / dy - oy, l0_box[2] / dx - ox, l0_box[3] / dy - oy)
+    return (l0_box_xyxy[0] / dx - ox, l0_box_xyxy[1] / dy - oy, l0_box_xyxy[2] / dx - ox, l0_box_xyxy[3] / dy - oy)
 
 
 def blocks(shape_rc: tuple[int, int], block_cells: int) -> list[CellBlock]:
@@ -173,19 +173,19 @@ def blocks(shape_rc: tuple[int, int], block_cells: int) -> list[CellBlock]:
 
 
 def image_cells(
-    grid: GridGeometry, l0_per_px_xy: tuple[float, float], px_origin_xy: tuple[int, int], size_wh: tuple[int, int]
+    grid: GridGeometry, l0_per_image_xy: tuple[float, float], px_origin_xy: tuple[int, int], size_wh: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """The heatmap cell under each pixel centre of an image of the level-0 frame.
 
-    The image has ``l0_per_px_xy`` level-0 pixels per pixel (a thumbnail, a pyramid level of an
+    The image has ``l0_per_image_xy`` level-0 pixels per pixel (a thumbnail, a pyramid level of an
     export) and this window of it starts at pixel ``px_origin_xy``. Returns (cell row per image
     row, cell col per image column), -1 where the pixel centre lies outside the grid: a heatmap
     never has to cover the image it is drawn on.
     """
     (ox, oy), (sx, sy) = grid.l0_origin_xy, grid.l0_cell_size_xy
     rows, cols = grid.shape_rc
-    l0_x = (px_origin_xy[0] + np.arange(size_wh[0]) + 0.5) * l0_per_px_xy[0]
-    l0_y = (px_origin_xy[1] + np.arange(size_wh[1]) + 0.5) * l0_per_px_xy[1]
+    l0_x = (px_origin_xy[0] + np.arange(size_wh[0]) + 0.5) * l0_per_image_xy[0]
+    l0_y = (px_origin_xy[1] + np.arange(size_wh[1]) + 0.5) * l0_per_image_xy[1]
     c = np.floor((l0_x - ox) / sx).astype(np.int64)
     r = np.floor((l0_y - oy) / sy).astype(np.int64)
     c[(c < 0) | (c >= cols)] = -1

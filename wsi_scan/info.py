@@ -49,10 +49,10 @@ def _describe(slide: Any, path: str | Path, mpp_override: float | None, tissue_c
         row["mpp"] = max(level_mpp(mpp.xy, lv.downsample_xy))
     # the scan's own plan, so that info and the scan name the same tissue: the mask's area and
     # the area of the cells that a scan would classify (larger: a cell counts whole)
-    from .config import PCAM_CELL_PX, PCAM_MPP, PCAM_PATCH_PX, ScanConfig
+    from .config import PCAM_CELL_PX, PCAM_INPUT_PX, PCAM_MPP, ScanConfig
     from .plan import plan_scan
 
-    sp = plan_scan(slide, mpp.xy, PCAM_MPP, PCAM_CELL_PX, PCAM_PATCH_PX, ScanConfig(tissue=tissue_cfg))
+    sp = plan_scan(slide, mpp.xy, PCAM_MPP, PCAM_CELL_PX, PCAM_INPUT_PX, ScanConfig(tissue=tissue_cfg))
     mx, my = sp.tissue.mask_mpp_xy
     d["tissue_fraction"] = sp.tissue.fraction
     d["tissue_area_mm2"] = float(sp.tissue.mask.sum()) * mx * my / 1e6

@@ -39,9 +39,9 @@ def plan_tissue(slide: Any, mpp_xy: tuple[float, float], cfg: TissueConfig) -> T
     from .regions import read_thumbnail
     from .tissue import compute_mask
 
-    thumb, l0_per_mask = read_thumbnail(slide, mpp_xy, cfg.mask_mpp)
-    mask_mpp = (l0_per_mask[0] * mpp_xy[0], l0_per_mask[1] * mpp_xy[1])
-    return compute_mask(thumb, mask_mpp, cfg, l0_per_mask)
+    thumb, l0_per_mask_xy = read_thumbnail(slide, mpp_xy, cfg.mask_mpp)
+    mask_mpp_xy = (l0_per_mask_xy[0] * mpp_xy[0], l0_per_mask_xy[1] * mpp_xy[1])
+    return compute_mask(thumb, mask_mpp_xy, cfg, l0_per_mask_xy)
 
 
 def plan_scan(
@@ -85,9 +85,10 @@ def user_tissue_mask(path: str, l0_size_wh: tuple[int, int], mpp_xy: tuple[float
     mask = read_label_mask(path)
     check_mask_shape(mask.shape, l0_size_wh, f"--tissue-mask {path}")
     mh, mw = mask.shape
-    l0_per = (l0_size_wh[0] / mw, l0_size_wh[1] / mh)
+    l0_per_mask_xy = (l0_size_wh[0] / mw, l0_size_wh[1] / mh)
     params = {"method": "user mask (--tissue-mask)", "path": str(path), "sha256": file_sha256(path)}
-    return TissueMask(mask, l0_per, (l0_per[0] * mpp_xy[0], l0_per[1] * mpp_xy[1]), float("nan"), params)
+    mask_mpp_xy = (l0_per_mask_xy[0] * mpp_xy[0], l0_per_mask_xy[1] * mpp_xy[1])
+    return TissueMask(mask, l0_per_mask_xy, mask_mpp_xy, float("nan"), params)
 
 
 def roi_cells(grid: GridGeometry, path: str) -> np.ndarray:

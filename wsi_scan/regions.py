@@ -98,29 +98,31 @@ def make_read_plan(
 
 
 def region_read(
-    l0_box: tuple[float, float, float, float], downsample_xy: tuple[float, float], out_wh: tuple[int, int]
+    l0_box_xyxy: tuple[float, float, float, float], downsample_xy: tuple[float, float], out_wh: tuple[int, int]
 ) -> ReadRequest:
-    """The ``read_region`` call (l0_xy, level size) that ``resample_region`` makes for ``l0_box``."""
+    """The ``read_region`` call (l0_xy, level size) that ``resample_region`` makes for ``l0_box_xyxy``."""
     out_w, out_h = out_wh
-    scale = max((l0_box[2] - l0_box[0]) / downsample_xy[0] / out_w, (l0_box[3] - l0_box[1]) / downsample_xy[1] / out_h)
+    scale = max(
+        (l0_box_xyxy[2] - l0_box_xyxy[0]) / downsample_xy[0] / out_w, (l0_box_xyxy[3] - l0_box_xyxy[1]) / downsample_xy[1] / out_h
+    )
     pad = math.ceil(scale) + 2  # bilinear support when shrinking by `scale`
-    return level_read_plan(l0_box, downsample_xy, pad)
+    return level_read_plan(l0_box_xyxy, downsample_xy, pad)
 
 
 def resample_region(
     slide: Slide,
     level: int,
     downsample_xy: tuple[float, float],
-    l0_box: tuple[float, float, float, float],
+    l0_box_xyxy: tuple[float, float, float, float],
     out_wh: tuple[int, int],
 ) -> np.ndarray:
-    """Pixels of ``l0_box`` resampled to ``out_wh``: (h, w, 3) uint8, antialiased when shrinking."""
+    """Pixels of ``l0_box_xyxy`` resampled to ``out_wh``: (h, w, 3) uint8, antialiased when shrinking."""
     from PIL import Image
 
     out_w, out_h = out_wh
-    l0_xy, lv_size = region_read(l0_box, downsample_xy, out_wh)
+    l0_xy, lv_size = region_read(l0_box_xyxy, downsample_xy, out_wh)
     region = slide.read_region(l0_xy, level, lv_size)
-    box = box_in_read(l0_box, downsample_xy, region.lv_origin_xy)
+    box = box_in_read(l0_box_xyxy, downsample_xy, region.lv_origin_xy)
     bw, bh = box[2] - box[0], box[3] - box[1]
     if abs(bw - out_w) < 1e-9 and abs(bh - out_h) < 1e-9 and float(box[0]).is_integer() and float(box[1]).is_integer():
         x0, y0 = int(box[0]), int(box[1])
@@ -135,8 +137,8 @@ def resample_region(
 
 
 def _block_box_and_size(plan: ReadPlan, block: CellBlock) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
-    x0, y0, x1, y1 = plan.grid.block_tgt_box(*block)
-    return plan.grid.block_l0_box(*block), (x1 - x0, y1 - y0)
+    x0, y0, x1, y1 = plan.grid.block_tgt_box_xyxy(*block)
+    return plan.grid.block_l0_box_xyxy(*block), (x1 - x0, y1 - y0)
 
 
 def read_block(plan: ReadPlan, block: CellBlock) -> np.ndarray:
@@ -170,7 +172,8 @@ def read_thumbnail(
 ) -> tuple[np.ndarray, tuple[float, float]]:
     """The whole level-0 frame at about ``mask_mpp``, read in pieces of bounded size.
 
-    Returns the image and its exact level-0 pixels per thumbnail pixel (x, y).
+    Returns the image and its exact level-0 pixels per thumbnail pixel (x, y): callers name it
+    ``l0_per_mask_xy``, as the tissue mask drawn on such a thumbnail does.
     """
     w0, h0 = slide.info.level0_size_wh
     tw = max(1, math.ceil(w0 * mpp_xy[0] / mask_mpp))

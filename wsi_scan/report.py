@@ -92,9 +92,9 @@ def _slide_background(slide_path: str, attrs: dict[str, Any], size_wh: tuple[int
         l0_w = g["shape_rc"][1] * g["l0_cell_size_xy"][0]
         l0_h = g["shape_rc"][0] * g["l0_cell_size_xy"][1]
         want_mpp = max(l0_w * mpp_xy[0], l0_h * mpp_xy[1]) / max(size_wh)
-        thumb, l0_per = read_thumbnail(slide, mpp_xy, max(want_mpp, 1.0))
+        thumb, l0_per_mask_xy = read_thumbnail(slide, mpp_xy, max(want_mpp, 1.0))
         x0, y0 = g["l0_origin_xy"]
-        box = (x0 / l0_per[0], y0 / l0_per[1], (x0 + l0_w) / l0_per[0], (y0 + l0_h) / l0_per[1])
+        box = (x0 / l0_per_mask_xy[0], y0 / l0_per_mask_xy[1], (x0 + l0_w) / l0_per_mask_xy[0], (y0 + l0_h) / l0_per_mask_xy[1])
         img = Image.fromarray(thumb).transform(
             size_wh, Image.Transform.EXTENT, box, Image.Resampling.BILINEAR, fillcolor=(255, 255, 255)
         )

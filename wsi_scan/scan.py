@@ -166,8 +166,8 @@ def _scan_opened(
     from .plan import plan_scan
 
     timings: dict[str, float] = {}
-    mpp = resolve_mpp(slide.info.metadata, config.mpp, str(slide_path), config.mpp_xy_tolerance)
-    if config.mpp is not None:
+    mpp = resolve_mpp(slide.info.metadata, config.mpp_override, str(slide_path), config.mpp_xy_tolerance)
+    if config.mpp_override is not None:
         mpp = dataclasses.replace(mpp, source=config.mpp_override_source)
     check_extent(slide.info.level0_size_wh, mpp, str(slide_path))
     timings["open"] = time.perf_counter() - t

@@ -248,7 +248,7 @@ def test_shared_slide_opens_with_its_heatmap(name, mpp, serve, page, tmp_path, m
 
     slide = shared_path("slides", name)
     out = tmp_path / "real.zarr"
-    scan_slide(slide, out, ScanConfig(mpp=mpp), model=mock_model)
+    scan_slide(slide, out, ScanConfig(mpp_override=mpp), model=mock_model)
     v = serve(out)
     open_store(page, v.url, heat_opacity=0.4)
     img = shot(page, tmp_path / f"{name}.png")

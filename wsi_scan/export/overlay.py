@@ -94,17 +94,19 @@ def _nice_scale_mm(image_w_um: float) -> float:
 def compose_overlay(
     hm: Heatmap,
     thumb: np.ndarray,
-    l0_per_px_xy: tuple[float, float],
+    l0_per_mask_xy: tuple[float, float],
     alpha: float = OVERLAY_ALPHA,
     threshold: float | None = None,
 ) -> np.ndarray:
-    """The picture as an (h, w, 3) uint8 array; ``thumb`` shows the whole level-0 frame."""
+    """The picture as an (h, w, 3) uint8 array; ``thumb`` shows the whole level-0 frame, at
+    ``l0_per_mask_xy`` level-0 px per thumbnail px (``read_thumbnail``'s scale, named as the
+    tissue mask names it)."""
     from PIL import Image, ImageDraw
 
     from ..geometry import image_cells
 
     th, tw = thumb.shape[:2]
-    r, c = image_cells(hm.grid, l0_per_px_xy, (0, 0), (tw, th))
+    r, c = image_cells(hm.grid, l0_per_mask_xy, (0, 0), (tw, th))
     inside = (r[:, None] >= 0) & (c[None, :] >= 0)
     rr, cc = np.broadcast_to(r[:, None], inside.shape), np.broadcast_to(c[None, :], inside.shape)
     probs = np.full((th, tw), np.nan, dtype=np.float32)
@@ -143,7 +145,7 @@ def compose_overlay(
     if 0 <= thr <= 1:
         draw.line((bx0 - 3, ty, bx0 + bar_w + 2, ty), fill=CONTOUR_RGB, width=2)
 
-    um_per_px = l0_per_px_xy[0] * hm.mpp_xy[0]
+    um_per_px = l0_per_mask_xy[0] * hm.mpp_xy[0]
     mm = _nice_scale_mm(tw * um_per_px)
     bar_px = max(1, round(mm * 1000 / um_per_px))
     sy = th + fs
@@ -194,8 +196,8 @@ def render_overlay(
         # a hair coarser than exact, so that ceil() in read_thumbnail stays within max_size
         # never finer than level 0: a picture larger than the slide only costs memory
         thumb_mpp = max(max(w0 * mx, h0 * my) / max_size * (1 + 1e-9), mx, my)
-        thumb, l0_per_px = read_thumbnail(s, hm.mpp_xy, thumb_mpp)
+        thumb, l0_per_mask_xy = read_thumbnail(s, hm.mpp_xy, thumb_mpp)
     finally:
         s.close()
-    pic = compose_overlay(hm, thumb, l0_per_px, alpha, threshold)
+    pic = compose_overlay(hm, thumb, l0_per_mask_xy, alpha, threshold)
     return write_image(out, pic, overwrite)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import PCAM_CELL_PX, PCAM_MPP, PCAM_PATCH_PX, TILE_STRIDE_CELLS, ScanConfig, TissueConfig
+from ..config import PCAM_CELL_PX, PCAM_INPUT_PX, PCAM_MPP, TILE_STRIDE_CELLS, ScanConfig, TissueConfig
 from ..errors import DataError, UsageError
 from ..geometry import CellBlock
 
@@ -193,7 +193,7 @@ def tile_slide(
 def _window_contract(model: Any) -> tuple[float, int, int]:
     """(um/px, window px, cell px): the model card's, or PCam's without a model."""
     if model is None:
-        return PCAM_MPP, PCAM_PATCH_PX, PCAM_CELL_PX
+        return PCAM_MPP, PCAM_INPUT_PX, PCAM_CELL_PX
     from ..io.model_files import LoadedModel, load_model
 
     card = (model if isinstance(model, LoadedModel) else load_model(model)).card

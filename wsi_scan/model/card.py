@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import MPP_RANGE_UM, PCAM_CELL_PX, PCAM_MPP, PCAM_PATCH_PX
+from ..config import MPP_RANGE_UM, PCAM_CELL_PX, PCAM_INPUT_PX, PCAM_MPP
 from ..errors import ModelError
 
 CARD_VERSION = 1
@@ -57,10 +57,13 @@ def _check_types(kw: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class ModelCard:
+    """The contract a model file carries (its JSON card); each field is a key of that file."""
+
     arch: str
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    input_px: int = PCAM_PATCH_PX
-    cell_px: int = PCAM_CELL_PX
+    input_px: int = PCAM_INPUT_PX  # the model's window side in px
+    cell_px: int = PCAM_CELL_PX  # a heatmap cell's side in px: the central square of a window
+    #: the model's input um/px (``mpp`` is the file format's key; a slide's own um/px is ``mpp_xy``)
     mpp: float = PCAM_MPP
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)

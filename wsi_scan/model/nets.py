@@ -33,7 +33,7 @@ class DenseCNN(nn.Module):
     """Dense-exact PCam classifier; returns logits of shape (N, 1, 1 + m, 1 + n)."""
 
     dense_exact = True
-    patch_px = 96
+    input_px = 96  # the window side in px (a card's input_px)
     stride_px = 32
 
     def __init__(self, width: int = 32, dropout: float = 0.2) -> None:
@@ -68,7 +68,7 @@ class PatchClassifier(nn.Module):
     """Wraps a network with a (N, 1) output into the (N, 1, 1, 1) convention of DenseCNN."""
 
     dense_exact = False
-    patch_px = 96
+    input_px = 96  # the window side in px (a card's input_px)
     stride_px = 32
 
     def __init__(self, net: nn.Module) -> None:

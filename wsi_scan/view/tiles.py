@@ -3,7 +3,7 @@
 Deep Zoom level ``dz`` of a W x H px level 0 has ``dz_ds = 2 ** (max_dz - dz)`` level-0 px per
 pixel, ``max_dz = ceil(log2(max(W, H)))``; tile (col, row) holds that level's pixels
 [col*T, col*T + T) x [row*T, row*T + T) (no overlap), i.e. the level-0 box
-``l0_box = (col*T*dz_ds, row*T*dz_ds, ...)``, clipped to the slide. The heatmap tile of the same
+``l0_box_xyxy = (col*T*dz_ds, row*T*dz_ds, ...)``, clipped to the slide. The heatmap tile of the same
 (dz, col, row) colours each pixel with the cell under its centre (``geometry.image_cells``), so
 the two layers align exactly, at every zoom, however the grid's origin and cell size fall.
 
@@ -66,7 +66,7 @@ class DeepZoom:
         x0, y0 = col * self.tile_px, row * self.tile_px
         return (x0, y0), (min(self.tile_px, w - x0), min(self.tile_px, h - y0))
 
-    def tile_l0_box(self, dz: int, col: int, row: int) -> tuple[float, float, float, float]:
+    def tile_l0_box_xyxy(self, dz: int, col: int, row: int) -> tuple[float, float, float, float]:
         """The level-0 box (x0, y0, x1, y1) a tile shows, clipped to the image."""
         (x0, y0), (w, h) = self.tile_box(dz, col, row)
         d = self.downsample(dz)
@@ -202,7 +202,7 @@ class SlideTiles:
         from ..regions import resample_region
 
         ds = self.dz.downsample(dzl)
-        box = self.dz.tile_l0_box(dzl, col, row)
+        box = self.dz.tile_l0_box_xyxy(dzl, col, row)
         _, size = self.dz.tile_box(dzl, col, row)
         if ds >= self.overview_ds:
             img, (kx, ky) = self.overview()
