@@ -39,7 +39,7 @@ run_all() {  # $1 = epochs, $2.. = data folders and extra options for every run
     read -r name opts <<<"$spec"
     # shellcheck disable=SC2086
     $PY -m wsi_scan train "$@" --out "$OUTDIR/$name.safetensors" --report "$OUTDIR/report-$name" \
-      --epochs "$epochs" --device "$DEVICE" --threads 1 --loader-workers "$WORKERS" --overwrite $opts \
+      --epochs "$epochs" --device "$DEVICE" --threads 1 --loader-workers "$WORKERS" --cache-patches --overwrite $opts \
       >"$OUTDIR/$name.log" 2>&1 &
     pids+=($!)
   done

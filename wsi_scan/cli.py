@@ -421,6 +421,11 @@ def _train_options(f: F) -> F:
             "--final-tta/--no-final-tta", default=_TRAIN.final_tta, help="score the kept epoch with 8 dihedral views at the end"
         ),
         click.option(
+            "--cache-patches/--no-cache-patches",
+            default=_TRAIN.cache_patches,
+            help="decode every patch once into memory (27 KB a patch) instead of every epoch; same results",
+        ),
+        click.option(
             "--threshold-specificity",
             type=float,
             default=_TRAIN.threshold_specificity,

@@ -233,6 +233,9 @@ class TrainConfig:
     ema_decay: float = 0.0  # weight averaging: EMA of the weights per step (e.g. 0.999); 0 = off
     max_valid: int = 0  # cap on validation patches (0 = all; a seeded subset), for quick runs
     final_tta: bool = True  # score the kept epoch with the 8 dihedral views at the end (8 passes)
+    # decode every patch once into memory (27 KB a patch) instead of once per epoch: the same
+    # pixels; on a GPU the loaders' decoding is what an epoch waits for
+    cache_patches: bool = False
     # the card's threshold: the lowest at which this share of the validation negatives scores below
     # it (single view; docs/model.md says why 0.93); 0 keeps 0.5
     threshold_specificity: float = 0.93

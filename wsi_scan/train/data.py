@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..io.datasets import PatchData, PatchSet
+from ..io.datasets import PATCH_SHAPE, PatchData, PatchSet
 from .augment import jpeg_roundtrip, soften
 
 
@@ -98,9 +98,13 @@ class RowsDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
         jpeg_quality: tuple[int, int] = (50, 95),
         soften_prob: float = 0.0,
         soften_max: float = 1.15,
+        decoded: np.ndarray | None = None,
     ) -> None:
         self.sets = list(sets)
         self.rows = rows
+        if decoded is not None and len(decoded) != len(rows):
+            raise ValueError(f"decoded holds {len(decoded)} patches for {len(rows)} rows")
+        self.decoded = decoded
         self.seed = seed
         self.jpeg_prob = jpeg_prob
         self.jpeg_quality = jpeg_quality
@@ -114,7 +118,7 @@ class RowsDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
         epoch, pos = divmod(int(k), len(self.rows))
         s, i = self.rows[pos]
         ps = self.sets[int(s)]
-        patch = ps.read(int(i))
+        patch = self.decoded[pos] if self.decoded is not None else ps.read(int(i))
         if self.jpeg_prob > 0 or self.soften_prob > 0:
             rng = np.random.default_rng([self.seed, epoch, pos])
             if rng.random() < self.jpeg_prob:
@@ -123,6 +127,17 @@ class RowsDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
             if self.soften_prob > 0 and rng.random() < self.soften_prob:
                 patch = soften(patch, rng, self.soften_max)
         return torch.from_numpy(np.array(patch, copy=True)), int(ps.labels[int(i)])
+
+
+def decode_rows(sets: Sequence[PatchSet], rows: np.ndarray, progress: bool = False, desc: str = "decode") -> np.ndarray:
+    """Every row's patch decoded, (n, 96, 96, 3) uint8, for ``RowsDataset(decoded=...)``. Made
+    before the loader's workers start, so forked workers share it instead of copying it."""
+    from tqdm import tqdm
+
+    out = np.empty((len(rows), *PATCH_SHAPE), dtype=np.uint8)
+    for k, (s, i) in enumerate(tqdm(rows, desc=desc, disable=not progress, unit="patch")):
+        out[k] = sets[int(s)].read(int(i))
+    return out
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):

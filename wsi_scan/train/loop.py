@@ -26,7 +26,7 @@ from ..model.card import ModelCard
 from ..model.nets import build_network
 from ..model.transforms import to_input
 from .augment import brightness_contrast, hed_jitter, random_dihedral
-from .data import RowsDataset, Splits, labels_of, make_loader, make_splits, patch_ids
+from .data import RowsDataset, Splits, decode_rows, labels_of, make_loader, make_splits, patch_ids
 from .evaluate import predict_probs
 from .metrics import BinaryMetrics, binary_metrics
 
@@ -139,8 +139,13 @@ def train(
         cfg.jpeg_quality,
         cfg.soften_prob if cfg.augment else 0.0,
         cfg.soften_max,
+        decode_rows(splits.sets, train_rows, progress, "decode training patches") if cfg.cache_patches else None,
     )
-    ds_valid = RowsDataset(splits.sets, splits.valid)
+    ds_valid = RowsDataset(
+        splits.sets,
+        splits.valid,
+        decoded=decode_rows(splits.sets, splits.valid, progress, "decode validation patches") if cfg.cache_patches else None,
+    )
     val_labels = labels_of(splits, splits.valid)
     for epoch in range(run.start, cfg.epochs):
         t0 = time.time()
