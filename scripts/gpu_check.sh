@@ -8,6 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f .venv/bin/activate ] && . .venv/bin/activate
+# the interpreter that holds torch: .venv's here, the image's python3 on a lent GPU machine (no wrapper needed)
+PY=${PY:-$(command -v python || command -v python3)}
 
 SIZE=${SIZE:-60000x50000}
 CACHE=${CACHE:-$HOME/.cache/wsi-scan/bench}
@@ -19,27 +21,27 @@ mkdir -p "$OUT"
 
 echo "== card"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 
 echo "== gpu tests"
 # a failing test still lets the benchmark run (a lease is short); the script's status says it failed
 TESTS_RC=0
-python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py || TESTS_RC=$?
+"$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py || TESTS_RC=$?
 
 echo "== components on cuda (slide written once into $CACHE)"
-python scripts/benchmark.py --device cuda --size "$SIZE" --cache "$CACHE" --threads "$THREADS" \
+"$PY" scripts/benchmark.py --device cuda --size "$SIZE" --cache "$CACHE" --threads "$THREADS" \
     --block-cells "$BLOCK" --batch-size 0 --only tissue,read,dense,patch --json "$OUT/components.json"
 
 echo "== end-to-end on cuda, sampling utilisation every 100 ms"
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/util.csv" &
 SMI=$!
 trap 'kill $SMI 2>/dev/null || true' EXIT
-python scripts/benchmark.py --device cuda --size "$SIZE" --cache "$CACHE" --threads "$THREADS" \
+"$PY" scripts/benchmark.py --device cuda --size "$SIZE" --cache "$CACHE" --threads "$THREADS" \
     --block-cells "$BLOCK" --batch-size 0 --only e2e --json "$OUT/e2e.json"
 kill $SMI 2>/dev/null || true
 
 echo "== summary"
-python - "$OUT" <<'PY'
+"$PY" - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 
