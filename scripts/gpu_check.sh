@@ -8,8 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f .venv/bin/activate ] && . .venv/bin/activate
-# the interpreter that holds torch: .venv's here, the image's python3 on a lent GPU machine (no wrapper needed)
-PY=${PY:-$(command -v python || command -v python3)}
+# the interpreter that holds torch: python3 is .venv's here and the image's on a lent GPU machine (no wrapper needed)
+PY=${PY:-$(command -v python3 || command -v python)}
 
 SIZE=${SIZE:-60000x50000}
 CACHE=${CACHE:-$HOME/.cache/wsi-scan/bench}
