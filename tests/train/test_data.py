@@ -42,3 +42,16 @@ def test_cache_patches_trains_the_same_weights(kaggle_dir, tmp_path):
     wa, wb = load_model(a.model_path).net.state_dict(), load_model(b.model_path).net.state_dict()
     assert all(torch.equal(wa[n], wb[n]) for n in wa)
     assert load_model(b.model_path).card.training["config"]["cache_patches"] is True
+
+
+def test_cache_patches_refuses_what_memory_cannot_hold(tmp_path, monkeypatch):
+    import psutil
+
+    from wsi_scan.errors import UsageError
+
+    k = write_kaggle(tmp_path / "k", n=8)
+    splits = make_splits([open_patch_data(k)], 0.25, 0)
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=100_000))
+    with pytest.raises(UsageError, match=r"--cache-patches: 6 patches need 0\.0 GiB in memory, 0\.0 GiB is available"):
+        decode_rows(splits.sets, splits.train)

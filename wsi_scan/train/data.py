@@ -132,8 +132,18 @@ class RowsDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
 def decode_rows(sets: Sequence[PatchSet], rows: np.ndarray, progress: bool = False, desc: str = "decode") -> np.ndarray:
     """Every row's patch decoded, (n, 96, 96, 3) uint8, for ``RowsDataset(decoded=...)``. Made
     before the loader's workers start, so forked workers share it instead of copying it."""
+    import psutil
     from tqdm import tqdm
 
+    need = len(rows) * int(np.prod(PATCH_SHAPE))
+    free = psutil.virtual_memory().available
+    if need > 0.8 * free:  # the loaders, the network and the system need the rest
+        from ..errors import UsageError
+
+        raise UsageError(
+            f"--cache-patches: {len(rows)} patches need {need / 2**30:.1f} GiB in memory, "
+            f"{free / 2**30:.1f} GiB is available; train without --cache-patches"
+        )
     out = np.empty((len(rows), *PATCH_SHAPE), dtype=np.uint8)
     for k, (s, i) in enumerate(tqdm(rows, desc=desc, disable=not progress, unit="patch")):
         out[k] = sets[int(s)].read(int(i))
