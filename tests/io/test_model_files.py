@@ -23,6 +23,9 @@ def test_roundtrip(tmp_path, ext):
     x = torch.randn(1, 3, 128, 128)
     with torch.no_grad():
         torch.testing.assert_close(m.net(x), net(x))
+    # a model is shared like any output: the mode a new file gets (safetensors alone gives 0600)
+    (tmp_path / "plain").touch()
+    assert p.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
 
 
 def test_bundled_model_has_a_full_card():

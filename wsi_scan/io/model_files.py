@@ -10,6 +10,8 @@ Formats, by extension:
 
 from __future__ import annotations
 
+import os
+
 import json
 import pickle
 import zipfile
@@ -84,7 +86,12 @@ def save_model(path: str | Path, net: Any, card: ModelCard) -> Path:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
+            # safetensors writes its files readable by their owner only; a model is shared
+            # like any other output, so it gets the mode a new file gets here (the umask's)
+            tmp.touch()
+            mode = tmp.stat().st_mode & 0o777
             save_file(state, str(tmp), metadata={CARD_KEY: card.to_json()})
+            os.chmod(tmp, mode)
         else:
             torch.save({"card": card.to_json(), "state_dict": state}, tmp)
     return path
