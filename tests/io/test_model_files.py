@@ -28,15 +28,22 @@ def test_roundtrip(tmp_path, ext):
     assert p.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
 
 
-def test_bundled_model_has_a_full_card():
-    m = load_model(None)
-    assert bundled_model_path().is_file()
+@pytest.mark.parametrize("name", ["default", "fast", "accurate"])
+def test_bundled_model_has_a_full_card(name):
+    from wsi_scan.io.model_files import bundled_models
+
+    assert bundled_model_path().is_file() and name in bundled_models()
+    m = load_model(name)
     c = m.card
+    assert c.name == name
     assert c.dense_exact and c.input_px == 96 and c.cell_px == 32 and c.mpp == pytest.approx(0.972)
     assert c.class_names == ("normal", "tumour")
     assert c.training["command"].startswith("wsi-scan train")
     assert "validation" in c.training["data"]
-    assert 0.5 < c.metrics["valid"]["auc"] <= 1.0
+    assert 0.93 < c.metrics["valid"]["auc"] <= 1.0
+    if name != "default":  # the threshold rule's models: the rule, and the specificity it promises
+        assert c.training["threshold_rule"]["specificity"] == 0.93
+        assert c.threshold == c.metrics["valid"]["threshold"] and c.metrics["valid"]["specificity"] >= 0.93
 
 
 def test_card_without_required_keys(tmp_path):
