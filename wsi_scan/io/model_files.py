@@ -10,9 +10,8 @@ Formats, by extension:
 
 from __future__ import annotations
 
-import os
-
 import json
+import os
 import pickle
 import zipfile
 from dataclasses import dataclass
