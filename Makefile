@@ -24,8 +24,9 @@ demo: setup
 	$(VENV)/bin/wsi-scan $(DEMO_DIR)/cmu-1-small-region.svs --out $(DEMO_DIR)/cmu-1-small-region.zarr --overlay $(DEMO_DIR)/overlay.png --overwrite
 	@echo "heatmap: $(DEMO_DIR)/cmu-1-small-region.zarr  overlay: $(DEMO_DIR)/overlay.png"
 
+# tests in parallel, one worker per core up to 4 (each scan test holds up to ~1 GB)
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4
 
 lint: setup
 	$(VENV)/bin/ruff check wsi_scan tests scripts
