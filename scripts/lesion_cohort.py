@@ -28,7 +28,7 @@ MPP = 0.972
 
 
 def write_node(path: Path, ps: object, neg: np.ndarray, pos: np.ndarray, k: int, seed: int) -> tuple[int, int] | None:
-    import tifffile
+    from wsi_scan.io.synthetic import write_flat_slide
 
     rng = np.random.default_rng(seed)
     img = np.zeros((SIDE * 96, SIDE * 96, 3), dtype=np.uint8)
@@ -43,17 +43,7 @@ def write_node(path: Path, ps: object, neg: np.ndarray, pos: np.ndarray, k: int,
             r, c = divmod(s, k)
             img[(r0 + r) * 96 : (r0 + r + 1) * 96, (c0 + c) * 96 : (c0 + c + 1) * 96] = ps.read(int(idx))  # type: ignore[attr-defined]
         origin = (c0 * 96, r0 * 96)
-    res = 1e4 / MPP
-    tifffile.imwrite(
-        path,
-        img,
-        tile=(256, 256),
-        photometric="rgb",
-        compression="zlib",
-        resolution=(res, res),
-        resolutionunit="CENTIMETER",
-        metadata=None,
-    )
+    write_flat_slide(path, img, MPP)
     return origin
 
 

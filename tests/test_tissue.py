@@ -77,8 +77,9 @@ SLIDE_MPP = 2.0  # the artefact slide's level 0: 4 px per 8 um thumbnail pixel
 def _artefact_slide(tmp_path):
     """A 4 x 3 mm slide at 2 um/px with tissue, fat, a small fragment and every artefact the
     mask must refuse; returns the path and the regions in level-0 px (x0, y0, x1, y1)."""
-    import tifffile
     from scipy import ndimage
+
+    from wsi_scan.io.synthetic import write_flat_slide
 
     rng = np.random.default_rng(5)
     h, w = 1500, 2000
@@ -121,17 +122,7 @@ def _artefact_slide(tmp_path):
     patch = ndimage.gaussian_filter(rng.normal(0, 4, (y1 - y0, x1 - x0)), 20)
     img[y0:y1, x0:x1] = np.clip(np.array([226.0, 226.0, 229.0]) + patch[..., None], 0, 255)
     path = tmp_path / "artefacts.tif"
-    res = 1e4 / SLIDE_MPP
-    tifffile.imwrite(
-        path,
-        img.astype(np.uint8),
-        tile=(256, 256),
-        photometric="rgb",
-        compression="zlib",
-        resolution=(res, res),
-        resolutionunit="CENTIMETER",
-        metadata=None,
-    )
+    write_flat_slide(path, img.astype(np.uint8), SLIDE_MPP)
     return path, regions
 
 

@@ -116,17 +116,9 @@ def write_mosaic(
     path.parent.mkdir(parents=True, exist_ok=True)
     truth = Mosaic(path, (rows, cols), np.asarray(indices), ps.labels[np.asarray(indices)], None if layout is None else slots)
     if scan_mpp is None:
-        res = 1e4 / mpp
-        tifffile.imwrite(
-            path,
-            img,
-            tile=(tile_px, tile_px),
-            photometric="rgb",
-            compression="zlib",
-            resolution=(res, res),
-            resolutionunit="CENTIMETER",
-            metadata=None,
-        )
+        from .synthetic import write_flat_slide
+
+        write_flat_slide(path, img, mpp, tile_px)
         return truth
     h, w = img.shape[:2]
     big_w, big_h = round(w * mpp / scan_mpp), round(h * mpp / scan_mpp)

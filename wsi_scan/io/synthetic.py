@@ -148,6 +148,25 @@ def _tiles(spec: SyntheticSlide, level: int) -> Iterator[np.ndarray | bytes]:
             yield out
 
 
+def write_flat_slide(path: str | Path, rgb: np.ndarray, mpp: float, tile_px: int = 256) -> Path:
+    """An (h, w, 3) uint8 image as a one-level tiled TIFF (zlib, lossless) whose resolution tags
+    give ``mpp`` um/px: a slide both readers open, for scenes small enough to hold in memory."""
+    import tifffile
+
+    res = 1e4 / mpp
+    tifffile.imwrite(
+        path,
+        rgb,
+        tile=(tile_px, tile_px),
+        photometric="rgb",
+        compression="zlib",
+        resolution=(res, res),
+        resolutionunit="CENTIMETER",
+        metadata=None,
+    )
+    return Path(path)
+
+
 def write_synthetic_slide(path: str | Path, spec: SyntheticSlide) -> Path:
     import tifffile
 
