@@ -30,7 +30,6 @@ from .io.folder_run import (
     check_run_folders,
     clean_debris,
     file_log,
-    list_slides,
     output_path,
     prepare_out_dir,
     read_mpp_csv,
@@ -135,14 +134,15 @@ class BatchResult:
 
 
 def plan_jobs(
-    slides_dir: Path, out_dir: Path, config: ScanConfig, recursive: bool, mpp_overrides: dict[str, float]
+    slides_dir: Path, slides: Sequence[Path], out_dir: Path, config: ScanConfig, mpp_overrides: dict[str, float]
 ) -> tuple[list[SlideJob], list[SlideOutcome]]:
-    """Jobs for every slide, plus outcomes already decided (two slides that map to one output)."""
+    """Jobs for ``slides`` (found under ``slides_dir``), plus outcomes already decided (two
+    slides that map to one output)."""
     jobs: list[SlideJob] = []
     clashes: list[SlideOutcome] = []
     taken: dict[str, str] = {}
     used_keys: set[str] = set()
-    for p in list_slides(slides_dir, recursive, exclude=out_dir):
+    for p in slides:
         rel = p.relative_to(slides_dir)
         key = rel.as_posix()
         out = output_path(out_dir, rel)
@@ -541,10 +541,10 @@ def scan_folder(
     _check_arguments(config, workers, scheduler_address)
     check_run_folders(slides_dir, out_dir)
     mpp_overrides = read_mpp_csv(mpp_csv) if mpp_csv is not None else {}
-    require_slides(slides_dir, recursive, exclude=out_dir)
+    slides = require_slides(slides_dir, recursive, exclude=out_dir)
     prepare_out_dir(out_dir)
     with file_log(out_dir):
-        jobs, decided = plan_jobs(slides_dir, out_dir, config, recursive, mpp_overrides)
+        jobs, decided = plan_jobs(slides_dir, slides, out_dir, config, mpp_overrides)
         log.info(
             "folder run: %d slides in %s -> %s (%s)",
             len(jobs) + len(decided),
@@ -552,8 +552,6 @@ def scan_folder(
             out_dir,
             f"cluster {scheduler_address}" if scheduler_address else f"{workers} local workers" if workers else "serial",
         )
-        if not jobs and not decided:
-            log.warning("no slides found in %s", slides_dir)
         loaded = _model_for(model)  # once for the run; fails the run early when the model is unusable
         outcomes = _run_jobs(jobs, decided, model, loaded, workers, scheduler_address, progress)
         outcomes.sort(key=lambda o: o.slide)

@@ -66,17 +66,20 @@ def list_slides(slides_dir: str | Path, recursive: bool = False, exclude: Path |
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def require_slides(slides_dir: Path, recursive: bool, exclude: Path) -> None:
-    """Refuse a folder without slides before anything is written in the output folder."""
+def require_slides(slides_dir: Path, recursive: bool, exclude: Path) -> list[Path]:
+    """``list_slides``, refusing a folder without slides before anything is written in the
+    output folder."""
     from .slide import SLIDE_EXTS
 
-    if not list_slides(slides_dir, recursive, exclude=exclude):
+    slides = list_slides(slides_dir, recursive, exclude=exclude)
+    if not slides:
         named = slides_dir.suffix.lower() in SLIDE_EXTS
         raise SlideNotFoundError(
             f"{slides_dir} is a folder{' named like a slide' if named else ''} with no slide files "
             f"({', '.join(SLIDE_EXTS)}){'' if recursive else ' at its top level (--recursive looks in subfolders)'}; "
             "nothing was written"
         )
+    return slides
 
 
 def read_mpp_csv(path: str | Path) -> dict[str, float]:
