@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="auto", choices=("auto", "openslide", "tifffile"), help="slide reader")
     ap.add_argument("--layout", default="pages", choices=tuple(LAYOUTS), help="how the slide stores its pyramid")
     ap.add_argument("--read-level", default=ScanConfig.read_level, choices=("exact", "nearest"), help="the scan's level policy")
+    ap.add_argument("--decode", default=ScanConfig.decode, choices=("auto", "cpu", "device"), help="where JPEG tiles are decoded")
     ap.add_argument("--tissue", default="glass", choices=("glass", "otsu", "all"), help="the tissue rule (otsu: the former one)")
     ap.add_argument(
         "--torch-threads", type=int, default=0, help="torch intra-op threads, here and in the scan child (0: torch's default)"
@@ -314,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         threads=args.threads,
         read_level=args.read_level,
+        decode=args.decode,
         tissue=TissueConfig(method=args.tissue),
     )
     slide = open_slide(path, cfg.backend)
@@ -587,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "mode": e2e_mode,
             "read_level": args.read_level,
+            "decode": args.decode,
         }
         res = run_child_scan(path, child_cfg)
         ts = res["timings_s"]

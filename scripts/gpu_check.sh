@@ -32,13 +32,16 @@ echo "== components on cuda (slide written once into $CACHE)"
 "$PY" scripts/benchmark.py --device cuda --size "$SIZE" --cache "$CACHE" --threads "$THREADS" \
     --block-cells "$BLOCK" --batch-size 0 --only tissue,read,dense,patch --json "$OUT/components.json"
 
-echo "== end-to-end on cuda, sampling utilisation every 100 ms"
-nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/util.csv" &
-SMI=$!
-trap 'kill $SMI 2>/dev/null || true' EXIT
-"$PY" scripts/benchmark.py --device cuda --size "$SIZE" --cache "$CACHE" --threads "$THREADS" \
-    --block-cells "$BLOCK" --batch-size 0 --only e2e --json "$OUT/e2e.json"
-kill $SMI 2>/dev/null || true
+# twice: JPEG tiles decoded and resampled on the GPU (--decode auto), then on the CPU cores
+for DECODE in auto cpu; do
+    echo "== end-to-end on cuda, --decode $DECODE, sampling utilisation every 100 ms"
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/util-$DECODE.csv" &
+    SMI=$!
+    trap 'kill $SMI 2>/dev/null || true' EXIT
+    "$PY" scripts/benchmark.py --device cuda --size "$SIZE" --cache "$CACHE" --threads "$THREADS" \
+        --block-cells "$BLOCK" --batch-size 0 --only e2e --mode dense --decode "$DECODE" --json "$OUT/e2e-$DECODE.json"
+    kill $SMI 2>/dev/null || true
+done
 
 echo "== summary"
 "$PY" - "$OUT" <<'PY'
@@ -47,28 +50,31 @@ from pathlib import Path
 
 out = Path(sys.argv[1])
 comp = json.loads((out / "components.json").read_text())
-e2e = json.loads((out / "e2e.json").read_text())
-util = [float(ln.split(",")[1]) for ln in (out / "util.csv").read_text().splitlines() if ln.count(",") >= 2]
-# the scan window: from the first to the last sample with the GPU busy (model load and the
-# tissue mask before it, the zarr write after it, are CPU-only)
-busy = [i for i, u in enumerate(util) if u > 0]
-window = util[busy[0] : busy[-1] + 1] if busy else []
-ts = e2e["e2e"]["timings_s"]
-cells = e2e["e2e"]["tissue_cells"]
 print(f"card                 {comp['machine'].get('gpu')}")
-print(f"slide                {comp['slide']['size_wh']} px, {cells} tissue cells")
 print(f"dense compute alone  {comp['dense']['cells_per_s']:.0f} cells/s")
 if "patch" in comp:
     print(f"patch mode           {comp['patch']['cells_per_s']:.0f} cells/s (speed-up of dense {comp['patch'].get('speedup', float('nan')):.1f}x)")
-print(f"read + resample      {comp['read']['target_mp_per_s']:.0f} MP/s target frame")
-print(f"end-to-end           {ts['total']:.1f} s (scan {ts['scan']:.1f} s) = {cells / ts['scan']:.0f} cells/s in the scan")
-print(f"slides per hour      {3600 / ts['total']:.0f}")
-print(f"peak RSS             {e2e['e2e']['peak_rss_gb']:.2f} GB")
-if window:
-    hi = sum(u >= 90 for u in window) / len(window)
-    print(f"GPU utilisation      mean {sum(window) / len(window):.0f}% over the scan window "
-          f"({len(window)} samples, {hi:.0%} of them >= 90%); mean {sum(util) / len(util):.0f}% over the whole run")
-else:
-    print("GPU utilisation      no busy sample recorded")
+print(f"read + resample      {comp['read']['target_mp_per_s']:.0f} MP/s target frame (CPU)")
+for decode in ("auto", "cpu"):
+    e2e = json.loads((out / f"e2e-{decode}.json").read_text())
+    util = [float(ln.split(",")[1]) for ln in (out / f"util-{decode}.csv").read_text().splitlines() if ln.count(",") >= 2]
+    # the scan window: from the first to the last sample with the GPU busy (model load and the
+    # tissue mask before it, the zarr write after it, are CPU-only)
+    busy = [i for i, u in enumerate(util) if u > 0]
+    window = util[busy[0] : busy[-1] + 1] if busy else []
+    ts = e2e["e2e"]["timings_s"]
+    cells = e2e["e2e"]["tissue_cells"]
+    print(f"--decode {decode}")
+    print(f"  slide              {comp['slide']['size_wh']} px, {cells} tissue cells")
+    print(f"  end-to-end         {ts['total']:.1f} s (scan {ts['scan']:.1f} s) = {cells / ts['scan']:.0f} cells/s in the scan")
+    print(f"  slides per hour    {3600 / ts['total']:.0f}")
+    print(f"  CPU per cell       {e2e['e2e'].get('cpu_ms_per_window', float('nan')):.3f} ms")
+    print(f"  peak RSS           {e2e['e2e']['peak_rss_gb']:.2f} GB")
+    if window:
+        hi = sum(u >= 90 for u in window) / len(window)
+        print(f"  GPU utilisation    mean {sum(window) / len(window):.0f}% over the scan window "
+              f"({len(window)} samples, {hi:.0%} of them >= 90%); mean {sum(util) / len(util):.0f}% over the whole run")
+    else:
+        print("  GPU utilisation    no busy sample recorded")
 PY
 exit "$TESTS_RC"

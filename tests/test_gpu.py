@@ -1,4 +1,5 @@
-"""The CUDA path: AMP dense == patch, CUDA agrees with the CPU, pinned copies from many threads.
+"""The CUDA path: AMP dense == patch, CUDA agrees with the CPU, pinned copies from many threads,
+JPEG tiles decoded and resampled on the GPU.
 
 Marked ``gpu``; every test skips on a machine without CUDA, so the suite passes anywhere.
 """
@@ -45,7 +46,10 @@ def test_cuda_float32_matches_cpu(make_slide, tmp_path):
     slide = make_slide(tumour=TUMOUR)
     torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions would round like AMP
     try:
-        g = scan_slide(slide, tmp_path / "g.zarr", ScanConfig(device="cuda", mode="dense", block_cells=6, amp=False))
+        # decoded on the CPU as the reference is: this test is about the network's arithmetic
+        g = scan_slide(
+            slide, tmp_path / "g.zarr", ScanConfig(device="cuda", mode="dense", block_cells=6, amp=False, decode="cpu")
+        )
     finally:
         torch.backends.cudnn.allow_tf32 = True
     c = scan_slide(slide, tmp_path / "c.zarr", ScanConfig(device="cpu", mode="dense", block_cells=6))
@@ -56,7 +60,9 @@ def test_cuda_float32_matches_cpu(make_slide, tmp_path):
 
 def test_cuda_amp_close_to_cpu(make_slide, tmp_path):
     slide = make_slide(tumour=TUMOUR)
-    g = scan_slide(slide, tmp_path / "g.zarr", ScanConfig(device="cuda", mode="dense", block_cells=6, amp=True, threads=4))
+    g = scan_slide(
+        slide, tmp_path / "g.zarr", ScanConfig(device="cuda", mode="dense", block_cells=6, amp=True, threads=4, decode="cpu")
+    )
     c = scan_slide(slide, tmp_path / "c.zarr", ScanConfig(device="cpu", mode="dense", block_cells=6))
     (pg, fg), (pc, fc) = _probs(g.out), _probs(c.out)
     np.testing.assert_array_equal(fg, fc)
@@ -83,3 +89,49 @@ def test_batch_size_is_chosen_for_the_card():
     assert 64 <= n <= 8192
     pred = Predictor(load_model(None).net, card, torch.device("cuda"), "patch", batch_size=0)
     assert pred.batch_size == n
+
+
+def test_resampling_on_the_gpu_is_the_cpus_bit_for_bit():
+    from wsi_scan.device_regions import resample_chw
+
+    rng = np.random.default_rng(0)
+    img = torch.from_numpy(rng.integers(0, 256, (3, 700, 650), dtype=np.uint8))
+    for box, out_wh in (((10.3, 7.9, 640.2, 690.5), (160, 170)), ((3.0, 4.0, 500.0, 520.0), (520, 540))):
+        np.testing.assert_array_equal(resample_chw(img.cuda(), box, out_wh).cpu().numpy(), resample_chw(img, box, out_wh).numpy())
+
+
+def test_nvjpeg_decodes_the_tiles_as_libjpeg_does_within_rounding(make_slide):
+    from wsi_scan.device_regions import device_decode_check
+    from wsi_scan.io.slide import open_slide
+
+    slide = open_slide(make_slide(tile_px=128), "tifffile")
+    try:
+        assert device_decode_check(slide, 0, torch.device("cuda"), probes=8) is None
+    finally:
+        slide.close()
+
+
+def test_aperio_tiles_decode_on_the_gpu():
+    from tests._support import shared_path
+    from wsi_scan.device_regions import device_decode_check
+    from wsi_scan.io.slide import open_slide
+
+    slide = open_slide(shared_path("slides", "cmu-1-small-region.svs"), "tifffile")
+    try:
+        assert device_decode_check(slide, 0, torch.device("cuda"), probes=8) is None
+    finally:
+        slide.close()
+
+
+@pytest.mark.parametrize("mode", ["dense", "patch"])
+def test_scan_decoded_on_the_gpu_matches_the_cpu_decode(make_slide, tmp_path, mode):
+    slide = make_slide(tumour=TUMOUR, tile_px=128)
+    cfg = {"device": "cuda", "mode": mode, "block_cells": 6, "amp": False, "backend": "tifffile"}
+    g = scan_slide(slide, tmp_path / "g.zarr", ScanConfig(decode="auto", **cfg))
+    c = scan_slide(slide, tmp_path / "c.zarr", ScanConfig(decode="cpu", **cfg))
+    assert open_heatmap(g.out).attrs["grid"]["read_decode"].startswith("device (cuda")
+    assert open_heatmap(c.out).attrs["grid"]["read_decode"] == "cpu"
+    (pg, fg), (pc, fc) = _probs(g.out), _probs(c.out)
+    np.testing.assert_array_equal(fg, fc)
+    # nvJPEG rounds some pixels a level or two away from libjpeg-turbo
+    np.testing.assert_allclose(pg[fg], pc[fc], atol=AMP_ATOL, rtol=0)

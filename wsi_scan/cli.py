@@ -140,6 +140,12 @@ def _scan_options(f: F) -> F:
             default=_SCAN.read_level,
             help="pyramid level read: exact (at or finer than the model's um/px, shrunk) or nearest (enlarged up to 1.1x)",
         ),
+        click.option(
+            "--decode",
+            type=click.Choice(["auto", "cpu", "device"]),
+            default=_SCAN.decode,
+            help="where JPEG tiles are decoded and resampled: auto (on a GPU when it decodes the slide's tiles alike), cpu, device",
+        ),
         click.option("--mpp", type=float, default=None, help="level-0 micrometers per pixel, overriding the slide's metadata"),
         click.option(
             "--block-cells",

@@ -14,6 +14,7 @@ Backend = Literal["auto", "openslide", "tifffile"]
 Mode = Literal["auto", "dense", "patch"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 ReadLevel = Literal["exact", "nearest"]
+Decode = Literal["auto", "cpu", "device"]
 
 #: PatchCamelyon patches were cut at level 2 of Camelyon16 slides scanned at 0.243 um/px.
 PCAM_MPP = 0.972
@@ -43,6 +44,12 @@ OVERLAY_ALPHA = 0.5
 OVERLAY_MAX_SIZE_PX = 2048
 #: step between the windows ``wsi-scan tile`` cuts, in cells: 3 gives non-overlapping 96 px windows
 TILE_STRIDE_CELLS = 3
+#: largest disagreement, in 8-bit levels, between a device's JPEG decoder and libjpeg-turbo on a
+#: slide's probe tiles that still lets ``--decode auto`` decode on the device (and the mean must
+#: stay under the second value): decoders within the JPEG standard's IDCT accuracy differ by a
+#: level or two, a colour-space mix-up by tens
+DEVICE_DECODE_MAX_ABS = 8
+DEVICE_DECODE_MAX_MEAN = 0.5
 
 
 def _in_range(owner: str, name: str, value: Any, lo: float, hi: float, lo_open: bool = False, flag: str | None = None) -> None:
@@ -161,6 +168,11 @@ class ScanConfig:
     #: end to end on a 40x mosaic of the validation split, nearest loses less AUC than the 0.002
     #: allowed for much less CPU time (docs/benchmarks.md, "Read-level policy")
     read_level: ReadLevel = "nearest"
+    #: where JPEG tiles are decoded and the block resampled: "device" = on the model's device
+    #: (nvJPEG on a GPU; ``device_regions``), "cpu" = libjpeg-turbo and Pillow, "auto" = on a CUDA
+    #: device when the read level is JPEG tiles the tifffile backend reads and the device's
+    #: decoder agrees with the CPU's on the slide's tiles (``DEVICE_DECODE_MAX_*``), else the CPU
+    decode: Decode = "auto"
     mpp_xy_tolerance: float = 0.02  # relative disagreement of x and y pixel size that is an error
     overwrite: bool = False
     tissue: TissueConfig = field(default_factory=TissueConfig)
@@ -185,6 +197,7 @@ class ScanConfig:
             ("device", ("auto", "cpu", "cuda")),
             ("backend", ("auto", "openslide", "tifffile")),
             ("read_level", ("exact", "nearest")),
+            ("decode", ("auto", "cpu", "device")),
         ):
             if getattr(self, name) not in allowed:
                 from .errors import UsageError

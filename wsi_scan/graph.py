@@ -15,13 +15,19 @@ class BlockClassifier(Protocol):
     """What the graph runs on each block image (``inference.Predictor``): the probability of each
     selected cell, NaN elsewhere."""
 
-    def predict_block(self, region: np.ndarray, cells: np.ndarray) -> np.ndarray: ...
+    def predict_block(self, region: Any, cells: np.ndarray) -> np.ndarray: ...
 
 
 def block_task(plan: ReadPlan, block: CellBlock, cells: np.ndarray, predictor: BlockClassifier) -> np.ndarray:
-    """Read one block and classify its tissue cells: (nr, nc) float32, NaN off tissue."""
-    region = read_block(plan, block)
-    return predictor.predict_block(region, cells)
+    """Read one block (on the CPU, or on the model's device: ``device_regions``) and classify
+    its tissue cells: (nr, nc) float32, NaN off tissue."""
+    if plan.decode_device:
+        import torch
+
+        from .device_regions import read_block_on_device
+
+        return predictor.predict_block(read_block_on_device(plan, block, torch.device(plan.decode_device)), cells)
+    return predictor.predict_block(read_block(plan, block), cells)
 
 
 def block_key(block: CellBlock) -> str:

@@ -109,9 +109,18 @@ class Predictor:
         return s
 
     @torch.inference_mode()
-    def _probs(self, rgb: np.ndarray) -> np.ndarray:
+    def _probs(self, rgb: np.ndarray | torch.Tensor) -> np.ndarray:
         from .model.transforms import predict_logits, to_input
 
+        if isinstance(rgb, torch.Tensor) and self.device.type == "cuda":
+            # decoded and resampled on the device already (device_regions): nothing crosses the bus
+            with torch.cuda.stream(self._stream()):
+                x = to_input(rgb, self.card, self.device)
+                with autocast(self.device, self.amp):
+                    logits = predict_logits(self.net, x, self.tta)
+                probs = torch.sigmoid(logits.float()).to("cpu", non_blocking=True)
+                torch.cuda.current_stream().synchronize()
+            return probs.numpy()
         if self.device.type != "cuda":
             # Dask threads each call torch; with torch's default of one thread per core the
             # two pools oversubscribe the cores. The setting is per OS thread for threads that
@@ -131,7 +140,8 @@ class Predictor:
             torch.cuda.current_stream().synchronize()
         return probs.numpy()
 
-    def predict_block(self, region: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    def predict_block(self, region: np.ndarray | torch.Tensor, cells: np.ndarray) -> np.ndarray:
+        """``region``: the block image (h, w, 3) uint8, a NumPy array or a tensor on the device."""
         from .grid import block_windows
 
         out = np.full(cells.shape, np.nan, dtype=np.float32)
@@ -146,7 +156,11 @@ class Predictor:
                 )
             out[cells] = probs[cells]
         else:
-            windows = block_windows(region, cells, self.card.input_px, self.card.cell_px)
+            windows = (
+                tensor_block_windows(region, cells, self.card.input_px, self.card.cell_px)
+                if isinstance(region, torch.Tensor)
+                else block_windows(region, cells, self.card.input_px, self.card.cell_px)
+            )
             vals = [self._probs(windows[i : i + self.batch_size]).reshape(-1) for i in range(0, len(windows), self.batch_size)]
             out[cells] = np.concatenate(vals)
         bad = int((~np.isfinite(out[cells])).sum())
@@ -157,3 +171,12 @@ class Predictor:
                 f"{int(cells.sum())} windows of a block; the model is broken, no heatmap is written"
             )
         return out
+
+
+def tensor_block_windows(region: torch.Tensor, cells: np.ndarray, patch_px: int, cell_px: int) -> torch.Tensor:
+    """``grid.block_windows`` of a block image held as a tensor, on its device: (N, patch_px, patch_px, 3)."""
+    view = region.unfold(0, patch_px, cell_px).unfold(1, patch_px, cell_px)  # (nr, nc, 3, P, P)
+    rows, cols = np.nonzero(cells)
+    index_r = torch.as_tensor(rows, device=region.device)
+    index_c = torch.as_tensor(cols, device=region.device)
+    return view[index_r, index_c].permute(0, 2, 3, 1).contiguous()

@@ -36,6 +36,10 @@ class ReadPlan:
     level: int
     downsample_xy: tuple[float, float]
     grid: GridGeometry
+    #: the torch device the blocks are decoded and resampled on ("": this module, on the CPU;
+    #: ``device_regions.choose_decode``), and why not there when ``--decode auto`` kept the CPU
+    decode_device: str = ""
+    decode_note: str = ""
 
 
 class _Handles:
@@ -136,7 +140,7 @@ def resample_region(
     return np.array(img)  # writable: torch refuses read-only buffers
 
 
-def _block_box_and_size(plan: ReadPlan, block: CellBlock) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+def block_box_and_size(plan: ReadPlan, block: CellBlock) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
     x0, y0, x1, y1 = plan.grid.block_tgt_box_xyxy(*block)
     return plan.grid.block_l0_box_xyxy(*block), (x1 - x0, y1 - y0)
 
@@ -144,12 +148,12 @@ def _block_box_and_size(plan: ReadPlan, block: CellBlock) -> tuple[tuple[float, 
 def read_block(plan: ReadPlan, block: CellBlock) -> np.ndarray:
     """The target-frame image of a block's windows: (32 nr + 64, 32 nc + 64, 3) uint8."""
     slide = cached_slide(plan.slide_path, plan.backend)
-    return resample_region(slide, plan.level, plan.downsample_xy, *_block_box_and_size(plan, block))
+    return resample_region(slide, plan.level, plan.downsample_xy, *block_box_and_size(plan, block))
 
 
 def block_reads(plan: ReadPlan, block_list: list[CellBlock]) -> list[ReadRequest]:
     """The slide reads ``read_block`` will make for these blocks, for ``Slide.expect_reads``."""
-    return [region_read(box, plan.downsample_xy, size) for box, size in (_block_box_and_size(plan, b) for b in block_list)]
+    return [region_read(box, plan.downsample_xy, size) for box, size in (block_box_and_size(plan, b) for b in block_list)]
 
 
 @contextlib.contextmanager

@@ -63,6 +63,7 @@ def settings_hash(model_sha256: str, cfg: ScanConfig, digests: dict[str, str] | 
         "overwrite",
         "threads",
         "device",
+        "decode",  # the device's JPEG decoder rounds as a device's arithmetic does (device_regions)
         "batch_size",
         "block_cells",
         "backend",
@@ -178,6 +179,10 @@ def _scan_opened(
 
     t = time.perf_counter()
     sp = plan_scan(slide, mpp.xy, loaded.card.mpp, loaded.card.cell_px, loaded.card.input_px, config)
+    if config.decode != "cpu":
+        from .device_regions import choose_decode
+
+        sp = dataclasses.replace(sp, read=choose_decode(slide, sp.read, predictor.device, config.decode))
     timings["tissue"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -274,8 +279,10 @@ def _classify(
     tasks = build_graph(plan, cells, todo, predictor)
     bar = _Progress(len(todo), slide_path.name, progress)
     ckpt = Checkpoint(out, key, probs, done, {block_key(b): b for b in todo}, config.checkpoint_s)
+    # blocks decoded on the model's device share no decoded tiles: nothing to announce
+    announce = contextlib.nullcontext() if plan.decode_device else expected_reads(plan, todo, config.tile_cache_mib << 20)
     try:
-        with bar.callback(), ckpt.callback(), expected_reads(plan, todo, config.tile_cache_mib << 20):
+        with bar.callback(), ckpt.callback(), announce:
             results = dask.compute(*tasks, scheduler=scheduler, num_workers=max(1, config.threads))
     finally:
         bar.close()
@@ -371,6 +378,10 @@ def _attrs(
             "target_mpp": grid.target_mpp,
             "read_level": plan.level,
             "read_downsample_xy": list(plan.downsample_xy),
+            # where the blocks' JPEG tiles were decoded and resampled, and why not on the model's
+            # device when --decode auto kept the CPU
+            "read_decode": f"device ({plan.decode_device})" if plan.decode_device else "cpu",
+            "read_decode_note": plan.decode_note,
         },
         "tissue": {
             **tissue.params,

@@ -296,6 +296,19 @@ def _jpeg_stream(page: Any, data: bytes) -> bytes:
 
 
 @dataclass(frozen=True)
+class JpegTiles:
+    """The tiles of one read (``TiffFileSlide.jpeg_tiles``): the read's box in the level (x, y,
+    w, h; it may reach past the level, where pixels are white), the level's and the tiles'
+    sizes, and each tile's (column, row) with its complete, intact JPEG stream, or with its
+    pixels, (h, w, 3) uint8, where it was decoded here (no data, or damaged data)."""
+
+    lv_box: tuple[int, int, int, int]
+    level_wh: tuple[int, int]
+    tile_wh: tuple[int, int]
+    tiles: list[tuple[tuple[int, int], bytes | np.ndarray]]
+
+
+@dataclass(frozen=True)
 class _TiledLevel:
     """A level stored as one tiled, chunky, 8-bit RGB(A) page: decoded tile by tile here."""
 
@@ -528,6 +541,61 @@ class TiffFileSlide(_Lifetime):
         if (pos[2], pos[3]) != (ty * th, tx * tw):  # tiles are stored row by row; say so if not
             raise SlideFormatError(f"{self.info.path}: tile {index} lies at {pos[2:4]}, expected {(ty * th, tx * tw)}")
         return _flatten_alpha(seg.reshape(seg.shape[-3:]))
+
+    def jpeg_level(self, level: int) -> bool:
+        """Whether ``level`` is stored as JPEG tiles that ``jpeg_tiles`` can hand to a decoder
+        elsewhere (``device_regions``): three samples, checked by the strict decoder at open."""
+        tl = self._tiled[level]
+        return tl is not None and tl.strict_jpeg
+
+    def jpeg_tiles(self, l0_xy: tuple[int, int], level: int, lv_size_wh: tuple[int, int]) -> JpegTiles:
+        """The tiles ``read_region(l0_xy, level, lv_size_wh)`` would decode, as complete JPEG
+        streams for a decoder on another device.
+
+        A device decoder passes corrupt data over in silence (nvJPEG, and libjpeg inside
+        torchvision, which only prints it), so every stream is first run through the strict
+        decoder at 1/8 scale, which reads all of its entropy-coded data but skips most of the
+        decoding work (about 40% of a full decode's CPU time); a damaged tile is decoded here
+        instead, with the decoder warning the CPU path records, and a tile without data is white.
+        """
+        import simplejpeg
+
+        if not self.jpeg_level(level):
+            raise UsageError(f"{self.info.path}: level {level} is not stored as JPEG tiles this backend can hand over")
+        tl = self._tiled[level]
+        assert tl is not None
+        box = self._lv_box(l0_xy, level, lv_size_wh)
+        tiles: list[tuple[tuple[int, int], bytes | np.ndarray]] = []
+        for key in self._tile_keys(level, box):
+            _, tx, ty = key
+            index = ty * tl.tiles_across + tx
+            nbytes = int(tl.page.databytecounts[index])
+            if nbytes == 0:
+                tiles.append(((tx, ty), self._decode_tile(key)))  # white, counted as on the CPU path
+                continue
+            stream = _jpeg_stream(tl.page, self._pread(nbytes, int(tl.page.dataoffsets[index])))
+            try:
+                simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=True, min_height=1, min_width=1)
+            except ValueError:
+                tiles.append(((tx, ty), self._decode_tile(key)))
+                continue
+            tiles.append(((tx, ty), stream))
+        return JpegTiles(box, self.info.levels[level].size_wh, tl.tile_wh, tiles)
+
+    def probe_jpeg_streams(self, level: int, count: int) -> list[tuple[int, bytes]]:
+        """Up to ``count`` coded tiles of a JPEG level, spread over the file: (tile index, stream)."""
+        tl = self._tiled[level]
+        assert tl is not None and self.jpeg_level(level)
+        nonzero = np.flatnonzero(np.asarray(tl.page.databytecounts))
+        picks = nonzero[np.linspace(0, nonzero.size - 1, min(count, nonzero.size)).astype(int)] if nonzero.size else []
+        page = tl.page
+        return [(int(i), _jpeg_stream(page, self._pread(int(page.databytecounts[i]), int(page.dataoffsets[i])))) for i in picks]
+
+    def decode_tile_index(self, level: int, index: int) -> np.ndarray:
+        """Tile ``index`` of ``level`` as this backend decodes it: (tile h, tile w, 3) uint8."""
+        tl = self._tiled[level]
+        assert tl is not None
+        return self._decode_tile((level, index % tl.tiles_across, index // tl.tiles_across))
 
     def _pread(self, nbytes: int, offset: int) -> bytes:
         if hasattr(os, "pread"):
