@@ -26,7 +26,7 @@ def test_scan_literal_command_and_info(make_slide, tmp_path):
     hm = open_heatmap(out)
     assert hm.attrs["status"] == "complete"
     assert hm.attrs["slide"]["mpp_source"].startswith("openslide.mpp") or "Resolution" in hm.attrs["slide"]["mpp_source"]
-    assert hm.attrs["model"]["name"] == "default"
+    assert hm.attrs["model"]["name"] == "fast"
     code, stdout, err = run("info", slide)
     assert code == 0 and "downsample" in stdout and "tissue" in stdout and "0.243" in stdout
 

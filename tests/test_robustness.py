@@ -580,7 +580,7 @@ def test_outputs_inside_a_store_or_the_package_are_refused(heatmap, tmp_path):
         code, _, err = run(command, hm, "--out", hm / name)
         assert_clean_failure(code, err, hm / name, "inside the heatmap store")
         assert code == 4
-    bundled = Path(wsi_scan.__file__).parent / "model" / "default.safetensors"
+    bundled = Path(wsi_scan.__file__).parent / "model" / "fast.safetensors"
     before = bundled.read_bytes()
     code, _, err = run("train", tmp_path, "--out", bundled, "--overwrite", "--quiet")
     assert code == 4 and "package" in err and bundled.read_bytes() == before

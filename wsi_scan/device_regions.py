@@ -23,7 +23,6 @@ two paths see the same pixels up to the decoder.
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -99,9 +98,6 @@ def resample_chw(img: torch.Tensor, box_xyxy: tuple[float, float, float, float],
     return down.to(torch.uint8)
 
 
-_DECODE_LOCK = threading.Lock()
-
-
 def decode_tiles(streams: list[bytes], device: torch.device) -> list[torch.Tensor]:
     """Complete JPEG streams decoded to (3, h, w) uint8 tensors on ``device``, in one batch."""
     import torch
@@ -110,8 +106,9 @@ def decode_tiles(streams: list[bytes], device: torch.device) -> list[torch.Tenso
     if not streams:
         return []
     data = [torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in streams]
-    # torchvision's batched nvJPEG decode shares one decoder state per device: one call at a time
-    with _DECODE_LOCK, warnings.catch_warnings():
+    # torchvision serialises its nvJPEG decoder itself and orders the result on the caller's
+    # current stream
+    with warnings.catch_warnings():
         # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec, which
         # decodes no raw JPEG tiles on a GPU yet; the codecs still work and are tested here
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -113,8 +113,13 @@ class Predictor:
         from .model.transforms import predict_logits, to_input
 
         if isinstance(rgb, torch.Tensor) and self.device.type == "cuda":
-            # decoded and resampled on the device already (device_regions): nothing crosses the bus
-            with torch.cuda.stream(self._stream()):
+            # decoded and resampled on the device already (device_regions), on this thread's
+            # current stream: this thread's compute stream waits for it, and the allocator is
+            # told the block is used there, so its memory is not reused under the pass
+            stream = self._stream()
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            rgb.record_stream(stream)
+            with torch.cuda.stream(stream):
                 x = to_input(rgb, self.card, self.device)
                 with autocast(self.device, self.amp):
                     logits = predict_logits(self.net, x, self.tta)

@@ -28,7 +28,7 @@ def test_roundtrip(tmp_path, ext):
     assert p.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
 
 
-@pytest.mark.parametrize("name", ["default", "fast", "accurate"])
+@pytest.mark.parametrize("name", ["fast", "accurate"])
 def test_bundled_model_has_a_full_card(name):
     from wsi_scan.io.model_files import bundled_models
 
@@ -41,9 +41,9 @@ def test_bundled_model_has_a_full_card(name):
     assert c.training["command"].startswith("wsi-scan train")
     assert "validation" in c.training["data"]
     assert 0.93 < c.metrics["valid"]["auc"] <= 1.0
-    if name != "default":  # the threshold rule's models: the rule, and the specificity it promises
-        assert c.training["threshold_rule"]["specificity"] == 0.93
-        assert c.threshold == c.metrics["valid"]["threshold"] and c.metrics["valid"]["specificity"] >= 0.93
+    # the threshold rule, and the specificity it promises
+    assert c.training["threshold_rule"]["specificity"] == 0.93
+    assert c.threshold == c.metrics["valid"]["threshold"] and c.metrics["valid"]["specificity"] >= 0.93
 
 
 def test_card_without_required_keys(tmp_path):
@@ -80,23 +80,25 @@ def test_bundled_models_by_name(tmp_path, monkeypatch):
     from wsi_scan.io.model_files import bundled_models, resolve_model
 
     names = bundled_models()
-    assert "default" in names and resolve_model("default") == names["default"] == bundled_model_path()
+    assert sorted(names) == ["accurate", "fast"] and resolve_model("fast") == names["fast"] == bundled_model_path()
     assert resolve_model(None) == bundled_model_path()
     monkeypatch.chdir(tmp_path)
     # a bare name that is neither bundled nor a file: one message naming the bundled models
-    with pytest.raises(ModelError, match="not a bundled model .*default"):
+    with pytest.raises(ModelError, match="not a bundled model .*accurate, fast"):
         resolve_model("fastest")
+    with pytest.raises(ModelError, match="not a bundled model"):  # the former default's name
+        resolve_model("default")
     # a path, even one spelled like a name, stays a path
-    assert resolve_model("./default") == Path("./default") and resolve_model("m.pt") == Path("m.pt")
-    assert load_model("default").sha256 == load_model(None).sha256
+    assert resolve_model("./fast") == Path("./fast") and resolve_model("m.pt") == Path("m.pt")
+    assert load_model("fast").sha256 == load_model(None).sha256
     r = CliRunner().invoke(main, ["models", "--json"])
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)
-    d = next(x for x in rows if x["name"] == "default")
+    d = next(x for x in rows if x["name"] == "fast")
     assert d["default"] is True and d["dense_exact"] is True and d["parameters"] > 0
     # multiply-adds per cell of a dense-exact net: one pass over 8 x 8 cells, divided by 64
     assert 1e6 < d["macs_per_cell"] < 1e8
     r = CliRunner().invoke(main, ["models"])
-    assert r.exit_code == 0 and "default  (default)" in r.stdout and "multiply-adds per cell" in r.stdout
+    assert r.exit_code == 0 and "fast  (default)" in r.stdout and "multiply-adds per cell" in r.stdout
     with pytest.raises(ModelError, match="not a bundled model"):
         load_model("fastest")
