@@ -201,6 +201,38 @@ def needed_level_px(cells: np.ndarray, grid: Any, downsample_xy: tuple[float, fl
     return float(under.sum()) * cell_lv_px
 
 
+def bench_device_read(slide: Any, plan: Any, block_list: list[Any], device: Any, args: Any, report: Report) -> None:
+    """The same blocks read with --decode device: tiles decoded and resampled on ``device``."""
+    import dask
+    import torch
+
+    from wsi_scan.device_regions import choose_decode, read_block_on_device
+
+    dplan = choose_decode(slide, plan, device, args.decode)
+    if not dplan.decode_device:
+        report.data["read_device"] = {"skipped": dplan.decode_note}
+        report.add("read + resample on the device", "skipped", dplan.decode_note)
+        return
+    dev = torch.device(dplan.decode_device)
+    read_block_on_device(dplan, block_list[0], dev)  # warm-up: the decoder's and allocator's first call
+    cpu0, t = time.process_time(), time.perf_counter()
+    out = dask.compute(
+        *[dask.delayed(read_block_on_device, pure=False)(dplan, b, dev) for b in block_list],
+        scheduler="threads",
+        num_workers=args.threads,
+    )
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t_read, cpu = time.perf_counter() - t, time.process_time() - cpu0
+    tgt_mp = sum(int(im.shape[0]) * int(im.shape[1]) for im in out) / 1e6
+    report.data["read_device"] = {"s": t_read, "process_cpu_s": cpu, "target_mp": tgt_mp, "target_mp_per_s": tgt_mp / t_read}
+    report.add(
+        f"read + resample on {dev}",
+        f"{tgt_mp / t_read:.1f} MP/s",
+        f"target frame; {t_read:.1f} s, {cpu:.1f} CPU s in the process (on a GPU: reading the tiles and their 1/8-scale check), {args.threads} threads",
+    )
+
+
 def run_child_scan(slide: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     """scan_slide in a fresh process; its peak RSS is that process's alone."""
     with tempfile.TemporaryDirectory(prefix="wsi-bench-") as tmp:
@@ -450,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     device = resolve_device(args.device)
+    if "read" in only and (args.decode == "device" or (args.decode == "auto" and device.type == "cuda")):
+        bench_device_read(slide, plan, block_list, device, args, report)
     dense: Predictor | None = None
     if images and ("dense" in only or "patch" in only) and args.mode in ("both", "dense"):
         dense = Predictor(loaded.net, card, device, "dense", batch_size=args.batch_size)

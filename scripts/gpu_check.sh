@@ -55,6 +55,11 @@ print(f"dense compute alone  {comp['dense']['cells_per_s']:.0f} cells/s")
 if "patch" in comp:
     print(f"patch mode           {comp['patch']['cells_per_s']:.0f} cells/s (speed-up of dense {comp['patch'].get('speedup', float('nan')):.1f}x)")
 print(f"read + resample      {comp['read']['target_mp_per_s']:.0f} MP/s target frame (CPU)")
+rd = comp.get("read_device", {})
+if "target_mp_per_s" in rd:
+    print(f"  on the GPU         {rd['target_mp_per_s']:.0f} MP/s target frame, {rd['process_cpu_s']:.1f} CPU s for {rd['target_mp']:.0f} MP")
+else:
+    print(f"  on the GPU         not measured: {rd.get('skipped', 'no read_device entry')}")
 for decode in ("auto", "cpu"):
     e2e = json.loads((out / f"e2e-{decode}.json").read_text())
     util = [float(ln.split(",")[1]) for ln in (out / f"util-{decode}.csv").read_text().splitlines() if ln.count(",") >= 2]
