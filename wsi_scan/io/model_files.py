@@ -59,9 +59,16 @@ def resolve_model(spec: str | Path | None) -> Path:
     if text in bundled and Path(text).name == text and not Path(text).suffix:
         return bundled[text]
     if "/" not in text and "\\" not in text and not Path(text).suffix and not Path(text).exists():
+        # scripts written before 2026-11-30 name the model that was bundled as "default" then
+        renamed = (
+            "; the model bundled as `default` until 2026-11-30 is `training-runs/former-default.safetensors` in the "
+            "source repository, and the default is now `fast`"
+            if text == "default"
+            else ""
+        )
         raise ModelError(
             f"--model {text}: not a bundled model ({', '.join(bundled) or 'none installed'}) and no such file; "
-            "pass a bundled model's name or a model file (see `wsi-scan models`)"
+            f"pass a bundled model's name or a model file (see `wsi-scan models`){renamed}"
         )
     return Path(text)
 
