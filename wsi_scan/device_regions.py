@@ -109,8 +109,8 @@ def decode_tiles(streams: list[bytes], device: torch.device) -> list[torch.Tenso
     # torchvision serialises its nvJPEG decoder itself and orders the result on the caller's
     # current stream
     with warnings.catch_warnings():
-        # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec, which
-        # decodes no raw JPEG tiles on a GPU yet; the codecs still work and are tested here
+        # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec (not a
+        # dependency here); they still work in the pinned version, which the tests hold them to
         warnings.simplefilter("ignore", DeprecationWarning)
         out = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     return list(out) if isinstance(out, list) else [out]
