@@ -41,6 +41,8 @@ def test_bundled_model_has_a_full_card(name):
     assert c.training["command"].startswith("wsi-scan train")
     assert "validation" in c.training["data"]
     assert 0.93 < c.metrics["valid"]["auc"] <= 1.0
+    # a full card: the 8-view score as well, at the same threshold
+    assert c.metrics["valid_tta"]["auc"] > c.metrics["valid"]["auc"] and c.metrics["valid_tta"]["threshold"] == c.threshold
     # the threshold rule, and the specificity it promises
     assert c.training["threshold_rule"]["specificity"] == 0.93
     assert c.threshold == c.metrics["valid"]["threshold"] and c.metrics["valid"]["specificity"] >= 0.93
