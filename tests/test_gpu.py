@@ -25,6 +25,7 @@ pytestmark = [
 
 TUMOUR = ((1013, 707, 1511, 1209), (2203, 1500, 2431, 1699))
 AMP_ATOL = 0.02  # bf16/fp16 rounding of a probability; float32 paths are held to 1e-5
+DECODE_MEAN_ATOL, DECODE_MAX_ATOL = 0.005, 0.05  # another JPEG decoder's rounding, through the network
 
 
 def _probs(out):
@@ -133,5 +134,7 @@ def test_scan_decoded_on_the_gpu_matches_the_cpu_decode(make_slide, tmp_path, mo
     assert open_heatmap(c.out).attrs["grid"]["read_decode"] == "cpu"
     (pg, fg), (pc, fc) = _probs(g.out), _probs(c.out)
     np.testing.assert_array_equal(fg, fc)
-    # nvJPEG rounds some pixels a level or two away from libjpeg-turbo
-    np.testing.assert_allclose(pg[fg], pc[fc], atol=AMP_ATOL, rtol=0)
+    # nvJPEG rounds some pixels a level or two away from libjpeg-turbo: the network sees nearly
+    # the same block, so its probabilities agree closely on average and nowhere far apart
+    diff = np.abs(pg[fg] - pc[fc])
+    assert float(diff.mean()) <= DECODE_MEAN_ATOL and float(diff.max()) <= DECODE_MAX_ATOL
