@@ -60,6 +60,15 @@ def test_resampler_within_one_level_of_pillows_single_call():
     assert worst <= 1
 
 
+def test_resampler_in_bands_of_rows_gives_the_same_pixels(monkeypatch):
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)
+    box, out_wh = (10.3, 7.9, 250.2, 290.5), (60, 70)
+    whole = _mine(img, box, out_wh)
+    monkeypatch.setattr("wsi_scan.config.DEVICE_RESAMPLE_BAND_BYTES", 3 * 260 * 8 * 7)  # 7 rows a band
+    np.testing.assert_array_equal(_mine(img, box, out_wh), whole)
+
+
 def test_resampler_keeps_one_axis_exact():
     rng = np.random.default_rng(2)
     img = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)

@@ -50,6 +50,9 @@ TILE_STRIDE_CELLS = 3
 #: level or two, a colour-space mix-up by tens
 DEVICE_DECODE_MAX_ABS = 8
 DEVICE_DECODE_MAX_MEAN = 0.5
+#: bytes of float64 rows the device resampler converts at a time: a 64-cell block of a 40x slide
+#: read at level 0 is ~8,000 px square, 1.6 GB in float64 at once
+DEVICE_RESAMPLE_BAND_BYTES = 64 << 20
 
 
 def _in_range(owner: str, name: str, value: Any, lo: float, hi: float, lo_open: bool = False, flag: str | None = None) -> None:

@@ -89,11 +89,17 @@ def resample_chw(img: torch.Tensor, box_xyxy: tuple[float, float, float, float],
     dev = img.device
     wx = torch.from_numpy(pil_bilinear_weights(w, box_xyxy[0], box_xyxy[2], out_w).astype(np.float64)).to(dev)
     wy = torch.from_numpy(pil_bilinear_weights(h, box_xyxy[1], box_xyxy[3], out_h).astype(np.float64)).to(dev)
-    # Pillow's horizontal pass runs first, only over the rows the vertical pass reads
+    # Pillow's horizontal pass runs first, only over the rows the vertical pass reads; in bands
+    # of rows, so a level-0 read of a large block never exists in float64 as a whole
     used = torch.nonzero(wy.any(dim=0)).flatten()
     r0, r1 = (int(used[0]), int(used[-1]) + 1) if used.numel() else (0, 0)
-    rows = img[:, r0:r1].to(torch.float64)
-    across = _fixed_pass(wx, rows.transpose(1, 2)).transpose(1, 2)  # (3, r1 - r0, out_w)
+    from .config import DEVICE_RESAMPLE_BAND_BYTES
+
+    band = max(1, DEVICE_RESAMPLE_BAND_BYTES // (3 * max(w, 1) * 8))
+    across = torch.empty((3, r1 - r0, out_w), dtype=torch.float64, device=dev)
+    for b0 in range(r0, r1, band):
+        rows = img[:, b0 : min(b0 + band, r1)].to(torch.float64)
+        across[:, b0 - r0 : b0 - r0 + rows.shape[1]] = _fixed_pass(wx, rows.transpose(1, 2)).transpose(1, 2)
     down = _fixed_pass(wy[:, r0:r1], across)  # (3, out_h, out_w)
     return down.to(torch.uint8)
 
