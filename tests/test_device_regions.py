@@ -206,3 +206,18 @@ def test_a_tile_without_data_is_white_and_counted_on_both_paths(make_slide, mock
     pa, pb = open_heatmap(a.out).probs, open_heatmap(b.out).probs
     np.testing.assert_array_equal(np.isfinite(pa), np.isfinite(pb))
     assert float(np.nanmax(np.abs(pa - pb))) <= 0.01
+
+
+def test_a_slide_cut_short_under_a_running_read_fails_in_one_line(make_slide, tmp_path):
+    from wsi_scan.errors import SlideFormatError
+
+    path = make_slide(tile_px=128)
+    slide = open_slide(path, "tifffile")
+    try:
+        with open(path, "r+b") as fh:  # another process truncates the file after it was opened
+            fh.truncate(path.stat().st_size // 3)
+        with pytest.raises(SlideFormatError, match="damaged or truncated|cannot be decoded"):
+            for y in range(0, 2400, 300):
+                slide.jpeg_tiles((0, y), 0, (3000, 300))
+    finally:
+        slide.close()

@@ -566,20 +566,25 @@ class TiffFileSlide(_Lifetime):
         assert tl is not None
         box = self._lv_box(l0_xy, level, lv_size_wh)
         tiles: list[tuple[tuple[int, int], bytes | np.ndarray]] = []
-        for key in self._tile_keys(level, box):
-            _, tx, ty = key
-            index = ty * tl.tiles_across + tx
-            nbytes = int(tl.page.databytecounts[index])
-            if nbytes == 0:
-                tiles.append(((tx, ty), self._decode_tile(key)))  # white, counted as on the CPU path
-                continue
-            stream = _jpeg_stream(tl.page, self._pread(nbytes, int(tl.page.dataoffsets[index])))
-            try:
-                simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=True, min_height=1, min_width=1)
-            except ValueError:
-                tiles.append(((tx, ty), self._decode_tile(key)))
-                continue
-            tiles.append(((tx, ty), stream))
+        try:
+            for key in self._tile_keys(level, box):
+                _, tx, ty = key
+                index = ty * tl.tiles_across + tx
+                nbytes = int(tl.page.databytecounts[index])
+                if nbytes == 0:
+                    tiles.append(((tx, ty), self._decode_tile(key)))  # white, counted as on the CPU path
+                    continue
+                stream = _jpeg_stream(tl.page, self._pread(nbytes, int(tl.page.dataoffsets[index])))
+                try:
+                    simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=True, min_height=1, min_width=1)
+                except ValueError:
+                    tiles.append(((tx, ty), self._decode_tile(key)))
+                    continue
+                tiles.append(((tx, ty), stream))
+        except SlideFormatError:
+            raise
+        except Exception as exc:  # file errors of a damaged or vanished slide, as read_region says them
+            raise SlideFormatError(f"{self.info.path}: cannot read tiles, the file is damaged or truncated ({exc})") from None
         return JpegTiles(box, self.info.levels[level].size_wh, tl.tile_wh, tiles)
 
     def probe_jpeg_streams(self, level: int, count: int) -> list[tuple[int, bytes]]:
