@@ -229,7 +229,8 @@ def bench_device_read(slide: Any, plan: Any, block_list: list[Any], device: Any,
     report.add(
         f"read + resample on {dev}",
         f"{tgt_mp / t_read:.1f} MP/s",
-        f"target frame; {t_read:.1f} s, {cpu:.1f} CPU s in the process (on a GPU: reading the tiles and their 1/8-scale check), {args.threads} threads",
+        f"target frame; {t_read:.1f} s, {cpu:.1f} CPU s in the process "
+        f"(on a GPU: reading the tiles and their 1/8-scale check), {args.threads} threads",
     )
 
 
