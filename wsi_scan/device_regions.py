@@ -186,7 +186,7 @@ def read_block_on_device(plan: ReadPlan, block: CellBlock, device: torch.device)
     return resample_region_on_device(slide, plan.level, plan.downsample_xy, *block_box_and_size(plan, block), device)
 
 
-def device_decode_check(slide: Any, level: int, device: torch.device, probes: int = 4) -> str | None:
+def device_decode_check(slide: Any, level: int, device: torch.device, probes: int = 8) -> str | None:
     """Why the scan must not decode ``level`` on ``device`` (None: it may).
 
     Decodes up to ``probes`` of the level's tiles there and with the CPU decoder the CPU path
