@@ -128,10 +128,10 @@ def read_region_chw(slide: Any, l0_xy: tuple[int, int], level: int, lv_size_wh: 
     import torch
 
     from .errors import SlideFormatError
+    from .geometry import tile_in_read
 
     tiles = slide.jpeg_tiles(l0_xy, level, lv_size_wh)
     lx, ly, w, h = tiles.lv_box
-    W, H = tiles.level_wh
     tw, th = tiles.tile_wh
     out = torch.full((3, h, w), 255, dtype=torch.uint8, device=device)
     streams = [t for _, t in tiles.tiles if isinstance(t, bytes)]
@@ -149,9 +149,8 @@ def read_region_chw(slide: Any, l0_xy: tuple[int, int], level: int, lv_size_wh: 
             raise SlideFormatError(
                 f"{slide.info.path}: level {level} tile ({tx}, {ty}) decodes to {tuple(tile.shape)}, expected {(3, th, tw)}"
             )
-        ax0, ay0 = max(tx * tw, lx), max(ty * th, ly)
-        ax1, ay1 = min((tx + 1) * tw, lx + w, W), min((ty + 1) * th, ly + h, H)
-        out[:, ay0 - ly : ay1 - ly, ax0 - lx : ax1 - lx] = tile[:, ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw]
+        dst, src = tile_in_read((tx, ty), tiles.tile_wh, tiles.lv_box, tiles.level_wh)
+        out[:, dst[0], dst[1]] = tile[:, src[0], src[1]]
     return out, (float(lx), float(ly))
 
 
@@ -164,16 +163,16 @@ def resample_region_on_device(
     device: torch.device,
 ) -> torch.Tensor:
     """``regions.resample_region`` on ``device``: (h, w, 3) uint8 tensor there."""
-    from .geometry import box_in_read
+    from .geometry import box_in_read, whole_pixel_crop
     from .regions import region_read
 
     out_w, out_h = out_wh
     l0_xy, lv_size = region_read(l0_box_xyxy, downsample_xy, out_wh)
     img, origin = read_region_chw(slide, l0_xy, level, lv_size, device)
     box = box_in_read(l0_box_xyxy, downsample_xy, origin)
-    bw, bh = box[2] - box[0], box[3] - box[1]
-    if abs(bw - out_w) < 1e-9 and abs(bh - out_h) < 1e-9 and float(box[0]).is_integer() and float(box[1]).is_integer():
-        x0, y0 = int(box[0]), int(box[1])
+    crop = whole_pixel_crop(box, out_wh)
+    if crop is not None:
+        x0, y0 = crop
         return img[:, y0 : y0 + out_h, x0 : x0 + out_w].permute(1, 2, 0)
     return resample_chw(img, box, out_wh).permute(1, 2, 0)
 

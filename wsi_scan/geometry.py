@@ -162,6 +162,35 @@ def box_in_read(
     return (l0_box_xyxy[0] / dx - ox, l0_box_xyxy[1] / dy - oy, l0_box_xyxy[2] / dx - ox, l0_box_xyxy[3] / dy - oy)
 
 
+def tile_in_read(
+    tile_xy: tuple[int, int], tile_wh: tuple[int, int], lv_box: tuple[int, int, int, int], level_wh: tuple[int, int]
+) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """Where tile (column, row) lands in a read of ``lv_box`` (x, y, w, h in level px): the
+    (rows, columns) slices of the read and of the tile, clipped to both the read and the level
+    (edge tiles are padded past the level)."""
+    (tx, ty), (tw, th), (lx, ly, w, h), (W, H) = tile_xy, tile_wh, lv_box, level_wh
+    ax0, ay0 = max(tx * tw, lx), max(ty * th, ly)
+    ax1, ay1 = min((tx + 1) * tw, lx + w, W), min((ty + 1) * th, ly + h, H)
+    return (
+        (slice(ay0 - ly, ay1 - ly), slice(ax0 - lx, ax1 - lx)),
+        (slice(ay0 - ty * th, ay1 - ty * th), slice(ax0 - tx * tw, ax1 - tx * tw)),
+    )
+
+
+def whole_pixel_crop(box_xyxy: tuple[float, float, float, float], out_wh: tuple[int, int]) -> tuple[int, int] | None:
+    """The top-left pixel of ``box_xyxy`` when it is exactly ``out_wh`` pixels starting on a whole
+    pixel, so resampling it is a crop; None when it must be resampled."""
+    bw, bh = box_xyxy[2] - box_xyxy[0], box_xyxy[3] - box_xyxy[1]
+    if (
+        abs(bw - out_wh[0]) < 1e-9
+        and abs(bh - out_wh[1]) < 1e-9
+        and float(box_xyxy[0]).is_integer()
+        and float(box_xyxy[1]).is_integer()
+    ):
+        return int(box_xyxy[0]), int(box_xyxy[1])
+    return None
+
+
 def blocks(shape_rc: tuple[int, int], block_cells: int) -> list[CellBlock]:
     """(r0, c0, nr, nc) of the blocks tiling the grid, row-major."""
     rows, cols = shape_rc

@@ -112,20 +112,6 @@ class Predictor:
     def _probs(self, rgb: np.ndarray | torch.Tensor) -> np.ndarray:
         from .model.transforms import predict_logits, to_input
 
-        if isinstance(rgb, torch.Tensor) and self.device.type == "cuda":
-            # decoded and resampled on the device already (device_regions), on this thread's
-            # current stream: this thread's compute stream waits for it, and the allocator is
-            # told the block is used there, so its memory is not reused under the pass
-            stream = self._stream()
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            rgb.record_stream(stream)
-            with torch.cuda.stream(stream):
-                x = to_input(rgb, self.card, self.device)
-                with autocast(self.device, self.amp):
-                    logits = predict_logits(self.net, x, self.tta)
-                probs = torch.sigmoid(logits.float()).to("cpu", non_blocking=True)
-                torch.cuda.current_stream().synchronize()
-            return probs.numpy()
         if self.device.type != "cuda":
             # Dask threads each call torch; with torch's default of one thread per core the
             # two pools oversubscribe the cores. The setting is per OS thread for threads that
@@ -134,11 +120,20 @@ class Predictor:
                 torch.set_num_threads(self.cpu_threads)
             x = to_input(rgb, self.card, self.device)
             return torch.sigmoid(predict_logits(self.net, x, self.tta).float()).numpy()
-        # uint8 goes over the bus (4x less than float) from pinned memory, so the copy is a
-        # true asynchronous DMA on this thread's stream; normalisation runs on the GPU
-        host = torch.from_numpy(np.ascontiguousarray(rgb)).pin_memory()
-        with torch.cuda.stream(self._stream()):
-            x = to_input(host, self.card, self.device)
+        stream = self._stream()
+        if isinstance(rgb, torch.Tensor):
+            # decoded and resampled on the device already (device_regions), on this thread's
+            # current stream: the compute stream waits for it, and the allocator is told the
+            # block is used there, so its memory is not reused under the pass
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            rgb.record_stream(stream)
+            src = rgb
+        else:
+            # uint8 goes over the bus (4x less than float) from pinned memory, so the copy is a
+            # true asynchronous DMA on this thread's stream; normalisation runs on the GPU
+            src = torch.from_numpy(np.ascontiguousarray(rgb)).pin_memory()
+        with torch.cuda.stream(stream):
+            x = to_input(src, self.card, self.device)
             with autocast(self.device, self.amp):
                 logits = predict_logits(self.net, x, self.tta)
             probs = torch.sigmoid(logits.float()).to("cpu", non_blocking=True)

@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import MAX_THUMBNAIL_BYTES
 from .errors import UsageError
-from .geometry import CellBlock, GridGeometry, box_in_read, choose_level, level_read_plan
+from .geometry import CellBlock, GridGeometry, box_in_read, choose_level, level_read_plan, whole_pixel_crop
 from .io.slide import ReadRequest, Slide, open_slide
 
 
@@ -127,9 +127,9 @@ def resample_region(
     l0_xy, lv_size = region_read(l0_box_xyxy, downsample_xy, out_wh)
     region = slide.read_region(l0_xy, level, lv_size)
     box = box_in_read(l0_box_xyxy, downsample_xy, region.lv_origin_xy)
-    bw, bh = box[2] - box[0], box[3] - box[1]
-    if abs(bw - out_w) < 1e-9 and abs(bh - out_h) < 1e-9 and float(box[0]).is_integer() and float(box[1]).is_integer():
-        x0, y0 = int(box[0]), int(box[1])
+    crop = whole_pixel_crop(box, out_wh)
+    if crop is not None:
+        x0, y0 = crop
         if not isinstance(region.pixels, np.ndarray):  # an OpenSlide read, held by PIL
             return np.array(region.pixels.crop((x0, y0, x0 + out_w, y0 + out_h)))
         return np.ascontiguousarray(region.rgb[y0 : y0 + out_h, x0 : x0 + out_w])

@@ -179,13 +179,13 @@ def _scan_opened(
 
     t = time.perf_counter()
     sp = plan_scan(slide, mpp.xy, loaded.card.mpp, loaded.card.cell_px, loaded.card.input_px, config)
-    if config.decode != "cpu":
-        from .device_regions import choose_decode
-
-        sp = dataclasses.replace(sp, read=choose_decode(slide, sp.read, predictor.device, config.decode))
     timings["tissue"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    if config.decode != "cpu":  # decodes probe tiles both ways: timed with the scan, not the tissue
+        from .device_regions import choose_decode
+
+        sp = dataclasses.replace(sp, read=choose_decode(slide, sp.read, predictor.device, config.decode))
     digests = user_file_digests(config)  # the mask and ROI files hashed once, for the hash and the attrs
     settings = settings_hash(loaded.sha256, config, digests)
     run = _classify(sp, predictor, slide_path, out, config, settings, restart, progress, scheduler)

@@ -41,6 +41,7 @@ from typing import Any, Protocol, cast
 import numpy as np
 
 from ..errors import SlideFormatError, SlideNotFoundError, UsageError, WsiScanError
+from ..geometry import tile_in_read
 from .tilecache import ReadStats, TileCache, TileKey
 
 SLIDE_EXTS = (
@@ -631,17 +632,12 @@ class TiffFileSlide(_Lifetime):
         return Region(out, (float(lx), float(ly)))
 
     def _read_tiles(self, level: int, lv_box: tuple[int, int, int, int], out: np.ndarray) -> None:
-        lx, ly, w, h = lv_box
-        W, H = self.info.levels[level].size_wh
         tl = self._tiled[level]
         assert tl is not None
-        tw, th = tl.tile_wh
         planned = self._cache.begin_read(lv_box + (level,))
         for (_, tx, ty), tile in self._cache.tiles(self._tile_keys(level, lv_box), planned, self._decode_tile):
-            # the part of this tile inside both the read and the level (edge tiles are padded)
-            ax0, ay0 = max(tx * tw, lx), max(ty * th, ly)
-            ax1, ay1 = min((tx + 1) * tw, lx + w, W), min((ty + 1) * th, ly + h, H)
-            out[ay0 - ly : ay1 - ly, ax0 - lx : ax1 - lx] = tile[ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw]
+            dst, src = tile_in_read((tx, ty), tl.tile_wh, lv_box, self.info.levels[level].size_wh)
+            out[dst] = tile[src]
 
     def _read_store(self, level: int, box: tuple[int, int, int, int], out: np.ndarray) -> None:
         x0, y0, x1, y1 = box
