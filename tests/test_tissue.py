@@ -233,3 +233,99 @@ def test_glass_threshold_equals_the_plain_formula():
     spread = 1.4826 * np.median(np.abs(glass[glass <= mode + 4 * step] - mode))
     assert thr == mode + max(cfg.glass_margin, 4 * spread)
     assert found == {"glass_seen": True, "glass_saturation_mode": round(mode, 4), "glass_saturation_spread": round(spread, 4)}
+
+
+# ----------------------------------------------------------------------------- the stain check
+
+
+def test_window_stain_px_equals_the_plain_sum():
+    from wsi_scan.grid import window_stain_px
+
+    rng = np.random.default_rng(4)
+    st = rng.random((7 * 5, 9 * 5)) > 0.7  # 7 x 9 cells of 5 px: 5 x 7 inner cells
+    got = window_stain_px(st, 5)
+    want = np.array([[st[r * 5 : (r + 3) * 5, c * 5 : (c + 3) * 5].sum() for c in range(7)] for r in range(5)])
+    assert got.shape == (5, 7) and np.array_equal(got, want)
+
+
+def test_stained_pixels_refuse_glass_ink_and_dark_marks():
+    from wsi_scan.tissue import stained_pixels
+
+    rng = np.random.default_rng(6)
+    img = np.clip(np.array([238.0, 237.0, 241.0]) + rng.normal(0, 2.0, (60, 120, 1)), 0, 255).astype(np.uint8)
+    img[10:12, 5:25] = (215, 150, 190)  # a 2 px eosin membrane
+    img[20:24, 5:9] = (90, 40, 130)  # a haematoxylin nucleus, dark but coloured
+    img[10:20, 40:50] = (40, 70, 170)  # blue pen
+    img[10:20, 60:70] = (60, 150, 80)  # green pen
+    img[10:20, 80:90] = (70, 68, 66)  # grey dust
+    img[10:20, 100:110] = 0  # black
+    st = stained_pixels(img, TissueConfig())
+    assert st[10:12, 5:25].all() and st[20:24, 5:9].all()
+    assert not st[:, 35:].any(), "ink, dust, black or their rims taken for stain"
+    assert not st[30:, :].any(), "glass taken for stain"
+
+
+def _fragment_slide(tmp_path):
+    """A 3 x 2 mm slide at 1 um/px: one piece of tissue, and far from it and from each other a
+    fat fragment (1 px membranes), two nuclei, a 3 px speck and a dot of blue pen,
+    each too faint or too small for the 8 um/px thumbnail alone. Regions in level-0 px."""
+    from wsi_scan.io.synthetic import write_flat_slide
+
+    rng = np.random.default_rng(7)
+    h, w = 2000, 3000
+    img = np.clip(np.array([238.0, 237.0, 241.0]) + rng.normal(0, 2.0, (h, w, 1)), 0, 255)
+    regions = {
+        "tissue": (200, 200, 1000, 1000),
+        "fat": (1500, 400, 1590, 490),
+        "nuclei": (2400, 400, 2417, 414),
+        "speck": (1500, 1500, 1503, 1503),
+        "pen": (2400, 1500, 2410, 1510),
+    }
+    x0, y0, x1, y1 = regions["tissue"]
+    img[y0:y1, x0:x1] = np.clip(np.array([200.0, 120.0, 175.0]) + rng.normal(0, 12, (y1 - y0, x1 - x0, 1)), 0, 255)
+    x0, y0, x1, y1 = regions["fat"]
+    fat = np.full((y1 - y0, x1 - x0, 3), 246.0)
+    yy, xx = np.mgrid[0 : y1 - y0, 0 : x1 - x0]
+    fat[(yy % 30 == 0) | (xx % 30 == 0)] = (215, 150, 190)
+    img[y0:y1, x0:x1] = fat
+    x0, y0 = regions["nuclei"][:2]
+    for dy, dx in ((0, 0), (9, 12)):  # two nuclei 5 um across: 50 um2 of stain
+        img[y0 + dy : y0 + dy + 5, x0 + dx : x0 + dx + 5] = (90, 40, 130)
+    x0, y0, x1, y1 = regions["speck"]
+    img[y0:y1, x0:x1] = (215, 150, 190)
+    x0, y0, x1, y1 = regions["pen"]
+    img[y0:y1, x0:x1] = (40, 70, 170)
+    path = tmp_path / "fragments.tif"
+    write_flat_slide(path, img.astype(np.uint8), 1.0)
+    return path, regions
+
+
+def test_stain_check_finds_faint_fragments_and_nothing_else(tmp_path):
+    from wsi_scan.config import ScanConfig
+    from wsi_scan.io.slide import open_slide
+    from wsi_scan.plan import plan_scan
+
+    path, regions = _fragment_slide(tmp_path)
+    with open_slide(path) as slide:
+        off = plan_scan(slide, (1.0, 1.0), 0.972, 32, 96, ScanConfig(tissue=TissueConfig(stain_check=False)))
+        on = plan_scan(slide, (1.0, 1.0), 0.972, 32, 96, ScanConfig())
+    grid = on.grid
+    for name in ("fat", "nuclei"):
+        r = grid.l0_to_cell((regions[name][0] + regions[name][2]) / 2, (regions[name][1] + regions[name][3]) / 2)
+        assert not off.cells[r], f"{name}: the thumbnail alone found it, so this slide tests nothing"
+        assert on.cells[r], f"{name}: the stain check did not find it"
+    assert on.cells[_cells_in(grid, regions["tissue"], inner=True)].all()
+    added = on.cells & ~off.cells
+    assert not (off.cells & ~on.cells).any()  # the check only adds
+    # every cell added has a fragment in its window (the cell and its 8 neighbours)
+    near = np.zeros_like(added)
+    for name in ("tissue", "fat", "nuclei"):
+        rs, cs = _cells_in(grid, regions[name], inner=False)
+        near[max(0, rs.start - 1) : rs.stop + 1, max(0, cs.start - 1) : cs.stop + 1] = True
+    assert added.any() and not (added & ~near).any()
+    for name in ("speck", "pen"):  # 9 um2 of stain is under the check's 20 um2; pen is never stain
+        rs, cs = _cells_in(grid, regions[name], inner=False)
+        assert not on.cells[max(0, rs.start - 1) : rs.stop + 1, max(0, cs.start - 1) : cs.stop + 1].any(), name
+    p = on.tissue.params
+    assert p["stain_check_cells_added"] == int(added.sum()) and p["stain_check_cells_read"] >= int(added.sum())
+    assert p["stain_check"] is True and "stain_check_cells_read" not in off.tissue.params

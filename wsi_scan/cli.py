@@ -198,6 +198,11 @@ def _scan_options(f: F) -> F:
             default=_TISSUE.min_window_fraction,
             help="or tissue share of its 3 x 3-cell window (1: off)",
         ),
+        click.option(
+            "--stain-check/--no-stain-check",
+            default=_TISSUE.stain_check,
+            help="look again at ~2 um/px at cells the thumbnail saw faint tissue near (fat membranes, a few nuclei)",
+        ),
         click.option("--overwrite", is_flag=True, help="replace existing outputs"),
         click.option("--quiet", is_flag=True, help="no progress bar"),
     ]
@@ -215,6 +220,7 @@ def _scan_config(kw: dict[str, Any]) -> ScanConfig:
         min_object_um2=kw.pop("min_object_um2"),
         min_hole_um2=kw.pop("min_hole_um2"),
         min_cell_fraction=kw.pop("min_cell_fraction"),
+        stain_check=kw.pop("stain_check"),
     )
     for k in ("tissue_mask", "roi"):
         if kw.get(k) is not None:

@@ -100,6 +100,16 @@ class TissueConfig:
     min_hole_um2: float = 20_000.0  # smaller holes inside tissue (fat cells, vessels) are filled
     min_cell_fraction: float = 0.05  # share of a cell's area that must be tissue to scan it
     min_window_fraction: float = 0.1  # or share of its window's (3 x 3 cells) area (1: off)
+    # the stain check: a cell left out whose window the thumbnail saw faint signs of tissue in (the
+    # mask, or pixels over the threshold that the 3 x 3 mean or the speck rule took away) is read
+    # again at stain_check_mpp and scanned when its window holds this much stain: fat membranes
+    # and a few nuclei are 1-2 px lines and dots at 1 um/px, averaged into the glass at 8 um/px
+    stain_check: bool = True
+    stain_check_evidence: float = 0.75  # share of the threshold a thumbnail pixel needs to send its cells to the check
+    stain_check_dip: float = 0.03  # ... or darker than its 3 x 3 neighbourhood's mean by this (HSV value)
+    stain_check_mpp: float = 2.0  # um/px of the second look (a cell is a whole number of its px)
+    stain_check_saturation: float = 0.08  # a stained pixel: above any glass (0.005-0.04) ...
+    stain_check_min_um2: float = 20.0  # ... and this much of them in the window (a few nuclei)
 
     def __post_init__(self) -> None:
         # the one place where tissue settings are range-checked (CLI and Python API alike)
@@ -126,6 +136,11 @@ class TissueConfig:
             ("min_hole_um2", 0.0, 1e12, False, None),
             ("min_cell_fraction", 0.0, 1.0, False, None),
             ("min_window_fraction", 0.0, 1.0, False, None),
+            ("stain_check_evidence", 0.0, 1.0, True, None),
+            ("stain_check_dip", 0.0, 1.0, True, None),
+            ("stain_check_mpp", 0.25, 16.0, False, None),
+            ("stain_check_saturation", 0.0, 1.0, True, None),
+            ("stain_check_min_um2", 0.0, 1e6, True, None),
         ):
             _in_range("tissue", name, getattr(self, name), lo, hi, lo_open, flag)
 

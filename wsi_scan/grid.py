@@ -50,6 +50,31 @@ def tissue_cells(grid: GridGeometry, tissue: TissueMask, min_fraction: float, mi
     return cells
 
 
+def stain_check_cells(grid: GridGeometry, tissue: TissueMask, cells: np.ndarray) -> np.ndarray:
+    """Cells left out whose window (3 x 3 cells) touches a thumbnail pixel with any sign of
+    tissue (``TissueMask.evidence``): the only ones the stain check reads again."""
+    from dataclasses import replace
+
+    from scipy import ndimage
+
+    if tissue.evidence is None:
+        return np.zeros_like(cells)
+    touched = cell_tissue_fraction(grid, replace(tissue, mask=tissue.evidence)) > 0
+    return np.asarray(ndimage.maximum_filter(touched, size=3, mode="constant", cval=False) & ~cells)
+
+
+def window_stain_px(stained: np.ndarray, px_per_cell: int) -> np.ndarray:
+    """Stained pixels in each window of a read of (rows + 2) x (cols + 2) cells at
+    ``px_per_cell`` px a cell: (rows, cols) int64 for the inner cells (each window is the cell
+    and its 8 neighbours, what the model sees)."""
+    h, w = stained.shape
+    rows, cols = h // px_per_cell - 2, w // px_per_cell - 2
+    per_cell = stained.reshape(rows + 2, px_per_cell, cols + 2, px_per_cell).sum(axis=(1, 3), dtype=np.int64)
+    total = np.zeros((rows + 3, cols + 3), dtype=np.int64)
+    total[1:, 1:] = per_cell.cumsum(0).cumsum(1)
+    return np.asarray(total[3:, 3:] - total[:-3, 3:] - total[3:, :-3] + total[:-3, :-3])
+
+
 def tissue_blocks(cells: np.ndarray, block_cells: int) -> list[CellBlock]:
     """Blocks (r0, c0, nr, nc) that contain at least one tissue cell."""
     return [b for b in blocks(cells.shape, block_cells) if cells[b[0] : b[0] + b[2], b[1] : b[1] + b[3]].any()]

@@ -58,10 +58,65 @@ def plan_scan(
         tissue = plan_tissue(slide, mpp_xy, config.tissue)
     grid = plan_grid(slide.info.l0_bounds_xywh, mpp_xy, target_mpp, cell_px, patch_px)
     cells = tissue_cells(grid, tissue, config.tissue.min_cell_fraction, config.tissue.min_window_fraction)
+    if config.tissue_mask is None and config.tissue.method == "glass" and config.tissue.stain_check:
+        cells, tissue = stain_check(slide, mpp_xy, grid, tissue, cells, config.tissue, config.block_cells)
     if config.roi is not None:
         cells &= roi_cells(grid, config.roi)
     blocks = crop_to_tissue(cells, tissue_blocks(cells, config.block_cells))
     return SlidePlan(tissue, grid, cells, blocks, make_read_plan(slide, mpp_xy, grid, config.read_level, config.max_upsample))
+
+
+def stain_check(
+    slide: Any,
+    mpp_xy: tuple[float, float],
+    grid: GridGeometry,
+    tissue: TissueMask,
+    cells: np.ndarray,
+    cfg: TissueConfig,
+    block_cells: int,
+) -> tuple[np.ndarray, TissueMask]:
+    """The cells the thumbnail left out but saw faint signs of tissue near, read again at
+    ``cfg.stain_check_mpp``; those whose window holds ``cfg.stain_check_min_um2`` of stain are
+    added. The count of cells read and added goes into the mask's params (the attrs)."""
+    import math
+    from dataclasses import replace
+
+    from .geometry import choose_level
+    from .grid import crop_to_tissue, stain_check_cells, tissue_blocks, window_stain_px
+    from .regions import resample_region
+    from .tissue import stained_pixels
+
+    todo = stain_check_cells(grid, tissue, cells)
+    # a whole number of check px per cell, so each cell's stain is a sum over its own pixels
+    px_per_cell = max(1, round(grid.cell_px * grid.target_mpp / cfg.stain_check_mpp))
+    cell_um = grid.cell_px * grid.target_mpp
+    px_um2 = (cell_um / px_per_cell) ** 2
+    min_px = max(1, math.ceil(cfg.stain_check_min_um2 / px_um2))
+    ds = [lv.downsample_xy for lv in slide.info.levels]
+    level = choose_level(ds, mpp_xy, cell_um / px_per_cell)
+    assert tissue.excluded is not None  # the glass rule always sets it
+    ex = tissue.excluded
+    kx, ky = tissue.l0_per_mask_xy
+    added = np.zeros_like(cells)
+    (ox, oy), (sx, sy) = grid.l0_origin_xy, grid.l0_cell_size_xy
+    for r0, c0, nr, nc in crop_to_tissue(todo, tissue_blocks(todo, block_cells)):
+        box = (ox + (c0 - 1) * sx, oy + (r0 - 1) * sy, ox + (c0 + nc + 1) * sx, oy + (r0 + nr + 1) * sy)
+        size = ((nc + 2) * px_per_cell, (nr + 2) * px_per_cell)
+        stained = stained_pixels(resample_region(slide, level, ds[level], box, size), cfg)
+        # what the thumbnail refused (ink, black, dark marks, and their rims) stays refused
+        tx = np.clip(((box[0] + (np.arange(size[0]) + 0.5) * sx / px_per_cell) / kx).astype(np.int64), 0, ex.shape[1] - 1)
+        ty = np.clip(((box[1] + (np.arange(size[1]) + 0.5) * sy / px_per_cell) / ky).astype(np.int64), 0, ex.shape[0] - 1)
+        stained &= ~ex[ty[:, None], tx[None, :]]
+        win = window_stain_px(stained, px_per_cell)
+        added[r0 : r0 + nr, c0 : c0 + nc] |= todo[r0 : r0 + nr, c0 : c0 + nc] & (win >= min_px)
+    params = {
+        **tissue.params,
+        "stain_check_level": level,
+        "stain_check_px_um": round(cell_um / px_per_cell, 4),
+        "stain_check_cells_read": int(todo.sum()),
+        "stain_check_cells_added": int(added.sum()),
+    }
+    return cells | added, replace(tissue, params=params)
 
 
 def file_sha256(path: str) -> str:

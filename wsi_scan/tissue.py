@@ -30,6 +30,11 @@ class TissueMask:
     mask_mpp_xy: tuple[float, float]
     threshold: float  # saturation threshold used (inf: none, NaN: not thresholded)
     params: dict[str, Any] = field(default_factory=dict)  # method and every parameter, for the attrs
+    # "glass" only, for the stain check: thumbnail pixels with any sign of tissue (the mask, and
+    # pixels over the threshold that the mean or the speck rule left out), and pixels refused
+    # whatever their stain (ink, dark, and their rims); None where no check applies
+    evidence: np.ndarray | None = field(default=None, repr=False, compare=False)
+    excluded: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def fraction(self) -> float:
@@ -171,6 +176,14 @@ def compute_mask(
         # would take the corners and one-pixel tips of small fragments
         mask = ((smooth >= thr) | (sat >= 2 * thr)) & ~excluded
         del smooth
+        # for the stain check: a thin membrane or a few nuclei shift a thumbnail pixel's
+        # saturation a little, or only its value (on white fat a membrane is a grey line)
+        # (the mean in uint8 and the difference in int16: float copies of a thumbnail are the
+        # rule's peak memory, docs/tissue.md, cost)
+        local = ndimage.uniform_filter(value, size=3, mode="nearest").astype(np.int16)
+        local -= value
+        faint = (sat >= cfg.stain_check_evidence * thr) | (local >= round(cfg.stain_check_dip * 255))
+        del local
     sat_full = sat
     del value, not_dark
     px_area = mask_mpp_xy[0] * mask_mpp_xy[1]
@@ -190,4 +203,19 @@ def compute_mask(
         if cfg.method == "glass":
             mask &= ~excluded
     params["saturation_threshold"] = float(thr) if math.isfinite(thr) else None
-    return TissueMask(mask.astype(bool), l0_per_mask_xy, mask_mpp_xy, float(thr), params)
+    if cfg.method != "glass":
+        return TissueMask(mask.astype(bool), l0_per_mask_xy, mask_mpp_xy, float(thr), params)
+    evidence = mask | (faint & ~excluded)
+    return TissueMask(mask.astype(bool), l0_per_mask_xy, mask_mpp_xy, float(thr), params, evidence, excluded)
+
+
+def stained_pixels(rgb: np.ndarray, cfg: TissueConfig) -> np.ndarray:
+    """Pixels of an (h, w, 3) uint8 image at ``cfg.stain_check_mpp`` that carry H&E stain.
+
+    Saturated above any glass, not black, and away from ink and dark grey marks (grown by two
+    pixels: a pen stroke's antialiased edge and a bubble's rim take colour from both sides)."""
+    from scipy import ndimage
+
+    sat, value, not_dark = _saturation(rgb, cfg.max_value_dark)
+    refused = ndimage.binary_dilation(~not_dark | ink(rgb, sat, value, cfg), iterations=2)
+    return np.asarray((sat >= cfg.stain_check_saturation) & ~refused)
