@@ -24,8 +24,9 @@ from ..model.card import ModelCard
 
 #: the model a command uses when none is named: ``fast`` ranks patches and slides better than
 #: the network it replaced at the same cost, and gives a fifth of its false lesions on held-out
-#: negatives (docs/model.md, "Bundled models"); ``accurate`` costs 2.25x per cell for an AUC
-#: gain within the bootstrap interval and more false lesions, so it is not the default
+#: negatives (docs/model.md, "Bundled models"); ``accurate`` (the same network trained twice as
+#: long) ranks patches better at the same cost but makes three times the false lesions, so it
+#: is not the default
 BUNDLED_MODEL = "fast.safetensors"
 CARD_KEY = "wsi_scan_card"
 
