@@ -329,3 +329,19 @@ def test_stain_check_finds_faint_fragments_and_nothing_else(tmp_path):
     p = on.tissue.params
     assert p["stain_check_cells_added"] == int(added.sum()) and p["stain_check_cells_read"] >= int(added.sum())
     assert p["stain_check"] is True and "stain_check_cells_read" not in off.tissue.params
+
+
+def test_glass_at_the_edge_is_not_a_hole():
+    """A slide smaller than the largest hole the rule fills is glass, not tissue; and a bay of
+    glass between tissue and the slide's edge stays glass, while a hole inside tissue is filled."""
+    rng = np.random.default_rng(8)
+    small = (235 + rng.integers(0, 8, (12, 12, 3))).astype(np.uint8)  # 96 um of glass
+    assert not compute_mask(small, (8.0, 8.0), TissueConfig()).mask.any()
+    img = (235 + rng.integers(0, 8, (100, 100, 3))).astype(np.uint8)
+    img[:, 20:] = (200, 120, 175)
+    img[40:54, 86:100] = (238, 237, 241)  # a bay at the right edge, 14 x 14 px (12,500 um2)
+    img[40:50, 50:60] = (238, 237, 241)  # a hole inside the tissue
+    m = compute_mask(img, (8.0, 8.0), TissueConfig()).mask
+    assert m[42:48, 52:58].all() and not m[44:50, 93:100].any()
+    # the former rule fills the bay: this slide tells the two apart
+    assert compute_mask(img, (8.0, 8.0), TissueConfig(method="otsu")).mask[44:50, 93:100].all()

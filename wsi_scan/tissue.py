@@ -129,6 +129,24 @@ def _drop_specks(mask: np.ndarray, sat: np.ndarray, min_px: int, min_stained_px:
     return keep[labels]
 
 
+def _fill_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
+    """Fill background pieces of at most ``max_px`` pixels that the mask encloses.
+
+    Unlike ``skimage.morphology.remove_small_holes``, a piece touching the image's edge is not a
+    hole: the glass of a small slide (or a bay of glass at a slide's edge) is glass, not tissue."""
+    from scipy import ndimage
+
+    background, n = ndimage.label(~mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(background.ravel(), minlength=n + 1)
+    fill = sizes <= max_px
+    fill[0] = False
+    edge = np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])
+    fill[edge] = False
+    return np.asarray(mask | fill[background])
+
+
 def _closing(mask: np.ndarray, radius: int) -> np.ndarray:
     """Binary closing by skimage's ``disk(radius)`` with scipy's binary morphology: the pixels of
     ``skimage.morphology.closing`` on the zero-padded mask (tested), in a fraction of its time
@@ -198,10 +216,10 @@ def compute_mask(
         mask = _drop_specks(mask, sat_full, min_obj, int(round(cfg.min_stained_object_um2 / px_area)), cfg.stained_saturation)
     elif min_obj > 0:
         mask = morphology.remove_small_objects(mask, max_size=min_obj)
-    if min_hole > 0:
+    if min_hole > 0 and cfg.method == "glass":
+        mask = _fill_holes(mask, min_hole) & ~excluded
+    elif min_hole > 0:  # the former rule as it was, edge pieces filled too
         mask = morphology.remove_small_holes(mask, max_size=min_hole)
-        if cfg.method == "glass":
-            mask &= ~excluded
     params["saturation_threshold"] = float(thr) if math.isfinite(thr) else None
     if cfg.method != "glass":
         return TissueMask(mask.astype(bool), l0_per_mask_xy, mask_mpp_xy, float(thr), params)
