@@ -74,6 +74,26 @@ def test_saturation_lookup_equals_skimage_rgb2hsv_exactly():
 SLIDE_MPP = 2.0  # the artefact slide's level 0: 4 px per 8 um thumbnail pixel
 
 
+def _glass(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Scanner glass as the mosaics have it: RGB 238/237/241, noise sigma 2 (float, to paint on)."""
+    return np.clip(np.array([238.0, 237.0, 241.0]) + rng.normal(0, 2.0, (h, w, 1)), 0, 255)
+
+
+def _paint_tissue(img: np.ndarray, box: tuple[int, int, int, int], rng: np.random.Generator) -> None:
+    """Dense pink tissue with a grain (sigma 12) over ``box`` (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = box
+    img[y0:y1, x0:x1] = np.clip(np.array([200.0, 120.0, 175.0]) + rng.normal(0, 12, (y1 - y0, x1 - x0, 1)), 0, 255)
+
+
+def _paint_fat(img: np.ndarray, box: tuple[int, int, int, int], step: int, width: int) -> None:
+    """White fat cells ``step`` px across with pink membranes ``width`` px thick over ``box``."""
+    x0, y0, x1, y1 = box
+    fat = np.full((y1 - y0, x1 - x0, 3), 246.0)
+    yy, xx = np.mgrid[0 : y1 - y0, 0 : x1 - x0]
+    fat[(yy % step < width) | (xx % step < width)] = (215, 150, 190)
+    img[y0:y1, x0:x1] = fat
+
+
 def _artefact_slide(tmp_path):
     """A 4 x 3 mm slide at 2 um/px with tissue, fat, a small fragment and every artefact the
     mask must refuse; returns the path and the regions in level-0 px (x0, y0, x1, y1)."""
@@ -83,7 +103,7 @@ def _artefact_slide(tmp_path):
 
     rng = np.random.default_rng(5)
     h, w = 1500, 2000
-    img = np.clip(np.array([238.0, 237.0, 241.0]) + rng.normal(0, 2.0, (h, w, 1)), 0, 255)
+    img = _glass(rng, h, w)
     regions = {
         "tissue": (200, 200, 700, 700),
         "fat": (800, 200, 1200, 600),
@@ -96,14 +116,8 @@ def _artefact_slide(tmp_path):
         "bubble": (1000, 800, 1300, 1100),
         "blur": (1450, 900, 1800, 1300),
     }
-    x0, y0, x1, y1 = regions["tissue"]
-    tex = rng.normal(0, 12, (y1 - y0, x1 - x0, 1))
-    img[y0:y1, x0:x1] = np.clip(np.array([200.0, 120.0, 175.0]) + tex, 0, 255)
-    x0, y0, x1, y1 = regions["fat"]  # white fat cells ~60 um across, pink membranes 2 px thick
-    fat = np.full((y1 - y0, x1 - x0, 3), 246.0)
-    yy, xx = np.mgrid[0 : y1 - y0, 0 : x1 - x0]
-    fat[(yy % 30 < 2) | (xx % 30 < 2)] = (215, 150, 190)
-    img[y0:y1, x0:x1] = fat
+    _paint_tissue(img, regions["tissue"], rng)
+    _paint_fat(img, regions["fat"], 30, 2)  # fat cells ~60 um across, membranes 4 um thick
     x0, y0, x1, y1 = regions["fragment"]  # ~100 um of pale stroma
     img[y0:y1, x0:x1] = np.clip(np.array([225.0, 185.0, 210.0]) + rng.normal(0, 6, (y1 - y0, x1 - x0, 1)), 0, 255)
     for name, colour in (("pen_blue", (40, 70, 170)), ("pen_green", (60, 150, 80)), ("pen_black", (40, 40, 46))):
@@ -273,7 +287,7 @@ def _fragment_slide(tmp_path):
 
     rng = np.random.default_rng(7)
     h, w = 2000, 3000
-    img = np.clip(np.array([238.0, 237.0, 241.0]) + rng.normal(0, 2.0, (h, w, 1)), 0, 255)
+    img = _glass(rng, h, w)
     regions = {
         "tissue": (200, 200, 1000, 1000),
         "fat": (1500, 400, 1590, 490),
@@ -281,13 +295,8 @@ def _fragment_slide(tmp_path):
         "speck": (1500, 1500, 1503, 1503),
         "pen": (2400, 1500, 2410, 1510),
     }
-    x0, y0, x1, y1 = regions["tissue"]
-    img[y0:y1, x0:x1] = np.clip(np.array([200.0, 120.0, 175.0]) + rng.normal(0, 12, (y1 - y0, x1 - x0, 1)), 0, 255)
-    x0, y0, x1, y1 = regions["fat"]
-    fat = np.full((y1 - y0, x1 - x0, 3), 246.0)
-    yy, xx = np.mgrid[0 : y1 - y0, 0 : x1 - x0]
-    fat[(yy % 30 == 0) | (xx % 30 == 0)] = (215, 150, 190)
-    img[y0:y1, x0:x1] = fat
+    _paint_tissue(img, regions["tissue"], rng)
+    _paint_fat(img, regions["fat"], 30, 1)  # membranes 1 um thick
     x0, y0 = regions["nuclei"][:2]
     for dy, dx in ((0, 0), (9, 12)):  # two nuclei 5 um across: 50 um2 of stain
         img[y0 + dy : y0 + dy + 5, x0 + dx : x0 + dx + 5] = (90, 40, 130)
