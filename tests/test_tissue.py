@@ -354,3 +354,16 @@ def test_glass_at_the_edge_is_not_a_hole():
     assert m[42:48, 52:58].all() and not m[44:50, 93:100].any()
     # the former rule fills the bay: this slide tells the two apart
     assert compute_mask(img, (8.0, 8.0), TissueConfig(method="otsu")).mask[44:50, 93:100].all()
+
+
+def test_the_ink_margin_is_the_former_dilation():
+    """The refused pixels are grown with a separable 5 x 5 maximum instead of a binary dilation
+    by a 5 x 5 square: the same pixels, borders included."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(9)
+    for p in (0.999, 0.9, 0.5):
+        m = rng.random((97, 131)) > p
+        m[0, :3] = m[-1, -2:] = True
+        want = ndimage.binary_dilation(m, structure=np.ones((5, 5), bool))
+        assert np.array_equal(ndimage.maximum_filter(m, size=5, mode="constant", cval=False), want)
