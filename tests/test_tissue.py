@@ -367,3 +367,15 @@ def test_the_ink_margin_is_the_former_dilation():
         m[0, :3] = m[-1, -2:] = True
         want = ndimage.binary_dilation(m, structure=np.ones((5, 5), bool))
         assert np.array_equal(ndimage.maximum_filter(m, size=5, mode="constant", cval=False), want)
+
+
+def test_only_small_pieces_of_the_mask_send_their_ring_to_the_stain_check():
+    from wsi_scan.tissue import _small_pieces
+
+    m = np.zeros((40, 60), bool)
+    m[2:30, 2:30] = True  # 784 px: large tissue
+    m[5:8, 40:43] = True  # 9 px: a fragment
+    m[20:22, 50:52] = True  # 4 px
+    small = _small_pieces(m, 9)
+    assert small[5:8, 40:43].all() and small[20:22, 50:52].all() and not small[2:30, 2:30].any()
+    assert not _small_pieces(np.zeros((5, 5), bool), 9).any()

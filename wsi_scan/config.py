@@ -109,6 +109,7 @@ class TissueConfig:
     # share of the threshold that sends a pixel's cells to the check (0.75 read 1.7x the cells on
     # the benchmark slide for one more patch of 2,896 at 40x)
     stain_check_evidence: float = 1.0
+    stain_check_fragment_um2: float = 50_000.0  # mask pieces up to this size send their neighbours to the check
     stain_check_dip: float = 0.03  # ... or darker than its 3 x 3 neighbourhood's mean by this (HSV value)
     stain_check_mpp: float = 2.0  # um/px of the second look (a cell is a whole number of its px)
     stain_check_saturation: float = 0.08  # a stained pixel: above any glass (0.005-0.04) ...
@@ -141,6 +142,7 @@ class TissueConfig:
             ("min_window_fraction", 0.0, 1.0, False, None),
             ("stain_check_evidence", 0.0, 1.0, True, None),
             ("stain_check_dip", 0.0, 1.0, True, None),
+            ("stain_check_fragment_um2", 0.0, 1e12, False, None),
             ("stain_check_mpp", 0.25, 16.0, False, None),
             ("stain_check_saturation", 0.0, 1.0, True, None),
             ("stain_check_min_um2", 0.0, 1e6, True, None),

@@ -129,6 +129,18 @@ def _drop_specks(mask: np.ndarray, sat: np.ndarray, min_px: int, min_stained_px:
     return keep[labels]
 
 
+def _small_pieces(mask: np.ndarray, max_px: int) -> np.ndarray:
+    """The mask's pieces of at most ``max_px`` pixels."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return np.zeros_like(mask)
+    small = np.bincount(labels.ravel(), minlength=n + 1) <= max_px
+    small[0] = False
+    return np.asarray(small[labels])
+
+
 def _fill_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
     """Fill background pieces of at most ``max_px`` pixels that the mask encloses.
 
@@ -224,7 +236,10 @@ def compute_mask(
     params["saturation_threshold"] = float(thr) if math.isfinite(thr) else None
     if cfg.method != "glass":
         return TissueMask(mask.astype(bool), l0_per_mask_xy, mask_mpp_xy, float(thr), params)
-    evidence = mask | (faint & ~excluded)
+    # the mask counts as evidence only in small pieces (fragments, whose every edge matters):
+    # around large tissue the window rule's ring already reaches the edge, and re-reading it
+    # was most of the check's cost (docs/tissue.md, cost)
+    evidence = (faint & ~excluded & ~mask) | _small_pieces(mask, int(round(cfg.stain_check_fragment_um2 / px_area)))
     return TissueMask(mask.astype(bool), l0_per_mask_xy, mask_mpp_xy, float(thr), params, evidence, excluded)
 
 
