@@ -100,9 +100,9 @@ class TissueConfig:
     min_hole_um2: float = 20_000.0  # smaller holes inside tissue (fat cells, vessels) are filled
     min_cell_fraction: float = 0.05  # share of a cell's area that must be tissue to scan it
     min_window_fraction: float = 0.1  # or share of its window's (3 x 3 cells) area (1: off)
-    # the stain check: a cell left out whose window the thumbnail saw faint signs of tissue in (the
-    # mask, pixels over the threshold that the 3 x 3 mean or the speck rule took away, or pixels
-    # darker than their neighbours) is read again at stain_check_mpp and scanned when its window
+    # the stain check: a cell left out whose window the thumbnail saw faint signs of tissue in (a
+    # small piece of the mask, pixels over the threshold that the 3 x 3 mean or the speck rule
+    # took away, or pixels darker than their neighbours) is read again at stain_check_mpp and scanned when its window
     # holds this much stain: fat membranes and a few nuclei are 1-2 px lines and dots at 1 um/px,
     # averaged into the glass at 8 um/px (docs/tissue.md, point 7)
     stain_check: bool = True

@@ -58,7 +58,7 @@ def plan_scan(
         tissue = plan_tissue(slide, mpp_xy, config.tissue)
     grid = plan_grid(slide.info.l0_bounds_xywh, mpp_xy, target_mpp, cell_px, patch_px)
     cells = tissue_cells(grid, tissue, config.tissue.min_cell_fraction, config.tissue.min_window_fraction)
-    if config.tissue_mask is None and config.tissue.method == "glass" and config.tissue.stain_check:
+    if tissue.evidence is not None:  # the glass rule with the stain check on
         cells, tissue = stain_check(slide, mpp_xy, grid, tissue, cells, config.tissue, config.block_cells)
     if config.roi is not None:
         cells &= roi_cells(grid, config.roi)
@@ -98,9 +98,10 @@ def stain_check(
     ex = tissue.excluded
     kx, ky = tissue.l0_per_mask_xy
     added = np.zeros_like(cells)
-    (ox, oy), (sx, sy) = grid.l0_origin_xy, grid.l0_cell_size_xy
+    sx, sy = grid.l0_cell_size_xy
     for r0, c0, nr, nc in crop_to_tissue(todo, tissue_blocks(todo, block_cells)):
-        box = (ox + (c0 - 1) * sx, oy + (r0 - 1) * sy, ox + (c0 + nc + 1) * sx, oy + (r0 + nr + 1) * sy)
+        # the block's cells and the ring of neighbours their windows reach
+        box = grid.cell_to_l0_rect(r0 - 1, c0 - 1)[:2] + grid.cell_to_l0_rect(r0 + nr, c0 + nc)[2:]
         size = ((nc + 2) * px_per_cell, (nr + 2) * px_per_cell)
         stained = stained_pixels(resample_region(slide, level, ds[level], box, size), cfg)
         # what the thumbnail refused (ink, black, dark marks, and their rims) stays refused
@@ -116,7 +117,8 @@ def stain_check(
         "stain_check_cells_read": int(todo.sum()),
         "stain_check_cells_added": int(added.sum()),
     }
-    return cells | added, replace(tissue, params=params)
+    # the evidence and refusal maps served the check only: not held through the scan
+    return cells | added, replace(tissue, params=params, evidence=None, excluded=None)
 
 
 def file_sha256(path: str) -> str:

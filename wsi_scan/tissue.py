@@ -30,9 +30,10 @@ class TissueMask:
     mask_mpp_xy: tuple[float, float]
     threshold: float  # saturation threshold used (inf: none, NaN: not thresholded)
     params: dict[str, Any] = field(default_factory=dict)  # method and every parameter, for the attrs
-    # "glass" only, for the stain check: thumbnail pixels with any sign of tissue (the mask, and
-    # pixels over the threshold that the mean or the speck rule left out), and pixels refused
-    # whatever their stain (ink, dark, and their rims); None where no check applies
+    # for the stain check only ("glass" with ``stain_check``; dropped once it has run): thumbnail
+    # pixels with a sign of tissue (small pieces of the mask, pixels over the threshold that the
+    # mean or the speck rule left out, pixels darker than their neighbours), and pixels refused
+    # whatever their stain (ink, dark, and their rims)
     evidence: np.ndarray | None = field(default=None, repr=False, compare=False)
     excluded: np.ndarray | None = field(default=None, repr=False, compare=False)
 
@@ -107,22 +108,26 @@ def ink(rgb: np.ndarray, sat: np.ndarray, value: np.ndarray, cfg: TissueConfig) 
     return (green_excess > cfg.ink_green_excess) | (_value_is(value, "<", cfg.ink_grey_value) & (sat < cfg.ink_grey_saturation))
 
 
+def _pieces(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The mask's connected pieces (4-connected): their labels (0 off the mask) and the size of
+    each label in pixels (``sizes[0]``: the pixels off the mask)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    return labels, np.bincount(labels.ravel(), minlength=n + 1)
+
+
 def _drop_specks(mask: np.ndarray, sat: np.ndarray, min_px: int, min_stained_px: int, stained: float) -> np.ndarray:
     """Drop pieces smaller than ``min_px``, except stained ones down to ``min_stained_px``.
 
     A 90 um fragment of fat or loose stroma shows as a few pixels at 8 um/px, as small as a
     speck of dust; but dust is grey (the ink rule takes it) and a fragment carries stain."""
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return mask
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    labels, sizes = _pieces(mask)
     small = sizes <= min_px
     small[0] = False
     # the peak stain of the small pieces only: their pixels are few, the slide's are many
     in_small = small[labels]
-    peak = np.zeros(n + 1)
+    peak = np.zeros(sizes.size)
     np.maximum.at(peak, labels[in_small], sat[in_small])
     keep = ~small | ((sizes > min_stained_px) & (peak >= stained))
     keep[0] = False
@@ -131,12 +136,8 @@ def _drop_specks(mask: np.ndarray, sat: np.ndarray, min_px: int, min_stained_px:
 
 def _small_pieces(mask: np.ndarray, max_px: int) -> np.ndarray:
     """The mask's pieces of at most ``max_px`` pixels."""
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return np.zeros_like(mask)
-    small = np.bincount(labels.ravel(), minlength=n + 1) <= max_px
+    labels, sizes = _pieces(mask)
+    small = sizes <= max_px
     small[0] = False
     return np.asarray(small[labels])
 
@@ -146,12 +147,7 @@ def _fill_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
 
     Unlike ``skimage.morphology.remove_small_holes``, a piece touching the image's edge is not a
     hole: the glass of a small slide (or a bay of glass at a slide's edge) is glass, not tissue."""
-    from scipy import ndimage
-
-    background, n = ndimage.label(~mask)
-    if n == 0:
-        return mask
-    sizes = np.bincount(background.ravel(), minlength=n + 1)
+    background, sizes = _pieces(~mask)
     fill = sizes <= max_px
     fill[0] = False
     edge = np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])
@@ -207,14 +203,14 @@ def compute_mask(
         # would take the corners and one-pixel tips of small fragments
         mask = ((smooth >= thr) | (sat >= 2 * thr)) & ~excluded
         del smooth
-        # for the stain check: a thin membrane or a few nuclei shift a thumbnail pixel's
-        # saturation a little, or only its value (on white fat a membrane is a grey line)
-        # (the mean in uint8 and the difference in int16: float copies of a thumbnail are the
-        # rule's peak memory, docs/tissue.md, cost)
-        local = ndimage.uniform_filter(value, size=3, mode="nearest").astype(np.int16)
-        local -= value
-        faint = (sat >= cfg.stain_check_evidence * thr) | (local >= round(cfg.stain_check_dip * 255))
-        del local
+        if cfg.stain_check:
+            # a thin membrane or a few nuclei shift a thumbnail pixel's saturation a little, or
+            # only its value (on white fat a membrane is a grey line); the mean in uint8 and the
+            # difference in int16: float copies of a thumbnail are the rule's peak memory
+            local = ndimage.uniform_filter(value, size=3, mode="nearest").astype(np.int16)
+            local -= value
+            faint = (sat >= cfg.stain_check_evidence * thr) | (local >= round(cfg.stain_check_dip * 255))
+            del local
     sat_full = sat
     del value, not_dark
     px_area = mask_mpp_xy[0] * mask_mpp_xy[1]
@@ -234,7 +230,7 @@ def compute_mask(
     elif min_hole > 0:  # the former rule as it was, edge pieces filled too
         mask = morphology.remove_small_holes(mask, max_size=min_hole)
     params["saturation_threshold"] = float(thr) if math.isfinite(thr) else None
-    if cfg.method != "glass":
+    if cfg.method != "glass" or not cfg.stain_check:
         return TissueMask(mask.astype(bool), l0_per_mask_xy, mask_mpp_xy, float(thr), params)
     # the mask counts as evidence only in small pieces (fragments, whose every edge matters):
     # around large tissue the window rule's ring already reaches the edge, and re-reading it
@@ -253,6 +249,6 @@ def stained_pixels(rgb: np.ndarray, cfg: TissueConfig) -> np.ndarray:
     sat, value, not_dark = _saturation(rgb, cfg.max_value_dark)
     stained = (sat >= cfg.stain_check_saturation) & not_dark
     refused = ~not_dark | ink(rgb, sat, value, cfg)
-    if refused.any():  # most reads hold none: the growing is the check's largest cost where they do
+    if refused.any():  # a read without any needs no growing
         stained &= ~ndimage.maximum_filter(refused, size=5)
     return np.asarray(stained)
