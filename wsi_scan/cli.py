@@ -600,9 +600,17 @@ def models_cmd(as_json: bool) -> None:
         rule = r.get("threshold_rule")
         if rule:
             click.echo(f"  threshold  lowest with specificity >= {rule['specificity']} on {rule['data']}")
-        click.echo(
-            f"  training   {r['train_patches']} patches from {', '.join(r['train_sets']) or '?'}; epoch {r['epoch']}; {r['recipe']}"
-        )
+        if r["members"]:
+            click.echo(f"  training   {r['train_patches']} patches from {', '.join(r['train_sets']) or '?'}; the mean logit of:")
+            for mem in r["members"]:
+                click.echo(
+                    f"    {mem['name']} (width {mem['width']}, epoch {mem['epoch']}, AUC {mem['valid_auc'] or float('nan'):.4f}); "
+                    f"{mem['recipe']}"
+                )
+        else:
+            click.echo(
+                f"  training   {r['train_patches']} patches from {', '.join(r['train_sets']) or '?'}; epoch {r['epoch']}; {r['recipe']}"
+            )
         click.echo(f"  file       {r['path']} ({r['size_bytes']:,} bytes, sha256 {r['sha256'][:16]})")
 
 
@@ -645,6 +653,65 @@ def threshold_cmd(
     click.echo(
         f"wrote {out}: threshold {card.threshold:.4f} (specificity {v['specificity']:.4f}, sensitivity {v['sensitivity']:.4f} "
         f"on {card.training['threshold_rule']['data']})"
+    )
+
+
+@main.command("ensemble")
+@click.argument("model_paths", metavar="MODEL...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--data", required=True, type=click.Path(path_type=Path), help="held-out labelled patches to threshold and score on"
+)
+@click.option(
+    "--specificity",
+    type=click.FloatRange(0.5, 0.9999),
+    default=_TRAIN.threshold_specificity,
+    show_default=True,
+    help="the lowest threshold giving at least this specificity on DATA's validation patches",
+)
+@click.option("--split", type=click.Choice(["auto", "train", "valid", "test"]), default="valid", show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="the model file to write (.safetensors or .pt)")
+@click.option("--name", default="ensemble", show_default=True, help="the model's name in its card")
+@click.option("--tta/--no-tta", default=True, show_default=True, help="also measure the 8-view AUC for the card")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_SCAN.device)
+@click.option("--overwrite", is_flag=True, help="replace an existing model file written by wsi-scan")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def ensemble_cmd(
+    model_paths: tuple[Path, ...],
+    data: Path,
+    specificity: float,
+    split: str,
+    out: Path,
+    name: str,
+    tta: bool,
+    device: str,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
+    """Combine 2-4 dense-exact models into one (the mean of their logits), thresholded by the rule `train` applies."""
+    from .train.ensemble import combine_models
+
+    command = "wsi-scan " + " ".join(sys.argv[1:])
+    card = _run(
+        lambda: combine_models(
+            list(model_paths),
+            data,
+            out,
+            specificity,
+            split=split,
+            device=device,
+            name=name,
+            tta=tta,
+            command=command,
+            overwrite=overwrite,
+            progress=not quiet,
+        )
+    )
+    v = card.metrics["valid"]
+    tta_auc = card.metrics.get("valid_tta", {}).get("auc")
+    click.echo(
+        f"wrote {out}: AUC {v['auc']:.4f}{f' ({tta_auc:.4f} with TTA)' if tta_auc is not None else ''}; threshold "
+        f"{card.threshold:.4f} (specificity {v['specificity']:.4f}, sensitivity {v['sensitivity']:.4f} on "
+        f"{card.training['threshold_rule']['data']})"
     )
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wsi_scan.errors import ModelError
-from wsi_scan.model.nets import DenseCNN, build_network
+from wsi_scan.model.nets import DenseCNN, DenseEnsemble, build_network
 from wsi_scan.model.transforms import dihedral, dihedral_inverse, predict_logits
 
 
@@ -26,6 +26,38 @@ def test_dense_cnn_output_per_window(m, n):
             for j in range(1 + n):
                 one = net(x[..., 32 * i : 32 * i + 96, 32 * j : 32 * j + 96])
                 torch.testing.assert_close(dense[0, 0, i, j], one[0, 0, 0, 0], atol=1e-5, rtol=0)
+
+
+def _random_bn(net: torch.nn.Module) -> torch.nn.Module:
+    for mod in net.modules():  # non-trivial batch-norm statistics
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def test_ensemble_is_the_mean_logit_of_its_members_and_dense_exact():
+    torch.manual_seed(1)
+    net = _random_bn(DenseEnsemble([8, 4, 6]))
+    x = torch.randn(1, 3, 96 + 32 * 2, 96 + 32 * 3)
+    with torch.no_grad():
+        dense = net(x)
+        mean = sum(m(x) for m in net.members) / 3
+        torch.testing.assert_close(dense, mean, atol=1e-6, rtol=0)
+        assert dense.shape == (1, 1, 3, 4)
+        for i in range(3):
+            for j in range(4):
+                one = net(x[..., 32 * i : 32 * i + 96, 32 * j : 32 * j + 96])
+                torch.testing.assert_close(dense[0, 0, i, j], one[0, 0, 0, 0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("widths", [None, [8], [8, 8, 8, 8, 8], [8, 1000], [8, 7.5], [8, True], "8,8", [8, "8"]])
+def test_ensemble_widths_are_checked_before_any_allocation(widths):
+    kwargs = {} if widths is None else {"widths": widths}
+    with pytest.raises(ModelError, match="widths must be a list of 2 to 4 integers"):
+        build_network("dense-cnn-ensemble", **kwargs)
+    with pytest.raises(ModelError, match="has no setting 'width'"):
+        build_network("dense-cnn-ensemble", widths=[8, 8], width=8)
 
 
 def test_resnet18_is_patch_only():

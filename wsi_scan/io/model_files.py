@@ -294,9 +294,20 @@ def describe_model(model: LoadedModel, name: str | None = None) -> dict[str, Any
             for key, sp in src.get("splits", {}).items()
             if key == "train"
         ],
-        "recipe": {
-            k: cfg[k]
-            for k in ("epochs", "lr", "optimizer", "schedule", "ema_decay", "stain_jitter", "label_smoothing")
-            if k in cfg
-        },
+        "recipe": _recipe(cfg),
+        "members": [
+            {
+                "name": m.get("name"),
+                "width": m.get("arch_kwargs", {}).get("width"),
+                "epoch": m.get("metrics", {}).get("epoch"),
+                "valid_auc": m.get("metrics", {}).get("valid", {}).get("auc"),
+                "recipe": _recipe(m.get("training", {}).get("config", {})),
+            }
+            for m in training.get("ensemble", {}).get("members", [])
+        ],
     }
+
+
+def _recipe(cfg: dict[str, Any]) -> dict[str, Any]:
+    keys = ("epochs", "lr", "optimizer", "schedule", "ema_decay", "stain_jitter", "label_smoothing")
+    return {k: cfg[k] for k in keys if k in cfg}

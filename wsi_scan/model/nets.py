@@ -64,6 +64,27 @@ class DenseCNN(nn.Module):
         return self.head(self.features(x))
 
 
+class DenseEnsemble(nn.Module):
+    """The mean of the logits of dense-exact members that share one geometry (window 96, stride
+    32), so it is dense-exact too: each output is the mean of the members' outputs for the same
+    window. Logits, not probabilities, are averaged so the output stays a logit; on the
+    validation split both give the same AUC (docs/model.md)."""
+
+    dense_exact = True
+    input_px = 96  # the window side in px (a card's input_px)
+    stride_px = 32
+
+    def __init__(self, widths: list[int], dropout: float = 0.2) -> None:
+        super().__init__()
+        self.members = nn.ModuleList([DenseCNN(w, dropout) for w in widths])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.members[0](x)
+        for m in self.members[1:]:
+            out = out + m(x)
+        return out / len(self.members)
+
+
 class PatchClassifier(nn.Module):
     """Wraps a network with a (N, 1) output into the (N, 1, 1, 1) convention of DenseCNN."""
 
@@ -90,21 +111,41 @@ def _resnet18() -> nn.Module:
     return PatchClassifier(net)
 
 
-ARCHITECTURES = ("dense-cnn", "resnet18")
+ARCHITECTURES = ("dense-cnn", "dense-cnn-ensemble", "resnet18")
+ENSEMBLE_SIZE = (2, 4)
 
 
 #: the settings each architecture takes, with their allowed ranges (a card is data from a file)
 ARCH_KWARGS: dict[str, dict[str, tuple[float, float]]] = {
     "dense-cnn": {"width": (4, 256), "dropout": (0.0, 0.9)},
+    "dense-cnn-ensemble": {"dropout": (0.0, 0.9)},  # and "widths", a list checked on its own
     "resnet18": {},
 }
+
+
+def _check_widths(widths: Any) -> None:
+    lo, hi = ARCH_KWARGS["dense-cnn"]["width"]
+    n_lo, n_hi = ENSEMBLE_SIZE
+    if (
+        not isinstance(widths, list)
+        or not n_lo <= len(widths) <= n_hi
+        or not all(isinstance(w, int) and not isinstance(w, bool) and lo <= w <= hi for w in widths)
+    ):
+        raise ModelError(
+            f"architecture 'dense-cnn-ensemble': widths must be a list of {n_lo} to {n_hi} integers in "
+            f"[{lo:g}, {hi:g}] (one per member), found {widths!r:.60}"
+        )
 
 
 def build_network(arch: str, **kwargs: Any) -> nn.Module:
     """Build an untrained network by its card name; settings are checked before any allocation."""
     allowed = ARCH_KWARGS.get(arch)
+    if arch == "dense-cnn-ensemble":
+        _check_widths(kwargs.get("widths"))
     if allowed is not None:
         for k, v in kwargs.items():
+            if arch == "dense-cnn-ensemble" and k == "widths":
+                continue
             if k not in allowed:
                 raise ModelError(f"architecture {arch!r} has no setting {k!r} (it takes: {', '.join(allowed) or 'none'})")
             lo, hi = allowed[k]
@@ -114,6 +155,8 @@ def build_network(arch: str, **kwargs: Any) -> nn.Module:
             raise ModelError(f"architecture {arch!r}: width must be an integer, found {kwargs['width']!r}")
     if arch == "dense-cnn":
         return DenseCNN(**kwargs)
+    if arch == "dense-cnn-ensemble":
+        return DenseEnsemble(**kwargs)
     if arch == "resnet18":
         return _resnet18()
     raise ModelError(

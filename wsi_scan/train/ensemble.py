@@ -1,0 +1,167 @@
+"""Combine trained dense-exact models into one: the mean of their logits, with its own card.
+
+Members trained on the same data make different errors on held-out patches (another width,
+another schedule), so their mean ranks patches better than either (docs/model.md). The result
+is one model file with one contract: the members must agree on the window, cell, pixel size,
+normalisation and classes, and the combined model is thresholded by the rule training applies,
+on held-out patches none of the members was trained on. ``wsi-scan ensemble`` calls
+``combine_models``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..config import TrainConfig
+from ..errors import UsageError
+from ..io.datasets import patch_split
+from ..io.model_files import LoadedModel, load_model, save_model
+from ..io.outputs import check_replaceable, prepare_parent
+from ..model.card import ModelCard
+from ..model.nets import ENSEMBLE_SIZE, build_network
+from .evaluate import evaluate_patchset, trained_on
+from .loop import validation_metrics, with_threshold
+from .threshold import MODEL_SUFFIXES
+
+#: the card fields every member must share: they are the combined model's contract
+SHARED_FIELDS = ("input_px", "cell_px", "mpp", "mean", "std", "class_names")
+
+
+def _check_members(members: list[LoadedModel]) -> None:
+    lo, hi = ENSEMBLE_SIZE
+    if not lo <= len(members) <= hi:
+        raise UsageError(f"an ensemble takes {lo} to {hi} models, found {len(members)}")
+    for m in members:
+        if m.card.arch != "dense-cnn" or not m.card.dense_exact:
+            raise UsageError(
+                f"{m.path}: architecture {m.card.arch!r}; an ensemble combines dense-exact dense-cnn models only "
+                "(so that it stays dense-exact)"
+            )
+    first = members[0]
+    for m in members[1:]:
+        for key in SHARED_FIELDS:
+            a, b = getattr(first.card, key), getattr(m.card, key)
+            if a != b:
+                raise UsageError(
+                    f"{m.path}: its card's {key} is {b!r}, {first.path}'s is {a!r}; the members of an ensemble "
+                    "must share window, cell, pixel size, normalisation and classes (train them on the same data)"
+                )
+    dropouts = {m.card.arch_kwargs.get("dropout", 0.2) for m in members}
+    if len(dropouts) > 1:  # dropout is off at inference, but one setting rebuilds every member
+        raise UsageError(f"the members' dropout settings differ ({sorted(dropouts)}); expected one")
+    shas = [m.sha256 for m in members]
+    if len(set(shas)) < len(shas):
+        raise UsageError("the same model file is named twice; an ensemble of a model with itself is that model")
+
+
+def _merged_data(members: list[LoadedModel]) -> dict[str, Any]:
+    """The training data of all members: every split any member was trained on (so that
+    `evaluate` warns and `threshold` refuses on any of them), each listed once."""
+    sources: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for m in members:
+        for src in m.card.training.get("data", {}).get("sources", []):
+            key = repr(sorted((k, repr(v)) for k, v in src.items())) if isinstance(src, dict) else repr(src)
+            if key not in seen:
+                seen.add(key)
+                sources.append(src)
+    data = dict(members[0].card.training.get("data", {}))
+    data["sources"] = sources
+    if any(m.card.training.get("data", {}).get("train") != data.get("train") for m in members[1:]):
+        data.pop("train", None)  # the members' counts differ: each member's record keeps its own
+    return data
+
+
+def _member_record(m: LoadedModel) -> dict[str, Any]:
+    training = {k: v for k, v in m.card.training.items() if k not in ("data", "history")}
+    return {
+        "name": m.card.name,
+        "file": Path(m.path).name,
+        "sha256": m.sha256,
+        "arch_kwargs": m.card.arch_kwargs,
+        "threshold": m.card.threshold,
+        "metrics": m.card.metrics,
+        "training": training,
+        "history": m.card.training.get("history", []),
+        "train": m.card.training.get("data", {}).get("train"),
+    }
+
+
+def combine_models(
+    model_paths: list[str | Path],
+    data: str | Path,
+    out: str | Path,
+    specificity: float = TrainConfig().threshold_specificity,
+    split: str = "valid",
+    device: str = "auto",
+    name: str = "ensemble",
+    tta: bool = True,
+    command: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ModelCard:
+    """Write to ``out`` the model whose logit is the mean of the models' at ``model_paths``.
+
+    Its threshold is chosen by the training rule on ``data``'s ``split`` (refused if any member
+    was trained on it), its ``valid`` metrics are measured there at that threshold and, with
+    ``tta``, its ``valid_tta`` ones too. The card records each member (file, sha256, card
+    metrics, recipe and curve) and the union of their training data.
+    """
+    import torch
+
+    out = Path(out)
+    if out.suffix not in MODEL_SUFFIXES:
+        raise UsageError(f"--out {out}: expected a .safetensors or .pt file name, found suffix {out.suffix or '(none)'!r}")
+    check_replaceable(out, overwrite, kind="file")
+    prepare_parent(out, "--out")
+    members = [load_model(p) for p in model_paths]
+    _check_members(members)
+    ps = patch_split(data, split)
+    for m in members:
+        seen = trained_on(m.card, ps)
+        if seen is not None:
+            raise UsageError(
+                f"{ps.name}: the member {m.card.name!r} was trained on these patches ({seen}); "
+                "expected held-out validation patches to choose the ensemble's threshold on"
+            )
+    widths = [int(m.card.arch_kwargs.get("width", 32)) for m in members]
+    kwargs: dict[str, Any] = {"widths": widths}
+    if "dropout" in members[0].card.arch_kwargs:
+        kwargs["dropout"] = members[0].card.arch_kwargs["dropout"]
+    net = build_network("dense-cnn-ensemble", **kwargs)
+    for member_net, m in zip(net.members, members, strict=True):  # type: ignore[arg-type]
+        member_net.load_state_dict(m.net.state_dict(), strict=True)
+    net.eval()
+    first = members[0].card
+    training = {
+        "command": command,
+        "ensemble": {
+            "rule": "mean of the members' logits",
+            "members": [_member_record(m) for m in members],
+        },
+        "data": _merged_data(members),
+    }
+    card = ModelCard.from_dict(
+        {
+            **first.to_dict(),
+            "arch": "dense-cnn-ensemble",
+            "arch_kwargs": kwargs,
+            "dense_exact": True,
+            "name": name,
+            "threshold": 0.5,
+            "training": training,
+            "metrics": {},
+        }
+    )
+    combined = LoadedModel(net=net, card=card, path=str(out), sha256="")
+    ev = evaluate_patchset(combined, ps, device, progress=progress)
+    card = with_threshold(card, ev.labels, ev.probs, specificity, ps.name)
+    tta_probs = None
+    if tta:
+        tta_probs = evaluate_patchset(LoadedModel(net, card, str(out), ""), ps, device, tta=True, progress=progress).probs
+    metrics = validation_metrics(card, ev.labels, ev.probs, tta_probs)
+    card = ModelCard.from_dict({**card.to_dict(), "metrics": metrics})
+    save_model(out, net.to(torch.device("cpu")), card)
+    load_model(out)  # the file reads back, and its network fits its card (sizes, finite outputs)
+    return card
