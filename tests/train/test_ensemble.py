@@ -111,6 +111,8 @@ def test_what_an_ensemble_refuses(members, kaggle_dir, tmp_path):
     combine_models([a, b], kaggle_dir, out, tta=False, progress=False)
     with pytest.raises(OutputExistsError):
         combine_models([a, b], kaggle_dir, out, tta=False, progress=False)
+    with pytest.raises(UsageError, match="is one of the members"):
+        combine_models([a, out], kaggle_dir, out, tta=False, overwrite=True, progress=False)
     combine_models([b, a], kaggle_dir, out, tta=False, overwrite=True, progress=False)
     assert load_model(out).card.arch_kwargs["widths"] == [4, 8]
     assert torch.is_tensor(next(iter(load_model(out).net.state_dict().values())))

@@ -114,6 +114,9 @@ def combine_models(
     if out.suffix not in MODEL_SUFFIXES:
         raise UsageError(f"--out {out}: expected a .safetensors or .pt file name, found suffix {out.suffix or '(none)'!r}")
     check_replaceable(out, overwrite, kind="file")
+    for p in model_paths:
+        if out.exists() and Path(p).exists() and out.samefile(p):
+            raise UsageError(f"--out {out} is one of the members; expected a new file (the member would be lost)")
     prepare_parent(out, "--out")
     members = [load_model(p) for p in model_paths]
     _check_members(members)
