@@ -234,7 +234,7 @@ def bench_device_read(slide: Any, plan: Any, block_list: list[Any], device: Any,
     )
 
 
-def run_child_scan(slide: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+def run_child_scan(slide: Path, cfg: dict[str, Any], model: str | None = None) -> dict[str, Any]:
     """scan_slide in a fresh process; its peak RSS is that process's alone."""
     with tempfile.TemporaryDirectory(prefix="wsi-bench-") as tmp:
         out = Path(tmp) / "h.zarr"
@@ -243,7 +243,7 @@ def run_child_scan(slide: Path, cfg: dict[str, Any]) -> dict[str, Any]:
             "from wsi_scan.config import ScanConfig\n"
             "from wsi_scan.scan import scan_slide\n"
             "cfg = ScanConfig(**json.loads(sys.argv[3]))\n"
-            "r = scan_slide(sys.argv[1], sys.argv[2], cfg)\n"
+            "r = scan_slide(sys.argv[1], sys.argv[2], cfg, model=sys.argv[4] or None)\n"
             # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so it would report the
             # benchmark process's own size (block images, torch) whenever that was larger
             "hwm = [int(ln.split()[1]) for ln in open('/proc/self/status') if ln.startswith('VmHWM:')]\n"
@@ -254,7 +254,10 @@ def run_child_scan(slide: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         )
         t = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-c", code, str(slide), str(out), json.dumps(cfg)], capture_output=True, text=True, check=False
+            [sys.executable, "-c", code, str(slide), str(out), json.dumps(cfg), model or ""],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         wall = time.perf_counter() - t
         if proc.returncode != 0:
@@ -310,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--torch-threads", type=int, default=0, help="torch intra-op threads, here and in the scan child (0: torch's default)"
     )
+    ap.add_argument("--model", default=None, help="a bundled model's name or a model file (default: the bundled default)")
     ap.add_argument("--mode", default="both", choices=("both", "dense", "patch"), help="modes to time")
     ap.add_argument("--patch-blocks", type=int, default=6, help="blocks timed in patch mode (it is slow)")
     ap.add_argument("--only", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
@@ -353,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     slide = open_slide(path, cfg.backend)
     mpp = resolve_mpp(slide.info.metadata, None, str(path), cfg.mpp_xy_tolerance)
-    loaded = load_model(None)
+    loaded = load_model(args.model)
+    report.data["model"] = {"name": loaded.card.name, "sha256": loaded.sha256, "arch_kwargs": loaded.card.arch_kwargs}
     card = loaded.card
 
     import tracemalloc
@@ -626,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
             "read_level": args.read_level,
             "decode": args.decode,
         }
-        res = run_child_scan(path, child_cfg)
+        res = run_child_scan(path, child_cfg, args.model)
         ts = res["timings_s"]
         rss_gb = res["maxrss_kb"] / 2**20
         n_win = res["tissue_cells"]
