@@ -23,9 +23,9 @@ from ..errors import ModelError
 from ..model.card import ModelCard
 
 #: the model a command uses when none is named: ``fast`` ranks patches and slides better than
-#: the network it replaced at the same cost, and gives a fifth of its false lesions on held-out
-#: negatives (docs/model.md, "Bundled models"); ``accurate`` (the same network trained twice as
-#: long) ranks patches better at the same cost but makes three times the false lesions, so it
+#: the network it replaced at the same cost, and makes the fewest false lesions on held-out
+#: negatives (docs/model.md, "Bundled models"); ``accurate`` (two larger networks' mean) ranks
+#: patches and slides best, at 3.25x the multiply-adds per cell and more false lesions, so it
 #: is not the default
 BUNDLED_MODEL = "fast.safetensors"
 CARD_KEY = "wsi_scan_card"
