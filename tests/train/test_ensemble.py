@@ -106,6 +106,11 @@ def test_what_an_ensemble_refuses(members, kaggle_dir, tmp_path):
         combine_models([a, tmp_path / "r.pt"], kaggle_dir, tmp_path / "e.pt", progress=False)
     assert not list(tmp_path.glob("e.*"))
 
+    # an ensemble as a member: its own members are named instead
+    combine_models([a, b], kaggle_dir, tmp_path / "ab.pt", tta=False, progress=False)
+    with pytest.raises(UsageError, match=r"itself an ensemble \(of a.safetensors, b.pt\)"):
+        combine_models([a, tmp_path / "ab.pt"], kaggle_dir, tmp_path / "e.pt", progress=False)
+
     # an existing file is kept unless asked
     out = tmp_path / "e.pt"
     combine_models([a, b], kaggle_dir, out, tta=False, progress=False)

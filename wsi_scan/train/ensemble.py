@@ -33,6 +33,11 @@ def _check_members(members: list[LoadedModel]) -> None:
     if not lo <= len(members) <= hi:
         raise UsageError(f"an ensemble takes {lo} to {hi} models, found {len(members)}")
     for m in members:
+        if m.card.arch == "dense-cnn-ensemble":
+            names = [r.get("file") for r in m.card.training.get("ensemble", {}).get("members", [])]
+            raise UsageError(
+                f"{m.path} is itself an ensemble (of {', '.join(map(str, names)) or '?'}); pass its members' files instead"
+            )
         if m.card.arch != "dense-cnn" or not m.card.dense_exact:
             raise UsageError(
                 f"{m.path}: architecture {m.card.arch!r}; an ensemble combines dense-exact dense-cnn models only "
