@@ -56,6 +56,7 @@ def test_the_ensemble_scores_the_mean_logit_and_carries_its_members(members, kag
     # each member is recorded, and the training data makes evaluate warn on the members' patches
     recs = card.training["ensemble"]["members"]
     assert [r["file"] for r in recs] == ["a.safetensors", "b.pt"]
+    assert all(r["software"]["torch"] == torch.__version__ for r in recs) and card.software["torch"] == torch.__version__
     assert [r["sha256"] for r in recs] == [load_model(a).sha256, load_model(b).sha256]
     assert trained_on(m.card, open_patch_data(kaggle_dir).splits["train"]) == "kaggle/train"
     d = describe_model(m)

@@ -21,7 +21,7 @@ from ..io.outputs import check_replaceable, prepare_parent
 from ..model.card import ModelCard
 from ..model.nets import ENSEMBLE_SIZE, build_network
 from .evaluate import evaluate_patchset, trained_on
-from .loop import validation_metrics, with_threshold
+from .loop import software_versions, validation_metrics, with_threshold
 from .threshold import MODEL_SUFFIXES
 
 #: the card fields every member must share: they are the combined model's contract
@@ -87,6 +87,7 @@ def _member_record(m: LoadedModel) -> dict[str, Any]:
         "arch_kwargs": m.card.arch_kwargs,
         "threshold": m.card.threshold,
         "metrics": m.card.metrics,
+        "software": m.card.software,
         "training": training,
         "history": m.card.training.get("history", []),
         "train": m.card.training.get("data", {}).get("train"),
@@ -160,6 +161,7 @@ def combine_models(
             "threshold": 0.5,
             "training": training,
             "metrics": {},
+            "software": software_versions(),  # the members' own are in their records
         }
     )
     combined = LoadedModel(net=net, card=card, path=str(out), sha256="")
