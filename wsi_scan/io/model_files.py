@@ -24,7 +24,7 @@ from ..model.card import ModelCard
 
 #: the model a command uses when none is named: ``fast`` ranks patches and slides better than
 #: the network it replaced at the same cost, and makes the fewest false lesions on held-out
-#: negatives (docs/model.md, "Bundled models"); ``accurate`` (two larger networks' mean) ranks
+#: negatives (docs/model.md, "Bundled models"); ``accurate`` (two networks' mean, one 1.5x as wide) ranks
 #: patches and slides best, at 3.25x the multiply-adds per cell and more false lesions, so it
 #: is not the default
 BUNDLED_MODEL = "fast.safetensors"
