@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from wsi_scan.errors import ModelError
 from wsi_scan.io.model_files import bundled_model_path, load_model, save_model
 from wsi_scan.model.card import ModelCard
-from wsi_scan.model.nets import DenseCNN
+from wsi_scan.model.nets import DenseCNN, build_network
 
 
 @pytest.mark.parametrize("ext", [".pt", ".safetensors"])
@@ -43,7 +44,8 @@ def test_bundled_model_has_a_full_card(name):
     assert c.training["command"].startswith("wsi-scan ensemble " if members else "wsi-scan train ")
     assert all(m["training"]["command"].startswith("wsi-scan train ") and m["metrics"]["valid"]["auc"] for m in members)
     assert (c.arch == "dense-cnn-ensemble") == bool(members)
-    assert "validation" in c.training["data"]
+    # where it was validated: the training's split, or for an ensemble the split of its own threshold rule
+    assert "validation" in c.training["data"] or (members and c.training["threshold_rule"]["data"] == "pcam-jpeg-sample/valid")
     assert 0.93 < c.metrics["valid"]["auc"] <= 1.0
     # a full card: the 8-view score as well, at the same threshold
     # (not necessarily higher: the ensemble's 8 views score 0.0003 below its single view)
@@ -109,3 +111,52 @@ def test_bundled_models_by_name(tmp_path, monkeypatch):
     assert r.exit_code == 0 and "fast  (default)" in r.stdout and "multiply-adds per cell" in r.stdout
     with pytest.raises(ModelError, match="not a bundled model"):
         load_model("fastest")
+
+
+def _tiny_model(tmp_path):
+    card = ModelCard(arch="dense-cnn", arch_kwargs={"width": 4}, dense_exact=True, name="t")
+    return card, build_network("dense-cnn", width=4).eval()
+
+
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        (lambda card, state: (card, [1, 2]), "'state_dict' a dict"),
+        (lambda card, state: (5, state), "'card' to be JSON text or a dict"),
+        (lambda card, state: (card, {**state, "x": 3}), "names to tensors"),
+        (
+            lambda card, state: (card, {k: (v.int() if i == 0 else v) for i, (k, v) in enumerate(state.items())}),
+            "stored as torch.int32",
+        ),
+        (lambda card, state: ({**card, "training": {"data": "x"}}, state), "training.data must be an object"),
+        (lambda card, state: ({**card, "training": {"data": {"sources": [{"splits": "x"}]}}}, state), "splits"),
+        (lambda card, state: ({**card, "training": {"ensemble": {"members": [1, 2]}}}, state), "ensemble.members"),
+        (lambda card, state: ({**card, "training": {"ensemble": "x"}}, state), "training.ensemble must be"),
+    ],
+)
+def test_damaged_or_edited_model_files_are_refused_with_one_error(tmp_path, damage, needle):
+    card, net = _tiny_model(tmp_path)
+    c, state = damage(card.to_dict(), dict(net.state_dict()))
+    torch.save({"card": c, "state_dict": state}, tmp_path / "m.pt")
+    with pytest.raises(ModelError, match=re.escape(needle)):
+        load_model(tmp_path / "m.pt")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_full_disk_while_saving_a_model_is_one_write_error(tmp_path, monkeypatch, suffix):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from wsi_scan.errors import OutputWriteError
+
+    def full(*args, **kwargs):
+        if suffix == ".pt":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(torch, "save", full)
+    card, net = _tiny_model(tmp_path)
+    with pytest.raises(OutputWriteError, match="cannot write the model file"):
+        save_model(tmp_path / f"m{suffix}", net, card)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left

@@ -117,7 +117,7 @@ def test_what_an_ensemble_refuses(members, kaggle_dir, tmp_path):
     combine_models([a, b], kaggle_dir, out, tta=False, progress=False)
     with pytest.raises(OutputExistsError):
         combine_models([a, b], kaggle_dir, out, tta=False, progress=False)
-    with pytest.raises(UsageError, match="is one of the members"):
+    with pytest.raises(UsageError, match="is an input model"):
         combine_models([a, out], kaggle_dir, out, tta=False, overwrite=True, progress=False)
     combine_models([b, a], kaggle_dir, out, tta=False, overwrite=True, progress=False)
     assert load_model(out).card.arch_kwargs["widths"] == [4, 8]
@@ -151,3 +151,21 @@ def test_the_ensemble_command(members, kaggle_dir, tmp_path):
     assert_clean_failure(code, err, tmp_path / "f.pt")
     code, _, err = run("ensemble", a, b, "--data", kaggle_dir, "--out", out, "--quiet")
     assert_clean_failure(code, err, None, "exists")
+
+
+def test_the_ensemble_lists_each_training_split_once_and_no_member_validation(kaggle_dir, tmp_path):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    train([kaggle_dir], a, TrainConfig(**TINY, width=4), progress=False)
+    # the same data through another spelling of its path
+    train(
+        [kaggle_dir.parent / ".." / kaggle_dir.parent.name / kaggle_dir.name],
+        b,
+        TrainConfig(**TINY, width=4, seed=2),
+        progress=False,
+    )
+    assert load_model(a).card.training["data"]["sources"][0]["root"] != load_model(b).card.training["data"]["sources"][0]["root"]
+    card = combine_models([a, b], kaggle_dir, tmp_path / "e.pt", specificity=0.75, tta=False, progress=False)
+    data = card.training["data"]
+    assert len(data["sources"]) == 1 and data["train"]["n"] == 96
+    assert "valid" not in data and "validation" not in data  # the members' own; the ensemble's is its rule
+    assert card.training["threshold_rule"]["data"] == "kaggle/valid" and card.metrics["valid"]["n"] == 32

@@ -243,3 +243,21 @@ def test_threshold_command(kaggle_dir, tmp_path):
     assert r.exit_code == 2 and "trained on these patches" in r.stderr and not (tmp_path / "u.pt").exists()
     r = CliRunner().invoke(main, ["threshold", str(out), str(kaggle_dir), "--out", str(tmp_path / "u.txt")])
     assert r.exit_code == 2 and "expected a .safetensors or .pt" in r.stderr
+
+
+def test_evaluate_refuses_a_network_that_gives_non_finite_scores(kaggle_dir):
+    import torch
+
+    from wsi_scan.errors import ModelError
+    from wsi_scan.io.datasets import open_patch_data
+    from wsi_scan.io.model_files import LoadedModel
+    from wsi_scan.model.card import ModelCard
+    from wsi_scan.train.evaluate import evaluate_patchset
+
+    class Nan(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.full((x.shape[0], 1, 1, 1), float("nan"))
+
+    m = LoadedModel(Nan(), ModelCard(arch="external", name="nan"), "nan.ts", "")
+    with pytest.raises(ModelError, match="non-finite outputs .* on 32 of 32 patches"):
+        evaluate_patchset(m, open_patch_data(kaggle_dir).splits["valid"])

@@ -57,3 +57,53 @@ def test_rethreshold_model_refuses_a_non_model_out_before_any_work(tmp_path):
     with pytest.raises(UsageError, match="expected a .safetensors or .pt"):
         rethreshold_model(tmp_path / "none.pt", tmp_path / "none", tmp_path / "u.txt", progress=False)
     assert not (tmp_path / "u.txt").exists()
+
+
+def _split_of(src, dst, keep):
+    """A copy of the Kaggle folder ``src`` whose valid split keeps the rows ``keep`` chooses."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    lines = (dst / "valid_labels.csv").read_text().splitlines()
+    (dst / "valid_labels.csv").write_text("\n".join([lines[0], *[ln for ln in lines[1:] if keep(ln)]]) + "\n")
+    return dst
+
+
+def test_the_rule_refuses_what_it_cannot_measure_and_writes_nothing(kaggle_dir, tmp_path):
+    import math
+
+    import torch
+
+    from wsi_scan.errors import DataError, ModelError
+    from wsi_scan.io.model_files import save_model
+
+    src = tmp_path / "m.safetensors"
+    train([kaggle_dir], src, TrainConfig(**TINY), progress=False)
+    out = tmp_path / "t.safetensors"
+    # one class only: no negatives to choose on, or no positives to score
+    for keep, name in ((lambda ln: ln.endswith(",1"), "pos"), (lambda ln: ln.endswith(",0"), "neg")):
+        data = _split_of(kaggle_dir, tmp_path / name, keep)
+        with pytest.raises(DataError, match="needs both classes"):
+            rethreshold_model(src, data, out, progress=False)
+        assert not out.exists()
+    # a specificity that is not a number between 0 and 1
+    for bad in (math.nan, 1.0, 0.0, math.inf):
+        with pytest.raises(UsageError, match="--specificity must be a number between 0 and 1"):
+            rethreshold_model(src, kaggle_dir, out, specificity=bad, progress=False)
+    # its own input, even when asked to overwrite: the model it is made from would be lost
+    before = src.read_bytes()
+    with pytest.raises(UsageError, match="is an input model"):
+        rethreshold_model(src, kaggle_dir, src, overwrite=True, progress=False)
+    assert src.read_bytes() == before
+    # saturated scores: no threshold keeps the specificity, and the card would say otherwise
+    m = load_model(src)
+    with torch.no_grad():
+        m.net.head[-1].bias.fill_(1e4)
+    save_model(tmp_path / "sat.safetensors", m.net, m.card)
+    with pytest.raises(ModelError, match="no threshold reaches specificity"):
+        rethreshold_model(tmp_path / "sat.safetensors", kaggle_dir, out, progress=False)
+    assert not out.exists()
+    # a TorchScript model's card is its JSON file: nothing to write it into
+    (tmp_path / "x.ts").write_bytes(b"")
+    with pytest.raises(UsageError, match="TorchScript"):
+        rethreshold_model(tmp_path / "x.ts", kaggle_dir, out, progress=False)

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelError
+from ..errors import ModelError, OutputWriteError
 from ..model.card import ModelCard
 
 #: the model a command uses when none is named: ``fast`` ranks patches and slides better than
@@ -94,17 +94,27 @@ def save_model(path: str | Path, net: Any, card: ModelCard) -> Path:
 
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     with atomic_write(path, "model file") as tmp:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import SafetensorError
+                from safetensors.torch import save_file
 
-            # safetensors writes its files readable by their owner only; a model is shared
-            # like any other output, so it gets the mode a new file gets here (the umask's)
-            tmp.touch()
-            mode = tmp.stat().st_mode & 0o777
-            save_file(state, str(tmp), metadata={CARD_KEY: card.to_json()})
-            os.chmod(tmp, mode)
-        else:
-            torch.save({"card": card.to_json(), "state_dict": state}, tmp)
+                # safetensors writes its files readable by their owner only; a model is shared
+                # like any other output, so it gets the mode a new file gets here (the umask's)
+                tmp.touch()
+                mode = tmp.stat().st_mode & 0o777
+                try:
+                    save_file(state, str(tmp), metadata={CARD_KEY: card.to_json()})
+                except SafetensorError as exc:  # its own error for a full disk, not an OSError
+                    raise OutputWriteError(
+                        f"cannot write the model file {path}: {exc}; free space or choose another --out"
+                    ) from None
+                os.chmod(tmp, mode)
+            else:
+                torch.save({"card": card.to_json(), "state_dict": state}, tmp)
+        except RuntimeError as exc:  # torch's zip writer reports a full disk as a RuntimeError
+            msg = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
+            raise OutputWriteError(f"cannot write the model file {path} ({msg}); free space or choose another --out") from None
     return path
 
 
@@ -147,9 +157,16 @@ def _read_weights(path: Path) -> tuple[ModelCard, dict[str, Any]]:
             f"{path}: expected a dict with 'card' and 'state_dict', found "
             f"{type(obj).__name__}{' with keys ' + ', '.join(map(str, obj)) if isinstance(obj, dict) else ''}"
         )
-    card = obj["card"]
+    card, state = obj["card"], obj["state_dict"]
+    if not isinstance(card, (str, dict)) or not isinstance(state, dict):
+        raise ModelError(
+            f"{path}: expected 'card' to be JSON text or a dict and 'state_dict' a dict of tensors, found "
+            f"{type(card).__name__} and {type(state).__name__}"
+        )
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ModelError(f"{path}: 'state_dict' must map names to tensors; it holds other values")
     card = ModelCard.from_json(card) if isinstance(card, str) else ModelCard.from_dict(card)
-    return card, obj["state_dict"]
+    return card, state
 
 
 def _load_torchscript(path: Path) -> tuple[Any, ModelCard]:
@@ -200,7 +217,9 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
     if not p.exists():
         if path is None:
             raise ModelError(f"the bundled default model is missing ({p}); reinstall wsi-scan or pass --model")
-        raise ModelError(f"model file {p} does not exist; pass an existing file to --model")
+        raise ModelError(
+            f"model file {p} does not exist; pass an existing model file or a bundled model's name (`wsi-scan models`)"
+        )
     if p.is_dir():
         raise ModelError(f"model path {p} is a directory; expected a .pt, .safetensors or .ts file")
     if p.suffix in (".ts", ".torchscript"):
@@ -209,6 +228,14 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
         return LoadedModel(net=net, card=card, path=str(p), sha256=_sha256(p))
     card, state = _read_weights(p)
     net = build_network(card.arch, **card.arch_kwargs)
+    expected = net.state_dict()
+    for k, v in state.items():
+        # load_state_dict casts silently: integer or half weights would load as other numbers
+        if k in expected and v.dtype != expected[k].dtype:
+            raise ModelError(
+                f"{p}: weight {k!r} is stored as {v.dtype}, the network needs {expected[k].dtype}; "
+                "the file is damaged or was edited: use the file as training wrote it"
+            )
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:

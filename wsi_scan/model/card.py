@@ -55,6 +55,31 @@ def _check_types(kw: dict[str, Any]) -> None:
             )
 
 
+def _check_training(training: dict[str, Any]) -> None:
+    """The parts of ``training`` that code reads (the data the model saw, an ensemble's members)
+    must have their shapes: an edited card otherwise fails deep in `evaluate` or `ensemble`."""
+
+    def bad(where: str, want: str, found: Any) -> ModelError:
+        return ModelError(f"model card field training.{where} must be {want}, found {found!r:.60}; the card was edited")
+
+    data = training.get("data", {})
+    if not isinstance(data, dict):
+        raise bad("data", "an object", data)
+    sources = data.get("sources", [])
+    if not isinstance(sources, list) or not all(isinstance(src, dict) for src in sources):
+        raise bad("data.sources", "a list of objects", sources)
+    for src in sources:
+        splits = src.get("splits", {})
+        if not isinstance(splits, dict) or not all(isinstance(v, dict) for v in splits.values()):
+            raise bad("data.sources[].splits", "an object of objects", splits)
+    ensemble = training.get("ensemble", {})
+    if not isinstance(ensemble, dict):
+        raise bad("ensemble", "an object", ensemble)
+    members = ensemble.get("members", [])
+    if not isinstance(members, list) or not all(isinstance(m, dict) for m in members):
+        raise bad("ensemble.members", "a list of objects", members)
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """The contract a model file carries (its JSON card); each field is a key of that file."""
@@ -109,6 +134,7 @@ class ModelCard:
             )
         kw = {k: v for k, v in d.items() if k in known}
         _check_types(kw)
+        _check_training(kw.get("training", {}))
         for key in ("mean", "std", "class_names"):
             if key in kw:
                 kw[key] = tuple(kw[key])

@@ -16,13 +16,12 @@ from typing import Any
 from ..config import TrainConfig
 from ..errors import UsageError
 from ..io.datasets import patch_split
-from ..io.model_files import LoadedModel, load_model, save_model
-from ..io.outputs import check_replaceable, prepare_parent
+from ..io.model_files import LoadedModel, load_model, resolve_model, save_model
 from ..model.card import ModelCard
 from ..model.nets import ENSEMBLE_SIZE, build_network
 from .evaluate import evaluate_patchset, trained_on
 from .loop import software_versions, validation_metrics, with_threshold
-from .threshold import MODEL_SUFFIXES
+from .threshold import check_out_file, check_rule_inputs, check_rule_met
 
 #: the card fields every member must share: they are the combined model's contract
 SHARED_FIELDS = ("input_px", "cell_px", "mpp", "mean", "std", "class_names")
@@ -62,19 +61,23 @@ def _check_members(members: list[LoadedModel]) -> None:
 
 def _merged_data(members: list[LoadedModel]) -> dict[str, Any]:
     """The training data of all members: every split any member was trained on (so that
-    `evaluate` warns and `threshold` refuses on any of them), each listed once."""
+    `evaluate` warns and `threshold` refuses on any of them), each listed once, recognised by its
+    fingerprints (or names and counts) whatever folder path the member was trained from. The
+    members' validation records are left out: the ensemble's own validation is its
+    ``threshold_rule`` and ``metrics``."""
     sources: list[dict[str, Any]] = []
     seen: set[str] = set()
     for m in members:
         for src in m.card.training.get("data", {}).get("sources", []):
-            key = repr(sorted((k, repr(v)) for k, v in src.items())) if isinstance(src, dict) else repr(src)
+            splits = src.get("splits", {})
+            key = repr(sorted((k, sp.get("fingerprint") or (sp.get("name"), sp.get("n"))) for k, sp in splits.items()))
             if key not in seen:
                 seen.add(key)
                 sources.append(src)
-    data = dict(members[0].card.training.get("data", {}))
-    data["sources"] = sources
-    if any(m.card.training.get("data", {}).get("train") != data.get("train") for m in members[1:]):
-        data.pop("train", None)  # the members' counts differ: each member's record keeps its own
+    data: dict[str, Any] = {"sources": sources}
+    trains = [m.card.training.get("data", {}).get("train") for m in members]
+    if all(t == trains[0] for t in trains) and trains[0] is not None:
+        data["train"] = trains[0]  # otherwise each member's record keeps its own count
     return data
 
 
@@ -117,16 +120,11 @@ def combine_models(
     import torch
 
     out = Path(out)
-    if out.suffix not in MODEL_SUFFIXES:
-        raise UsageError(f"--out {out}: expected a .safetensors or .pt file name, found suffix {out.suffix or '(none)'!r}")
-    check_replaceable(out, overwrite, kind="file")
-    for p in model_paths:
-        if out.exists() and Path(p).exists() and out.samefile(p):
-            raise UsageError(f"--out {out} is one of the members; expected a new file (the member would be lost)")
-    prepare_parent(out, "--out")
+    check_out_file(out, overwrite, [resolve_model(p) for p in model_paths])
     members = [load_model(p) for p in model_paths]
     _check_members(members)
     ps = patch_split(data, split)
+    check_rule_inputs(specificity, ps)
     for m in members:
         seen = trained_on(m.card, ps)
         if seen is not None:
@@ -167,6 +165,7 @@ def combine_models(
     combined = LoadedModel(net=net, card=card, path=str(out), sha256="")
     ev = evaluate_patchset(combined, ps, device, progress=progress)
     card = with_threshold(card, ev.labels, ev.probs, specificity, ps.name)
+    check_rule_met(ev.labels, ev.probs, card.threshold, specificity, "the ensemble")
     tta_probs = None
     if tta:
         tta_probs = evaluate_patchset(LoadedModel(net, card, str(out), ""), ps, device, tta=True, progress=progress).probs

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from ..device import autocast, resolve_device
+from ..errors import ModelError
 from ..io.datasets import PatchSet
 from ..io.model_files import LoadedModel
 from ..model.card import ModelCard
@@ -66,6 +67,12 @@ def evaluate_patchset(
     net = model.net.to(dev).to(memory_format=torch.channels_last)
     rows = np.stack([np.zeros(len(ps), dtype=np.int64), np.arange(len(ps))], axis=1)
     probs = predict_probs(net, model.card, RowsDataset([ps], rows), dev, batch_size, tta, workers, progress, desc=ps.name)
+    bad = int(np.count_nonzero(~np.isfinite(probs)))
+    if bad:
+        raise ModelError(
+            f"{model.path}: the network gives non-finite outputs (NaN or infinity) on {bad} of {len(ps)} patches of "
+            f"{ps.name}; a score cannot be computed from them: the model or its weights are damaged"
+        )
     labels = ps.labels
     return Evaluation(binary_metrics(labels, probs, model.card.threshold), probs, labels, ps.name, tta)
 

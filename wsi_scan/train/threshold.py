@@ -7,18 +7,59 @@ validation negatives' specificity is at least the one asked for. ``wsi-scan thre
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
+
 from ..config import TrainConfig
-from ..errors import UsageError
-from ..io.datasets import patch_split
-from ..io.model_files import load_model, save_model
+from ..errors import DataError, ModelError, UsageError
+from ..io.datasets import PatchSet, patch_split
+from ..io.model_files import load_model, resolve_model, save_model
 from ..io.outputs import check_replaceable, prepare_parent
 from ..model.card import ModelCard
 from .evaluate import evaluate_patchset, trained_on
 from .loop import validation_metrics, with_threshold
 
 MODEL_SUFFIXES = (".safetensors", ".pt")
+
+
+def check_out_file(out: Path, overwrite: bool, inputs: list[str | Path]) -> None:
+    """Refuse, before any work, an ``out`` that is not a model file name, may not be replaced,
+    or is one of the input models (replacing it would lose the model it was made from)."""
+    if out.suffix not in MODEL_SUFFIXES:
+        raise UsageError(f"--out {out}: expected a .safetensors or .pt file name, found suffix {out.suffix or '(none)'!r}")
+    check_replaceable(out, overwrite, kind="file")
+    for p in inputs:
+        if out.exists() and Path(p).exists() and out.samefile(p):
+            raise UsageError(f"--out {out} is an input model; expected a new file (the input would be lost)")
+    prepare_parent(out, "--out")
+
+
+def check_rule_inputs(specificity: float, ps: PatchSet) -> None:
+    """The rule needs a specificity strictly between 0 and 1, and patches of both classes: it is
+    chosen on the negatives, and the card's sensitivity and AUC need the positives."""
+    if not (isinstance(specificity, (int, float)) and math.isfinite(specificity) and 0.0 < specificity < 1.0):
+        raise UsageError(f"--specificity must be a number between 0 and 1, found {specificity!r}")
+    n_pos = int(np.count_nonzero(ps.labels))
+    n_neg = len(ps) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise DataError(
+            f"{ps.name}: {n_neg} negative and {n_pos} positive patches; choosing a threshold and scoring it "
+            "needs both classes: pass a validation split that holds both"
+        )
+
+
+def check_rule_met(labels: np.ndarray, probs: np.ndarray, threshold: float, specificity: float, what: str) -> None:
+    """A model whose scores are saturated (all negatives at 1.0) has no threshold that keeps the
+    specificity; say so rather than write a card whose rule is not met."""
+    neg = probs[np.asarray(labels) == 0]
+    reached = float(np.mean(neg < threshold))
+    if reached < specificity:
+        raise ModelError(
+            f"{what}: no threshold reaches specificity {specificity} on these patches (at most {reached:.4f}: "
+            f"{int(np.sum(neg >= 1.0))} of {neg.size} negatives score 1.0); its weights look damaged"
+        )
 
 
 def rethreshold_model(
@@ -40,11 +81,14 @@ def rethreshold_model(
     a model file name or may not be replaced, and patches the model was trained on.
     """
     out = Path(out)
-    if out.suffix not in MODEL_SUFFIXES:
-        raise UsageError(f"--out {out}: expected a .safetensors or .pt file name, found suffix {out.suffix or '(none)'!r}")
-    check_replaceable(out, overwrite, kind="file")
-    prepare_parent(out, "--out")
+    check_out_file(out, overwrite, [resolve_model(model_path)])
+    if resolve_model(model_path).suffix in (".ts", ".torchscript"):
+        raise UsageError(
+            f"{model_path}: a TorchScript model's card is its JSON file beside it; set the threshold there "
+            "(wsi-scan writes weights, not TorchScript)"
+        )
     ps = patch_split(data, split)
+    check_rule_inputs(specificity, ps)
     model = load_model(model_path)
     seen = trained_on(model.card, ps)
     if seen is not None:
@@ -54,6 +98,7 @@ def rethreshold_model(
         )
     ev = evaluate_patchset(model, ps, device, progress=progress)
     card = with_threshold(model.card, ev.labels, ev.probs, specificity, ps.name)
+    check_rule_met(ev.labels, ev.probs, card.threshold, specificity, str(model_path))
     metrics = {**model.card.metrics, **validation_metrics(card, ev.labels, ev.probs, None)}
     metrics.pop("valid_tta", None)  # measured at the former threshold: evaluate --tta gives it again
     card = ModelCard.from_dict({**card.to_dict(), "metrics": metrics, "name": name or card.name})
