@@ -72,3 +72,91 @@ def test_wrong_patch_size(tmp_path):
     ps = open_patch_data(root).splits["train"]
     with pytest.raises(DataError, match=r"train0001.png.*96x96"):
         ps.read(1)
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (b"\xe9t\xe9,1\n", "expected UTF-8 text, found byte 0xe9"),  # Latin-1, e.g. from an old Excel
+        (bytes(range(128, 256)), "expected UTF-8 text"),  # a binary file named like the table
+        (b"train0099," + b"x" * 200_000 + b"\n", "field larger than field limit"),
+    ],
+)
+def test_labels_csv_unreadable_is_a_data_error_naming_the_file(tmp_path, extra, needle):
+    root = write_kaggle(tmp_path / "k", n=4)
+    csv = root / "train_labels.csv"
+    csv.write_bytes(csv.read_bytes() + extra)
+    with pytest.raises(DataError, match=needle) as info:
+        open_patch_data(root)
+    assert str(csv) in str(info.value)
+
+
+def test_labels_csv_with_a_byte_order_mark_is_read(tmp_path):
+    root = write_kaggle(tmp_path / "k", n=4)
+    csv = root / "train_labels.csv"
+    csv.write_bytes(b"\xef\xbb\xbf" + csv.read_bytes().replace(b"\n", b"\r\n"))  # Excel's "CSV UTF-8"
+    tr = open_patch_data(root).splits["train"]
+    assert tr.labels.tolist() == [0, 1, 0, 1] and tr.patch_id(0) == "train0000"
+
+
+@pytest.mark.parametrize(("row", "found"), [("train0001,1", "the same label"), ("train0001,0", "labels 1 and 0")])
+def test_labels_csv_refuses_an_id_listed_twice(tmp_path, row, found):
+    root = write_kaggle(tmp_path / "k", n=4)
+    csv = root / "train_labels.csv"
+    csv.write_text(csv.read_text() + row + "\ntrain0002," + "0\n")
+    # header on line 1, train0001 on line 3, the repeat on line 6 (train0002's repeat is not reached)
+    with pytest.raises(DataError, match=rf"train_labels.csv:6: .*'train0001' again \(first on line 3, {found}\)"):
+        open_patch_data(root)
+
+
+def _gzip_h5_pair(root):
+    """Replace each .h5 of ``root`` with a gzip of fixed header (no name, mtime 0) and stored
+    blocks: inputs of equal size give .gz files of equal size, whatever their content."""
+    for f in sorted(root.glob("*.h5")):
+        with (
+            f.open("rb") as src,
+            f.with_name(f.name + ".gz").open("wb") as raw,
+            gzip.GzipFile(filename="", mode="wb", compresslevel=0, fileobj=raw, mtime=0) as dst,
+        ):
+            shutil.copyfileobj(src, dst)
+        f.unlink()
+
+
+def test_truncated_gz_is_a_data_error_and_leaves_no_partial_cache(tmp_path, monkeypatch):
+    from tests._support import run
+
+    root = write_h5(tmp_path / "h", n=8)
+    _gzip_h5_pair(root)
+    x_gz = root / "camelyonpatch_level_2_split_valid_x.h5.gz"
+    x_gz.write_bytes(b"\x1f\x8b\x08" + np.random.default_rng(0).bytes(100))
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match=r"split_valid_x.h5.gz: expected a complete gzip file"):
+        open_patch_data(root, cache_dir=cache)
+    left = [p.name for p in cache.iterdir()]
+    assert not [n for n in left if "valid_x" in n], left  # no .part / temporary file, no entry
+    # the CLI: a data error (6), not "interrupted" (130) as the EOFError was reported
+    monkeypatch.setenv("WSI_SCAN_CACHE", str(tmp_path / "cli-cache"))
+    code, _, err = run("evaluate", root, "--quiet")
+    assert code == 6 and "split_valid_x.h5.gz" in err and len(err.strip().splitlines()) == 1, err
+    assert not [p for p in (tmp_path / "cli-cache" / "h5").iterdir() if "valid_x" in p.name]
+
+
+def test_gz_cache_tells_apart_files_of_equal_name_size_and_mtime(tmp_path):
+    import os
+
+    import h5py
+
+    roots = [write_h5(tmp_path / name, n=8) for name in ("a", "b")]
+    with h5py.File(roots[1] / "camelyonpatch_level_2_split_valid_y.h5", "r+") as f:
+        f["y"][...] = 1 - f["y"][...]  # the other folder's labels are the opposite
+    for root in roots:
+        _gzip_h5_pair(root)
+        for f in root.glob("*.gz"):
+            os.utime(f, (1_700_000_000, 1_700_000_000))
+    ya, yb = (r / "camelyonpatch_level_2_split_valid_y.h5.gz" for r in roots)
+    assert ya.stat().st_size == yb.stat().st_size and ya.read_bytes() != yb.read_bytes()  # the premise
+    cache = tmp_path / "cache"
+    la = open_patch_data(roots[0], cache_dir=cache).splits["valid"].labels
+    lb = open_patch_data(roots[1], cache_dir=cache).splits["valid"].labels
+    assert lb.tolist() == (1 - la).tolist()
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temporary files left

@@ -16,7 +16,7 @@ import csv
 import gzip
 import json
 import os
-import shutil
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError, OutputExistsError, UsageError
+from ..errors import DataError, OutputExistsError, OutputWriteError, UsageError
 from .outputs import check_output_file, temp_name
 
 IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".webp")
@@ -111,21 +111,47 @@ class KagglePatches(PatchSet):
 def _read_labels_csv(csv_path: Path) -> tuple[list[str], np.ndarray]:
     ids: list[str] = []
     labels: list[int] = []
-    with csv_path.open(newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None or [h.strip().lower() for h in header[:2]] != ["id", "label"]:
-            raise DataError(f"{csv_path}: expected a header 'id,label', found {header}")
-        for lineno, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) < 2:
-                raise DataError(f"{csv_path}:{lineno}: expected 'id,label', found {row}")
-            ident, lab = row[0].strip(), row[1].strip()
-            if lab not in ("0", "1"):
-                raise DataError(f"{csv_path}:{lineno}: label must be 0 or 1, found {lab!r} for {ident}")
-            ids.append(ident)
-            labels.append(int(lab))
+    first_line: dict[str, tuple[int, int]] = {}  # id -> (line, label) where it was first listed
+    try:
+        # utf-8-sig: Excel starts a "CSV UTF-8" file with a byte-order mark, which is no part of "id"
+        with csv_path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is None or [h.strip().lower() for h in header[:2]] != ["id", "label"]:
+                raise DataError(f"{csv_path}: expected a header 'id,label', found {header}")
+            for row in reader:
+                lineno = reader.line_num  # the file's line, also after a quoted field spanning lines
+                if not row:
+                    continue
+                if len(row) < 2:
+                    raise DataError(f"{csv_path}:{lineno}: expected 'id,label', found {row}")
+                ident, lab = row[0].strip(), row[1].strip()
+                if lab not in ("0", "1"):
+                    raise DataError(f"{csv_path}:{lineno}: label must be 0 or 1, found {lab!r} for {ident}")
+                if ident in first_line:
+                    # one patch counted twice weighs double in the loss and the AUC; with two labels
+                    # it is also both tumour and normal: either way the table is not what was meant
+                    line0, lab0 = first_line[ident]
+                    same = "the same label" if int(lab) == lab0 else f"labels {lab0} and {lab}"
+                    raise DataError(
+                        f"{csv_path}:{lineno}: expected each id once, found {ident!r} again (first on line "
+                        f"{line0}, {same}); remove the duplicate row"
+                    )
+                first_line[ident] = (lineno, int(lab))
+                ids.append(ident)
+                labels.append(int(lab))
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{csv_path}: expected UTF-8 text, found byte 0x{exc.object[exc.start]:02x} at offset {exc.start} "
+            "that is not UTF-8; save the table as UTF-8 CSV (id,label)"
+        ) from None
+    except csv.Error as exc:  # a field over csv's size limit, a NUL byte, a broken quote
+        raise DataError(
+            f"{csv_path}: expected a CSV table of id,label, found unreadable CSV ({exc}); "
+            "check that this is the labels file and not a binary or damaged one"
+        ) from None
+    except OSError as exc:
+        raise DataError(f"{csv_path}: cannot be read ({exc.strerror or exc}); check the file's permissions") from None
     if not ids:
         raise DataError(f"{csv_path}: no labelled rows")
     return ids, np.asarray(labels, dtype=np.int64)
@@ -197,16 +223,70 @@ class H5Patches(PatchSet):
         return _check_patch(np.asarray(self._fh["x"][i]), f"{self.x_path}[{i}]")
 
 
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cache_full(path: Path, cache_dir: Path, exc: OSError) -> OSError:
+    return OutputWriteError(
+        f"cannot write the decompressed {path.name} into {cache_dir} ({exc.strerror or exc}); "
+        "free some space or set WSI_SCAN_CACHE to a folder with room for it"
+    )
+
+
 def _gunzip_cached(path: Path, cache_dir: Path) -> Path:
-    """HDF5 cannot be read lazily through gzip: decompress once into a cache."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    st = path.stat()
-    out = cache_dir / f"{path.stem}.{st.st_size}.{int(st.st_mtime)}"
-    if not out.exists():
-        tmp = out.with_name(out.name + ".part")
-        with gzip.open(path, "rb") as src, tmp.open("wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 22)
+    """HDF5 cannot be read lazily through gzip: decompress once into a cache.
+
+    The cache entry is named by the sha256 of the .gz file's bytes: a key made of name, size and
+    mtime is shared by two different files (two folders copied with the same size and time), and
+    the second folder would silently be read as the first. Hashing costs seconds even for PCam's
+    6 GB training file, decompressing it minutes. The entry is written under a temporary name and
+    renamed when complete, so a failed or interrupted run leaves no partial entry behind."""
+    try:
+        digest = _sha256_file(path)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc}); check the file and its permissions") from None
+    out = cache_dir / f"{path.stem}.sha256-{digest}"
+    if out.is_file():
+        return out
+    tmp = temp_name(out)
+    try:
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            dst = tmp.open("wb")
+        except OSError as exc:
+            raise OutputWriteError(
+                f"cannot write the decompression cache {cache_dir} ({exc.strerror or exc}); "
+                "set WSI_SCAN_CACHE to a writable folder with room for the decompressed file"
+            ) from None
+        with dst, gzip.open(path, "rb") as src:
+            while True:
+                try:
+                    chunk = src.read(1 << 22)
+                except (EOFError, OSError, zlib.error) as exc:  # truncated, not gzip, or corrupt
+                    raise DataError(
+                        f"{path}: expected a complete gzip file, found a truncated or damaged one "
+                        f"({exc!s:.80}); download it again or give the .h5 file"
+                    ) from None
+                if not chunk:
+                    break
+                try:
+                    dst.write(chunk)
+                except OSError as exc:
+                    raise _cache_full(path, cache_dir, exc) from None
         tmp.replace(out)
+    except OutputWriteError:
+        raise
+    except OSError as exc:  # the last buffered bytes meet a full disk when the file is closed
+        raise _cache_full(path, cache_dir, exc) from None
+    finally:
+        tmp.unlink(missing_ok=True)  # after the rename there is nothing left under this name
     return out
 
 
