@@ -4,6 +4,7 @@ GeoJSON files read whole (regions of interest), and label-mask images."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,10 @@ from ..errors import DataError
 TUMOUR_GROUPS = ("tumor", "tumour", "_0", "_1", "metastases")
 EXCLUSION_GROUPS = ("_2", "exclusion")
 ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
+#: the largest |coordinate| accepted, in level-0 px: the largest slides are ~250k px wide, so a
+#: billion (250 m at 0.25 um/px) is no slide; beyond it geometry maths loses its precision and
+#: overflows (1e308 squared), and shapely fails on NaN and infinity with errors of its own
+MAX_L0_COORD = 1e9
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,12 @@ def read_asap_xml(path: Path) -> Annotations:
             raise DataError(f"{path}: annotation {ann.get('Name')!r} has a coordinate that is not a number ({exc})") from None
         if len(pts) < 3:
             continue
+        bad = next((v for _, x, y in pts for v in (x, y) if not _plausible(v)), None)
+        if bad is not None:
+            raise DataError(
+                f"{path}: annotation {ann.get('Name')!r} has the coordinate {bad!r}; expected finite level-0 "
+                f"pixel coordinates within +-{MAX_L0_COORD:.0e} (every Coordinate needs X and Y); correct the file"
+            )
         poly = Polygon([(x, y) for _, x, y in pts])
         poly = poly if poly.is_valid else poly.buffer(0)
         if group in EXCLUSION_GROUPS:
@@ -79,16 +90,54 @@ def find_annotations(folder: Path, slide_name: str) -> Annotations | None:
     return None
 
 
+def _plausible(v: float) -> bool:
+    return math.isfinite(v) and abs(v) <= MAX_L0_COORD
+
+
+def _check_coordinates(obj: dict[str, Any], p: Path) -> None:
+    """Refuse a NaN, infinite or absurdly large coordinate in any feature's geometry (Python's
+    json reads NaN and Infinity; shapely then fails with GEOSException or overflows)."""
+    feats = obj.get("features") if obj.get("type") == "FeatureCollection" else [obj]
+    if not isinstance(feats, list):
+        return  # not a FeatureCollection's shape: the geometry reader says what is wrong
+    for i, f in enumerate(feats):
+        geom = f.get("geometry", f) if isinstance(f, dict) else None
+        stack: list[Any] = [geom]  # a loop, not recursion: nesting may be as deep as json allows
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                stack.extend(item.get(k) for k in ("coordinates", "geometries"))
+            elif isinstance(item, list):
+                stack.extend(item)
+            # abs() first: an int of 400 digits does not convert to a float, it is just too large
+            elif (
+                isinstance(item, (int, float))
+                and not isinstance(item, bool)
+                and (abs(item) > MAX_L0_COORD or not math.isfinite(item))
+            ):
+                which = f"feature {i}" if obj.get("type") == "FeatureCollection" else "its geometry"
+                raise DataError(
+                    f"{p}: {which} has the coordinate {item!r:.40}; expected finite level-0 pixel "
+                    f"coordinates within +-{MAX_L0_COORD:.0e}; correct or re-export the annotations"
+                )
+
+
 def read_json(path: str | Path) -> dict[str, Any]:
+    """A GeoJSON file as a dict, its geometries' coordinates checked to be finite and slide-sized."""
     p = Path(path)
     try:
-        obj = json.loads(p.read_text())
+        # utf-8-sig: GeoJSON is UTF-8 (RFC 7946), and some Windows tools write a byte-order mark
+        obj = json.loads(p.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise DataError(f"{p} does not exist; expected a GeoJSON file of tumour annotations") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{p}: not a readable JSON file ({exc}); expected GeoJSON (e.g. exported from QuPath)") from None
+    # ValueError: also a number of over 4300 digits; RecursionError: arrays nested thousands deep
+    except (OSError, ValueError, RecursionError) as exc:
+        raise DataError(
+            f"{p}: not a readable JSON file ({type(exc).__name__}: {exc!s:.80}); expected GeoJSON (e.g. exported from QuPath)"
+        ) from None
     if not isinstance(obj, dict):
         raise DataError(f"{p}: expected a GeoJSON object, found a JSON {type(obj).__name__}")
+    _check_coordinates(obj, p)
     return obj
 
 
