@@ -184,17 +184,45 @@ def test_folder_summary_and_patient_stages(make_slide, tmp_path):
     rows = json.loads((out / "summary.json").read_text())["slides"]
     assert all(r["call"] in ("negative", "itc", "micro", "macro") and r["score"] is not None for r in rows)
     assert "call" in (out / "report.html").read_text()
-    (tmp_path / "patients.csv").write_text("patient,slide\nP1,n1.tif\nP1,n2.tif\nP2,n2.tif\n")
+    (tmp_path / "patients.csv").write_text("patient,slide\nP1,n1.tif\nP1,n2.tif\nP2,./n2.tif\n")
+    code, _, err = run("stage", out, "--patients", tmp_path / "patients.csv")
+    # one node is one patient's: n2.tif (also as ./n2.tif) under P1 and P2 is a mix-up, refused
+    assert code == 6 and "n2.tif on lines 3 and 4 (under P1 and P2)" in err and len(err.strip().splitlines()) == 1, err
+    assert not (out / "stages.csv").exists()
+    (tmp_path / "patients.csv").write_text("patient,slide\nP1,n1.tif\nP2,n2.tif\nP2,n1.tif\n")
+    code, _, err = run("stage", out, "--patients", tmp_path / "patients.csv")
+    assert code == 6 and "n1.tif on lines 2 and 4 (under P1 and P2)" in err, err
+    (tmp_path / "patients.csv").write_text("patient,slide\nP1,n1.tif\nP1,n2.tif\n")
     code, stdout, err = run("stage", out, "--patients", tmp_path / "patients.csv", "--json")
     assert code == 0, err
     got = {r["patient"]: r for r in json.loads(stdout)["patients"]}
     calls = {r["slide"]: r["call"] for r in rows}
-    assert got["P1"]["stage"] == pn_stage([calls["n1.tif"], calls["n2.tif"]])
-    assert got["P2"]["stage"] == pn_stage([calls["n2.tif"]])
+    assert got["P1"]["stage"] == pn_stage([calls["n1.tif"], calls["n2.tif"]]) and set(got) == {"P1"}
     assert (out / "stages.csv").read_text().startswith("patient,stage,")
     (tmp_path / "bad.csv").write_text("patient,slide\nP3,missing.tif\n")
     code, _, err = run("stage", out, "--patients", tmp_path / "bad.csv")
     assert code == 6 and "missing.tif" in err and len(err.strip().splitlines()) == 1
+
+
+def test_read_patients_refuses_a_slide_listed_twice(tmp_path):
+    from wsi_scan.errors import DataError
+    from wsi_scan.export.lesions import read_patients
+
+    p = tmp_path / "patients.csv"
+    # one micro node on 4 lines would be 4 "nodes with metastases"; one macro node so, pN2 for pN1
+    p.write_text("patient,slide\nP1,a.svs\n\nP1,b.svs\nP1,a.svs\nP1,a.svs\n")
+    with pytest.raises(
+        DataError, match=r"expected each slide \(lymph node\) once, found a.svs on lines 2 and 5 \(again for P1\)"
+    ):
+        read_patients(p)
+    p.write_text("patient,slide\nP1,dir\\a.svs\nP2,./dir/a.svs\n")  # the same file, written two ways
+    with pytest.raises(DataError, match=r"found dir/a.svs on lines 2 and 3 \(under P1 and P2\)"):
+        read_patients(p)
+    p.write_text("patient,slide\nP1,a.svs\nP1,b.svs\nP2,dir/a.svs\n")  # another folder's a.svs is another slide
+    assert read_patients(p) == {"P1": ["a.svs", "b.svs"], "P2": ["dir/a.svs"]}
+    p.write_text("patient,slide\nP1," + "x" * 200_000 + "\n")
+    with pytest.raises(DataError, match="not a readable CSV file"):
+        read_patients(p)
 
 
 def test_froc_by_hand_with_itc_excluded():

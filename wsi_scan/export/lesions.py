@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import posixpath
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,7 @@ def write_lesions(
 
 
 def read_patients(path: str | Path) -> dict[str, list[str]]:
-    """``patient,slide`` rows -> {patient: [slides]}."""
+    """``patient,slide`` rows -> {patient: [slides]}; a slide listed twice (for one patient or two) is refused."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8-sig")
@@ -141,16 +142,34 @@ def read_patients(path: str | Path) -> dict[str, list[str]]:
         raise DataError(
             f"--patients {p}: not a readable CSV file ({type(exc).__name__}); expected columns patient,slide"
         ) from None
-    reader = csv.DictReader(io.StringIO(text))
-    cols = [c.strip().lower() for c in (reader.fieldnames or [])]
-    if "patient" not in cols or "slide" not in cols:
-        raise DataError(f"--patients {p}: expected columns patient,slide, found {','.join(cols) or 'no header'}")
     out: dict[str, list[str]] = {}
-    for i, raw in enumerate(reader, start=2):
-        row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
-        if not row.get("patient") or not row.get("slide"):
-            raise DataError(f"--patients {p}, row {i}: patient and slide must both be given")
-        out.setdefault(row["patient"], []).append(row["slide"].replace("\\", "/"))
+    try:
+        reader = csv.DictReader(io.StringIO(text))
+        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
+        if "patient" not in cols or "slide" not in cols:
+            raise DataError(f"--patients {p}: expected columns patient,slide, found {','.join(cols) or 'no header'}")
+        # slide -> (patient, line) where it was first listed: one slide is one lymph node, so a slide
+        # listed twice counts one node twice (a macro node on 4 rows is pN2's "4-9 nodes", not pN1),
+        # and a slide under two patients is a mix-up for which no stage can be right
+        first: dict[str, tuple[str, int]] = {}
+        for raw in reader:
+            i = reader.line_num  # the file's line (blank lines are skipped, quoted fields may span lines)
+            row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
+            if not row.get("patient") or not row.get("slide"):
+                raise DataError(f"--patients {p}, line {i}: patient and slide must both be given")
+            # normpath: "./a.svs" is the slide "a.svs" (the name the results know it by), not another
+            patient, slide = row["patient"], posixpath.normpath(row["slide"].replace("\\", "/"))
+            if slide in first:
+                patient0, i0 = first[slide]
+                found = f"again for {patient}" if patient == patient0 else f"under {patient0} and {patient}"
+                raise DataError(
+                    f"--patients {p}: expected each slide (lymph node) once, found {slide} on lines {i0} and {i} "
+                    f"({found}); remove the duplicate row"
+                )
+            first[slide] = (patient, i)
+            out.setdefault(patient, []).append(slide)
+    except csv.Error as exc:  # a field over csv's size limit, a broken quote
+        raise DataError(f"--patients {p}: not a readable CSV file ({exc}); expected columns patient,slide") from None
     if not out:
         raise DataError(f"--patients {p}: no rows")
     return out
