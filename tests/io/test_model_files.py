@@ -47,6 +47,9 @@ def test_bundled_model_has_a_full_card(name):
     # where it was validated: the training's split, or for an ensemble the split of its own threshold rule
     assert "validation" in c.training["data"] or (members and c.training["threshold_rule"]["data"] == "pcam-jpeg-sample/valid")
     assert 0.93 < c.metrics["valid"]["auc"] <= 1.0
+    # every training split by its fingerprint, so evaluate and threshold know it under any folder name
+    splits = [sp for src in c.training["data"]["sources"] for key, sp in src["splits"].items() if key == "train"]
+    assert len(splits) == 3 and all(len(sp["fingerprint"]) == 64 for sp in splits)
     # a full card: the 8-view score as well, at the same threshold
     # (not necessarily higher: the ensemble's 8 views score 0.0003 below its single view)
     assert 0.93 < c.metrics["valid_tta"]["auc"] <= 1.0 and c.metrics["valid_tta"]["threshold"] == c.threshold
