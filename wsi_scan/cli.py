@@ -537,8 +537,16 @@ def evaluate(
         seen = trained_on(model.card, ps)
         if seen is not None:
             click.echo(
-                f"warning: {model.card.name!r} was trained on {seen} (its card says so): these numbers are not a "
-                "measure of how it does on new patches; evaluate on a held-out split",
+                f"wsi-scan: warning: {model.card.name!r} was trained on {seen} (its card says so): these numbers are "
+                "not a measure of how it does on new patches; evaluate on a held-out split",
+                err=True,
+            )
+        n_pos = int(ps.labels.sum())
+        if n_pos in (0, len(ps)):
+            click.echo(
+                f"wsi-scan: warning: {ps.name} holds only {'negative' if n_pos == 0 else 'positive'} patches: the AUC "
+                f"is undefined (nan) and so is the {'sensitivity' if n_pos == 0 else 'specificity'}; "
+                "evaluate on patches of both classes",
                 err=True,
             )
         ev = evaluate_patchset(model, ps, device, batch_size, tta, progress=not quiet and not as_json)

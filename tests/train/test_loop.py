@@ -261,3 +261,21 @@ def test_evaluate_refuses_a_network_that_gives_non_finite_scores(kaggle_dir):
     m = LoadedModel(Nan(), ModelCard(arch="external", name="nan"), "nan.ts", "")
     with pytest.raises(ModelError, match="non-finite outputs .* on 32 of 32 patches"):
         evaluate_patchset(m, open_patch_data(kaggle_dir).splits["valid"])
+
+
+def test_evaluate_warns_when_the_patches_hold_one_class(kaggle_dir, tmp_path):
+    import shutil
+
+    from wsi_scan.io.model_files import bundled_model_path
+
+    shutil.copytree(kaggle_dir, tmp_path / "neg")
+    lines = (tmp_path / "neg" / "valid_labels.csv").read_text().splitlines()
+    (tmp_path / "neg" / "valid_labels.csv").write_text(
+        "\n".join([lines[0], *[ln for ln in lines[1:] if ln.endswith(",0")]]) + "\n"
+    )
+    r = CliRunner().invoke(
+        main, ["evaluate", str(tmp_path / "neg"), "--model", str(bundled_model_path()), "--split", "valid", "--quiet"]
+    )
+    assert r.exit_code == 0, r.output
+    assert r.stderr.startswith("wsi-scan: warning: neg/valid holds only negative patches: the AUC is undefined")
+    assert "AUC nan" in r.stdout
