@@ -345,3 +345,12 @@ def test_evaluate_slides_on_an_annotated_synthetic_cohort(make_slide, mock_model
     assert (tmp_path / "results" / "evaluation.json").is_file()
     for name in ("froc.png", "slide_roc.png"):
         assert (tmp_path / "results" / name).stat().st_size > 5000
+    # no annotations at all: nothing to find, so the FROC is undefined rather than 0, and not drawn
+    (tmp_path / "none").mkdir()
+    (tmp_path / "results" / "froc.png").unlink()
+    code, out, err = run("evaluate-slides", tmp_path / "results", "--annotations", tmp_path / "none", "--overwrite")
+    assert code == 0, err
+    assert out.startswith("FROC n/a (no annotated tumour region outside ITC to find); slide AUC n/a")
+    ev = json.loads((tmp_path / "results" / "evaluation.json").read_text())
+    assert ev["froc"] is None and ev["sensitivities"] is None and ev["tumour_regions"] == 0
+    assert not (tmp_path / "results" / "froc.png").exists()

@@ -889,9 +889,13 @@ def evaluate_slides(
     if as_json:
         click.echo(json.dumps(ev))
         return
-    sens = ", ".join(f"{k}: {v:.3f}" for k, v in ev["sensitivities"].items())
     auc = ev["slide_auc"]
-    click.echo(f"FROC {ev['froc']:.4f} (sensitivity at FP/slide {sens}); slide AUC {'n/a' if auc is None else f'{auc:.4f}'}")
+    if ev["froc"] is None:
+        froc_text = "FROC n/a (no annotated tumour region outside ITC to find)"
+    else:
+        sens = ", ".join(f"{k}: {v:.3f}" for k, v in ev["sensitivities"].items())
+        froc_text = f"FROC {ev['froc']:.4f} (sensitivity at FP/slide {sens})"
+    click.echo(f"{froc_text}; slide AUC {'n/a' if auc is None else f'{auc:.4f}'}")
     if ev["kappa"] is not None:
         click.echo(f"pN kappa (quadratic) {ev['kappa']['kappa']:.4f}")
     click.echo(f"-> {target}")

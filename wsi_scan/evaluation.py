@@ -182,10 +182,13 @@ def evaluate_cohort(
     if not dets:
         raise DataError(f"{results}: no scanned slide to evaluate")
     f = froc(dets)
+    # no tumour region to find (ITC aside): a sensitivity of nothing is undefined, not 0
+    counted = sum(1 for d in dets for k in range(1, d.n_regions + 1) if k not in d.itc)
     confusion = [[sum(1 for a, b in zip(ref_calls, pred_calls) if a == ra and b == pb) for pb in CALLS] for ra in CALLS]
     out: dict[str, object] = {
-        "froc": f.score,
-        "sensitivities": dict(zip([str(x) for x in FP_RATES], f.sensitivities)),
+        "froc": f.score if counted else None,
+        "sensitivities": dict(zip([str(x) for x in FP_RATES], f.sensitivities)) if counted else None,
+        "tumour_regions": counted,
         "slide_auc": binary_metrics(np.asarray(truth), np.asarray(scores), 0.5).auc if 0 < sum(truth) < len(truth) else None,
         "confusion": {"labels": list(CALLS), "rows_reference_cols_predicted": confusion},
         "slides": [
@@ -203,7 +206,7 @@ def evaluate_cohort(
             Path(str(figures)),
             f.fps_per_slide,
             f.sensitivity,
-            f.score,
+            f.score if counted else None,
             np.asarray(truth),
             np.asarray(scores),
             auc if isinstance(auc, float) else None,

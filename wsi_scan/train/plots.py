@@ -147,21 +147,9 @@ def roc_figure(path: Path, labels: np.ndarray, scores: np.ndarray, legend: str, 
     return path
 
 
-def evaluation_figures(
-    out_dir: Path,
-    fps_per_slide: np.ndarray,
-    sensitivity: np.ndarray,
-    froc_score: float,
-    labels: np.ndarray | None,
-    scores: np.ndarray | None,
-    slide_auc: float | None,
-) -> list[Path]:
-    """The FROC curve of a cohort and, when it has both classes, the slide-level ROC."""
+def _froc_figure(plt: Any, path: Path, fps_per_slide: np.ndarray, sensitivity: np.ndarray, froc_score: float) -> Path:
     from ..evaluation import FP_RATES
 
-    plt = _plt()
-    check_figure_folder(out_dir)
-    written: list[Path] = []
     fig, ax = plt.subplots(figsize=(4.5, 4))
     floor = 1 / 16  # a log axis has no 0: rates below this are drawn at it
     ax.step(np.maximum(fps_per_slide, floor), sensitivity, where="post", label=f"FROC score {froc_score:.3f}")
@@ -176,9 +164,27 @@ def evaluation_figures(
     ax.set_title("FROC")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    written.append(out_dir / "froc.png")
-    save_figure(fig, written[-1])
+    save_figure(fig, path)
     plt.close(fig)
+    return path
+
+
+def evaluation_figures(
+    out_dir: Path,
+    fps_per_slide: np.ndarray,
+    sensitivity: np.ndarray,
+    froc_score: float | None,
+    labels: np.ndarray | None,
+    scores: np.ndarray | None,
+    slide_auc: float | None,
+) -> list[Path]:
+    """The FROC curve of a cohort, when it has tumour regions to find, and, when it has both
+    classes, the slide-level ROC."""
+    plt = _plt()
+    check_figure_folder(out_dir)
+    written: list[Path] = []
+    if froc_score is not None:
+        written.append(_froc_figure(plt, out_dir / "froc.png", fps_per_slide, sensitivity, froc_score))
     if labels is not None and scores is not None and slide_auc is not None:
         written.append(
             roc_figure(out_dir / "slide_roc.png", labels, scores, f"slide AUC {slide_auc:.4f}", "ROC, slide level", " (slides)")
