@@ -134,3 +134,12 @@ def test_tiles_label_mask_errors(make_slide, tmp_path):
     with pytest.raises(UsageError, match="not both"):
         tile_slide(slide, tmp_path / "c.h5", labels_mask=square, labels_geojson=_geojson(tmp_path, TUMOUR))
     assert not list(tmp_path.glob("*.h5"))
+
+
+def test_a_stride_that_misses_the_tissue_is_refused_before_writing(make_slide, tmp_path):
+    from wsi_scan.errors import UsageError
+
+    slide = make_slide(size_wh=SIZE_WH, mpp=MPP, tissue=TISSUE)
+    with pytest.raises(UsageError, match="--stride-cells 100000 leaves no window on the tissue"):
+        tile_slide(slide, tmp_path / "a.h5", stride_cells=100000)
+    assert not list(tmp_path.glob("*.h5"))

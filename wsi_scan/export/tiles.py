@@ -277,6 +277,11 @@ def plan_tiles(
         labels.attach(info.level0_size_wh)
     rr, cc = np.indices(sp.grid.shape_rc)
     cells = sp.cells & (rr % stride_cells == 0) & (cc % stride_cells == 0)
+    if sp.cells.any() and not cells.any():
+        raise UsageError(
+            f"--stride-cells {stride_cells} leaves no window on the tissue ({int(sp.cells.sum())} tissue cells on a grid of "
+            f"{sp.grid.shape_rc[0]} x {sp.grid.shape_rc[1]}); expected a stride that meets it: pass a smaller one"
+        )
     # blocks start on multiples of the stride, so every block sees the same window phase
     block_list = tissue_blocks(cells, max(block_cells // stride_cells, 1) * stride_cells)
     fx, fy = sp.grid.l0_per_tgt_xy
