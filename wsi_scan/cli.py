@@ -622,22 +622,35 @@ def models_cmd(as_json: bool) -> None:
         click.echo(f"  file       {r['path']} ({r['size_bytes']:,} bytes, sha256 {r['sha256'][:16]})")
 
 
+def _rule_options(f: F) -> F:
+    """The options of the commands that write a model thresholded by the rule (threshold, ensemble)."""
+    for opt in reversed(
+        [
+            click.option(
+                "--specificity",
+                type=click.FloatRange(0.5, 0.9999),
+                default=_TRAIN.threshold_specificity,
+                show_default=True,
+                help="the lowest threshold giving at least this specificity on DATA's validation patches",
+            ),
+            click.option("--split", type=click.Choice(["auto", "train", "valid", "test"]), default="valid", show_default=True),
+            click.option(
+                "--out", required=True, type=click.Path(path_type=Path), help="the model file to write (.safetensors or .pt)"
+            ),
+            click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_SCAN.device),
+            click.option("--overwrite", is_flag=True, help="replace an existing model file written by wsi-scan"),
+            click.option("--quiet", is_flag=True, help="no progress bar"),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
 @main.command("threshold")
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option(
-    "--specificity",
-    type=click.FloatRange(0.5, 0.9999),
-    default=_TRAIN.threshold_specificity,
-    show_default=True,
-    help="the lowest threshold giving at least this specificity on DATA's validation patches",
-)
-@click.option("--split", type=click.Choice(["auto", "train", "valid", "test"]), default="valid", show_default=True)
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="the model file to write (.safetensors or .pt)")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_SCAN.device)
+@_rule_options
 @click.option("--name", default=None, help="the model's name in its card (default: kept)")
-@click.option("--overwrite", is_flag=True, help="replace an existing model file written by wsi-scan")
-@click.option("--quiet", is_flag=True, help="no progress bar")
 def threshold_cmd(
     model_path: Path,
     data: Path,
@@ -669,20 +682,9 @@ def threshold_cmd(
 @click.option(
     "--data", required=True, type=click.Path(path_type=Path), help="held-out labelled patches to threshold and score on"
 )
-@click.option(
-    "--specificity",
-    type=click.FloatRange(0.5, 0.9999),
-    default=_TRAIN.threshold_specificity,
-    show_default=True,
-    help="the lowest threshold giving at least this specificity on DATA's validation patches",
-)
-@click.option("--split", type=click.Choice(["auto", "train", "valid", "test"]), default="valid", show_default=True)
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="the model file to write (.safetensors or .pt)")
+@_rule_options
 @click.option("--name", default="ensemble", show_default=True, help="the model's name in its card")
 @click.option("--tta/--no-tta", default=True, show_default=True, help="also measure the 8-view AUC for the card")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_SCAN.device)
-@click.option("--overwrite", is_flag=True, help="replace an existing model file written by wsi-scan")
-@click.option("--quiet", is_flag=True, help="no progress bar")
 def ensemble_cmd(
     model_paths: tuple[Path, ...],
     data: Path,

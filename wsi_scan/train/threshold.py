@@ -81,8 +81,9 @@ def rethreshold_model(
     a model file name or may not be replaced, and patches the model was trained on.
     """
     out = Path(out)
-    check_out_file(out, overwrite, [resolve_model(model_path)])
-    if resolve_model(model_path).suffix in (".ts", ".torchscript"):
+    source = resolve_model(model_path)
+    check_out_file(out, overwrite, [source])
+    if source.suffix in (".ts", ".torchscript"):
         raise UsageError(
             f"{model_path}: a TorchScript model's card is its JSON file beside it; set the threshold there "
             "(wsi-scan writes weights, not TorchScript)"
