@@ -51,6 +51,52 @@ def test_ensemble_is_the_mean_logit_of_its_members_and_dense_exact():
                 torch.testing.assert_close(dense[0, 0, i, j], one[0, 0, 0, 0], atol=1e-5, rtol=0)
 
 
+def test_ensemble_input_affine_maps_each_members_pixel_and_stays_dense_exact():
+    torch.manual_seed(0)
+    affine = [[1.0, 1.0, 1.0, 0.0, 0.0, 0.0], [1.2, 0.8, 1.1, -0.3, 0.2, 0.1]]
+    net = _random_bn(build_network("dense-cnn-ensemble", widths=[8, 4], input_affine=affine))
+    x = torch.randn(1, 3, 96 + 32, 96 + 64)
+    scale = torch.tensor(affine[1][:3]).view(1, 3, 1, 1)
+    shift = torch.tensor(affine[1][3:]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        dense = net(x)
+        torch.testing.assert_close(dense, (net.members[0](x) + net.members[1](x * scale + shift)) / 2, atol=1e-6, rtol=0)
+        for i in range(2):
+            for j in range(3):
+                one = net(x[..., 32 * i : 32 * i + 96, 32 * j : 32 * j + 96])
+                torch.testing.assert_close(dense[0, 0, i, j], one[0, 0, 0, 0], atol=1e-5, rtol=0)
+    assert not any("affine" in k for k in net.state_dict())  # the card holds it, not the weights
+
+
+def test_member_affine_is_the_change_of_normalisation():
+    from wsi_scan.model.nets import member_affine
+
+    big_m, big_s, m, s = [0.7, 0.5, 0.6], [0.2, 0.3, 0.25], [0.65, 0.55, 0.6], [0.25, 0.2, 0.25]
+    row = member_affine(big_m, big_s, m, s)
+    p = torch.tensor([0.1, 0.9, 0.42])
+    ensemble_px = (p - torch.tensor(big_m)) / torch.tensor(big_s)
+    torch.testing.assert_close(
+        ensemble_px * torch.tensor(row[:3]) + torch.tensor(row[3:]), (p - torch.tensor(m)) / torch.tensor(s)
+    )
+
+
+@pytest.mark.parametrize(
+    "affine",
+    [
+        [[1, 1, 1, 0, 0, 0]],
+        [[1, 1, 1, 0, 0]] * 2,
+        [[0, 1, 1, 0, 0, 0]] * 2,
+        [[1, 1, 1, float("nan"), 0, 0]] * 2,
+        [[1, 1, 1, 1e3, 0, 0]] * 2,
+        "x",
+        [[True, 1, 1, 0, 0, 0]] * 2,
+    ],
+)
+def test_ensemble_input_affine_is_checked(affine):
+    with pytest.raises(ModelError, match="input_affine must be a list of one row per member"):
+        build_network("dense-cnn-ensemble", widths=[8, 8], input_affine=affine)
+
+
 @pytest.mark.parametrize("widths", [None, [8], [8, 8, 8, 8, 8], [8, 1000], [8, 7.5], [8, True], "8,8", [8, "8"]])
 def test_ensemble_widths_are_checked_before_any_allocation(widths):
     kwargs = {} if widths is None else {"widths": widths}

@@ -65,6 +65,33 @@ def test_the_ensemble_scores_the_mean_logit_and_carries_its_members(members, kag
     assert single["members"] == [] and d["macs_per_cell"] > single["macs_per_cell"]
 
 
+def test_members_normalised_otherwise_are_mapped_to_their_own_normalisation(members, kaggle_dir, tmp_path):
+    """A member trained with another seed measures another mean/std: the ensemble keeps its
+    first member's and maps the pixel exactly into each other member's, so every member scores
+    what it scores alone."""
+    a, b = members
+    other = load_model(b)
+    torch.manual_seed(0)
+    for mod in other.net.modules():  # a one-epoch network barely looks at its input: make it look
+        if isinstance(mod, torch.nn.Conv2d):
+            mod.weight.data.normal_(0, 1.0 / mod.weight[0].numel() ** 0.5)
+    shifted = ModelCard.from_dict({**other.card.to_dict(), "mean": [0.2, 0.8, 0.3], "std": [0.5, 0.1, 0.4]})
+    c = tmp_path / "c.pt"
+    save_model(c, other.net, shifted)
+    save_model(tmp_path / "b2.pt", other.net, other.card)
+    out = tmp_path / "e.safetensors"
+    card = combine_models([a, c], kaggle_dir, out, specificity=0.75, tta=False, progress=False)
+    assert card.mean == load_model(a).card.mean and card.std == load_model(a).card.std
+    affine = card.arch_kwargs["input_affine"]
+    assert len(affine) == 2 and affine[0] == pytest.approx([1, 1, 1, 0, 0, 0])
+    valid = open_patch_data(kaggle_dir).splits["valid"]
+    alone = (_logit(evaluate_patchset(load_model(a), valid).probs) + _logit(evaluate_patchset(load_model(c), valid).probs)) / 2
+    np.testing.assert_allclose(_logit(evaluate_patchset(load_model(out), valid).probs), alone, atol=2e-4)
+    # without the map the second member would see other pixels: the test can tell
+    unmapped = evaluate_patchset(load_model(tmp_path / "b2.pt"), valid).probs
+    assert np.abs(_logit(evaluate_patchset(load_model(c), valid).probs) - _logit(unmapped)).max() > 1e-2
+
+
 def test_the_ensemble_is_dense_exact_in_a_scan(members, kaggle_dir, tmp_path, make_slide):
     from wsi_scan.config import ScanConfig
     from wsi_scan.io.heatmap import open_heatmap
@@ -93,11 +120,11 @@ def test_what_an_ensemble_refuses(members, kaggle_dir, tmp_path):
     with pytest.raises(UsageError, match="expected a .safetensors or .pt"):
         combine_models([a, b], kaggle_dir, tmp_path / "e.txt", progress=False)
 
-    # another normalisation: the members disagree on the contract
+    # another window: the members disagree on the contract
     other = load_model(b)
-    changed = ModelCard.from_dict({**other.card.to_dict(), "mean": [0.1, 0.2, 0.3]})
+    changed = ModelCard.from_dict({**other.card.to_dict(), "cell_px": 16})
     save_model(tmp_path / "c.pt", other.net, changed)
-    with pytest.raises(UsageError, match="its card's mean"):
+    with pytest.raises(UsageError, match="its card's cell_px"):
         combine_models([a, tmp_path / "c.pt"], kaggle_dir, tmp_path / "e.pt", progress=False)
 
     # a patch-mode member would make the ensemble patch-mode only

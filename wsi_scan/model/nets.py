@@ -13,6 +13,8 @@ Sizes through the network for a window of 96 + 32n px:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -68,21 +70,52 @@ class DenseEnsemble(nn.Module):
     """The mean of the logits of dense-exact members that share one geometry (window 96, stride
     32), so it is dense-exact too: each output is the mean of the members' outputs for the same
     window. Logits, not probabilities, are averaged so the output stays a logit; on the
-    validation split both give the same AUC (docs/model.md)."""
+    validation split both give the same AUC (docs/model.md).
+
+    The input arrives normalised by the ensemble card's mean/std. Members trained with another
+    normalisation (it is measured on a seeded sample of the training patches, so it differs with
+    the seed) get ``input_affine``: per member, three scales and three shifts that turn the
+    ensemble's normalised pixel into the member's own, exactly (``x * s + b``, per channel). A
+    per-pixel map keeps every member, and so the mean, dense-exact."""
 
     dense_exact = True
     input_px = 96  # the window side in px (a card's input_px)
     stride_px = 32
 
-    def __init__(self, widths: list[int], dropout: float = 0.2) -> None:
+    def __init__(self, widths: list[int], dropout: float = 0.2, input_affine: list[list[float]] | None = None) -> None:
         super().__init__()
         self.members = nn.ModuleList([DenseCNN(w, dropout) for w in widths])
+        self.affine: torch.Tensor | None
+        if input_affine is None:
+            self.affine = None
+        else:
+            # 2-D, so that a channels_last conversion of the network leaves it alone; not
+            # persistent: the card holds the numbers, so files without them still load
+            self.register_buffer("affine", torch.tensor(input_affine, dtype=torch.float32).view(len(widths), 6), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.members[0](x)
-        for m in self.members[1:]:
-            out = out + m(x)
+        out: torch.Tensor | None = None
+        for i, m in enumerate(self.members):
+            if self.affine is None:
+                xi = x
+            else:
+                row = self.affine[i].to(x.dtype)
+                xi = x * row[:3].view(1, 3, 1, 1) + row[3:].view(1, 3, 1, 1)
+            y = m(xi)
+            out = y if out is None else out + y
+        assert out is not None
         return out / len(self.members)
+
+
+def member_affine(
+    ensemble_mean: Sequence[float], ensemble_std: Sequence[float], mean: Sequence[float], std: Sequence[float]
+) -> list[float]:
+    """The ``input_affine`` row (three scales, three shifts) that maps a pixel normalised by the
+    ensemble's mean/std to the same pixel normalised by a member's: with p the raw pixel,
+    (p - m) / s = ((p - M) / S) * (S / s) + (M - m) / s."""
+    scales = [big_s / s for big_s, s in zip(ensemble_std, std, strict=True)]
+    shifts = [(big_m - m) / s for big_m, m, s in zip(ensemble_mean, mean, std, strict=True)]
+    return [*scales, *shifts]
 
 
 class PatchClassifier(nn.Module):
@@ -118,7 +151,7 @@ ENSEMBLE_SIZE = (2, 4)
 #: the settings each architecture takes, with their allowed ranges (a card is data from a file)
 ARCH_KWARGS: dict[str, dict[str, tuple[float, float]]] = {
     "dense-cnn": {"width": (4, 256), "dropout": (0.0, 0.9)},
-    "dense-cnn-ensemble": {"dropout": (0.0, 0.9)},  # and "widths", a list checked on its own
+    "dense-cnn-ensemble": {"dropout": (0.0, 0.9)},  # and "widths" and "input_affine", lists checked on their own
     "resnet18": {},
 }
 
@@ -137,14 +170,34 @@ def _check_widths(widths: Any) -> None:
         )
 
 
+def _check_affine(affine: Any, n_members: int) -> None:
+    """An ``input_affine`` from a card: one row of three scales and three shifts per member,
+    finite, the scales positive (a member's std over the ensemble's within a factor 100)."""
+
+    def ok_row(row: Any) -> bool:
+        if not isinstance(row, list) or len(row) != 6:
+            return False
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row):
+            return False
+        return all(0.01 <= v <= 100 for v in row[:3]) and all(abs(v) <= 100 for v in row[3:])
+
+    if not isinstance(affine, list) or len(affine) != n_members or not all(ok_row(r) for r in affine):
+        raise ModelError(
+            "architecture 'dense-cnn-ensemble': input_affine must be a list of one row per member "
+            f"({n_members}), each three scales in [0.01, 100] and three shifts in [-100, 100], found {affine!r:.80}"
+        )
+
+
 def build_network(arch: str, **kwargs: Any) -> nn.Module:
     """Build an untrained network by its card name; settings are checked before any allocation."""
     allowed = ARCH_KWARGS.get(arch)
     if arch == "dense-cnn-ensemble":
         _check_widths(kwargs.get("widths"))
+        if kwargs.get("input_affine") is not None:
+            _check_affine(kwargs["input_affine"], len(kwargs["widths"]))
     if allowed is not None:
         for k, v in kwargs.items():
-            if arch == "dense-cnn-ensemble" and k == "widths":
+            if arch == "dense-cnn-ensemble" and k in ("widths", "input_affine"):
                 continue
             if k not in allowed:
                 raise ModelError(f"architecture {arch!r} has no setting {k!r} (it takes: {', '.join(allowed) or 'none'})")

@@ -2,8 +2,9 @@
 
 Members trained on the same data make different errors on held-out patches (another width,
 another schedule), so their mean ranks patches better than either (docs/model.md). The result
-is one model file with one contract: the members must agree on the window, cell, pixel size,
-normalisation and classes, and the combined model is thresholded by the rule training applies,
+is one model file with one contract: the members must agree on the window, cell, pixel size
+and classes (a member normalised otherwise, e.g. trained with another seed, gets an exact
+per-channel map from the ensemble's normalisation to its own), and the combined model is thresholded by the rule training applies,
 on held-out patches none of the members was trained on. ``wsi-scan ensemble`` calls
 ``combine_models``.
 """
@@ -18,13 +19,14 @@ from ..errors import UsageError
 from ..io.datasets import patch_split
 from ..io.model_files import LoadedModel, load_model, resolve_model, save_model
 from ..model.card import ModelCard
-from ..model.nets import ENSEMBLE_SIZE, build_network
+from ..model.nets import ENSEMBLE_SIZE, build_network, member_affine
 from .evaluate import evaluate_patchset, trained_on
 from .loop import software_versions, validation_metrics, with_threshold
 from .threshold import check_out_file, check_rule_inputs, check_rule_met
 
-#: the card fields every member must share: they are the combined model's contract
-SHARED_FIELDS = ("input_px", "cell_px", "mpp", "mean", "std", "class_names")
+#: the card fields every member must share: they are the combined model's contract (mean and
+#: std may differ: see ``input_affine``)
+SHARED_FIELDS = ("input_px", "cell_px", "mpp", "class_names")
 
 
 def _check_members(members: list[LoadedModel]) -> None:
@@ -49,7 +51,7 @@ def _check_members(members: list[LoadedModel]) -> None:
             if a != b:
                 raise UsageError(
                     f"{m.path}: its card's {key} is {b!r}, {first.path}'s is {a!r}; the members of an ensemble "
-                    "must share window, cell, pixel size, normalisation and classes (train them on the same data)"
+                    "must share window, cell, pixel size and classes (train them on the same data)"
                 )
     dropouts = {m.card.arch_kwargs.get("dropout", 0.2) for m in members}
     if len(dropouts) > 1:  # dropout is off at inference, but one setting rebuilds every member
@@ -136,11 +138,14 @@ def combine_models(
     kwargs: dict[str, Any] = {"widths": widths}
     if "dropout" in members[0].card.arch_kwargs:
         kwargs["dropout"] = members[0].card.arch_kwargs["dropout"]
+    first = members[0].card
+    if any((m.card.mean, m.card.std) != (first.mean, first.std) for m in members[1:]):
+        # the ensemble takes its first member's normalisation; the others map from it exactly
+        kwargs["input_affine"] = [member_affine(first.mean, first.std, m.card.mean, m.card.std) for m in members]
     net = build_network("dense-cnn-ensemble", **kwargs)
     for member_net, m in zip(net.members, members, strict=True):  # type: ignore[arg-type]
         member_net.load_state_dict(m.net.state_dict(), strict=True)
     net.eval()
-    first = members[0].card
     training = {
         "command": command,
         "ensemble": {
