@@ -135,13 +135,20 @@ def test_output_exists(make_slide, tmp_path):
     out = tmp_path / "h.zarr"
     out.mkdir()
     (out / "keep").write_text("x")
-    code, _, err = run(slide, "--out", out)
-    assert code == 4 and "--overwrite" in err and (out / "keep").exists()
-    # a folder that is not a wsi-scan store is never replaced, whatever the flags
-    code, _, err = run(slide, "--out", out, "--overwrite", "--quiet")
-    assert code == 4 and "not a wsi-scan heatmap store" in err and (out / "keep").read_text() == "x"
+    # a folder that is not a wsi-scan store is never replaced, whatever the flags: said the
+    # same with and without --overwrite, so nobody is sent to add a flag that cannot help
+    for flags in ((), ("--overwrite",)):
+        code, _, err = run(slide, "--out", out, *flags, "--quiet")
+        assert code == 4 and "not a wsi-scan heatmap store" in err and (out / "keep").read_text() == "x"
+    dangling = tmp_path / "link.zarr"
+    dangling.symlink_to(tmp_path / "nowhere.zarr")
+    for flags in ((), ("--overwrite",)):
+        code, _, err = run(slide, "--out", dangling, *flags, "--quiet")
+        assert code == 4 and "is a symbolic link" in err and dangling.is_symlink() and not (tmp_path / "nowhere.zarr").exists()
     ours = tmp_path / "ours.zarr"
     assert run(slide, "--out", ours, "--quiet")[0] == 0
+    code, _, err = run(slide, "--out", ours, "--quiet")
+    assert code == 4 and "pass --overwrite" in err
     code, _, err = run(slide, "--out", ours, "--overwrite", "--quiet")
     assert code == 0, err
     assert not [p.name for p in tmp_path.iterdir() if ".old-" in p.name or ".tmp-" in p.name]

@@ -145,8 +145,8 @@ def check_replaceable(
         raise OutputExistsError(f"{flag} {out} lies inside the installed wsi-scan package; choose another {flag}")
     if not _lexists(out_abs):
         return out_abs
-    if not overwrite:
-        raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it or choose another {flag}")
+    # what --overwrite could never replace is said first, so a user who adds it is not then
+    # told something else
     if out_abs.is_symlink():
         raise OutputExistsError(
             f"{flag} {out} is a symbolic link; wsi-scan replaces only its own outputs, give the real path or another {flag}"
@@ -159,6 +159,8 @@ def check_replaceable(
             f"{flag} {out} is a {what} that is not {expected}; wsi-scan only ever replaces its "
             f"own outputs, whatever the flags: move it away or choose another {flag}"
         )
+    if not overwrite:
+        raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it or choose another {flag}")
     return out_abs
 
 
