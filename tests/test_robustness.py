@@ -383,6 +383,15 @@ def test_every_export_refuses_a_damaged_store(heatmap, tmp_path, how, command, n
     assert code == 7
 
 
+def test_a_store_without_its_digest_is_read_with_a_warning(heatmap, tmp_path):
+    _, hm = heatmap
+    _damage(hm, "data_sha256")
+    out = tmp_path / "t.geojson"
+    code, _, err = run("geojson", hm, "--out", out)
+    assert code == 0 and out.exists()
+    assert err.count("wsi-scan: warning:") == 1 and "no data digest" in err and "rescan" in err
+
+
 def test_a_truncated_resume_file_is_ignored(heatmap, make_slide):
     from wsi_scan.io.resume import partial_path
 

@@ -14,6 +14,7 @@ temporary name beside the target and renamed once complete, with ``status = "com
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -335,6 +336,14 @@ def open_heatmap(path: str | Path) -> Heatmap:
         raise HeatmapError(
             f"{p}: damaged heatmap store, its data differ from what was written (a chunk is missing or altered); rerun the scan"
         )
-    if want is None and bool((tissue & ~np.isfinite(probs)).any()):
-        raise HeatmapError(f"{p}: damaged heatmap store, tissue cells without a probability (a chunk is missing); rerun the scan")
+    if want is None:
+        if bool((tissue & ~np.isfinite(probs)).any()):
+            raise HeatmapError(
+                f"{p}: damaged heatmap store, tissue cells without a probability (a chunk is missing); rerun the scan"
+            )
+        # every store this version writes has one: the attribute was lost or the store is older
+        logging.getLogger("wsi_scan.heatmap").warning(
+            f"{p}: the store records no data digest (data_sha256), so an altered chunk cannot be told from the "
+            "scan's data; rescan the slide to have one"
+        )
     return Heatmap(str(p), probs, tissue, grid, meta)
