@@ -50,6 +50,16 @@ def test_missing_image(tmp_path):
         open_patch_data(root)
 
 
+def test_an_id_with_two_images_is_refused(tmp_path):
+    root = write_kaggle(tmp_path / "k", n=6)
+    shutil.copy(root / "train" / "train0002.png", root / "train" / "train0002.jpg")
+    with pytest.raises(DataError, match=r"1 id\(s\) have more than one image \(first: train0002.jpg, train0002.png\)"):
+        open_patch_data(root)
+    (root / "train" / "extra.jpg").write_bytes(b"")  # an image no label names is not read
+    (root / "train" / "train0002.jpg").unlink()
+    assert len(open_patch_data(root).splits["train"]) == 6
+
+
 def test_bad_label(tmp_path):
     root = write_kaggle(tmp_path / "k", n=6)
     csv = root / "train_labels.csv"

@@ -163,20 +163,29 @@ def _kaggle_split(root: Path, split: str) -> KagglePatches:
     if not img_dir.is_dir():
         raise DataError(f"{csv_path} has no image folder {img_dir} beside it")
     ids, labels = _read_labels_csv(csv_path)
-    by_stem: dict[str, str] = {}
+    by_stem: dict[str, list[str]] = {}
     with os.scandir(img_dir) as it:
         for entry in it:
             stem, ext = os.path.splitext(entry.name)
             if ext.lower() in IMAGE_EXTS:
-                by_stem[stem] = entry.name
+                by_stem.setdefault(stem, []).append(entry.name)
     files: list[str] = []
     missing: list[str] = []
+    ambiguous: list[list[str]] = []
     for ident in ids:
-        name = by_stem.get(ident)
-        if name is None:
+        names = by_stem.get(ident)
+        if names is None:
             missing.append(ident)
+        elif len(names) > 1:
+            ambiguous.append(sorted(names))
         else:
-            files.append(name)
+            files.append(names[0])
+    if ambiguous:
+        # which one the labels mean cannot be known, and the two may be different patches
+        raise DataError(
+            f"{img_dir}: {len(ambiguous)} id(s) have more than one image (first: {', '.join(ambiguous[0])}); "
+            "expected one image per id of the labels CSV: remove or rename the others"
+        )
     if missing:
         raise DataError(
             f"{csv_path}: {len(missing)} id(s) have no image in {img_dir} "
