@@ -204,6 +204,30 @@ def test_folder_summary_and_patient_stages(make_slide, tmp_path):
     assert code == 6 and "missing.tif" in err and len(err.strip().splitlines()) == 1
 
 
+def test_stage_refuses_a_slide_named_by_its_path_and_by_its_file_name(tmp_path):
+    from wsi_scan.errors import DataError
+    from wsi_scan.export.lesions import stage_results
+
+    results = tmp_path / "results"
+    results.mkdir()
+    slides = [("sub/a.svs", "micro"), ("b.svs", "negative"), ("x/c.svs", "macro"), ("y/c.svs", "negative")]
+    (results / "summary.json").write_text(json.dumps({"slides": [{"slide": s, "status": "ok", "call": c} for s, c in slides]}))
+    patients = tmp_path / "patients.csv"
+    patients.write_text("patient,slide\nP1,sub/a.svs\nP1,a.svs\n")  # one node, counted twice: pN1 for pN1mi
+    with pytest.raises(DataError, match=r"sub/a.svs \(P1\) and a.svs \(P1\) are the same slide sub/a.svs"):
+        stage_results(results, patients)
+    patients.write_text("patient,slide\nP1,a.svs\nP2,sub/a.svs\n")
+    with pytest.raises(DataError, match="are the same slide"):
+        stage_results(results, patients)
+    # a bare name that is unique in the results is that slide; an ambiguous one names none
+    patients.write_text("patient,slide\nP1,a.svs\nP1,b.svs\nP2,x/c.svs\nP2,y/c.svs\n")
+    got = {r["patient"]: r for r in stage_results(results, patients)}
+    assert got["P1"]["nodes"] == {"a.svs": "micro", "b.svs": "negative"} and got["P1"]["stage"] == "pN1mi"
+    patients.write_text("patient,slide\nP1,c.svs\n")
+    with pytest.raises(DataError, match="no result for c.svs"):
+        stage_results(results, patients)
+
+
 def test_read_patients_refuses_a_slide_listed_twice(tmp_path):
     from wsi_scan.errors import DataError
     from wsi_scan.export.lesions import read_patients

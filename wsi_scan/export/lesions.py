@@ -175,8 +175,9 @@ def read_patients(path: str | Path) -> dict[str, list[str]]:
     return out
 
 
-def results_calls(results: str | Path) -> dict[str, str]:
-    """{slide (relative path, and file name when unique): call} from a folder run's summary.json."""
+def results_calls(results: str | Path) -> tuple[dict[str, str], dict[str, str]]:
+    """{slide (relative path): call} from a folder run's summary.json, and {file name: relative
+    path} for the file names that are unique in it (a patients list may name a slide either way)."""
     p = Path(results) / "summary.json"
     try:
         obj = json.loads(p.read_text(encoding="utf-8"))
@@ -190,16 +191,33 @@ def results_calls(results: str | Path) -> dict[str, str]:
     for r in rows:
         if r.get("status") in ("ok", "skipped") and r.get("call"):
             calls[str(r["slide"])] = str(r["call"])
-            names.setdefault(Path(str(r["slide"])).name, []).append(str(r["call"]))
-    for name, found in names.items():
-        if len(found) == 1 and name not in calls:
-            calls[name] = found[0]
-    return calls
+            names.setdefault(Path(str(r["slide"])).name, []).append(str(r["slide"]))
+    aliases = {name: paths[0] for name, paths in names.items() if len(paths) == 1 and name not in calls}
+    return calls, aliases
+
+
+def _check_one_name_per_slide(patients: dict[str, list[str]], aliases: dict[str, str], where: Path) -> None:
+    """read_patients refuses a slide listed twice by one spelling; this refuses it by two (its
+    path and its bare name), which would count one lymph node as two."""
+    first: dict[str, tuple[str, str]] = {}
+    for patient, slides in patients.items():
+        for slide in slides:
+            canonical = aliases.get(slide, slide)
+            if canonical in first:
+                patient0, slide0 = first[canonical]
+                raise DataError(
+                    f"--patients {where}: {slide0} ({patient0}) and {slide} ({patient}) are the same slide "
+                    f"{canonical} of the results; expected each slide (lymph node) once: remove one row"
+                )
+            first[canonical] = (patient, slide)
 
 
 def stage_results(results: str | Path, patients: str | Path) -> list[dict[str, Any]]:
+    calls, aliases = results_calls(results)
+    listed = read_patients(patients)
+    _check_one_name_per_slide(listed, aliases, Path(patients))
     try:
-        return stage_patients(results_calls(results), read_patients(patients))
+        return stage_patients({**calls, **{a: calls[c] for a, c in aliases.items()}}, listed)
     except KeyError as exc:
         raise DataError(
             f"{exc.args[0]} in {Path(results) / 'summary.json'} (slides that failed or were never scanned "
