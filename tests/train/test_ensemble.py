@@ -120,11 +120,11 @@ def test_what_an_ensemble_refuses(members, kaggle_dir, tmp_path):
     with pytest.raises(UsageError, match="expected a .safetensors or .pt"):
         combine_models([a, b], kaggle_dir, tmp_path / "e.txt", progress=False)
 
-    # another window: the members disagree on the contract
+    # another pixel size: the members disagree on the contract
     other = load_model(b)
-    changed = ModelCard.from_dict({**other.card.to_dict(), "cell_px": 16})
+    changed = ModelCard.from_dict({**other.card.to_dict(), "mpp": 0.5})
     save_model(tmp_path / "c.pt", other.net, changed)
-    with pytest.raises(UsageError, match="its card's cell_px"):
+    with pytest.raises(UsageError, match="its card's mpp"):
         combine_models([a, tmp_path / "c.pt"], kaggle_dir, tmp_path / "e.pt", progress=False)
 
     # a patch-mode member would make the ensemble patch-mode only

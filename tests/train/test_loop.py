@@ -171,7 +171,7 @@ def test_threshold_rule_sets_card_threshold_on_validation(kaggle_dir, tmp_path):
     train([kaggle_dir], out, TrainConfig(**TINY, threshold_specificity=0.9), report_dir=tmp_path / "rep", progress=False)
     m = load_model(out)
     rule = m.card.training["threshold_rule"]
-    assert rule["specificity"] == 0.9 and rule["threshold"] == m.card.threshold
+    assert rule["specificity"] == 0.9 and rule["threshold"] == m.card.threshold and rule["met"] is True
     ev = evaluate_patchset(m, open_patch_data(kaggle_dir).splits["valid"])
     neg = ev.probs[ev.labels == 0]
     # the rule, checked from its definition: at least 90% of negatives below, and no lower 1e-4 step would do
@@ -279,3 +279,20 @@ def test_evaluate_warns_when_the_patches_hold_one_class(kaggle_dir, tmp_path):
     assert r.exit_code == 0, r.output
     assert r.stderr.startswith("wsi-scan: warning: neg/valid holds only negative patches: the AUC is undefined")
     assert "AUC nan" in r.stdout
+
+
+def test_a_saturated_run_is_kept_with_its_failed_rule_recorded_and_a_warning(kaggle_dir, tmp_path, monkeypatch, caplog):
+    """Scores with every negative at 1.0 meet no specificity: the hours of training are kept,
+    but the card and a warning say that its threshold does not meet the rule."""
+    import numpy as np
+
+    import wsi_scan.train.loop as loop
+
+    real = loop.with_threshold
+    monkeypatch.setattr(loop, "with_threshold", lambda card, labels, probs, *a: real(card, labels, np.ones_like(probs), *a))
+    out = tmp_path / "s.pt"
+    with caplog.at_level("WARNING", logger="wsi_scan.train"):
+        train([kaggle_dir], out, TrainConfig(**TINY, final_tta=False), progress=False)
+    rule = load_model(out).card.training["threshold_rule"]
+    assert rule["met"] is False and rule["reached"] == 0.0
+    assert any("do not use this model for calls" in r.getMessage() for r in caplog.records)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import platform
 import sys
@@ -378,6 +379,15 @@ def finalize(
     card = ModelCard.from_dict({**model.card.to_dict(), "training": {**model.card.training, "history": history}})
     if cfg.threshold_specificity > 0:
         card = with_threshold(card, labels, probs, cfg.threshold_specificity, "the training's validation split")
+        rule = card.training["threshold_rule"]
+        if not rule["met"]:
+            # the run's hours are not thrown away: the file is written, its card says the rule
+            # failed, and `wsi-scan threshold` refuses the same model on other patches
+            logging.getLogger("wsi_scan.train").warning(
+                f"{out}: no threshold reaches the rule's validation specificity {cfg.threshold_specificity} "
+                f"(at most {rule['reached']:.4f}; the kept epoch's scores are saturated): the card records "
+                "threshold_rule.met = false; do not use this model for calls"
+            )
     card = ModelCard.from_dict(
         {**card.to_dict(), "metrics": {"epoch": epoch, **validation_metrics(card, labels, probs, probs_tta)}}
     )
@@ -415,11 +425,15 @@ def with_threshold(card: ModelCard, labels: np.ndarray, probs: np.ndarray, speci
     from .metrics import threshold_for_specificity
 
     t = threshold_for_specificity(labels, probs, specificity)
+    reached = float(np.mean(probs[np.asarray(labels) == 0] < t))
     rule = {
         "rule": "lowest threshold at which the validation negatives' specificity is at least `specificity` (single view)",
         "specificity": specificity,
         "data": data,
         "n": int(len(labels)),
         "threshold": t,
+        # False only when scores are saturated (negatives at 1.0): no threshold keeps the rule
+        "met": reached >= specificity,
+        "reached": round(reached, 6),
     }
     return ModelCard.from_dict({**card.to_dict(), "threshold": t, "training": {**card.training, "threshold_rule": rule}})
