@@ -50,6 +50,9 @@ def test_bundled_model_has_a_full_card(name):
     # every training split by its fingerprint, so evaluate and threshold know it under any folder name
     splits = [sp for src in c.training["data"]["sources"] for key, sp in src["splits"].items() if key == "train"]
     assert len(splits) == 3 and all(len(sp["fingerprint"]) == 64 for sp in splits)
+    # and every training patch by its pixels, so a part of a split or a mix is recognised too
+    (seen,) = c.training["data"]["seen_patches"]
+    assert seen["n"] == c.training["data"]["train"]["n"] == 31081
     # a full card: the 8-view score as well, at the same threshold
     # (not necessarily higher: the ensemble's 8 views score 0.0003 below its single view)
     assert 0.93 < c.metrics["valid_tta"]["auc"] <= 1.0 and c.metrics["valid_tta"]["threshold"] == c.threshold

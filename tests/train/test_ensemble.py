@@ -59,6 +59,8 @@ def test_the_ensemble_scores_the_mean_logit_and_carries_its_members(members, kag
     assert all(r["software"]["torch"] == torch.__version__ for r in recs) and card.software["torch"] == torch.__version__
     assert [r["sha256"] for r in recs] == [load_model(a).sha256, load_model(b).sha256]
     assert trained_on(m.card, open_patch_data(kaggle_dir).splits["train"]) == "kaggle/train"
+    # both members saw the same patches: their one filter is kept once
+    assert card.training["data"]["seen_patches"] == load_model(a).card.training["data"]["seen_patches"]
     d = describe_model(m)
     assert [x["width"] for x in d["members"]] == [8, 4] and d["train_patches"] == 96
     single = describe_model(load_model(a))

@@ -72,6 +72,9 @@ def _check_training(training: dict[str, Any]) -> None:
         splits = src.get("splits", {})
         if not isinstance(splits, dict) or not all(isinstance(v, dict) for v in splits.values()):
             raise bad("data.sources[].splits", "an object of objects", splits)
+    seen = data.get("seen_patches", [])
+    if not isinstance(seen, list) or not all(isinstance(f, dict) for f in seen):
+        raise bad("data.seen_patches", "a list of objects", seen)
     ensemble = training.get("ensemble", {})
     if not isinstance(ensemble, dict):
         raise bad("ensemble", "an object", ensemble)

@@ -77,6 +77,13 @@ def _merged_data(members: list[LoadedModel]) -> dict[str, Any]:
                 seen.add(key)
                 sources.append(src)
     data: dict[str, Any] = {"sources": sources}
+    filters: list[dict[str, Any]] = []
+    for m in members:  # members trained on the same patches carry the same filter: kept once
+        for f in m.card.training.get("data", {}).get("seen_patches", []):
+            if f not in filters:
+                filters.append(f)
+    if filters:
+        data["seen_patches"] = filters
     trains = [m.card.training.get("data", {}).get("train") for m in members]
     if all(t == trains[0] for t in trains) and trains[0] is not None:
         data["train"] = trains[0]  # otherwise each member's record keeps its own count

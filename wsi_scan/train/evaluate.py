@@ -102,10 +102,13 @@ def write_evaluation(out_dir: Path, ev: Evaluation, ps: PatchSet, threshold: flo
 
 
 def trained_on(card: ModelCard, ps: PatchSet) -> str | None:
-    """The training split of ``card`` that ``ps`` is (same patches by fingerprint, or for cards
-    written before fingerprints, the same name and count), or None."""
+    """What of ``ps`` the model of ``card`` was trained on, in words, or None: a whole training
+    split (same patches by fingerprint, or for cards written before fingerprints, the same name
+    and count), else, where the card has a filter of its training patches, the share of a seeded
+    sample of ``ps`` that it clearly recognises (a part of a split, or a mix; seen.py)."""
     fp = None
-    for src in card.training.get("data", {}).get("sources", []):
+    data = card.training.get("data", {})
+    for src in data.get("sources", []):
         seen = src.get("splits", {}).get("train") if isinstance(src, dict) else None
         if not isinstance(seen, dict):
             continue
@@ -115,4 +118,11 @@ def trained_on(card: ModelCard, ps: PatchSet) -> str | None:
                 return str(seen.get("name", "?"))
         elif seen.get("name") == ps.name and seen.get("n") == len(ps):
             return str(seen["name"])
+    filters = data.get("seen_patches", [])
+    if filters:
+        from .seen import PatchFilter, sample_indices, seen_share
+
+        share = seen_share([PatchFilter.from_dict(f) for f in filters], (ps.read(int(i)) for i in sample_indices(len(ps))))
+        if share.clearly_seen:
+            return share.describe()
     return None

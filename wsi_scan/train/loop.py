@@ -130,6 +130,8 @@ def train(
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     splits, train_rows = prepare_data(data, cfg)
+    decoded = decode_rows(splits.sets, train_rows, progress, "decode training patches") if cfg.cache_patches else None
+    splits = with_seen_patches(splits, train_rows, decoded)
     state = load_state(state_path(out)) if resume else None
     run = build_run(cfg, splits, len(train_rows), device, state, out.stem, command or " ".join(sys.argv))
     ds_train = RowsDataset(
@@ -140,7 +142,7 @@ def train(
         cfg.jpeg_quality,
         cfg.soften_prob if cfg.augment else 0.0,
         cfg.soften_max,
-        decode_rows(splits.sets, train_rows, progress, "decode training patches") if cfg.cache_patches else None,
+        decoded,
     )
     ds_valid = RowsDataset(
         splits.sets,
@@ -193,6 +195,16 @@ def prepare_data(data: list[str | Path], cfg: TrainConfig) -> tuple[Splits, np.n
                 "training and choosing an epoch need both tumour and normal patches"
             )
     return splits, train_rows
+
+
+def with_seen_patches(splits: Splits, train_rows: np.ndarray, decoded: np.ndarray | None = None) -> Splits:
+    """``splits`` whose description (the card's training data) carries a filter of the patches
+    trained on, so that `evaluate` recognises any of them, not only a whole split (seen.py)."""
+    from .seen import PatchFilter
+
+    patches = decoded if decoded is not None else (splits.sets[s].read(i) for s, i in train_rows)
+    f = PatchFilter.build(patches, len(train_rows))
+    return dataclasses.replace(splits, description={**splits.description, "seen_patches": [f.to_dict()]})
 
 
 @dataclass
