@@ -138,6 +138,9 @@ def _tiny_model(tmp_path):
         (lambda card, state: ({**card, "training": {"data": {"sources": [{"splits": "x"}]}}}, state), "splits"),
         (lambda card, state: ({**card, "training": {"ensemble": {"members": [1, 2]}}}, state), "ensemble.members"),
         (lambda card, state: ({**card, "training": {"ensemble": "x"}}, state), "training.ensemble must be"),
+        (lambda card, state: ({**card, "training": {"data": {"seen_patches": "x"}}}, state), "seen_patches must be a list"),
+        # finite but absurd: every cell of every slide would score 1.0
+        (lambda card, state: (card, {**state, "head.4.bias": torch.tensor([1e30])}), "a logit of 1e+30 on a blank input"),
     ],
 )
 def test_damaged_or_edited_model_files_are_refused_with_one_error(tmp_path, damage, needle):

@@ -247,6 +247,9 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
     return LoadedModel(net=net, card=card, path=str(p.resolve()), sha256=_sha256(p))
 
 
+MAX_BLANK_LOGIT = 1e4
+
+
 def check_card_against_network(net: Any, card: ModelCard, where: str) -> None:
     """Run the network on blank inputs of the card's sizes: a card that disagrees with its
     network (another window or cell size) would otherwise crash mid-scan or, in patch mode,
@@ -274,6 +277,13 @@ def check_card_against_network(net: Any, card: ModelCard, where: str) -> None:
         if not bool(torch.isfinite(y).all()):
             raise ModelError(
                 f"{where}: the network gives non-finite outputs (NaN or infinity) on a blank input; the weights are damaged"
+            )
+        # a sigmoid is 1.0 in float32 from a logit of 17: a logit of 1e4 on a blank input means every
+        # cell of every slide scores 1.0 (a bias of 1e30 scanned to a slide of tumour)
+        if float(y.abs().max()) > MAX_BLANK_LOGIT:
+            raise ModelError(
+                f"{where}: the network gives a logit of {float(y.abs().max()):.3g} on a blank input, where a trained "
+                f"classifier gives at most tens (limit {MAX_BLANK_LOGIT:g}); the weights are damaged"
             )
 
 
