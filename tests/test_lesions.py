@@ -224,8 +224,50 @@ def test_stage_refuses_a_slide_named_by_its_path_and_by_its_file_name(tmp_path):
     got = {r["patient"]: r for r in stage_results(results, patients)}
     assert got["P1"]["nodes"] == {"a.svs": "micro", "b.svs": "negative"} and got["P1"]["stage"] == "pN1mi"
     patients.write_text("patient,slide\nP1,c.svs\n")
-    with pytest.raises(DataError, match="no result for c.svs"):
+    with pytest.raises(DataError, match=r"c.svs \(P1\) names 2 slides of the results"):
         stage_results(results, patients)
+
+
+def test_stage_never_writes_over_the_run_it_reads_and_refuses_a_damaged_summary(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    summary = json.dumps({"slides": [{"slide": "a.svs", "status": "ok", "call": "micro"}]})
+    (results / "summary.json").write_text(summary)
+    (results / "summary.csv").write_text("slide,status\na.svs,ok\n")
+    patients = tmp_path / "patients.csv"
+    patients.write_text("patient,slide\nP1,a.svs\n")
+    for target in (results / "summary.json", results / "summary.csv", patients, tmp_path / "stages.txt"):
+        code, _, err = run("stage", results, "--patients", patients, "--out", target, "--overwrite")
+        assert code in (2, 4) and len(err.strip().splitlines()) == 1, err
+    assert (results / "summary.json").read_text() == summary and patients.read_text() == "patient,slide\nP1,a.svs\n"
+    assert not (tmp_path / "stages.txt").exists()
+    code, _, err = run("stage", results, "--patients", patients)
+    assert code == 0 and (results / "stages.csv").exists(), err
+
+    # a bare name shared with a slide that failed names no slide for sure
+    (results / "summary.json").write_text(
+        json.dumps(
+            {"slides": [{"slide": "x/c.svs", "status": "ok", "call": "negative"}, {"slide": "y/c.svs", "status": "failed"}]}
+        )
+    )
+    patients.write_text("patient,slide\nP1,c.svs\n")
+    code, _, err = run("stage", results, "--patients", patients)
+    assert code == 6 and "c.svs (P1) names 2 slides of the results (x/c.svs, y/c.svs)" in err, err
+    patients.write_text("patient,slide,slide\nP1,c.svs,x/c.svs\n")
+    code, _, err = run("stage", results, "--patients", patients)
+    assert code == 6 and "the column slide appears more than once" in err, err
+
+    patients.write_text("patient,slide\nP1,a.svs\n")
+    for slides in (
+        ["a.svs"],
+        {"a": 1},
+        None,
+        [{"status": "ok", "call": "micro"}],
+        [{"slide": "a.svs", "status": "ok", "call": "huge"}],
+    ):
+        (results / "summary.json").write_text(json.dumps({"slides": slides}))
+        code, _, err = run("stage", results, "--patients", patients)
+        assert code == 6 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
 def test_read_patients_refuses_a_slide_listed_twice(tmp_path):

@@ -836,17 +836,9 @@ def lesions(heatmap: Path, out: Path | None, as_json: bool, threshold: float | N
 @click.option("--overwrite", is_flag=True, help="replace an existing stages file written by wsi-scan")
 def stage(results: Path, patients: Path, out: Path | None, as_json: bool, overwrite: bool) -> None:
     """pN stage per patient from the calls of a folder run's slides (one slide = one lymph node)."""
-    from .export.lesions import stage_results, stages_csv
-    from .io.exports import write_text
+    from .export.lesions import write_stages
 
-    target = out if out is not None else results / "stages.csv"
-
-    def go() -> Any:
-        rows = stage_results(results, patients)
-        write_text(target, stages_csv(rows), overwrite or out is None)
-        return rows
-
-    rows = _run(go)
+    target, rows = _run(lambda: write_stages(results, patients, out, overwrite))
     if as_json:
         click.echo(json.dumps({"patients": rows, "out": str(target)}))
         return

@@ -15,8 +15,9 @@ import numpy as np
 
 from ..config import LesionConfig
 from ..errors import DataError, UsageError
+from ..io.folder_run import LOG_NAME, REPORT_HTML, SUMMARY_CSV, SUMMARY_JSON
 from ..io.heatmap import Heatmap, open_heatmap
-from ..lesions import SlideCall, call_slide, find_lesions, stage_patients
+from ..lesions import CALLS, SlideCall, call_slide, find_lesions, stage_patients
 
 LESION_FIELDS = [
     "lesion_id",
@@ -148,6 +149,9 @@ def read_patients(path: str | Path) -> dict[str, list[str]]:
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
         if "patient" not in cols or "slide" not in cols:
             raise DataError(f"--patients {p}: expected columns patient,slide, found {','.join(cols) or 'no header'}")
+        twice = sorted({c for c in ("patient", "slide") if cols.count(c) > 1})
+        if twice:  # csv keeps the last of two equal columns: which one was meant cannot be known
+            raise DataError(f"--patients {p}: the column {twice[0]} appears more than once in the header; expected it once")
         # slide -> (patient, line) where it was first listed: one slide is one lymph node, so a slide
         # listed twice counts one node twice (a macro node on 4 rows is pN2's "4-9 nodes", not pN1),
         # and a slide under two patients is a mix-up for which no stage can be right
@@ -175,13 +179,17 @@ def read_patients(path: str | Path) -> dict[str, list[str]]:
     return out
 
 
-def results_calls(results: str | Path) -> tuple[dict[str, str], dict[str, str]]:
-    """{slide (relative path): call} from a folder run's summary.json, and {file name: relative
-    path} for the file names that are unique in it (a patients list may name a slide either way)."""
-    p = Path(results) / "summary.json"
+def results_calls(results: str | Path) -> tuple[dict[str, str], dict[str, str], dict[str, list[str]]]:
+    """From a folder run's summary.json: {slide (relative path): call} of the slides with a call,
+    {file name: relative path} for the file names that name one slide of the run, and {file
+    name: relative paths} for those that name several (a patients list may name a slide either
+    way; a name shared with a failed slide is ambiguous too, not the other one's)."""
+    p = Path(results) / SUMMARY_JSON
     try:
         obj = json.loads(p.read_text(encoding="utf-8"))
-        rows: Sequence[dict[str, Any]] = obj["slides"]
+        rows = obj["slides"]
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("slide"), str) for r in rows):
+            raise TypeError("expected 'slides' to be a list of rows, each with its 'slide'")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(
             f"{p}: not a wsi-scan folder summary ({type(exc).__name__}); run `wsi-scan SLIDES --out {results}` first"
@@ -189,11 +197,18 @@ def results_calls(results: str | Path) -> tuple[dict[str, str], dict[str, str]]:
     calls: dict[str, str] = {}
     names: dict[str, list[str]] = {}
     for r in rows:
+        slide = str(r["slide"])
+        names.setdefault(Path(slide).name, []).append(slide)
         if r.get("status") in ("ok", "skipped") and r.get("call"):
-            calls[str(r["slide"])] = str(r["call"])
-            names.setdefault(Path(str(r["slide"])).name, []).append(str(r["slide"]))
-    aliases = {name: paths[0] for name, paths in names.items() if len(paths) == 1 and name not in calls}
-    return calls, aliases
+            if r["call"] not in CALLS:
+                raise DataError(
+                    f"{p}: slide {slide} has the call {str(r['call'])[:40]!r}, expected one of {', '.join(CALLS)}; "
+                    "the summary was edited or damaged: rerun the folder scan"
+                )
+            calls[slide] = str(r["call"])
+    aliases = {n: paths[0] for n, paths in names.items() if len(paths) == 1 and n not in calls}
+    ambiguous = {n: sorted(paths) for n, paths in names.items() if len(paths) > 1 and n not in calls}
+    return calls, aliases, ambiguous
 
 
 def _check_one_name_per_slide(patients: dict[str, list[str]], aliases: dict[str, str], where: Path) -> None:
@@ -213,16 +228,43 @@ def _check_one_name_per_slide(patients: dict[str, list[str]], aliases: dict[str,
 
 
 def stage_results(results: str | Path, patients: str | Path) -> list[dict[str, Any]]:
-    calls, aliases = results_calls(results)
+    calls, aliases, ambiguous = results_calls(results)
     listed = read_patients(patients)
     _check_one_name_per_slide(listed, aliases, Path(patients))
+    for patient, slides in listed.items():
+        for slide in slides:
+            if slide in ambiguous:
+                raise DataError(
+                    f"--patients {patients}: {slide} ({patient}) names {len(ambiguous[slide])} slides of the results "
+                    f"({', '.join(ambiguous[slide][:3])}); give its path relative to the slides folder"
+                )
     try:
-        return stage_patients({**calls, **{a: calls[c] for a, c in aliases.items()}}, listed)
+        return stage_patients({**calls, **{a: calls[c] for a, c in aliases.items() if c in calls}}, listed)
     except KeyError as exc:
         raise DataError(
-            f"{exc.args[0]} in {Path(results) / 'summary.json'} (slides that failed or were never scanned "
+            f"{exc.args[0]} in {Path(results) / SUMMARY_JSON} (slides that failed or were never scanned "
             "have no call); rerun the folder scan or correct --patients"
         ) from None
+
+
+def write_stages(
+    results: str | Path, patients: str | Path, out: str | Path | None, overwrite: bool
+) -> tuple[Path, list[dict[str, Any]]]:
+    """The stages of ``stage_results`` as a CSV at ``out`` (default RESULTS/stages.csv, replaced
+    by each run). Refused before any work: an ``out`` that is not a .csv, the patients list, or
+    one of the folder run's own files (its summary is this command's input)."""
+    from ..io.exports import write_text
+    from ..io.outputs import check_replaceable
+
+    results, patients = Path(results), Path(patients)
+    target = Path(out) if out is not None else results / "stages.csv"
+    if target.suffix.lower() != ".csv":
+        raise UsageError(f"--out {target}: expected a .csv file name, found suffix {target.suffix or '(none)'!r}")
+    run_files = [results / n for n in (SUMMARY_JSON, SUMMARY_CSV, REPORT_HTML, LOG_NAME)]
+    check_replaceable(target, overwrite or out is None, protect=[patients, *run_files])
+    rows = stage_results(results, patients)
+    write_text(target, stages_csv(rows), overwrite or out is None)
+    return target, rows
 
 
 def stages_csv(rows: Sequence[dict[str, Any]]) -> str:
