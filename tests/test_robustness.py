@@ -383,6 +383,27 @@ def test_every_export_refuses_a_damaged_store(heatmap, tmp_path, how, command, n
     assert code == 7
 
 
+def test_evaluate_out_is_checked_before_scoring(heatmap, tmp_path):
+    from tests.train.conftest import write_kaggle
+
+    data = write_kaggle(tmp_path / "k", n=8, valid=8)
+    _, hm = heatmap
+    # inside a heatmap store it would stop being a store that the next scan may replace
+    code, _, err = run("evaluate", data, "--out", hm / "ev", "--quiet")
+    assert code == 4 and "inside the heatmap store" in err and not (hm / "ev").exists()
+    # a user's file of one of its names: refused before anything is written
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.json").write_text("{}")
+    code, _, err = run("evaluate", data, "--out", mine, "--quiet")
+    assert code == 4 and "metrics.json" in err and sorted(p.name for p in mine.iterdir()) == ["metrics.json"]
+    # a link to a folder: not written through
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    code, _, err = run("evaluate", data, "--out", tmp_path / "link", "--quiet")
+    assert code == 4 and "symbolic link" in err and not list((tmp_path / "real").iterdir())
+
+
 def test_a_store_without_its_digest_is_read_with_a_warning(heatmap, tmp_path):
     _, hm = heatmap
     _damage(hm, "data_sha256")

@@ -526,13 +526,18 @@ def evaluate(
     out_dir: Path | None,
 ) -> None:
     """Score a model on labelled patches: AUC with its 95% bootstrap interval, accuracy, sensitivity, specificity."""
+    from .errors import DataError
     from .io.datasets import patch_split
     from .io.model_files import load_model
-    from .train.evaluate import evaluate_patchset, trained_on, write_evaluation
+    from .train.evaluate import check_evaluation_folder, evaluate_patchset, json_safe, trained_on, write_evaluation
     from .train.metrics import bootstrap_auc_ci
 
     def go() -> Any:
         ps = patch_split(data, split)
+        if len(ps) == 0:
+            raise DataError(f"{ps.name} holds no patches; expected labelled 96x96 patches to score")
+        if out_dir is not None:
+            check_evaluation_folder(out_dir)
         model = load_model(model_path)
         seen = trained_on(model.card, ps)
         if seen is not None:
@@ -563,7 +568,7 @@ def evaluate(
 
     ev, d, files = _run(go)
     if as_json:
-        click.echo(json.dumps(d))
+        click.echo(json.dumps(json_safe(d), allow_nan=False))
         return
     m = ev.metrics
     lo, hi = d["auc_ci95"]

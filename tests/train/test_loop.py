@@ -279,6 +279,17 @@ def test_evaluate_warns_when_the_patches_hold_one_class(kaggle_dir, tmp_path):
     assert r.exit_code == 0, r.output
     assert r.stderr.startswith("wsi-scan: warning: neg/valid holds only negative patches: the AUC is undefined")
     assert "AUC nan" in r.stdout
+    # JSON has no NaN: the undefined numbers are null, on stdout and in metrics.json
+    args = ["evaluate", str(tmp_path / "neg"), "--model", str(bundled_model_path()), "--split", "valid", "--quiet"]
+    r = CliRunner().invoke(main, [*args, "--json", "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["auc"] is None and d["auc_ci95"] == [None, None] and d["sensitivity"] is None
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["auc_ci95"] == [None, None]
+    # no patches at all: one error line
+    (tmp_path / "neg" / "valid_labels.csv").write_text("id,label\n")
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 6 and "no labelled rows" in r.stderr  # (an empty HDF5 split: "holds no patches")
 
 
 def test_a_saturated_run_is_kept_with_its_failed_rule_recorded_and_a_warning(kaggle_dir, tmp_path, monkeypatch, caplog):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,10 @@ def evaluate_patchset(
     workers: int = 1,
     progress: bool = False,
 ) -> Evaluation:
+    if len(ps) == 0:
+        from ..errors import DataError
+
+        raise DataError(f"{ps.name} holds no patches; expected labelled 96x96 patches to score")
     dev = resolve_device(device)
     net = model.net.to(dev).to(memory_format=torch.channels_last)
     rows = np.stack([np.zeros(len(ps), dtype=np.int64), np.arange(len(ps))], axis=1)
@@ -77,13 +82,32 @@ def evaluate_patchset(
     return Evaluation(binary_metrics(labels, probs, model.card.threshold), probs, labels, ps.name, tta)
 
 
+EVALUATION_FILES = ("predictions.csv", "roc.png", "metrics.json")
+
+
+def check_evaluation_folder(out_dir: Path) -> None:
+    """Refuse, before any scoring, a folder whose files ``write_evaluation`` may not replace (a
+    user's file of one of their names, a link), a folder inside a heatmap store or one that is a
+    link; then create it."""
+    from ..errors import OutputExistsError
+    from ..io.outputs import check_replaceable
+    from .plots import check_figure_folder
+
+    if out_dir.is_symlink():
+        raise OutputExistsError(f"--out {out_dir} is a symbolic link; give the real folder or another --out")
+    for name in EVALUATION_FILES:
+        check_replaceable(out_dir / name, True, kind="file")
+    check_figure_folder(out_dir)
+
+
 def write_evaluation(out_dir: Path, ev: Evaluation, ps: PatchSet, threshold: float, info: dict[str, Any]) -> list[Path]:
     """``predictions.csv`` (one row per patch), ``roc.png`` and ``metrics.json`` in ``out_dir``; like the
-    training report's figures, files of these names are replaced only when wsi-scan wrote them."""
+    training report's figures, files of these names are replaced only when wsi-scan wrote them.
+    Undefined numbers (the AUC of one class) are null in the JSON."""
     from ..io.exports import write_json, write_predictions_csv
-    from .plots import check_figure_folder, roc_figure
+    from .plots import roc_figure
 
-    check_figure_folder(out_dir)
+    check_evaluation_folder(out_dir)
     ids = [(ps.name, i, ps.patch_id(i)) for i in range(len(ps))]
     written = [write_predictions_csv(out_dir / "predictions.csv", ids, ev.labels, ev.probs, None, threshold, True)]
     lo, hi = info.get("auc_ci95", (float("nan"), float("nan")))
@@ -97,8 +121,19 @@ def write_evaluation(out_dir: Path, ev: Evaluation, ps: PatchSet, threshold: flo
             "",
         )
     )
-    written.append(write_json(out_dir / "metrics.json", info, True))
+    written.append(write_json(out_dir / "metrics.json", json_safe(info), True))
     return written
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float as None: JSON has no NaN (a one-class AUC is undefined)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def trained_on(card: ModelCard, ps: PatchSet) -> str | None:
