@@ -125,6 +125,24 @@ def _tiny_model(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "text, needle",
+    [
+        ('{"arch": "dense-cnn", "input_px": 96, "mpp": 1, "std": [1, 1, 1], "mean": [' + "9" * 400 + ", 0.5, 0.5]}", "too large"),
+        ('{"arch": "dense-cnn", "mpp": ' + "9" * 5000 + "}", "not a readable JSON object"),
+        ("[" * 100_000 + "]" * 100_000, "not a readable JSON object"),
+        (
+            '{"arch": "dense-cnn", "input_px": 96, "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2], "mpp": 1' + "0" * 400 + "}",
+            "found 1000000000",
+        ),
+    ],
+)
+def test_cards_with_absurd_numbers_or_nesting_are_one_error(text, needle):
+    with pytest.raises(ModelError, match=needle) as exc:
+        ModelCard.from_json(text)
+    assert len(str(exc.value)) < 300
+
+
+@pytest.mark.parametrize(
     "damage, needle",
     [
         (lambda card, state: (card, [1, 2]), "'state_dict' a dict"),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from wsi_scan.config import TrainConfig
-from wsi_scan.errors import OutputExistsError, UsageError
+from wsi_scan.errors import ModelError, OutputExistsError, UsageError
 from wsi_scan.io.datasets import open_patch_data
 from wsi_scan.io.model_files import describe_model, load_model, save_model
 from wsi_scan.model.card import ModelCard
@@ -89,6 +91,15 @@ def test_members_normalised_otherwise_are_mapped_to_their_own_normalisation(memb
     valid = open_patch_data(kaggle_dir).splits["valid"]
     alone = (_logit(evaluate_patchset(load_model(a), valid).probs) + _logit(evaluate_patchset(load_model(c), valid).probs)) / 2
     np.testing.assert_allclose(_logit(evaluate_patchset(load_model(out), valid).probs), alone, atol=2e-4)
+    # the members record their normalisation, so a dropped or edited map is refused at load
+    m = load_model(out)
+    assert [r["mean"] for r in card.training["ensemble"]["members"]] == [list(load_model(a).card.mean), [0.2, 0.8, 0.3]]
+    for edit in (None, [affine[0], [*affine[1][:5], affine[1][5] + 0.01]], [affine[0], ["x"] * 6]):
+        kw = {**card.arch_kwargs, "input_affine": edit}
+        edited = tmp_path / "edited.pt"
+        torch.save({"card": {**json.loads(card.to_json()), "arch_kwargs": kw}, "state_dict": m.net.state_dict()}, edited)
+        with pytest.raises(ModelError, match="input_affine"):
+            load_model(edited)
     # without the map the second member would see other pixels: the test can tell
     unmapped = evaluate_patchset(load_model(tmp_path / "b2.pt"), valid).probs
     assert np.abs(_logit(evaluate_patchset(load_model(c), valid).probs) - _logit(unmapped)).max() > 1e-2

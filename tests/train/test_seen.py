@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 
@@ -47,17 +48,24 @@ def test_the_filter_holds_every_patch_added_and_few_others():
         lambda d: {**d, "bits": "not base64!"},
         lambda d: {**d, "m_bits": 1 << 40},
         lambda d: "x",
+        # plausible fields, implausible bits: every patch or none would count as seen
+        lambda d: {**d, "bits": base64.b64encode(b"\xff" * (d["m_bits"] // 8)).decode()},
+        lambda d: {**d, "bits": base64.b64encode(b"\x00" * (d["m_bits"] // 8)).decode()},
+        lambda d: {**d, "k": 64},
+        lambda d: {**d, "n": d["n"] * 10},
     ],
 )
 def test_a_damaged_filter_is_an_error_not_a_silent_miss(edit):
-    d = PatchFilter.build(_random_patches(10, 0), 10).to_dict()
+    d = PatchFilter.build(_random_patches(200, 0), 200).to_dict()
     with pytest.raises(ModelError, match="training.data.seen_patches"):
         PatchFilter.from_dict(edit(d))
 
 
 def test_the_share_is_corrected_for_false_positives():
-    assert not SeenShare(2000, 5, 2.0).clearly_seen
-    assert not SeenShare(32, 3, 0.03).clearly_seen  # a handful never counts
+    # as many hits by chance less often than one in a million: seen
+    assert not SeenShare(2000, 8, 2.0).clearly_seen and SeenShare(2000, 15, 2.0).clearly_seen
+    assert SeenShare(3, 3, 0.003).clearly_seen and not SeenShare(3, 1, 0.003).clearly_seen
+    assert not SeenShare(0, 0, 0.0).clearly_seen
     s = SeenShare(2000, 1001, 2.0)  # 1000 seen, and 1 of the 1000 others by chance
     assert s.clearly_seen and s.share == pytest.approx(0.5) and s.describe().startswith("about 50% of these patches")
     assert SeenShare(100, 100, 0.1).describe().startswith("all of these patches")
@@ -102,3 +110,13 @@ def test_evaluate_warns_and_threshold_refuses_on_part_of_the_training_patches(ka
     held = _subset(kaggle_dir, tmp_path / "held", [], [f"valid{i:04d}" for i in range(32)])
     r = CliRunner().invoke(main, ["evaluate", str(held), "--model", str(out), "--json"])
     assert r.exit_code == 0 and "warning" not in r.stderr and json.loads(r.stdout)["trained_on_these_patches"] is False
+
+
+def test_a_card_holds_at_most_eight_filters(tmp_path):
+    from wsi_scan.model.card import ModelCard
+
+    f = PatchFilter.build(_random_patches(5, 0), 5).to_dict()
+    card = ModelCard(arch="dense-cnn", arch_kwargs={"width": 4}, dense_exact=True, name="t").to_dict()
+    ModelCard.from_dict({**card, "training": {"data": {"seen_patches": [f] * 8}}})
+    with pytest.raises(ModelError, match="at most 8"):
+        ModelCard.from_dict({**card, "training": {"data": {"seen_patches": [f] * 9}}})

@@ -55,6 +55,9 @@ def _check_types(kw: dict[str, Any]) -> None:
             )
 
 
+MAX_SEEN_FILTERS = 8  # filters of training patches (train/seen.py) per card: one per run, an ensemble's members'
+
+
 def _check_training(training: dict[str, Any]) -> None:
     """The parts of ``training`` that code reads (the data the model saw, an ensemble's members)
     must have their shapes: an edited card otherwise fails deep in `evaluate` or `ensemble`."""
@@ -73,8 +76,8 @@ def _check_training(training: dict[str, Any]) -> None:
         if not isinstance(splits, dict) or not all(isinstance(v, dict) for v in splits.values()):
             raise bad("data.sources[].splits", "an object of objects", splits)
     seen = data.get("seen_patches", [])
-    if not isinstance(seen, list) or not all(isinstance(f, dict) for f in seen):
-        raise bad("data.seen_patches", "a list of objects", seen)
+    if not isinstance(seen, list) or not all(isinstance(f, dict) for f in seen) or len(seen) > MAX_SEEN_FILTERS:
+        raise bad("data.seen_patches", f"a list of at most {MAX_SEEN_FILTERS} objects (one per training run)", seen)
     ensemble = training.get("ensemble", {})
     if not isinstance(ensemble, dict):
         raise bad("ensemble", "an object", ensemble)
@@ -136,13 +139,18 @@ class ModelCard:
                 "retrain with `wsi-scan train` or add these keys to its card"
             )
         kw = {k: v for k, v in d.items() if k in known}
-        _check_types(kw)
-        _check_training(kw.get("training", {}))
-        for key in ("mean", "std", "class_names"):
-            if key in kw:
-                kw[key] = tuple(kw[key])
-        card = cls(**kw)
-        card.validate()
+        try:
+            _check_types(kw)
+            _check_training(kw.get("training", {}))
+            for key in ("mean", "std", "class_names"):
+                if key in kw:
+                    kw[key] = tuple(kw[key])
+            card = cls(**kw)
+            card.validate()
+        except OverflowError:  # an integer beyond any float (400 digits) where a number is expected
+            raise ModelError(
+                "model card holds a number too large for a float where a number is expected; the card was edited"
+            ) from None
         return card
 
     @classmethod
@@ -151,6 +159,8 @@ class ModelCard:
             d = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ModelError(f"model card is not valid JSON ({exc}); expected a JSON object") from None
+        except (ValueError, RecursionError) as exc:  # an integer of 4,300+ digits, brackets nested 100k deep
+            raise ModelError(f"model card is not a readable JSON object ({str(exc)[:80]}); the card was edited") from None
         if not isinstance(d, dict):
             raise ModelError(f"model card must be a JSON object, found {type(d).__name__}")
         return cls.from_dict(d)
@@ -158,7 +168,7 @@ class ModelCard:
     def validate(self) -> None:
         lo, hi = MPP_RANGE_UM
         if not (lo <= self.mpp <= hi):
-            raise ModelError(f"model card mpp must lie between {lo:g} and {hi:g} um/px, found {self.mpp}")
+            raise ModelError(f"model card mpp must lie between {lo:g} and {hi:g} um/px, found {self.mpp!r:.40}")
         if (
             len(self.mean) != 3
             or len(self.std) != 3
@@ -167,15 +177,61 @@ class ModelCard:
         ):
             raise ModelError("model card mean/std must be three finite numbers each, std positive")
         if not (MIN_INPUT_PX <= self.input_px <= MAX_INPUT_PX):
-            raise ModelError(f"model card input_px must lie in [{MIN_INPUT_PX}, {MAX_INPUT_PX}], found {self.input_px}")
+            raise ModelError(f"model card input_px must lie in [{MIN_INPUT_PX}, {MAX_INPUT_PX}], found {self.input_px!r:.40}")
         if self.input_px <= 0 or self.cell_px <= 0 or self.cell_px > self.input_px or (self.input_px - self.cell_px) % 2:
             raise ModelError(
-                f"model card input_px={self.input_px} and cell_px={self.cell_px} must leave an equal margin on each side"
+                f"model card input_px={self.input_px!r:.40} and cell_px={self.cell_px!r:.40} must leave an equal margin on each side"
             )
         if len(self.class_names) != 2:
             raise ModelError(f"model card class_names must name two classes (normal, tumour), found {list(self.class_names)}")
         if not 0.0 <= self.threshold <= 1.0:
-            raise ModelError(f"model card threshold must lie in [0, 1], found {self.threshold}")
+            raise ModelError(f"model card threshold must lie in [0, 1], found {self.threshold!r:.40}")
+        if self.arch == "dense-cnn-ensemble":
+            self._check_member_normalisation()
+
+    def _check_member_normalisation(self) -> None:
+        """An ensemble whose members record their own mean/std must map its normalisation to
+        theirs by exactly the ``input_affine`` those give: an edited or dropped map would feed
+        each member other pixels than it was trained on, with plausible-looking scores."""
+        from .nets import member_affine
+
+        recs = self.training.get("ensemble", {}).get("members", [])
+        if not recs or not all("mean" in r and "std" in r for r in recs):
+            return  # ensembles made before members recorded them
+        try:
+            norms = [(tuple(float(v) for v in r["mean"]), tuple(float(v) for v in r["std"])) for r in recs]
+            if not all(len(m) == 3 and len(sd) == 3 and min(sd) > 0 for m, sd in norms):
+                raise ValueError
+            want = (
+                None
+                if all(n == (self.mean, self.std) for n in norms)
+                else [member_affine(self.mean, self.std, m, sd) for m, sd in norms]
+            )
+        except (TypeError, ValueError, OverflowError):
+            raise ModelError(
+                "model card field training.ensemble.members[].mean/std must be three numbers each, std positive"
+            ) from None
+        got = self.arch_kwargs.get("input_affine")
+        try:
+            same = (
+                got is None
+                if want is None
+                else isinstance(got, list)
+                and len(got) == len(want)
+                and all(
+                    isinstance(g, list)
+                    and len(g) == 6
+                    and all(abs(float(a) - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(g, w))
+                    for g, w in zip(got, want)
+                )
+            )
+        except (TypeError, ValueError, OverflowError):
+            same = False  # not numbers: build_network names what is wrong; here it is only "not the map"
+        if not same:
+            raise ModelError(
+                "model card: the ensemble's input_affine does not map its normalisation to the one its members record "
+                "(training.ensemble.members[].mean/std); the card was edited: rebuild it with `wsi-scan ensemble`"
+            )
 
     @property
     def margin_px(self) -> int:

@@ -170,6 +170,13 @@ def _check_widths(widths: Any) -> None:
         )
 
 
+def _finite(v: float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
 def _check_affine(affine: Any, n_members: int) -> None:
     """An ``input_affine`` from a card: one row of three scales and three shifts per member,
     finite, the scales positive (a member's std over the ensemble's within a factor 100)."""
@@ -177,7 +184,7 @@ def _check_affine(affine: Any, n_members: int) -> None:
     def ok_row(row: Any) -> bool:
         if not isinstance(row, list) or len(row) != 6:
             return False
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) for v in row):
             return False
         return all(0.01 <= v <= 100 for v in row[:3]) and all(abs(v) <= 100 for v in row[3:])
 

@@ -97,6 +97,9 @@ def _member_record(m: LoadedModel) -> dict[str, Any]:
         "file": Path(m.path).name,
         "sha256": m.sha256,
         "arch_kwargs": m.card.arch_kwargs,
+        # its own normalisation: what the ensemble card's input_affine must map to (card.py checks)
+        "mean": list(m.card.mean),
+        "std": list(m.card.std),
         "threshold": m.card.threshold,
         "metrics": m.card.metrics,
         "software": m.card.software,

@@ -25,6 +25,7 @@ KIND = "bloom-blake2b-v1"
 FALSE_POSITIVE_RATE = 1e-3  # per patch never trained on
 SAMPLE = 2000  # patches checked per evaluated set: the estimate's cost stays a few seconds
 MAX_BITS = 1 << 27  # 16 MB: a filter from a card is data from a file
+CHANCE = 1e-6  # hits are called "seen" when false positives alone would give as many this rarely
 
 
 def _digest(patch: np.ndarray) -> tuple[int, int]:
@@ -56,16 +57,27 @@ class PatchFilter:
 
     @staticmethod
     def _positions(patch: np.ndarray, m: int, k: int) -> list[int]:
-        h1, h2 = _digest(patch)
+        return PatchFilter._positions_of(_digest(patch), m, k)
+
+    @staticmethod
+    def _positions_of(digest: tuple[int, int], m: int, k: int) -> list[int]:
+        h1, h2 = digest
         return [(h1 + i * h2) % m for i in range(k)]
 
+    def holds(self, digest: tuple[int, int]) -> bool:
+        """Whether the patch of ``digest`` (``_digest``) may have been added."""
+        return all(self.bits[pos >> 3] >> (pos & 7) & 1 for pos in self._positions_of(digest, self.m_bits, self.k))
+
     def __contains__(self, patch: np.ndarray) -> bool:
-        return all(self.bits[pos >> 3] >> (pos & 7) & 1 for pos in self._positions(patch, self.m_bits, self.k))
+        return self.holds(_digest(patch))
+
+    def fill(self) -> float:
+        """The share of bits set."""
+        return float(np.unpackbits(np.frombuffer(self.bits, dtype=np.uint8)).mean())
 
     def false_positive_rate(self) -> float:
         """The chance that a patch never added hits, from the share of bits set."""
-        filled = float(np.unpackbits(np.frombuffer(self.bits, dtype=np.uint8)).mean())
-        return float(filled**self.k)
+        return float(self.fill() ** self.k)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -88,14 +100,21 @@ class PatchFilter:
         m, k, n = d.get("m_bits"), d.get("k"), d.get("n")
         ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (m, k, n))
         if not ints or not (64 <= m <= MAX_BITS and m % 8 == 0 and 1 <= k <= 64 and n >= 0):  # type: ignore[operator]
-            raise bad(f"m_bits {m!r}, k {k!r}, n {n!r} out of range")
+            raise bad(f"m_bits {m!r:.20}, k {k!r:.20}, n {n!r:.20} out of range")
         try:
             bits = base64.b64decode(str(d.get("bits", "")), validate=True)
         except ValueError:
             raise bad("bits is not base64") from None
         if len(bits) * 8 != m:
             raise bad(f"{len(bits) * 8} bits, m_bits says {m}")
-        return cls(int(m), int(k), int(n), bits)  # type: ignore[arg-type]
+        f = cls(int(m), int(k), int(n), bits)  # type: ignore[arg-type]
+        # n patches at k bits each set a known share of the m bits: all ones would "recognise"
+        # everything, all zeros (or an edited k or n) nothing, and both would pass silently
+        want = 1.0 - math.exp(-f.k * f.n / f.m_bits)
+        got = f.fill()
+        if abs(got - want) > 0.02 + 6 * math.sqrt(want * (1 - want) / f.m_bits):
+            raise bad(f"{got:.1%} of its bits are set where {f.n} patches at k = {f.k} set {want:.1%}")
+        return f
 
 
 @dataclass(frozen=True)
@@ -108,8 +127,9 @@ class SeenShare:
 
     @property
     def clearly_seen(self) -> bool:
-        """More hits than false positives explain (4 sigma, plus 3 so a handful never counts)."""
-        return self.hits > self.expected_false + 4 * math.sqrt(self.expected_false) + 3
+        """More hits than false positives explain: as many would come by chance less often than
+        ``CHANCE`` (a Poisson tail; 3 of 3 patches seen count, 5 of 2,000 do not)."""
+        return self.hits > 0 and _poisson_tail(self.hits, self.expected_false) < CHANCE
 
     @property
     def share(self) -> float:
@@ -124,12 +144,25 @@ class SeenShare:
         return f"{amount} of these patches, recognised by their pixels ({self.hits} of {self.checked} checked)"
 
 
+def _poisson_tail(k: int, lam: float) -> float:
+    """P(X >= k) for X ~ Poisson(lam)."""
+    if lam <= 0:
+        return 0.0 if k > 0 else 1.0
+    term = math.exp(-lam)
+    below = 0.0
+    for j in range(k):
+        below += term
+        term *= lam / (j + 1)
+    return max(0.0, 1.0 - below)
+
+
 def seen_share(filters: list[PatchFilter], patches: Iterable[np.ndarray]) -> SeenShare:
     """Check ``patches`` against ``filters`` (a patch hits when any filter holds it)."""
     checked = hits = 0
     for patch in patches:
         checked += 1
-        hits += any(patch in f for f in filters)
+        digest = _digest(patch)
+        hits += any(f.holds(digest) for f in filters)
     rate = 1.0 - math.prod(1.0 - f.false_positive_rate() for f in filters)
     return SeenShare(checked, hits, checked * rate)
 
