@@ -413,6 +413,27 @@ def test_a_store_without_its_digest_is_read_with_a_warning(heatmap, tmp_path):
     assert err.count("wsi-scan: warning:") == 1 and "no data digest" in err and "rescan" in err
 
 
+def test_a_store_with_impossible_probabilities_is_refused(heatmap, tmp_path):
+    import zarr
+
+    _, hm = heatmap
+    _damage(hm, "data_sha256")  # without its digest, only the values themselves can tell
+    arr = zarr.open_array(str(hm / "0"), mode="r+")
+    block = arr[...]
+    r, c = np.argwhere(np.isfinite(block))[0]
+    block[r, c] = 5.0
+    arr[...] = block
+    code, _, err = run("lesions", hm)
+    assert code == 7 and "probabilities outside [0, 1]" in err and "Traceback" not in err
+
+
+def test_an_out_under_a_dangling_link_is_named(tmp_path, heatmap):
+    _, hm = heatmap
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    code, _, err = run("overlay", hm, "--out", tmp_path / "gone" / "o.png")
+    assert code == 2 and "is a symbolic link to" in err and "does not exist" in err, err
+
+
 def test_a_truncated_resume_file_is_ignored(heatmap, make_slide):
     from wsi_scan.io.resume import partial_path
 

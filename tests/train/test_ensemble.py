@@ -140,6 +140,12 @@ def test_what_an_ensemble_refuses(members, kaggle_dir, tmp_path):
     with pytest.raises(UsageError, match="its card's mpp"):
         combine_models([a, tmp_path / "c.pt"], kaggle_dir, tmp_path / "e.pt", progress=False)
 
+    # a normalisation no exact map of the card's range reaches
+    far = ModelCard.from_dict({**other.card.to_dict(), "std": [1e-4, 0.2, 0.2]})
+    save_model(tmp_path / "far.pt", other.net, far)
+    with pytest.raises(UsageError, match="too far from .* to be mapped exactly"):
+        combine_models([a, tmp_path / "far.pt"], kaggle_dir, tmp_path / "e.pt", progress=False)
+
     # a patch-mode member would make the ensemble patch-mode only
     res = ModelCard(arch="resnet18", dense_exact=False, name="r")
     save_model(tmp_path / "r.pt", build_network("resnet18"), res)

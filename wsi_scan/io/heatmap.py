@@ -331,6 +331,12 @@ def open_heatmap(path: str | Path) -> Heatmap:
         raise HeatmapError(
             f"{p}: damaged heatmap store, a data chunk cannot be read ({type(exc).__name__}); rerun the scan"
         ) from None
+    finite = probs[np.isfinite(probs)]
+    if finite.size and (float(finite.min()) < 0.0 or float(finite.max()) > 1.0):
+        raise HeatmapError(
+            f"{p}: damaged heatmap store, probabilities outside [0, 1] (from {float(finite.min()):.3g} to "
+            f"{float(finite.max()):.3g}); rerun the scan"
+        )
     want = meta.get("data_sha256")
     if want is not None and data_digest(probs, tissue) != want:
         raise HeatmapError(

@@ -177,6 +177,12 @@ def prepare_parent(out: Path, flag: str = "--out") -> None:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
+        dangling = next((a for a in (parent, *parent.parents) if a.is_symlink() and not a.exists()), None)
+        if dangling is not None:
+            raise UsageError(
+                f"{flag} {out}: {dangling} is a symbolic link to {os.readlink(dangling)}, which does not exist; "
+                f"create its target or choose another {flag}"
+            ) from None
         raise UsageError(f"{flag} {out}: {parent} is a file, not a folder") from None
     except OSError as exc:
         raise UsageError(

@@ -149,6 +149,16 @@ def combine_models(
     if "dropout" in members[0].card.arch_kwargs:
         kwargs["dropout"] = members[0].card.arch_kwargs["dropout"]
     first = members[0].card
+    for m in members[1:]:
+        ratios = [a / b for a, b in zip(first.std, m.card.std)]
+        if not all(0.01 <= r <= 100 for r in ratios) or any(
+            abs(a - b) / sd > 100 for a, b, sd in zip(first.mean, m.card.mean, m.card.std)
+        ):
+            raise UsageError(
+                f"{m.path}: its normalisation (mean {list(m.card.mean)}, std {list(m.card.std)}) is too far from "
+                f"{members[0].path}'s (mean {list(first.mean)}, std {list(first.std)}) to be mapped exactly; "
+                "expected members trained on the same data"
+            )
     if any((m.card.mean, m.card.std) != (first.mean, first.std) for m in members[1:]):
         # the ensemble takes its first member's normalisation; the others map from it exactly
         kwargs["input_affine"] = [member_affine(first.mean, first.std, m.card.mean, m.card.std) for m in members]
