@@ -35,7 +35,7 @@ def test_export_errors_are_one_line(scanned, tmp_path):
     assert_clean_failure(code, err, tmp_path / "t.geojson", "does not exist")
     (tmp_path / "t.geojson").write_text("{}")
     code, _, err = run("geojson", hm, "--out", tmp_path / "t.geojson")
-    assert_clean_failure(code, err, None, "--overwrite")
+    assert_clean_failure(code, err, None, "not a file written by wsi-scan")  # said at once, not after --overwrite
     slide.unlink()
     code, _, err = run("overlay", hm, "--out", tmp_path / "o2.png")
     assert_clean_failure(code, err, tmp_path / "o2.png", "--slide")
