@@ -526,16 +526,21 @@ def evaluate(
     out_dir: Path | None,
 ) -> None:
     """Score a model on labelled patches: AUC with its 95% bootstrap interval, accuracy, sensitivity, specificity."""
-    from .errors import DataError
     from .io.datasets import patch_split
     from .io.model_files import load_model
-    from .train.evaluate import check_evaluation_folder, evaluate_patchset, json_safe, trained_on, write_evaluation
+    from .train.evaluate import (
+        check_evaluation_folder,
+        check_not_empty,
+        evaluate_patchset,
+        json_safe,
+        trained_on,
+        write_evaluation,
+    )
     from .train.metrics import bootstrap_auc_ci
 
     def go() -> Any:
         ps = patch_split(data, split)
-        if len(ps) == 0:
-            raise DataError(f"{ps.name} holds no patches; expected labelled 96x96 patches to score")
+        check_not_empty(ps)  # before the one-class warning below, which an empty set would also get
         if out_dir is not None:
             check_evaluation_folder(out_dir)
         model = load_model(model_path)

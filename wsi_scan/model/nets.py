@@ -177,18 +177,19 @@ def _finite(v: float) -> bool:
         return False
 
 
+def affine_row_in_range(row: Any) -> bool:
+    """One member's ``input_affine`` row: three finite scales in [0.01, 100] (a member's std
+    over the ensemble's within a factor 100) and three finite shifts in [-100, 100]."""
+    if not isinstance(row, list) or len(row) != 6:
+        return False
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) for v in row):
+        return False
+    return all(0.01 <= v <= 100 for v in row[:3]) and all(abs(v) <= 100 for v in row[3:])
+
+
 def _check_affine(affine: Any, n_members: int) -> None:
-    """An ``input_affine`` from a card: one row of three scales and three shifts per member,
-    finite, the scales positive (a member's std over the ensemble's within a factor 100)."""
-
-    def ok_row(row: Any) -> bool:
-        if not isinstance(row, list) or len(row) != 6:
-            return False
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) for v in row):
-            return False
-        return all(0.01 <= v <= 100 for v in row[:3]) and all(abs(v) <= 100 for v in row[3:])
-
-    if not isinstance(affine, list) or len(affine) != n_members or not all(ok_row(r) for r in affine):
+    """An ``input_affine`` from a card: one row in range per member."""
+    if not isinstance(affine, list) or len(affine) != n_members or not all(affine_row_in_range(r) for r in affine):
         raise ModelError(
             "architecture 'dense-cnn-ensemble': input_affine must be a list of one row per member "
             f"({n_members}), each three scales in [0.01, 100] and three shifts in [-100, 100], found {affine!r:.80}"

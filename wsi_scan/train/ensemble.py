@@ -4,8 +4,8 @@ Members trained on the same data make different errors on held-out patches (anot
 another schedule), so their mean ranks patches better than either (docs/model.md). The result
 is one model file with one contract: the members must agree on the window, cell, pixel size
 and classes (a member normalised otherwise, e.g. trained with another seed, gets an exact
-per-channel map from the ensemble's normalisation to its own), and the combined model is thresholded by the rule training applies,
-on held-out patches none of the members was trained on. ``wsi-scan ensemble`` calls
+per-channel map from the ensemble's normalisation to its own), and the combined model is
+thresholded by the rule training applies, on held-out patches none of the members was trained on. ``wsi-scan ensemble`` calls
 ``combine_models``.
 """
 
@@ -19,7 +19,7 @@ from ..errors import UsageError
 from ..io.datasets import patch_split
 from ..io.model_files import LoadedModel, load_model, resolve_model, save_model
 from ..model.card import ModelCard
-from ..model.nets import ENSEMBLE_SIZE, build_network, member_affine
+from ..model.nets import ENSEMBLE_SIZE, affine_row_in_range, build_network, member_affine
 from .evaluate import evaluate_patchset, trained_on
 from .loop import software_versions, validation_metrics, with_threshold
 from .threshold import check_out_file, check_rule_inputs, check_rule_met
@@ -149,19 +149,17 @@ def combine_models(
     if "dropout" in members[0].card.arch_kwargs:
         kwargs["dropout"] = members[0].card.arch_kwargs["dropout"]
     first = members[0].card
-    for m in members[1:]:
-        ratios = [a / b for a, b in zip(first.std, m.card.std)]
-        if not all(0.01 <= r <= 100 for r in ratios) or any(
-            abs(a - b) / sd > 100 for a, b, sd in zip(first.mean, m.card.mean, m.card.std)
-        ):
-            raise UsageError(
-                f"{m.path}: its normalisation (mean {list(m.card.mean)}, std {list(m.card.std)}) is too far from "
-                f"{members[0].path}'s (mean {list(first.mean)}, std {list(first.std)}) to be mapped exactly; "
-                "expected members trained on the same data"
-            )
     if any((m.card.mean, m.card.std) != (first.mean, first.std) for m in members[1:]):
         # the ensemble takes its first member's normalisation; the others map from it exactly
-        kwargs["input_affine"] = [member_affine(first.mean, first.std, m.card.mean, m.card.std) for m in members]
+        affine = [member_affine(first.mean, first.std, m.card.mean, m.card.std) for m in members]
+        for m, row in zip(members, affine, strict=True):
+            if not affine_row_in_range(row):  # the bounds a card's map is read back with
+                raise UsageError(
+                    f"{m.path}: its normalisation (mean {list(m.card.mean)}, std {list(m.card.std)}) is too far from "
+                    f"{members[0].path}'s (mean {list(first.mean)}, std {list(first.std)}) to be mapped exactly; "
+                    "expected members trained on the same data"
+                )
+        kwargs["input_affine"] = affine
     net = build_network("dense-cnn-ensemble", **kwargs)
     for member_net, m in zip(net.members, members, strict=True):  # type: ignore[arg-type]
         member_net.load_state_dict(m.net.state_dict(), strict=True)
@@ -190,7 +188,7 @@ def combine_models(
     combined = LoadedModel(net=net, card=card, path=str(out), sha256="")
     ev = evaluate_patchset(combined, ps, device, progress=progress)
     card = with_threshold(card, ev.labels, ev.probs, specificity, ps.name)
-    check_rule_met(ev.labels, ev.probs, card.threshold, specificity, "the ensemble")
+    check_rule_met(card, ev.labels, ev.probs, "the ensemble")
     tta_probs = None
     if tta:
         tta_probs = evaluate_patchset(LoadedModel(net, card, str(out), ""), ps, device, tta=True, progress=progress).probs

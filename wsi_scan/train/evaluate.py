@@ -55,6 +55,13 @@ class Evaluation:
         return {**self.metrics.to_dict(), "dataset": self.dataset, "tta": self.tta}
 
 
+def check_not_empty(ps: PatchSet) -> None:
+    if len(ps) == 0:
+        from ..errors import DataError
+
+        raise DataError(f"{ps.name} holds no patches; expected labelled 96x96 patches to score")
+
+
 def evaluate_patchset(
     model: LoadedModel,
     ps: PatchSet,
@@ -64,10 +71,7 @@ def evaluate_patchset(
     workers: int = 1,
     progress: bool = False,
 ) -> Evaluation:
-    if len(ps) == 0:
-        from ..errors import DataError
-
-        raise DataError(f"{ps.name} holds no patches; expected labelled 96x96 patches to score")
+    check_not_empty(ps)
     dev = resolve_device(device)
     net = model.net.to(dev).to(memory_format=torch.channels_last)
     rows = np.stack([np.zeros(len(ps), dtype=np.int64), np.arange(len(ps))], axis=1)

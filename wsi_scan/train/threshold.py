@@ -50,14 +50,15 @@ def check_rule_inputs(specificity: float, ps: PatchSet) -> None:
         )
 
 
-def check_rule_met(labels: np.ndarray, probs: np.ndarray, threshold: float, specificity: float, what: str) -> None:
+def check_rule_met(card: ModelCard, labels: np.ndarray, probs: np.ndarray, what: str) -> None:
     """A model whose scores are saturated (all negatives at 1.0) has no threshold that keeps the
-    specificity; say so rather than write a card whose rule is not met."""
-    neg = probs[np.asarray(labels) == 0]
-    reached = float(np.mean(neg < threshold))
-    if reached < specificity:
+    specificity; say so rather than write a card whose rule is not met (``with_threshold``
+    records whether it was)."""
+    rule = card.training["threshold_rule"]
+    if not rule["met"]:
+        neg = probs[np.asarray(labels) == 0]
         raise ModelError(
-            f"{what}: no threshold reaches specificity {specificity} on these patches (at most {reached:.4f}: "
+            f"{what}: no threshold reaches specificity {rule['specificity']} on these patches (at most {rule['reached']:.4f}: "
             f"{int(np.sum(neg >= 1.0))} of {neg.size} negatives score 1.0); its weights look damaged"
         )
 
@@ -99,7 +100,7 @@ def rethreshold_model(
         )
     ev = evaluate_patchset(model, ps, device, progress=progress)
     card = with_threshold(model.card, ev.labels, ev.probs, specificity, ps.name)
-    check_rule_met(ev.labels, ev.probs, card.threshold, specificity, str(model_path))
+    check_rule_met(card, ev.labels, ev.probs, str(model_path))
     metrics = {**model.card.metrics, **validation_metrics(card, ev.labels, ev.probs, None)}
     metrics.pop("valid_tta", None)  # measured at the former threshold: evaluate --tta gives it again
     card = ModelCard.from_dict({**card.to_dict(), "metrics": metrics, "name": name or card.name})
