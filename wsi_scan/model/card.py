@@ -211,23 +211,7 @@ class ModelCard:
             raise ModelError(
                 "model card field training.ensemble.members[].mean/std must be three numbers each, std positive"
             ) from None
-        got = self.arch_kwargs.get("input_affine")
-        try:
-            same = (
-                got is None
-                if want is None
-                else isinstance(got, list)
-                and len(got) == len(want)
-                and all(
-                    isinstance(g, list)
-                    and len(g) == 6
-                    and all(abs(float(a) - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(g, w))
-                    for g, w in zip(got, want)
-                )
-            )
-        except (TypeError, ValueError, OverflowError):
-            same = False  # not numbers: build_network names what is wrong; here it is only "not the map"
-        if not same:
+        if not _affine_matches(self.arch_kwargs.get("input_affine"), want):
             raise ModelError(
                 "model card: the ensemble's input_affine does not map its normalisation to the one its members record "
                 "(training.ensemble.members[].mean/std); the card was edited: rebuild it with `wsi-scan ensemble`"
@@ -236,3 +220,19 @@ class ModelCard:
     @property
     def margin_px(self) -> int:
         return (self.input_px - self.cell_px) // 2
+
+
+def _affine_matches(got: object, want: list[list[float]] | None) -> bool:
+    """Whether a card's ``input_affine`` is the map ``want`` (None: no map), to 1e-6 relative.
+    Values that are not numbers are only "not the map" here; build_network names what is wrong."""
+    if want is None:
+        return got is None
+    if not isinstance(got, list) or len(got) != len(want):
+        return False
+    try:
+        return all(
+            isinstance(g, list) and len(g) == 6 and all(abs(float(a) - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(g, w))
+            for g, w in zip(got, want)
+        )
+    except (TypeError, ValueError, OverflowError):
+        return False
