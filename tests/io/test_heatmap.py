@@ -81,3 +81,31 @@ def test_cell_mapping_roundtrip(make_slide, mock_model, tmp_path):
         x0, y0, x1, y1 = hm.cell_to_l0_rect(r, c)
         assert hm.l0_to_cell((x0 + x1) / 2, (y0 + y1) / 2) == (r, c)
         assert hm.l0_to_cell(x0 + 1e-6, y0 + 1e-6) == (r, c)
+
+
+def _edit(out, fn):
+    root = zarr.open_group(str(out), mode="r+")
+    meta = dict(root.attrs["wsi_scan"])
+    ome = dict(root.attrs["ome"])
+    fn(meta, ome)
+    root.attrs["wsi_scan"] = meta
+    root.attrs["ome"] = ome
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        # each value alone is plausible; together they would move and rescale every lesion
+        (lambda m, o: m["slide"].update(mpp_xy=[1.5, 1.5]), "cell size"),
+        (lambda m, o: m["grid"].update(l0_cell_size_xy=[55.0, 55.0]), "cell size"),
+        (lambda m, o: o["multiscales"][0]["datasets"][0]["coordinateTransformations"][0].update(scale=[1, 1]), "OME"),
+        (lambda m, o: o.pop("multiscales"), "OME"),
+    ],
+)
+def test_edited_scale_is_refused(make_slide, mock_model, tmp_path, edit, match):
+    out = tmp_path / "h.zarr"
+    scan_slide(make_slide(), out, ScanConfig(), model=mock_model)
+    open_heatmap(out)
+    _edit(out, edit)
+    with pytest.raises(HeatmapError, match=match):
+        open_heatmap(out)

@@ -270,7 +270,40 @@ def _check_contract(p: Path, meta: Mapping[str, Any]) -> GridGeometry:
         ok = all(ends[i] <= level0_wh[i] + 2 * grid.l0_cell_size_xy[i] and level0_wh[i] <= 4 * ends[i] for i in (0, 1))
     if not ok:
         raise HeatmapError(f"{p}: damaged heatmap store, its slide size, grid, mpp_xy or threshold make no sense; rerun the scan")
+    # a cell is cell_px pixels at target_mpp by construction (geometry.grid_for); an edited mpp or
+    # cell size would move and rescale every lesion while each value alone looks plausible
+    want_cell = [grid.cell_px * grid.target_mpp / m for m in mpp_xy]
+    if not all(_close(a, b) for a, b in zip(grid.l0_cell_size_xy, want_cell)):
+        raise HeatmapError(
+            f"{p}: damaged heatmap store, its cell size {list(grid.l0_cell_size_xy)} level-0 px is not "
+            f"{grid.cell_px} px at {grid.target_mpp} um/px on a slide of {mpp_xy} um/px ({want_cell}); rerun the scan"
+        )
     return grid
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-6 * max(1.0, abs(b))
+
+
+def _check_ome(p: Path, ome: object, grid: GridGeometry, mpp_xy: tuple[float, float]) -> None:
+    """The OME scale and translation other viewers place the heatmap by must be the ones the
+    contract gives: napari or QuPath read only these."""
+    want = ome_multiscales(grid, mpp_xy, 1, "")[0]["datasets"][0]["coordinateTransformations"]
+    try:
+        got = ome["multiscales"][0]["datasets"][0]["coordinateTransformations"]  # type: ignore[index]
+        same = all(
+            g["type"] == w["type"]
+            and len(g[w["type"]]) == 2
+            and all(_close(float(a), b) for a, b in zip(g[w["type"]], w[w["type"]]))
+            for g, w in zip(got, want, strict=True)
+        )
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError):
+        same = False
+    if not same:
+        raise HeatmapError(
+            f"{p}: damaged heatmap store, its OME scale/translation (attrs ome.multiscales) is missing or disagrees "
+            "with its grid and mpp_xy, so other viewers would misplace it; rerun the scan"
+        )
 
 
 def grid_from_attrs(g: Mapping[str, Any]) -> GridGeometry:
@@ -320,6 +353,7 @@ def open_heatmap(path: str | Path) -> Heatmap:
             f"{p}: format_version {meta.get('format_version')} is newer than this wsi-scan understands ({FORMAT_VERSION})"
         )
     grid = _check_contract(p, meta)
+    _check_ome(p, root.attrs.get("ome"), grid, (float(meta["slide"]["mpp_xy"][0]), float(meta["slide"]["mpp_xy"][1])))
     if tuple(arr0.shape) != grid.shape_rc or tuple(arr_tissue.shape) != grid.shape_rc:
         raise HeatmapError(
             f"{p}: array shapes {tuple(arr0.shape)} / {tuple(arr_tissue.shape)} disagree with grid shape_rc {grid.shape_rc}"
