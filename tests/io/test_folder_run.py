@@ -53,6 +53,8 @@ def test_mpp_csv_header_bom_blank_rows_and_windows_paths(tmp_path):
     # spreadsheet exports: a byte-order mark, capitals and spaces in the header, blank rows
     p.write_text("\ufeff Slide , MPP \nsub\\a.tif, 0.25\n,\nb.svs,0.5\n", encoding="utf-8")
     assert read_mpp_csv(p) == {"sub/a.tif": 0.25, "b.svs": 0.5}
+    p.write_text("slide,mpp\na.tif,0.25\na.tif,0.25\n", encoding="utf-8")
+    assert read_mpp_csv(p) == {"a.tif": 0.25}  # a repeated row that agrees is harmless
 
 
 @pytest.mark.parametrize(
@@ -60,8 +62,10 @@ def test_mpp_csv_header_bom_blank_rows_and_windows_paths(tmp_path):
     [
         ("name,um\na.tif,0.5\n", "expected columns slide,mpp, found name,um"),
         ("", "found no header"),
-        ("slide,mpp\na.tif,0\n", "line 2: mpp must be a positive number"),
-        ("slide,mpp\na.tif,0.5\nb.tif,nan\n", "line 3: mpp must be a positive number"),
+        ("slide,mpp\na.tif,0\n", "line 2: mpp must be a number of um/px from 0.05 to 50"),
+        ("slide,mpp\na.tif,0.5\nb.tif,nan\n", "line 3: mpp must be a number"),
+        ("slide,mpp\na.tif,1e9\n", "line 2: mpp must be a number of um/px from 0.05 to 50"),
+        ("slide,mpp\na.tif,0.5\nb.tif,0.5\na.tif,0.25\n", r"a.tif is given two pixel sizes, 0.5 \(line 2\) and 0.25 \(line 4\)"),
     ],
 )
 def test_bad_mpp_csv_is_a_usage_error(tmp_path, text, match):

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config import MPP_RANGE_UM
 from ..errors import SlideNotFoundError, UsageError
 from .outputs import MARK
 
@@ -99,6 +100,8 @@ def read_mpp_csv(path: str | Path) -> dict[str, float]:
         if "slide" not in cols or "mpp" not in cols:
             raise UsageError(f"--mpp-csv {p}: expected columns slide,mpp, found {','.join(cols) or 'no header'}")
         out: dict[str, float] = {}
+        lines: dict[str, int] = {}
+        lo, hi = MPP_RANGE_UM
         for i, raw in enumerate(reader, start=2):
             row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
             if not row.get("slide"):
@@ -107,9 +110,16 @@ def read_mpp_csv(path: str | Path) -> dict[str, float]:
                 mpp = float(row["mpp"])
             except ValueError:
                 mpp = math.nan
-            if not (math.isfinite(mpp) and mpp > 0):
-                raise UsageError(f"--mpp-csv {p} line {i}: mpp must be a positive number of um/px, found {row['mpp']!r}")
-            out[row["slide"].replace("\\", "/")] = mpp
+            if not (math.isfinite(mpp) and lo <= mpp <= hi):
+                raise UsageError(f"--mpp-csv {p} line {i}: mpp must be a number of um/px from {lo} to {hi}, found {row['mpp']!r}")
+            key = row["slide"].replace("\\", "/")
+            if key in out and out[key] != mpp:
+                # keeping either would be a silent factor between the two on every size and distance
+                raise UsageError(
+                    f"--mpp-csv {p}: slide {key} is given two pixel sizes, {out[key]} (line {lines[key]}) and {mpp} "
+                    f"(line {i}); keep one row per slide"
+                )
+            out[key], lines[key] = mpp, i
     return out
 
 
