@@ -758,6 +758,10 @@ def test_empty_arguments_fifos_and_overlay_names(make_slide, tmp_path):
     assert_clean_failure(code, err, tmp_path / "h.zarr", "not a regular file")
     code, _, err = run(slide, "--out", tmp_path / "h.zarr", "--overlay", tmp_path / "o.txt", "--quiet")
     assert_clean_failure(code, err, tmp_path / "h.zarr", "--overlay")
+    # a picture inside the store: refused before its folder (the store's path) is created
+    code, _, err = run(slide, "--out", tmp_path / "h.zarr", "--overlay", tmp_path / "h.zarr" / "o.png", "--quiet")
+    assert_clean_failure(code, err, tmp_path / "h.zarr", "inside --out")
+    assert code == 2 and not os.path.lexists(tmp_path / "h.zarr")
 
 
 def test_overlay_refuses_another_slide_than_the_heatmaps(heatmap, make_slide, tmp_path):

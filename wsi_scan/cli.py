@@ -290,7 +290,7 @@ def scan(
     if overlay is not None:
         from .io.exports import check_image_out
 
-        _run(lambda: check_image_out(overlay, cfg.overwrite))
+        _run(lambda: check_image_out(overlay, cfg.overwrite, store=out))
     res = _run(lambda: scan_slide(source, out, cfg, model_path, progress=not quiet))
     if overlay is not None:
         from .export.overlay import render_overlay

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UsageError
-from .outputs import MARK, atomic_write, check_output_file, check_replaceable, prepare_parent
+from .outputs import MARK, absolute, atomic_write, check_output_file, check_replaceable, prepare_parent
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
@@ -35,10 +35,16 @@ def image_format(out: Path, flag: str = "--out") -> str:
     return fmt
 
 
-def check_image_out(out: str | Path, overwrite: bool) -> None:
-    """Fail on a bad picture name or an existing picture before a long scan, not after it."""
+def check_image_out(out: str | Path, overwrite: bool, store: str | Path | None = None) -> None:
+    """Fail on a bad picture name or an existing picture before a long scan, not after it.
+    ``store`` is the heatmap store the scan will write: a picture inside it would be a foreign
+    file in the store (and its folder would be created before the store, then refused as foreign)."""
     out = Path(out)
     image_format(out, "--overlay")
+    if store is not None:
+        a, b = absolute(out), absolute(Path(store))
+        if a == b or b in a.parents:
+            raise UsageError(f"--overlay {out} lies inside --out {store}; write the picture beside the store")
     check_replaceable(out, overwrite, kind="file", flag="--overlay")
     prepare_parent(out, "--overlay")
 
