@@ -39,6 +39,11 @@ class SlideFormatError(SlideError, ValueError):
     """The file exists but is not a readable whole-slide image (or is damaged)."""
 
 
+class SlideIndexError(SlideFormatError):
+    """A TIFF whose header declares more tiles than it indexes: every reader, OpenSlide too, would
+    be asked for pixels that are not in the file."""
+
+
 class MppError(SlideError, ValueError):
     """The physical pixel size is missing, inconsistent or unsuitable."""
 

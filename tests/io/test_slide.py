@@ -193,3 +193,19 @@ def test_real_aperio_levels_agree_with_openslide(name):
     tfs = TiffFileSlide(path)
     assert [lv.size_wh for lv in tfs.info.levels] == _openslide_levels(path)
     tfs.close()
+
+
+@pytest.mark.parametrize("backend", ["auto", "tifffile"])
+def test_header_declaring_more_tiles_than_indexed_is_refused_at_open(make_slide, tmp_path, backend):
+    import shutil
+
+    from wsi_scan.errors import SlideIndexError
+
+    p = tmp_path / "edited.tif"
+    shutil.copy(make_slide(), p)
+    with tifffile.TiffFile(p, mode="r+b") as tf:  # what a hostile or damaged header does
+        tf.pages[0].tags["ImageWidth"].overwrite(200000)
+        tf.pages[0].tags["ImageLength"].overwrite(100000)
+    # OpenSlide alone opens it and then decodes blank gigapixels for a thumbnail
+    with pytest.raises(SlideIndexError, match="needs .* tiles .* indexes"):
+        open_slide(p, backend=backend)

@@ -40,7 +40,7 @@ from typing import Any, Protocol, cast
 
 import numpy as np
 
-from ..errors import SlideFormatError, SlideNotFoundError, UsageError, WsiScanError
+from ..errors import SlideFormatError, SlideIndexError, SlideNotFoundError, UsageError, WsiScanError
 from ..geometry import tile_in_read
 from .tilecache import ReadStats, TileCache, TileKey
 
@@ -341,6 +341,18 @@ def _tiled_level(series_level: Any) -> _TiledLevel | None:
     return None
 
 
+def _check_tile_index(path: Path, tl: _TiledLevel, wh: tuple[int, int]) -> None:
+    """A header edited to a larger image than its tiles (a 20-gigapixel level 0 over 16 tiles)
+    would have OpenSlide decode blank gigapixels for a thumbnail for as long as it is let."""
+    want = tl.tiles_across * math.ceil(wh[1] / tl.tile_wh[1])
+    have = len(tl.page.dataoffsets)
+    if have < want:
+        raise SlideIndexError(
+            f"{path}: damaged TIFF header, a level of {wh[0]} x {wh[1]} px needs {want} tiles of "
+            f"{tl.tile_wh[0]} x {tl.tile_wh[1]} px but the file indexes {have}; re-export the slide from the scanner software"
+        )
+
+
 def _one_downsample(l0_wh: tuple[int, int], lv_wh: tuple[int, int]) -> bool:
     """Whether ``lv_wh`` is ``l0_wh`` divided by one downsample d, each side rounded up or down.
 
@@ -418,6 +430,7 @@ class TiffFileSlide(_Lifetime):
         for arr, tl in zip(levels_arr, tiled):
             if tl is not None:
                 w, h = int(tl.page.imagewidth), int(tl.page.imagelength)
+                _check_tile_index(path, tl, (w, h))
             else:
                 h, w = self._hw(arr.shape)
             if w < 1 or h < 1:
@@ -766,6 +779,8 @@ def _open(p: Path, backend: str) -> Slide:
             ) from None
         try:
             return TiffFileSlide(p)
+        except SlideIndexError:
+            raise
         except SlideFormatError:
             raise first from None
     if osr.info.vendor not in TIFFFILE_VENDORS:
@@ -776,6 +791,9 @@ def _open(p: Path, backend: str) -> Slide:
     # the two disagree on the levels or on a probe of pixels.
     try:
         tfs = TiffFileSlide(p)
+    except SlideIndexError:
+        osr.close()
+        raise
     except SlideFormatError:
         return osr
     if not _levels_agree(osr, tfs) or not _same_pixels(osr, tfs):
