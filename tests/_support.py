@@ -109,3 +109,39 @@ def assert_same_heatmap_across_readers(a: np.ndarray, b: np.ndarray, atol: float
     edge = ndimage.binary_dilation(~(ta & tb), iterations=1) & (ta | tb)
     assert not (differ & ~edge).any(), "tissue differs inside the tissue, not only on its edge"
     assert differ.sum() <= max(4, 0.02 * (ta | tb).sum()), f"{int(differ.sum())} cells differ"
+
+
+def write_called_store(out: Path, call: str) -> Path:
+    """A heatmap store whose node call is ``call`` (negative, itc, micro or macro), written
+    without a scan: a square lesion of 0.99 sized for the class on a 0.243 um/px slide."""
+    from wsi_scan.config import LesionConfig
+    from wsi_scan.geometry import GridGeometry
+    from wsi_scan.io.heatmap import FORMAT_VERSION, write_heatmap
+    from wsi_scan.lesions import call_slide
+
+    mpp = 0.243
+    cell = 32 * 0.972 / mpp  # 31.1 um a cell
+    grid = GridGeometry((0, 0), (cell, cell), (120, 120), 32, 96, 0.972)
+    probs = np.full(grid.shape_rc, 0.01, dtype=np.float32)
+    side = {"negative": 0, "itc": 2, "micro": 20, "macro": 90}[call]
+    probs[10 : 10 + side, 10 : 10 + side] = 0.99
+    tissue = np.ones(grid.shape_rc, dtype=bool)
+    got = call_slide(probs, grid, (mpp, mpp), 0.5, LesionConfig())
+    assert got.call == call, got.call
+    wh = [int(120 * cell), int(120 * cell)]
+    attrs = {
+        "format_version": FORMAT_VERSION,
+        "slide": {"name": out.stem, "mpp_xy": [mpp, mpp], "level0_size_wh": wh},
+        "grid": {
+            "l0_origin_xy": [0, 0],
+            "l0_cell_size_xy": [cell, cell],
+            "shape_rc": list(grid.shape_rc),
+            "cell_px": 32,
+            "patch_px": 96,
+            "target_mpp": 0.972,
+        },
+        "model": {"threshold": 0.5},
+        "summary": {"call": got.call},
+    }
+    write_heatmap(out, probs, tissue, grid, (mpp, mpp), attrs)
+    return out

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests._support import run
+from tests._support import run, write_called_store
 from wsi_scan.config import LesionConfig, ScanConfig
 from wsi_scan.geometry import GridGeometry
+from wsi_scan.io.folder_run import output_path
 from wsi_scan.lesions import (
     call_slide,
     find_lesions,
@@ -212,6 +214,8 @@ def test_stage_refuses_a_slide_named_by_its_path_and_by_its_file_name(tmp_path):
     results.mkdir()
     slides = [("sub/a.svs", "micro"), ("b.svs", "negative"), ("x/c.svs", "macro"), ("y/c.svs", "negative")]
     (results / "summary.json").write_text(json.dumps({"slides": [{"slide": s, "status": "ok", "call": c} for s, c in slides]}))
+    for s, c in slides:
+        write_called_store(output_path(results, Path(s)), c)
     patients = tmp_path / "patients.csv"
     patients.write_text("patient,slide\nP1,sub/a.svs\nP1,a.svs\n")  # one node, counted twice: pN1 for pN1mi
     with pytest.raises(DataError, match=r"sub/a.svs \(P1\) and a.svs \(P1\) are the same slide sub/a.svs"):
@@ -234,6 +238,7 @@ def test_stage_never_writes_over_the_run_it_reads_and_refuses_a_damaged_summary(
     summary = json.dumps({"slides": [{"slide": "a.svs", "status": "ok", "call": "micro"}]})
     (results / "summary.json").write_text(summary)
     (results / "summary.csv").write_text("slide,status\na.svs,ok\n")
+    write_called_store(results / "a.zarr", "micro")
     patients = tmp_path / "patients.csv"
     patients.write_text("patient,slide\nP1,a.svs\n")
     for target in (results / "summary.json", results / "summary.csv", patients, tmp_path / "stages.txt"):
@@ -420,3 +425,32 @@ def test_evaluate_slides_on_an_annotated_synthetic_cohort(make_slide, mock_model
     ev = json.loads((tmp_path / "results" / "evaluation.json").read_text())
     assert ev["froc"] is None and ev["sensitivities"] is None and ev["tumour_regions"] == 0
     assert not (tmp_path / "results" / "froc.png").exists()
+
+
+def test_stage_rests_on_the_stores_not_on_the_summary(tmp_path):
+    import shutil
+
+    results = tmp_path / "results"
+    results.mkdir()
+    slides = [("a.svs", "negative"), ("b.svs", "micro")]
+    (results / "summary.json").write_text(json.dumps({"slides": [{"slide": s, "status": "ok", "call": c} for s, c in slides]}))
+    for s, c in slides:
+        write_called_store(output_path(results, Path(s)), c)
+    patients = tmp_path / "patients.csv"
+    patients.write_text("patient,slide\nP1,a.svs\nP1,b.svs\n")
+    code, out, err = run("stage", results, "--patients", patients, "--json")
+    assert code == 0 and json.loads(out)["patients"][0]["stage"] == "pN1mi", err
+    # the positive node's store replaced by the negative one: the summary's micro is not believed
+    shutil.rmtree(results / "b.zarr")
+    shutil.copytree(results / "a.zarr", results / "b.zarr")
+    code, _, err = run("stage", results, "--patients", patients)
+    assert code == 6 and "slide b.svs has the call micro but its heatmap" in err and "gives negative" in err, err
+    # deleted: not a negative node
+    shutil.rmtree(results / "b.zarr")
+    code, _, err = run("stage", results, "--patients", patients)
+    assert code == 6 and "b.zarr of slide b.svs is missing" in err, err
+    # a chunk gone: the store's own check
+    write_called_store(results / "b.zarr", "micro")
+    next(p for p in (results / "b.zarr" / "0").rglob("*") if p.is_file() and p.name != "zarr.json").unlink()
+    code, _, err = run("stage", results, "--patients", patients)
+    assert code == 7 and "damaged heatmap store" in err and len(err.strip().splitlines()) == 1, err

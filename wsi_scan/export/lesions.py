@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import LesionConfig
 from ..errors import DataError, UsageError
-from ..io.folder_run import LOG_NAME, REPORT_HTML, SUMMARY_CSV, SUMMARY_JSON
+from ..io.folder_run import LOG_NAME, REPORT_HTML, SUMMARY_CSV, SUMMARY_JSON, output_path
 from ..io.heatmap import Heatmap, open_heatmap
 from ..lesions import CALLS, SlideCall, call_slide, find_lesions, stage_patients
 
@@ -238,6 +238,7 @@ def stage_results(results: str | Path, patients: str | Path) -> list[dict[str, A
                     f"--patients {patients}: {slide} ({patient}) names {len(ambiguous[slide])} slides of the results "
                     f"({', '.join(ambiguous[slide][:3])}); give its path relative to the slides folder"
                 )
+    _check_stores(Path(results), {aliases.get(s, s) for slides in listed.values() for s in slides} & set(calls), calls)
     try:
         return stage_patients({**calls, **{a: calls[c] for a, c in aliases.items() if c in calls}}, listed)
     except KeyError as exc:
@@ -245,6 +246,21 @@ def stage_results(results: str | Path, patients: str | Path) -> list[dict[str, A
             f"{exc.args[0]} in {Path(results) / SUMMARY_JSON} (slides that failed or were never scanned "
             "have no call); rerun the folder scan or correct --patients"
         ) from None
+
+
+def _check_stores(results: Path, slides: set[str], calls: dict[str, str]) -> None:
+    """A stage rests on each node's heatmap, not on a line of summary.json: a store deleted or
+    damaged since the run (or a summary edited) would otherwise count as the node it claims."""
+    for slide in sorted(slides):
+        store = output_path(results, Path(slide))
+        if not store.exists():
+            raise DataError(f"the heatmap {store} of slide {slide} is missing (summary.json lists it); rerun the folder scan")
+        got = heatmap_call(store)[1].call  # HeatmapError for a damaged store
+        if got != calls[slide]:
+            raise DataError(
+                f"{results / SUMMARY_JSON}: slide {slide} has the call {calls[slide]} but its heatmap {store} gives "
+                f"{got}; the summary was edited or the store replaced: rerun the folder scan"
+            )
 
 
 def write_stages(
