@@ -48,8 +48,14 @@ def test_sources(meta, want):
     ],
 )
 def test_missing_names_mpp_option(meta):
-    with pytest.raises(MppError, match="--mpp"):
+    with pytest.raises(MppError, match="records no physical pixel size.*--mpp"):
         resolve_mpp(meta, None, "slide.svs")
+
+
+@pytest.mark.parametrize("value", ["nan", "-0.5", "0", "inf", "abc"])
+def test_garbled_mpp_is_named_not_called_absent(value):
+    with pytest.raises(MppError, match=f"not a positive number \\(aperio.MPP = '{value}'\\).*--mpp"):
+        resolve_mpp({"aperio.MPP": value}, None, "slide.svs")
 
 
 def test_x_y_disagree_is_error():

@@ -40,6 +40,18 @@ class Mpp:
         return (self.x + self.y) / 2.0
 
 
+#: the keys _from_metadata reads a pixel size from
+_MPP_KEYS = (
+    "openslide.mpp-x",
+    "openslide.mpp-y",
+    "aperio.MPP",
+    "ome.PhysicalSizeX",
+    "ome.PhysicalSizeY",
+    "tiff.XResolution",
+    "tiff.YResolution",
+)
+
+
 def _num(meta: Mapping[str, str], key: str) -> float | None:
     try:
         v = float(meta[key])
@@ -93,6 +105,13 @@ def resolve_mpp(meta: Mapping[str, str], override: float | None, where: str, tol
         )
     mpp = recorded
     if mpp is None:
+        garbled = [f"{k} = {meta[k]!r:.30}" for k in _MPP_KEYS if k in meta and _num(meta, k) is None]
+        if garbled:  # present but unusable: "records none" would send the user looking for nothing
+            raise MppError(
+                f"{where}: the slide's pixel size metadata is not a positive number ({', '.join(garbled)}); "
+                "pass the true pixel size with --mpp, e.g. --mpp 0.25 for a 40x scan, after checking the "
+                "scanner's specification"
+            )
         raise MppError(
             f"{where}: the slide records no physical pixel size (no vendor mpp, no OME or TIFF "
             "resolution with a unit); pass it with --mpp, e.g. --mpp 0.25 for a 40x scan, after "
