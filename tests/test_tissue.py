@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from wsi_scan.config import TissueConfig
 from wsi_scan.geometry import plan_grid
@@ -379,3 +380,16 @@ def test_only_small_pieces_of_the_mask_send_their_ring_to_the_stain_check():
     small = _small_pieces(m, 9)
     assert small[5:8, 40:43].all() and small[20:22, 50:52].all() and not small[2:30, 2:30].any()
     assert not _small_pieces(np.zeros((5, 5), bool), 9).any()
+
+
+def test_a_bad_tissue_mask_is_named_as_the_option(tmp_path):
+    from wsi_scan.errors import UsageError
+    from wsi_scan.plan import user_tissue_mask
+
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    for path, match in (
+        (tmp_path, "--tissue-mask .* does not exist or is not a file"),
+        (tmp_path / "junk.png", "non-zero = tissue"),
+    ):
+        with pytest.raises(UsageError, match=match):  # exit 2 for an option, not 6 for training data
+            user_tissue_mask(str(path), (1000, 1000), (0.5, 0.5))

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .config import ScanConfig, TissueConfig
+from .errors import UsageError
 from .geometry import CellBlock, GridGeometry
 from .regions import ReadPlan
 from .tissue import TissueMask
@@ -139,7 +140,7 @@ def user_tissue_mask(path: str, l0_size_wh: tuple[int, int], mpp_xy: tuple[float
     from .export.tiles import check_mask_shape
     from .io.annotations import read_label_mask
 
-    mask = read_label_mask(path)
+    mask = read_label_mask(path, what="--tissue-mask", meaning="tissue", error=UsageError)
     check_mask_shape(mask.shape, l0_size_wh, f"--tissue-mask {path}")
     mh, mw = mask.shape
     l0_per_mask_xy = (l0_size_wh[0] / mw, l0_size_wh[1] / mh)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, WsiScanError
 
 #: ASAP groups: CAMELYON16 "Tumor", CAMELYON17 "_0" / "_1" are tumour, "_2" is an exclusion inside them
 TUMOUR_GROUPS = ("tumor", "tumour", "_0", "_1", "metastases")
@@ -141,17 +141,25 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return obj
 
 
-def read_label_mask(path: str | Path, max_px: int = 1 << 28) -> np.ndarray:
+def read_label_mask(
+    path: str | Path,
+    max_px: int = 1 << 28,
+    what: str = "label mask",
+    meaning: str = "tumour",
+    error: type[WsiScanError] = DataError,
+) -> np.ndarray:
     """A label mask image as a bool array (True where a pixel is non-zero).
 
     PNG, JPEG or TIFF; of a pyramidal TIFF (e.g. a CAMELYON16 mask) the finest level with at
-    most ``max_px`` pixels, so that a 200k x 100k px mask does not fill the memory.
+    most ``max_px`` pixels, so that a 200k x 100k px mask does not fill the memory. ``what``,
+    ``meaning`` and ``error`` say in messages whose mask it is (a tumour label is training data;
+    a ``--tissue-mask`` is an option).
     """
     from .slide import TIFF_MAGIC
 
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"label mask {p} does not exist or is not a file; expected a PNG or TIFF mask of the slide")
+        raise error(f"{what} {p} does not exist or is not a file; expected a PNG or TIFF mask of the slide")
     try:
         with p.open("rb") as fh:
             magic = fh.read(4)
@@ -167,12 +175,12 @@ def read_label_mask(path: str | Path, max_px: int = 1 << 28) -> np.ndarray:
 
             with Image.open(p) as im:
                 arr = np.asarray(im)
-    except DataError:
-        raise
     except Exception as exc:  # codec and format errors of a broken or foreign file
-        raise DataError(f"{p}: not a readable mask image ({exc}); expected a PNG or TIFF, non-zero = tumour") from None
+        raise error(
+            f"{what} {p}: not a readable mask image ({exc!s:.100}); expected a PNG or TIFF, non-zero = {meaning}"
+        ) from None
     if arr.ndim == 3:
         arr = arr.max(axis=-1) if arr.shape[-1] <= 4 else arr.max(axis=0)
     if arr.ndim != 2:
-        raise DataError(f"{p}: expected a 2-D mask image, found an array of shape {arr.shape}")
+        raise error(f"{what} {p}: expected a 2-D mask image, found an array of shape {arr.shape}")
     return arr > 0
