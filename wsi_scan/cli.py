@@ -17,7 +17,16 @@ from typing import Any, TypeVar
 
 import click
 
-from .config import OVERLAY_ALPHA, OVERLAY_MAX_SIZE_PX, TILE_STRIDE_CELLS, LesionConfig, ScanConfig, TissueConfig, TrainConfig
+from .config import (
+    OVERLAY_ALPHA,
+    OVERLAY_MAX_SIZE_PX,
+    OVERLAY_MIN_SIZE_PX,
+    TILE_STRIDE_CELLS,
+    LesionConfig,
+    ScanConfig,
+    TissueConfig,
+    TrainConfig,
+)
 from .errors import OutputWriteError, WsiScanError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -747,9 +756,9 @@ def ensemble_cmd(
 )
 @click.option(
     "--max-size",
-    type=click.IntRange(16, 16384),
+    type=click.IntRange(OVERLAY_MIN_SIZE_PX, 16384),
     default=OVERLAY_MAX_SIZE_PX,
-    help="longest side of the picture, px (at most the slide's own size)",
+    help="longest side of the slide's thumbnail, px (at most the slide's own size); colour bar and caption are added beside and below",
 )
 @click.option("--alpha", type=click.FloatRange(0, 1), default=OVERLAY_ALPHA, help="opacity of the heatmap over tissue")
 @click.option(

@@ -40,8 +40,11 @@ CPU_PATCH_BATCH = 32
 #: heatmap opacity over the slide in the overlay picture and the report's thumbnails (one value,
 #: so that both pictures of a slide look alike)
 OVERLAY_ALPHA = 0.5
-#: longest side of an overlay picture, px (``wsi-scan overlay --max-size``)
+#: longest side of an overlay's slide thumbnail, px (``wsi-scan overlay --max-size``); the colour
+#: bar and caption are drawn beside and below it
 OVERLAY_MAX_SIZE_PX = 2048
+#: the smallest --max-size: below it the colour bar's labels overlap
+OVERLAY_MIN_SIZE_PX = 128
 #: step between the windows ``wsi-scan tile`` cuts, in cells: 3 gives non-overlapping 96 px windows
 TILE_STRIDE_CELLS = 3
 #: largest disagreement, in 8-bit levels, between a device's JPEG decoder and libjpeg-turbo on a

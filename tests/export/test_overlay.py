@@ -82,3 +82,17 @@ def test_jpeg_slide_override_and_errors(scanned, tmp_path):
     with pytest.raises(FileExistsError):
         render_overlay(hm_path, out, slide=moved, max_size=300)
     assert render_overlay(hm_path, out, slide=moved, max_size=300, overwrite=True) == Path(out)
+
+
+def test_small_pictures_keep_their_whole_caption(scanned, tmp_path):
+    _, hm_path = scanned()
+    with pytest.raises(UsageError, match="at least 128 px"):
+        render_overlay(hm_path, tmp_path / "tiny.png", max_size=16)
+    pic = np.asarray(Image.open(render_overlay(hm_path, tmp_path / "o.png", max_size=128)).convert("RGB"))
+    # the caption breaks into lines instead of running off the right edge: the last columns stay
+    # background and the strip below the thumbnail (128 x 103 px) has text on several lines
+    assert pic.shape[0] > 103 + 4 * 10
+    edge = pic[103:, -3:].astype(int)
+    assert (np.abs(edge - pic[-1, -1].astype(int)).sum(axis=-1) < 30).all()
+    text_rows = np.nonzero((pic[103:, :128].astype(int).sum(axis=-1) < 300).any(axis=1))[0]
+    assert text_rows.size and np.ptp(text_rows) > 20

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import OVERLAY_ALPHA, OVERLAY_MAX_SIZE_PX
+from ..config import OVERLAY_ALPHA, OVERLAY_MAX_SIZE_PX, OVERLAY_MIN_SIZE_PX
 from ..errors import SlideError, SlideNotFoundError, UsageError
 from ..io.heatmap import Heatmap, open_heatmap
 
@@ -128,8 +128,18 @@ def compose_overlay(
     font = _font(fs)
     bar_w = max(12, fs)
     panel_w = bar_w + 5 * fs
-    strip_h = 4 * fs
-    canvas = Image.new("RGB", (tw + panel_w, th + strip_h), BG_RGB)
+    model = hm.attrs.get("model", {})
+    parts = [
+        f"{hm.attrs['slide'].get('name', '?')}",
+        f"model {model.get('name', '?')}",
+        f"tumour probability ({CMAP}); green: >= {thr:.2f}; blue: tissue",
+    ]
+    # one line where it fits the picture's width, else a line per part: a cut caption hides the legend
+    lines = ["  |  ".join(parts)]
+    if font.getlength(lines[0]) > tw + panel_w - 2 * fs:
+        lines = parts
+    strip_h = round((2.6 + 1.2 * len(lines)) * fs)
+    canvas = Image.new("RGB", (max(tw + panel_w, round(max(font.getlength(t) for t in lines)) + 2 * fs), th + strip_h), BG_RGB)
     canvas.paste(Image.fromarray(img), (0, 0))
     draw = ImageDraw.Draw(canvas)
     bx0, by0 = tw + fs // 2, fs
@@ -151,12 +161,8 @@ def compose_overlay(
     sy = th + fs
     draw.rectangle((fs, sy, fs + bar_px, sy + max(3, fs // 3)), fill=TEXT_RGB)
     draw.text((fs + bar_px + fs // 2, sy), f"{mm:g} mm", fill=TEXT_RGB, font=font, anchor="lt")
-    model = hm.attrs.get("model", {})
-    caption = (
-        f"{hm.attrs['slide'].get('name', '?')}  |  model {model.get('name', '?')}  |  "
-        f"tumour probability ({CMAP}); green: >= {thr:.2f}; blue: tissue"
-    )
-    draw.text((fs, sy + 1.6 * fs), caption, fill=TEXT_RGB, font=font, anchor="lt")
+    for i, text in enumerate(lines):
+        draw.text((fs, sy + (1.6 + 1.2 * i) * fs), text, fill=TEXT_RGB, font=font, anchor="lt")
     return np.asarray(canvas)
 
 
@@ -181,8 +187,9 @@ def render_overlay(
 
     out = Path(out)
     image_format(out)  # a wrong suffix fails before any pixel is read
-    if max_size < 16:
-        raise UsageError(f"--max-size must be at least 16 px, found {max_size}")
+    if max_size < OVERLAY_MIN_SIZE_PX:
+        # below it the colour bar's five labels overlap
+        raise UsageError(f"--max-size must be at least {OVERLAY_MIN_SIZE_PX} px, found {max_size}")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise UsageError(f"--threshold must lie in [0, 1], found {threshold}")
     if not 0.0 <= alpha <= 1.0:
