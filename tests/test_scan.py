@@ -211,6 +211,20 @@ def test_a_damaged_partial_file_is_ignored(make_slide, mock_model, tmp_path):
     assert res.resumed_cells == 0 and not partial_path(out).exists()
 
 
+def test_a_folder_at_the_partial_path_costs_the_resume_file_not_the_scan(make_slide, mock_model, tmp_path, caplog):
+    from wsi_scan.io.resume import partial_path
+
+    slide = make_slide(tumour=TUMOUR)
+    out = tmp_path / "h.zarr"
+    partial_path(out).mkdir()
+    (partial_path(out) / "mine.txt").write_text("a user's file")
+    # a checkpoint after every block: each save meets the folder
+    res = scan_slide(slide, out, ScanConfig(block_cells=8, checkpoint_s=1e-6), model=mock_model)
+    assert res.out == out and open_heatmap(out).tissue.any()
+    assert (partial_path(out) / "mine.txt").read_text() == "a user's file"
+    assert "without a resume file" in caplog.text
+
+
 @pytest.mark.parametrize("backend", ["openslide", "tifffile"])
 def test_nearest_read_level_enlarges_the_coarser_level_in_place(make_slide, mock_model, tmp_path, backend):
     """--read-level nearest on a 40x slide: the 1.0 um/px level is read and enlarged 3% for a

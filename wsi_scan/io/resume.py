@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..errors import OutputWriteError
 from ..geometry import CellBlock
 from .outputs import atomic_write
 
@@ -68,7 +70,13 @@ class Checkpoint:
 
     def save(self) -> None:
         if self.dirty and self.every_s > 0:
-            save_partial(self.out, self.key, self.probs, self.done)
+            try:
+                save_partial(self.out, self.key, self.probs, self.done)
+            except OutputWriteError as exc:
+                # the resume file only saves work on a rerun: failing the scan for it would throw
+                # away the heatmap itself; the store's own write reports a full disk
+                logging.getLogger("wsi_scan.resume").warning("%s; the scan goes on without a resume file", exc)
+                self.every_s = 0.0
             self.dirty = False
             self.last = time.monotonic()
 
@@ -117,4 +125,7 @@ def load_partial(out: Path, key: str, shape_rc: tuple[int, int]) -> tuple[np.nda
 
 
 def drop_partial(out: Path) -> None:
-    partial_path(out).unlink(missing_ok=True)
+    path = partial_path(out)
+    if path.is_dir() and not path.is_symlink():
+        return  # not a file this tool wrote (save_partial writes files): left as it is
+    path.unlink(missing_ok=True)
