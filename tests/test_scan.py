@@ -261,3 +261,9 @@ def test_roi_enters_attrs_and_settings_hash_by_content(make_slide, mock_model, t
     assert attrs["tissue"]["roi"] == {"path": str(roi), "sha256": file_sha256(str(roi))}
     assert attrs["settings_hash"] == settings_hash(mock_model.sha256, cfg)  # as a folder run recomputes it
     assert attrs["settings_hash"] != settings_hash(mock_model.sha256, ScanConfig())
+
+
+def test_a_slide_smaller_than_one_window_is_scanned_with_a_warning(make_slide, mock_model, tmp_path, caplog):
+    slide = make_slide(size_wh=(300, 300), tissue=((0, 0, 300, 300),), downsamples=(1,))
+    scan_slide(slide, tmp_path / "h.zarr", ScanConfig(), model=mock_model)
+    assert "less than one 96 px window" in caplog.text

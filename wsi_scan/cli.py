@@ -312,7 +312,8 @@ def scan(
             err=True,
         )
     if res.n_tissue_cells == 0:
-        click.echo(f"{source.name}: no tissue found; wrote an all-NaN heatmap to {res.out}", err=True)
+        where = f" inside the ROI {cfg.roi} (does it lie on the slide?)" if cfg.roi is not None else ""
+        click.echo(f"{source.name}: no tissue found{where}; wrote an all-NaN heatmap to {res.out}", err=True)
         return
     click.echo(
         f"{source.name}: {res.n_tissue_cells} tissue cells ({res.tissue_area_mm2:.2f} mm2) in "

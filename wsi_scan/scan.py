@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import platform
 import time
@@ -180,6 +181,16 @@ def _scan_opened(
     t = time.perf_counter()
     sp = plan_scan(slide, mpp.xy, loaded.card.mpp, loaded.card.cell_px, loaded.card.input_px, config)
     timings["tissue"] = time.perf_counter() - t
+    side_px = min(n * m / loaded.card.mpp for n, m in zip(slide.info.level0_size_wh, mpp.xy))
+    if side_px < loaded.card.input_px:
+        logging.getLogger("wsi_scan.scan").warning(
+            "%s: the slide is %.0f px across at the model's %g um/px, less than one %d px window: its cells "
+            "are scored mostly on the white padding around it",
+            slide_path,
+            side_px,
+            loaded.card.mpp,
+            loaded.card.input_px,
+        )
 
     t = time.perf_counter()
     if config.decode != "cpu":  # decodes probe tiles both ways: timed with the scan, not the tissue
