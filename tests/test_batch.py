@@ -201,7 +201,7 @@ def test_bad_run_arguments_are_usage_errors(tmp_path, mock_model):
     with pytest.raises(UsageError, match="slide,mpp"):
         scan_folder(slides, tmp_path / "out", model=mock_model, mpp_csv=tmp_path / "bad.csv")
     (tmp_path / "bad2.csv").write_text("slide,mpp\na.tif,-1\n")
-    with pytest.raises(UsageError, match="positive"):
+    with pytest.raises(UsageError, match="line 2: mpp must be a number of um/px from 0.05"):
         scan_folder(slides, tmp_path / "out", model=mock_model, mpp_csv=tmp_path / "bad2.csv")
     with pytest.raises(UsageError, match="not a folder"):
         scan_folder(tmp_path / "nope", tmp_path / "out", model=mock_model)

@@ -80,6 +80,7 @@ def paint_store(
         "l0_origin_xy": list(g.l0_origin_xy),
         "l0_cell_size_xy": list(g.l0_cell_size_xy),
         "shape_rc": list(g.shape_rc),
+        "target_mpp": g.target_mpp,
     }
     attrs["summary"] = {
         **attrs["summary"],
@@ -96,7 +97,9 @@ def paint_store(
 def odd_grid() -> GridGeometry:
     ox, oy = ODD_ORIGIN_XY
     shape = (int((SIZE_WH[1] - oy) // ODD_CELL) + 1, int((SIZE_WH[0] - ox) // ODD_CELL) + 1)
-    return GridGeometry(ODD_ORIGIN_XY, (ODD_CELL, ODD_CELL), shape, 32, 96, 0.972)
+    # the model's um/px that makes a cell of 32 px ODD_CELL level-0 px: a store's cell size must
+    # agree with its mpp and target_mpp (io.heatmap refuses one that does not)
+    return GridGeometry(ODD_ORIGIN_XY, (ODD_CELL, ODD_CELL), shape, 32, 96, ODD_CELL * MPP / 32)
 
 
 @pytest.fixture
