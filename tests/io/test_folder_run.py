@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -43,6 +44,13 @@ def test_listing_sorted_hidden_and_temp_ignored_recursive(tmp_path):
     assert rel == ["A.tif", "a.ndpi", "b.svs"]
     rel = [p.relative_to(d).as_posix() for p in list_slides(d, recursive=True, exclude=d / "out")]
     assert rel == ["A.tif", "a.ndpi", "b.svs", "sub/c.tif", "sub/deeper/e.SVS"]
+
+    # a pipe or a dangling link with a slide's name is listed, to fail by name; a folder is not
+    os.mkfifo(d / "pipe.tif")
+    (d / "gone.svs").symlink_to(tmp_path / "nowhere.svs")
+    (d / "folder.tif").mkdir()
+    rel = [p.relative_to(d).as_posix() for p in list_slides(d, exclude=d / "out")]
+    assert rel == ["A.tif", "a.ndpi", "b.svs", "gone.svs", "pipe.tif"]
 
 
 # ----------------------------------------------------------------------------- the mpp CSV

@@ -61,7 +61,9 @@ def list_slides(slides_dir: str | Path, recursive: bool = False, exclude: Path |
             dirnames[:] = []
         for n in filenames:
             p = d / n
-            if _is_hidden_or_temp(n) or p.suffix.lower() not in SLIDE_EXTS or not p.is_file():
+            # a FIFO, socket or dangling link with a slide's name is listed, to fail as that
+            # slide with its reason; skipped, it would be missing from the run without a word
+            if _is_hidden_or_temp(n) or p.suffix.lower() not in SLIDE_EXTS or p.is_dir():
                 continue
             found.append(p)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
