@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests._support import assert_clean_failure, run
+from tests._support import assert_clean_failure, run, write_called_store
 from wsi_scan.config import ScanConfig
 from wsi_scan.scan import scan_slide
 
@@ -762,6 +762,11 @@ def test_empty_arguments_fifos_and_overlay_names(make_slide, tmp_path):
     code, _, err = run(slide, "--out", tmp_path / "h.zarr", "--overlay", tmp_path / "h.zarr" / "o.png", "--quiet")
     assert_clean_failure(code, err, tmp_path / "h.zarr", "inside --out")
     assert code == 2 and not os.path.lexists(tmp_path / "h.zarr")
+    # the store written, the picture not (a kill between them): the way to the picture is named
+    write_called_store(tmp_path / "done.zarr", "negative")
+    code, _, err = run(slide, "--out", tmp_path / "done.zarr", "--overlay", tmp_path / "o.png", "--quiet")
+    assert_clean_failure(code, err, tmp_path / "o.png", "wsi-scan overlay")
+    assert code == 4
 
 
 def test_overlay_refuses_another_slide_than_the_heatmaps(heatmap, make_slide, tmp_path):

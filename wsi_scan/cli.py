@@ -297,9 +297,19 @@ def scan(
         click.echo(f"wsi-scan: error: {', '.join(folder_only)} apply to a folder of slides; {source} is not a folder", err=True)
         sys.exit(2)
     if overlay is not None:
+        from .errors import OutputExistsError
         from .io.exports import check_image_out
+        from .io.outputs import is_heatmap_store
 
         _run(lambda: check_image_out(overlay, cfg.overwrite, store=out))
+        if not cfg.overwrite and is_heatmap_store(out):
+            # a scan killed between its store and its picture: the picture needs no rescan
+            click.echo(
+                f"wsi-scan: error: --out {out} exists (a heatmap store); draw the picture from it with "
+                f"`wsi-scan overlay {out} --out {overlay}`, or pass --overwrite to scan again",
+                err=True,
+            )
+            sys.exit(OutputExistsError.exit_code)
     res = _run(lambda: scan_slide(source, out, cfg, model_path, progress=not quiet))
     if overlay is not None:
         from .export.overlay import render_overlay
