@@ -21,6 +21,7 @@ from PIL import Image
 
 from tests._support import run
 from tests.view.conftest import SIZE_WH, TUMOUR
+from wsi_scan.errors import HeatmapError
 from wsi_scan.io.heatmap import open_heatmap
 from wsi_scan.io.synthetic import TUMOUR_RGB
 from wsi_scan.io.viewer_files import find_stores, static_files
@@ -144,6 +145,17 @@ def test_links_in_a_results_folder_are_not_followed(results_folder, tmp_path):
     assert names == ["case1.zarr", "case2.zarr"]
     app = ViewerApp(results_folder)
     assert [e.name for e in app.entries] == ["case1", "case2"]
+
+
+def test_a_damaged_store_is_listed_as_damaged_not_with_its_stored_call(results_folder):
+    chunk = next(p for p in (results_folder / "case1.zarr" / "0").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.unlink()
+    app = ViewerApp(results_folder)
+    assert [e.name for e in app.entries] == ["case0", "case2"]
+    row = next(r for r in app.catalog()["slides"] if r["slide"] == "case1")
+    assert row["id"] is None and row["status"] == "damaged" and row["call"] == "" and "damaged heatmap store" in row["error"]
+    with pytest.raises(HeatmapError, match="damaged heatmap store"):
+        ViewerApp(results_folder / "case1.zarr")  # one store: refused at start
 
 
 def test_static_files_skip_links(tmp_path, monkeypatch):

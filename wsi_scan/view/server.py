@@ -173,16 +173,29 @@ class ViewerApp:
     """The viewer's routes as a plain function of a request path (tested without sockets)."""
 
     def __init__(self, path: str | Path, cfg: ViewConfig = ViewConfig()) -> None:
-        from ..io.heatmap import read_attrs
+        from ..io.heatmap import open_heatmap, read_attrs
         from ..io.viewer_files import static_files, viewer_sources
 
         self.cfg = cfg
         self.kind, stores, rows = viewer_sources(path)
         root = Path(path)
         self.entries: list[Entry] = []
+        damaged: list[dict[str, Any]] = []
         for store in stores:
             attrs = read_attrs(store)
             if attrs is None:
+                continue
+            try:
+                # checked now, not when opened: the list would show a damaged store's stored call
+                open_heatmap(store)
+            except HeatmapError as exc:
+                if self.kind == "store":
+                    raise
+                rel = str(store.relative_to(root))
+                damaged.append(
+                    _failed_row({"slide": rel[:-5] if rel.endswith(".zarr") else rel, "status": "damaged", "error": str(exc)})
+                )
+                rows.pop(os.path.realpath(store), None)
                 continue
             name = str(store.relative_to(root)) if self.kind == "folder" else store.name
             name = name[:-5] if name.endswith(".zarr") else name
@@ -190,7 +203,7 @@ class ViewerApp:
         if not self.entries:
             raise HeatmapError(f"{path}: no readable heatmap store; rerun the scan")
         shown = {os.path.realpath(e.store) for e in self.entries}
-        self.failed_rows = [_failed_row(r) for k, r in sorted(rows.items()) if k not in shown]
+        self.failed_rows = damaged + [_failed_row(r) for k, r in sorted(rows.items()) if k not in shown]
         self.title = root.name or str(root)
         self.static = static_files()
         self.lut = colour_lut(cfg.cmap)
