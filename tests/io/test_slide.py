@@ -195,7 +195,7 @@ def test_real_aperio_levels_agree_with_openslide(name):
     tfs.close()
 
 
-@pytest.mark.parametrize("backend", ["auto", "tifffile"])
+@pytest.mark.parametrize("backend", ["auto", "tifffile", "openslide"])
 def test_header_declaring_more_tiles_than_indexed_is_refused_at_open(make_slide, tmp_path, backend):
     import shutil
 

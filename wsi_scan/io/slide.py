@@ -740,6 +740,20 @@ def _check_tiff_complete(path: Path, size: int) -> None:
                 )
 
 
+def _refuse_missing_tiles(p: Path) -> None:
+    """The tile-index check of ``TiffFileSlide`` for a TIFF that OpenSlide alone will read: it
+    would decode blank gigapixels of an over-declared level for as long as it is let."""
+    with p.open("rb") as fh:
+        if fh.read(4) not in TIFF_MAGIC:
+            return
+    try:
+        TiffFileSlide(p).close()
+    except SlideIndexError:
+        raise
+    except Exception:  # noqa: BLE001 - a TIFF only OpenSlide reads: its own errors say why
+        return
+
+
 def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> Slide:
     """Open a slide with OpenSlide or tifffile.
 
@@ -760,6 +774,7 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> Slide:
 
 def _open(p: Path, backend: str) -> Slide:
     if backend == "openslide":
+        _refuse_missing_tiles(p)
         return OpenSlideSlide(p)
     if backend == "tifffile":
         return TiffFileSlide(p)
