@@ -235,8 +235,9 @@ def data_digest(probs: np.ndarray, tissue: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _check_contract(p: Path, meta: Mapping[str, Any]) -> GridGeometry:
-    """The attrs every reader relies on, checked for presence, type and sense."""
+def _check_contract(p: Path, meta: Mapping[str, Any], ome: object) -> GridGeometry:
+    """The attrs every reader relies on (``ome``: the root's OME block), checked for presence,
+    type and sense."""
     try:
         grid = grid_from_attrs(meta["grid"])
         slide = meta["slide"]
@@ -278,6 +279,7 @@ def _check_contract(p: Path, meta: Mapping[str, Any]) -> GridGeometry:
             f"{p}: damaged heatmap store, its cell size {list(grid.l0_cell_size_xy)} level-0 px is not "
             f"{grid.cell_px} px at {grid.target_mpp} um/px on a slide of {mpp_xy} um/px ({want_cell}); rerun the scan"
         )
+    _check_ome(p, ome, grid, (mpp_xy[0], mpp_xy[1]))
     return grid
 
 
@@ -352,8 +354,7 @@ def open_heatmap(path: str | Path) -> Heatmap:
         raise HeatmapError(
             f"{p}: format_version {meta.get('format_version')} is newer than this wsi-scan understands ({FORMAT_VERSION})"
         )
-    grid = _check_contract(p, meta)
-    _check_ome(p, root.attrs.get("ome"), grid, (float(meta["slide"]["mpp_xy"][0]), float(meta["slide"]["mpp_xy"][1])))
+    grid = _check_contract(p, meta, root.attrs.get("ome"))
     if tuple(arr0.shape) != grid.shape_rc or tuple(arr_tissue.shape) != grid.shape_rc:
         raise HeatmapError(
             f"{p}: array shapes {tuple(arr0.shape)} / {tuple(arr_tissue.shape)} disagree with grid shape_rc {grid.shape_rc}"

@@ -185,20 +185,17 @@ class ViewerApp:
             attrs = read_attrs(store)
             if attrs is None:
                 continue
+            name = str(store.relative_to(root)) if self.kind == "folder" else store.name
+            name = name[:-5] if name.endswith(".zarr") else name
             try:
                 # checked now, not when opened: the list would show a damaged store's stored call
                 open_heatmap(store)
             except HeatmapError as exc:
                 if self.kind == "store":
                     raise
-                rel = str(store.relative_to(root))
-                damaged.append(
-                    _failed_row({"slide": rel[:-5] if rel.endswith(".zarr") else rel, "status": "damaged", "error": str(exc)})
-                )
+                damaged.append(_failed_row({"slide": name, "status": "damaged", "error": str(exc)}))
                 rows.pop(os.path.realpath(store), None)
                 continue
-            name = str(store.relative_to(root)) if self.kind == "folder" else store.name
-            name = name[:-5] if name.endswith(".zarr") else name
             self.entries.append(Entry(len(self.entries), name, store, attrs, rows.get(os.path.realpath(store), {})))
         if not self.entries:
             raise HeatmapError(f"{path}: no readable heatmap store; rerun the scan")
