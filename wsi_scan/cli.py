@@ -444,6 +444,12 @@ def _train_options(f: F) -> F:
             help="keep an exponential moving average of the weights (e.g. 0.999; 0: off)",
         ),
         click.option(
+            "--mixup-alpha",
+            type=float,
+            default=_TRAIN.mixup_alpha,
+            help="blend each batch with a shuffled copy of itself by Beta(alpha, alpha) weights (e.g. 0.2; 0: off)",
+        ),
+        click.option(
             "--max-valid",
             type=int,
             default=_TRAIN.max_valid,

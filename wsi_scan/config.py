@@ -270,6 +270,10 @@ class TrainConfig:
     device: DeviceName = "auto"
     max_train: int = 0  # cap on training patches (0 = all), for smoke runs
     ema_decay: float = 0.0  # weight averaging: EMA of the weights per step (e.g. 0.999); 0 = off
+    # mixup (Zhang et al. 2018): each batch blended with a shuffled copy of itself, images and
+    # targets alike, by a weight drawn from Beta(alpha, alpha); 0 = off. Label-consistent for PCam:
+    # a blend of two centres is tumour in proportion to the tumour centre's weight
+    mixup_alpha: float = 0.0
     max_valid: int = 0  # cap on validation patches (0 = all; a seeded subset), for quick runs
     final_tta: bool = True  # score the kept epoch with the 8 dihedral views at the end (8 passes)
     # decode every patch once into memory (27 KB a patch) instead of once per epoch: the same
@@ -296,6 +300,7 @@ class TrainConfig:
             ("loader_workers", 0, 256, False),
             ("max_train", 0, 1 << 40, False),
             ("ema_decay", 0.0, 0.99999, False),
+            ("mixup_alpha", 0.0, 10.0, False),
             ("max_valid", 0, 1 << 40, False),
             ("threshold_specificity", 0.0, 0.9999, False),
             ("brightness_contrast", 0.0, 0.5, False),

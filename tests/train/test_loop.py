@@ -307,3 +307,29 @@ def test_a_saturated_run_is_kept_with_its_failed_rule_recorded_and_a_warning(kag
     rule = load_model(out).card.training["threshold_rule"]
     assert rule["met"] is False and rule["reached"] == 0.0
     assert any("do not use this model for calls" in r.getMessage() for r in caplog.records)
+
+
+def test_mixup_blends_images_and_targets_alike_and_repeats_with_the_seed():
+    import torch
+
+    from wsi_scan.train.loop import mixup
+
+    n = 8
+    values = torch.arange(n, dtype=torch.float32)
+    x = values.view(n, 1, 1, 1).expand(n, 3, 2, 2).contiguous()
+    # targets proportional to the images: blended with the same weight and partner, they stay so
+    y = (values / (n - 1)).view(n, 1, 1, 1)
+    xm, ym = mixup(x, y, 0.2, torch.Generator().manual_seed(3))
+    xm2, ym2 = mixup(x, y, 0.2, torch.Generator().manual_seed(3))
+    assert torch.equal(xm, xm2) and torch.equal(ym, ym2)
+    assert not torch.equal(xm, x)
+    assert torch.allclose(ym.flatten(), xm[:, 0, 0, 0] / (n - 1), atol=1e-6)
+    assert torch.allclose(xm, xm[:, :1, :1, :1].expand_as(xm))  # one weight for every pixel of an image
+    assert abs(float(y.mean()) - float(ym.mean())) < 1e-6  # a permutation blend keeps the batch's mean target
+
+
+def test_mixup_run_records_alpha_in_the_card(kaggle_dir, tmp_path):
+    res = train([kaggle_dir], tmp_path / "m.pt", TrainConfig(**{**TINY, "mixup_alpha": 0.2, "final_tta": False}), progress=False)
+    assert load_model(res.model_path).card.training["config"]["mixup_alpha"] == 0.2
+    with pytest.raises(Exception, match="mixup_alpha"):
+        TrainConfig(mixup_alpha=-1)

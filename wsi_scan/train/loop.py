@@ -305,6 +305,8 @@ def train_epoch(
     for x_u8, y in bar:
         x = _augment_batch(x_u8, cfg, run.card, gen, device) if cfg.augment else to_input(x_u8, run.card, device)
         target = y.float().to(device).view(-1, 1, 1, 1) * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
+        if cfg.mixup_alpha > 0:
+            x, target = mixup(x, target, cfg.mixup_alpha, gen)
         with autocast(device):
             logits = run.net(x)
         loss = F.binary_cross_entropy_with_logits(logits.float(), target)
@@ -319,6 +321,15 @@ def train_epoch(
         if len(losses) % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{run.sched.get_last_lr()[0]:.2e}")
     return losses
+
+
+def mixup(x: torch.Tensor, target: torch.Tensor, alpha: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blend the batch with a permutation of itself by one Beta(alpha, alpha) weight; drawn from
+    the epoch's CPU generator, so a resumed run repeats an uninterrupted one."""
+    # numpy draws the Beta: torch.distributions cannot take a generator
+    lam = float(np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen))).beta(alpha, alpha))
+    perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    return lam * x + (1 - lam) * x[perm], lam * target + (1 - lam) * target[perm]
 
 
 def validate(
