@@ -203,7 +203,7 @@ def _scan_opened(
     timings["scan"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    summary = _Summary.of(run.probs, sp, mpp.xy, loaded.card.threshold)
+    summary = HeatmapSummary.of(run.probs, int(sp.cells.sum()), sp.grid.l0_cell_size_xy, mpp.xy, loaded.card.threshold)
     attrs = _attrs(slide.info, slide_path, mpp, sp, loaded, predictor, config, settings, digests, run, summary, timings)
     timings["write"] = 0.0
     write_heatmap(out, run.probs, sp.cells, sp.grid, mpp.xy, attrs, overwrite=config.overwrite)
@@ -310,8 +310,9 @@ def _classify(
 
 
 @dataclass(frozen=True)
-class _Summary:
-    """The heatmap's summary numbers, computed once for the attrs and the returned result."""
+class HeatmapSummary:
+    """The heatmap's summary numbers, computed once for the attrs and the returned result, and
+    again from a stored heatmap by a reader that does not take the attrs' word for them."""
 
     n_tissue: int
     cell_um2: float
@@ -320,11 +321,18 @@ class _Summary:
     mean_prob: float | None
 
     @classmethod
-    def of(cls, probs: np.ndarray, sp: Any, mpp_xy: tuple[float, float], threshold: float) -> _Summary:
-        (sx, sy) = sp.grid.l0_cell_size_xy
+    def of(
+        cls,
+        probs: np.ndarray,
+        tissue_cells: int,
+        l0_cell_size_xy: tuple[float, float],
+        mpp_xy: tuple[float, float],
+        threshold: float,
+    ) -> HeatmapSummary:
+        (sx, sy) = l0_cell_size_xy
         finite = probs[np.isfinite(probs)]
         return cls(
-            int(sp.cells.sum()),
+            tissue_cells,
             sx * mpp_xy[0] * sy * mpp_xy[1],
             int((finite >= threshold).sum()),
             float(finite.max()) if finite.size else None,
@@ -351,7 +359,7 @@ def _attrs(
     settings: str,
     digests: dict[str, str],
     run: _Classified,
-    summary: _Summary,
+    summary: HeatmapSummary,
     timings: dict[str, float],
 ) -> dict[str, Any]:
     """The store's attrs: slide, grid, tissue, model, settings, summary, provenance (README: output format)."""

@@ -158,6 +158,28 @@ def test_a_damaged_store_is_listed_as_damaged_not_with_its_stored_call(results_f
         ViewerApp(results_folder / "case1.zarr")  # one store: refused at start
 
 
+def test_the_list_gives_the_call_of_the_cells_not_of_an_edited_summary(results_folder, caplog):
+    from wsi_scan.io.heatmap import open_heatmap, write_heatmap
+
+    store = results_folder / "case2.zarr"
+    hm = open_heatmap(store)
+    attrs = {k: v for k, v in hm.attrs.items() if k not in ("status", "data_sha256")}
+    attrs["summary"] = {**attrs["summary"], "call": "negative", "n_lesions": 0, "max_prob": 0.1, "tumour_area_mm2": 0.0}
+    write_heatmap(store, hm.probs, hm.tissue, hm.grid, hm.mpp_xy, attrs, overwrite=True)
+    with caplog.at_level("WARNING", logger="wsi_scan.view"):
+        app = ViewerApp(results_folder)
+    row = next(r for r in app.catalog()["slides"] if r["slide"] == "case2")
+    finite = hm.probs[np.isfinite(hm.probs)]
+    cell_um2 = hm.grid.l0_cell_size_xy[0] * hm.mpp_xy[0] * hm.grid.l0_cell_size_xy[1] * hm.mpp_xy[1]
+    assert row["call"] == "micro" and row["n_lesions"] == 1
+    assert row["max_prob"] == pytest.approx(float(finite.max()))
+    assert row["tumour_area_mm2"] == pytest.approx(int((finite >= hm.threshold).sum()) * cell_um2 / 1e6)
+    assert row["tissue_area_mm2"] == pytest.approx(int(hm.tissue.sum()) * cell_um2 / 1e6)
+    assert "case2: its attrs give the call negative, its cells micro" in caplog.text
+    with app.using(row["id"]) as op:  # the opened slide agrees with its row
+        assert json.loads(op.meta)["call"] == "micro"
+
+
 def test_static_files_skip_links(tmp_path, monkeypatch):
     import importlib
 

@@ -88,32 +88,51 @@ class Entry:
     store: Path
     attrs: dict[str, Any]
     row: dict[str, Any]
+    summary: dict[str, Any]  # computed from the store's cells at start (_computed_summary), not its attrs'
 
     @property
     def slide_path(self) -> str:
         return str(self.attrs.get("slide", {}).get("path") or "")
 
     def table_row(self) -> dict[str, Any]:
-        s = self.attrs.get("summary", {}) or {}
+        s = self.summary
         sl = self.attrs.get("slide", {}) or {}
         r = self.row
         return {
             "id": self.id,
             "slide": self.name,
             "status": r.get("status") or self.attrs.get("status", ""),
-            "call": s.get("call") or r.get("call") or "",
-            "score": _finite(s.get("score", r.get("score"))),
-            "n_lesions": s.get("n_lesions", r.get("n_lesions")),
+            "call": s["call"],
+            "score": _finite(s["score"]),
+            "n_lesions": s["n_lesions"],
             "largest_lesion_mm": _finite(s.get("largest_lesion_mm")),
             "tumour_area_mm2": _finite(s.get("tumour_area_mm2")),
             "max_prob": _finite(s.get("max_prob")),
             "mean_prob": _finite(s.get("mean_prob")),
-            "tissue_area_mm2": _finite((self.attrs.get("tissue") or {}).get("area_mm2")),
+            "tissue_area_mm2": _finite(s["tissue_area_mm2"]),
             "mpp": _finite((sl.get("mpp_xy") or [None])[0]),
             "mpp_source": sl.get("mpp_source", ""),
             "seconds": _finite(r.get("seconds_total")),
             "error": "",
         }
+
+
+def _computed_summary(hm: Any) -> dict[str, Any]:
+    """The list's numbers from the heatmap's cells, as the scan computed them for its attrs: an
+    edited summary block (the store's data intact, so no reader check refuses it) would otherwise
+    list a call that the opened slide contradicts."""
+    from ..lesions import call_slide
+    from ..scan import HeatmapSummary
+
+    tissue_cells = int(hm.tissue.sum())
+    nums = HeatmapSummary.of(hm.probs, tissue_cells, hm.grid.l0_cell_size_xy, hm.mpp_xy, hm.threshold)
+    return {
+        **call_slide(hm.probs, hm.grid, hm.mpp_xy, hm.threshold).summary(),
+        "tumour_area_mm2": nums.tumour_area_mm2,
+        "max_prob": nums.max_prob,
+        "mean_prob": nums.mean_prob,
+        "tissue_area_mm2": nums.tissue_area_mm2,
+    }
 
 
 def _failed_row(r: dict[str, Any]) -> dict[str, Any]:
@@ -189,14 +208,23 @@ class ViewerApp:
             name = name[:-5] if name.endswith(".zarr") else name
             try:
                 # checked now, not when opened: the list would show a damaged store's stored call
-                open_heatmap(store)
+                summary = _computed_summary(open_heatmap(store))
             except HeatmapError as exc:
                 if self.kind == "store":
                     raise
                 damaged.append(_failed_row({"slide": name, "status": "damaged", "error": str(exc)}))
                 rows.pop(os.path.realpath(store), None)
                 continue
-            self.entries.append(Entry(len(self.entries), name, store, attrs, rows.get(os.path.realpath(store), {})))
+            stored = (attrs.get("summary") or {}).get("call")
+            if stored is not None and stored != summary["call"]:
+                log.warning(
+                    "view: %s: its attrs give the call %s, its cells %s; listed with %s",
+                    name,
+                    stored,
+                    summary["call"],
+                    summary["call"],
+                )
+            self.entries.append(Entry(len(self.entries), name, store, attrs, rows.get(os.path.realpath(store), {}), summary))
         if not self.entries:
             raise HeatmapError(f"{path}: no readable heatmap store; rerun the scan")
         shown = {os.path.realpath(e.store) for e in self.entries}
