@@ -454,3 +454,40 @@ def test_stage_rests_on_the_stores_not_on_the_summary(tmp_path):
     next(p for p in (results / "b.zarr" / "0").rglob("*") if p.is_file() and p.name != "zarr.json").unlink()
     code, _, err = run("stage", results, "--patients", patients)
     assert code == 7 and "damaged heatmap store" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_longest_diameter_is_the_largest_distance_between_any_two_cell_corners():
+    from scipy import ndimage
+
+    from wsi_scan.lesions import lesion_labels, longest_diameter_um
+
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        shape = tuple(int(v) for v in rng.integers(1, 25, 2))
+        grid = GridGeometry(
+            tuple(rng.uniform(-40, 40, 2)),
+            tuple(rng.uniform(3, 150, 2)),
+            shape,
+            32,
+            96,
+            0.972,  # type: ignore[arg-type]
+        )
+        mpp = tuple(rng.uniform(0.1, 1.0, 2))
+        cells = ndimage.gaussian_filter(rng.random(shape), rng.uniform(0, 2)) > 0.5
+        rows, cols = np.nonzero(cells)
+        if rows.size == 0:
+            continue
+        (ox, oy), (sx, sy) = grid.l0_origin_xy, grid.l0_cell_size_xy
+        xs = np.concatenate([cols, cols + 1, cols, cols + 1]) * sx + ox
+        ys = np.concatenate([rows, rows, rows + 1, rows + 1]) * sy + oy
+        pts = np.stack([xs * mpp[0], ys * mpp[1]], axis=1)
+        brute = float(np.sqrt(((pts[:, None] - pts[None]) ** 2).sum(-1)).max())
+        assert longest_diameter_um(rows, cols, grid, mpp) == pytest.approx(brute, rel=1e-12)  # type: ignore[arg-type]
+        # shuffled cells: the per-row extremes do not depend on the order they come in
+        perm = rng.permutation(rows.size)
+        assert longest_diameter_um(rows[perm], cols[perm], grid, mpp) == pytest.approx(brute, rel=1e-12)  # type: ignore[arg-type]
+
+    # a region is kept exactly when one of its cells reaches the seed
+    probs = np.array([[0.6, 0.6, 0.0, 0.7], [0.0, 0.0, 0.0, 0.96], [np.nan, 0.96, 0.0, 0.0]], dtype=np.float32)
+    lab = lesion_labels(probs, 0.5, LesionConfig(seed_prob=0.95))
+    assert (lab[0, :2] == 0).all() and lab[0, 3] == lab[1, 3] > 0 and lab[2, 1] > 0 and lab[2, 1] != lab[0, 3]
