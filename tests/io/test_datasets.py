@@ -170,3 +170,18 @@ def test_gz_cache_tells_apart_files_of_equal_name_size_and_mtime(tmp_path):
     lb = open_patch_data(roots[1], cache_dir=cache).splits["valid"].labels
     assert lb.tolist() == (1 - la).tolist()
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_the_data_files_decide_the_layout(tmp_path):
+    # a stray file of PCam's name does not hide a Kaggle folder's labels
+    k = write_kaggle(tmp_path / "k", n=8)
+    (k / "camelyonpatch_level_2_split_README.txt").write_text("notes")
+    assert open_patch_data(k).layout == "kaggle"
+    # both layouts complete: which patches to use is not guessed
+    both = write_h5(write_kaggle(tmp_path / "both", n=8), n=8)
+    with pytest.raises(DataError, match="holds both PCam HDF5 files and train_labels.csv"):
+        open_patch_data(both)
+    d = tmp_path / "d"
+    (d / "train_labels.csv").mkdir(parents=True)
+    with pytest.raises(DataError, match="train_labels.csv is not a file"):
+        open_patch_data(d)

@@ -203,16 +203,24 @@ class H5Patches(PatchSet):
         self.split = split
         self.name = f"pcam-h5/{split}"
         try:
-            with h5py.File(y_path, "r") as fy:
-                y = np.asarray(fy["y"]).reshape(-1)
             with h5py.File(x_path, "r") as fx:
-                shape = fx["x"].shape
+                x = fx["x"]
+                if not isinstance(x, h5py.Dataset):
+                    raise DataError(f"{x_path}: 'x' is a {type(x).__name__}, expected a dataset of (N, 96, 96, 3) patches")
+                shape = x.shape
+            if tuple(shape[1:]) != PATCH_SHAPE:
+                raise DataError(f"{x_path}: expected x of shape (N, 96, 96, 3), found {shape}")
+            with h5py.File(y_path, "r") as fy:
+                yd = fy["y"]
+                if not isinstance(yd, h5py.Dataset):
+                    raise DataError(f"{y_path}: 'y' is a {type(yd).__name__}, expected a dataset of N labels")
+                # compared before reading: a small file may declare more labels than memory holds
+                n_y = int(np.prod(yd.shape)) if yd.shape else 1
+                if n_y != shape[0]:
+                    raise DataError(f"{x_path}: {shape[0]} patches but {n_y} labels in {y_path}")
+                y = np.asarray(yd).reshape(-1)
         except (OSError, KeyError) as exc:
             raise DataError(f"{x_path.parent}: not a readable PCam HDF5 pair ({exc})") from None
-        if tuple(shape[1:]) != PATCH_SHAPE:
-            raise DataError(f"{x_path}: expected x of shape (N, 96, 96, 3), found {shape}")
-        if shape[0] != y.shape[0]:
-            raise DataError(f"{x_path}: {shape[0]} patches but {y.shape[0]} labels in {y_path}")
         bad = np.flatnonzero((y != 0) & (y != 1))
         if bad.size:
             raise DataError(f"{y_path}: label at index {bad[0]} is {y[bad[0]]}, expected 0 or 1")
@@ -327,7 +335,18 @@ def open_patch_data(folder: str | Path, cache_dir: Path | None = None) -> PatchD
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a directory")
-    if any(root.glob(f"{H5_PREFIX}*")):
+    # the data files themselves decide the layout, not any file of PCam's name (a README)
+    has_h5 = any(root.glob(f"{H5_PREFIX}*_x.h5*")) or any(root.glob(f"{H5_PREFIX}*_y.h5*"))
+    csvs = [root / f"{split}_labels.csv" for split in SPLITS if (root / f"{split}_labels.csv").exists()]
+    if has_h5 and csvs:
+        raise DataError(
+            f"{root} holds both PCam HDF5 files and {csvs[0].name} (the Kaggle layout); which patches to use is "
+            "not clear: give a folder with one layout"
+        )
+    for c in csvs:
+        if not c.is_file():
+            raise DataError(f"{c} is not a file; expected the CSV of ids and labels of the Kaggle layout")
+    if has_h5:
         cache = cache_dir or default_cache_dir() / "h5"
         h5_splits: dict[str, PatchSet] = {}
         for split in SPLITS:
