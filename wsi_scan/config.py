@@ -301,6 +301,7 @@ class TrainConfig:
             ("max_train", 0, 1 << 40, False),
             ("ema_decay", 0.0, 0.99999, False),
             ("mixup_alpha", 0.0, 10.0, False),
+            ("seed", 0, 2**31 - 1, False),  # numpy and the per-epoch seeds (seed * 1000 + epoch) take it
             ("max_valid", 0, 1 << 40, False),
             ("threshold_specificity", 0.0, 0.9999, False),
             ("brightness_contrast", 0.0, 0.5, False),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -333,3 +334,171 @@ def test_mixup_run_records_alpha_in_the_card(kaggle_dir, tmp_path):
     assert load_model(res.model_path).card.training["config"]["mixup_alpha"] == 0.2
     with pytest.raises(Exception, match="mixup_alpha"):
         TrainConfig(mixup_alpha=-1)
+
+
+def test_a_file_at_the_state_path_is_never_replaced_and_an_earlier_state_needs_overwrite(kaggle_dir, tmp_path):
+    from wsi_scan.errors import OutputExistsError
+    from wsi_scan.train.loop import state_path
+
+    out = tmp_path / "m.safetensors"
+    state_path(out).write_text("my notes\n")
+    with pytest.raises(OutputExistsError, match="is a file wsi-scan did not write"):
+        train([kaggle_dir], out, TrainConfig(**TINY, final_tta=False), progress=False)
+    with pytest.raises(OutputExistsError, match="is a file wsi-scan did not write"):
+        train([kaggle_dir], out, TrainConfig(**TINY, final_tta=False), progress=False, overwrite=True)
+    assert state_path(out).read_text() == "my notes\n" and not out.exists()
+    state_path(out).unlink()
+    train([kaggle_dir], out, TrainConfig(**TINY, final_tta=False), progress=False)
+    out.unlink()  # the model removed, its state left: a new run must say so, not take it over
+    with pytest.raises(OutputExistsError, match="training state of an earlier run"):
+        train([kaggle_dir], out, TrainConfig(**TINY, final_tta=False), progress=False)
+    train([kaggle_dir], out, TrainConfig(**TINY, final_tta=False), progress=False, overwrite=True)
+
+
+def test_report_and_figure_folders_are_checked_before_training(kaggle_dir, tmp_path):
+    from tests._support import write_called_store
+    from wsi_scan.errors import OutputExistsError
+    from wsi_scan.io.heatmap import open_heatmap
+
+    store = write_called_store(tmp_path / "s.zarr", "micro")
+    out = tmp_path / "m.safetensors"
+    for report in (store / "rep", store):
+        with pytest.raises(OutputExistsError, match="heatmap store"):
+            train([kaggle_dir], out, TrainConfig(**TINY, final_tta=False), report_dir=report, progress=False)
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "curves.png").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--report .*curves.png"):
+        train([kaggle_dir], out, TrainConfig(**TINY, final_tta=False), report_dir=tmp_path / "rep", progress=False)
+    assert not out.exists()  # refused before any training
+    r = CliRunner().invoke(main, ["explore", str(kaggle_dir), "--out", str(store / "figs")])
+    assert r.exit_code == 4 and "heatmap store" in r.stderr
+    open_heatmap(store)  # still a store
+    (tmp_path / "afile").write_text("x")
+    r = CliRunner().invoke(main, ["evaluate", str(kaggle_dir), "--model", "fast", "--out", str(tmp_path / "afile")])
+    assert r.exit_code == 2 and "is a file; expected a folder" in r.stderr
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(kaggle_dir, tmp_path):
+    from wsi_scan.errors import OutputExistsError
+    from wsi_scan.io.folder_run import training_lock
+
+    out = tmp_path / "m.safetensors"
+    lock = training_lock(out)
+    assert lock.acquire(blocking=False)
+    try:
+        with pytest.raises(OutputExistsError, match="another training run is writing"):
+            train([kaggle_dir], out, TrainConfig(**TINY, final_tta=False), progress=False)
+    finally:
+        lock.release()
+    train([kaggle_dir], out, TrainConfig(**TINY, final_tta=False), progress=False)
+    assert not training_lock(out).path.exists()  # released and removed
+
+
+def test_resume_continues_only_the_run_that_saved_the_state(kaggle_dir, tmp_path, monkeypatch):
+    import torch
+
+    import wsi_scan.train.loop as loop
+    from tests.train.conftest import write_kaggle
+    from wsi_scan.errors import ModelError, UsageError
+
+    out = tmp_path / "r.safetensors"
+    cfg = dict(TINY, epochs=2, final_tta=False)
+    orig = loop.finalize
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "finalize", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train([kaggle_dir], out, TrainConfig(**cfg), progress=False)
+    monkeypatch.setattr(loop, "finalize", orig)
+    # the file left by the killed run is not taken for a model
+    with pytest.raises(ModelError, match="has not finished"):
+        load_model(out)
+    r = CliRunner().invoke(main, ["evaluate", str(kaggle_dir), "--model", str(out)])
+    assert r.exit_code == 5 and "has not finished" in r.stderr
+    for change, words in (
+        ({"epochs": 3}, "--epochs 2 (now 3)"),
+        ({"width": 16}, "--width 8 (now 16)"),
+        ({"mixup_alpha": 0.2}, "--mixup-alpha"),
+    ):
+        with pytest.raises(UsageError, match=re.escape(words)):
+            train([kaggle_dir], out, TrainConfig(**{**cfg, **change}), resume=True, progress=False)
+    other = write_kaggle(tmp_path / "other", n=96, ext=".png", valid=32, seed=5)
+    with pytest.raises(UsageError, match="other data"):
+        train([other], out, TrainConfig(**cfg), resume=True, progress=False)
+    # a damaged value under a key that is there
+    sp = loop.state_path(out)
+    good = sp.read_bytes()
+    s = torch.load(sp, weights_only=True)
+    s["history"] = "not json"
+    torch.save(s, sp)
+    with pytest.raises(UsageError, match="cannot be used"):
+        train([kaggle_dir], out, TrainConfig(**cfg), resume=True, progress=False)
+    sp.write_bytes(good)
+    # the options that only change the speed may differ
+    res = train([kaggle_dir], out, TrainConfig(**{**cfg, "threads": 2}), resume=True, progress=False)
+    assert "unfinished" not in load_model(res.model_path).card.training
+
+
+def test_training_refuses_a_seed_out_of_range_and_the_same_data_twice(kaggle_dir, tmp_path):
+    from wsi_scan.errors import DataError, UsageError
+
+    for seed in (-1, 2**31):
+        with pytest.raises(UsageError, match="seed"):
+            TrainConfig(seed=seed)
+    with pytest.raises(DataError, match="the same patches as"):
+        train([kaggle_dir, kaggle_dir], tmp_path / "m.pt", TrainConfig(**TINY, final_tta=False), progress=False)
+
+
+def test_a_full_disk_while_saving_the_state_is_one_write_error(tmp_path, monkeypatch):
+    import torch
+
+    from wsi_scan.errors import OutputWriteError
+    from wsi_scan.train.loop import save_state
+
+    def full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 119360 vs 119248")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OutputWriteError, match="cannot write the training state"):
+        save_state(tmp_path / "s.pt", {"a": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hdf5_pairs_that_lie_are_data_errors(tmp_path):
+    import h5py
+
+    from tests.train.conftest import write_h5
+    from wsi_scan.errors import DataError
+    from wsi_scan.io.datasets import open_patch_data
+
+    root = write_h5(tmp_path / "g", n=16)
+    with h5py.File(root / "camelyonpatch_level_2_split_train_x.h5", "w") as f:
+        f.create_group("x")
+    with pytest.raises(DataError, match="'x' is a Group"):
+        open_patch_data(root)
+    root = write_h5(tmp_path / "big", n=16)
+    with h5py.File(root / "camelyonpatch_level_2_split_train_y.h5", "w") as f:
+        f.create_dataset("y", shape=(10**13,), dtype="u1")  # a tiny file declaring 10^13 labels
+    with pytest.raises(DataError, match="16 patches but 10000000000000 labels"):
+        open_patch_data(root)
+
+
+def test_a_validation_split_that_repeats_training_patches_is_warned_about(tmp_path, caplog):
+    import shutil
+
+    from tests.train.conftest import write_kaggle
+
+    k = write_kaggle(tmp_path / "k", n=96, ext=".png", valid=32)
+    # half the validation patches replaced by training patches (same pixels, other ids)
+    rows = (k / "valid_labels.csv").read_text().splitlines()
+    train_rows = (k / "train_labels.csv").read_text().splitlines()[1:17]
+    for i, row in enumerate(train_rows):
+        ident, label = row.split(",")
+        shutil.copy(k / "train" / f"{ident}.png", k / "valid" / f"valid{i:04d}.png")
+        rows[1 + i] = f"valid{i:04d},{label}"
+    (k / "valid_labels.csv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level("WARNING", logger="wsi_scan.train"):
+        train([k], tmp_path / "m.pt", TrainConfig(**TINY, final_tta=False), progress=False)
+    assert "the validation split repeats training patches (about 50% of these patches" in caplog.text

@@ -86,9 +86,9 @@ def test_the_rule_refuses_what_it_cannot_measure_and_writes_nothing(kaggle_dir, 
         with pytest.raises(DataError, match="needs both classes"):
             rethreshold_model(src, data, out, progress=False)
         assert not out.exists()
-    # a specificity that is not a number between 0 and 1
-    for bad in (math.nan, 1.0, 0.0, math.inf):
-        with pytest.raises(UsageError, match="--specificity must be a number between 0 and 1"):
+    # a specificity outside the command line's range (0.5 to 0.9999), or not a number
+    for bad in (math.nan, 1.0, 0.0, 0.4, math.inf):
+        with pytest.raises(UsageError, match="--specificity must be a number from 0.5 to 0.9999"):
             rethreshold_model(src, kaggle_dir, out, specificity=bad, progress=False)
     # its own input, even when asked to overwrite: the model it is made from would be lost
     before = src.read_bytes()

@@ -164,8 +164,8 @@ def stored_attrs(out: Path) -> dict[str, Any] | None:
     return read_attrs(out) or {}
 
 
-class SlideLock:
-    """An exclusive lock per output, held with ``flock`` on a small file under OUT_DIR/.locks.
+class FileLock:
+    """An exclusive lock held with ``flock`` on a small file at ``path``.
 
     ``flock`` is released by the kernel when its holder dies, even by SIGKILL, so a killed run
     never leaves a lock that a later run has to judge stale. The file records pid and host for
@@ -173,10 +173,8 @@ class SlideLock:
     that is on disk (another holder may have removed it between open and flock).
     """
 
-    def __init__(self, out_dir: Path, rel: str) -> None:
-        # a readable name plus a hash of the exact path: "a/b.tif" and "a__b.tif" stay distinct
-        digest = hashlib.sha1(rel.encode()).hexdigest()[:8]
-        self.path = out_dir / LOCK_DIR / f"{rel.replace('/', '__')}.{digest}.lock"
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self.fd: int | None = None
 
     def acquire(self, blocking: bool) -> bool:
@@ -213,6 +211,21 @@ class SlideLock:
             os.unlink(self.path)
         os.close(self.fd)  # closing drops the flock
         self.fd = None
+
+
+class SlideLock(FileLock):
+    """The lock of one slide's output in a folder run, under OUT_DIR/.locks."""
+
+    def __init__(self, out_dir: Path, rel: str) -> None:
+        # a readable name plus a hash of the exact path: "a/b.tif" and "a__b.tif" stay distinct
+        digest = hashlib.sha1(rel.encode()).hexdigest()[:8]
+        super().__init__(out_dir / LOCK_DIR / f"{rel.replace('/', '__')}.{digest}.lock")
+
+
+def training_lock(out: Path) -> FileLock:
+    """The lock a training run holds on its --out (a hidden file beside it): two runs writing one
+    model file and one state would each report the other's epochs as their own."""
+    return FileLock(out.with_name(f".{out.name}.lock"))
 
 
 def clean_debris(out: Path) -> list[Path]:

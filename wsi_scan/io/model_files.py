@@ -169,6 +169,11 @@ def _read_weights(path: Path) -> tuple[ModelCard, dict[str, Any]]:
     return card, state
 
 
+def read_card(path: str | Path) -> ModelCard:
+    """The card of a model file (.pt, .pth or .safetensors), without building its network."""
+    return _read_weights(Path(path))[0]
+
+
 def _load_torchscript(path: Path) -> tuple[Any, ModelCard]:
     import torch
 
@@ -209,8 +214,10 @@ def _load_torchscript(path: Path) -> tuple[Any, ModelCard]:
     return PatchClassifier(_Flat(net)).eval(), card
 
 
-def load_model(path: str | Path | None = None) -> LoadedModel:
-    """Load a model file (or the bundled default) in eval mode on the CPU."""
+def load_model(path: str | Path | None = None, unfinished_ok: bool = False) -> LoadedModel:
+    """Load a model file (or the bundled default) in eval mode on the CPU. The file of a training
+    run that has not finished (killed, failed, or still running) is refused unless
+    ``unfinished_ok``: it holds the best epoch so far with the untuned threshold 0.5."""
     from ..model.nets import build_network
 
     p = resolve_model(path)
@@ -227,6 +234,14 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
         check_card_against_network(net, card, str(p))
         return LoadedModel(net=net, card=card, path=str(p), sha256=_sha256(p))
     card, state = _read_weights(p)
+    unfinished = card.training.get("unfinished")
+    if unfinished and not unfinished_ok:
+        raise ModelError(
+            f"{p}: the model of a training run that has not finished (its best epoch so far, after epoch "
+            f"{unfinished.get('epoch', '?') if isinstance(unfinished, dict) else '?'} of "
+            f"{unfinished.get('epochs', '?') if isinstance(unfinished, dict) else '?'}, with the untuned threshold "
+            "0.5): let the run finish, or continue it with `wsi-scan train ... --resume` and the same --out"
+        )
     net = build_network(card.arch, **card.arch_kwargs)
     expected = net.state_dict()
     for k, v in state.items():
@@ -239,12 +254,36 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ModelError(f"{p}: weights do not match architecture {card.arch!r} ({str(exc).splitlines()[0][:160]})") from None
+        raise ModelError(
+            f"{p}: weights do not match architecture {card.arch!r} with its card's settings {card.arch_kwargs} "
+            f"({_weights_mismatch(state, expected) or str(exc).splitlines()[0][:160]}); the file is damaged or its card was edited"
+        ) from None
     net.eval()
     if card.dense_exact != bool(getattr(net, "dense_exact", False)):
         card = ModelCard.from_dict({**card.to_dict(), "dense_exact": bool(net.dense_exact)})
     check_card_against_network(net, card, str(p))
     return LoadedModel(net=net, card=card, path=str(p.resolve()), sha256=_sha256(p))
+
+
+def _weights_mismatch(state: dict[str, Any], expected: dict[str, Any]) -> str:
+    """Which tensors do not fit, in words: torch's own message lists every name on lines of its own."""
+
+    def first(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {list(state[k].shape)} in the file, {list(expected[k].shape)} for the network"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    parts = [
+        f"{len(missing)} missing: {first(missing)}" if missing else "",
+        f"{len(extra)} not of this network: {first(extra)}" if extra else "",
+        f"{len(shapes)} of another shape: {first(shapes)}" if shapes else "",
+    ]
+    return "; ".join(p for p in parts if p)
 
 
 MAX_BLANK_LOGIT = 1e4

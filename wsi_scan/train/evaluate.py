@@ -93,15 +93,9 @@ def check_evaluation_folder(out_dir: Path) -> None:
     """Refuse, before any scoring, a folder whose files ``write_evaluation`` may not replace (a
     user's file of one of their names, a link), a folder inside a heatmap store or one that is a
     link; then create it."""
-    from ..errors import OutputExistsError
-    from ..io.outputs import check_replaceable
     from .plots import check_figure_folder
 
-    if out_dir.is_symlink():
-        raise OutputExistsError(f"--out {out_dir} is a symbolic link; give the real folder or another --out")
-    for name in EVALUATION_FILES:
-        check_replaceable(out_dir / name, True, kind="file")
-    check_figure_folder(out_dir)
+    check_figure_folder(out_dir, EVALUATION_FILES)
 
 
 def write_evaluation(out_dir: Path, ev: Evaluation, ps: PatchSet, threshold: float, info: dict[str, Any]) -> list[Path]:

@@ -68,11 +68,124 @@ STATE_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_auc", "best_epoc
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """Write the resumable state atomically: a kill mid-write leaves the previous epoch's."""
+    from ..errors import OutputWriteError
     from ..io.outputs import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "training state") as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as exc:  # torch's zip writer reports a full disk as a RuntimeError
+            msg = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
+            raise OutputWriteError(
+                f"cannot write the training state {path} ({msg}); free space or choose another --out"
+            ) from None
+
+
+#: options that may differ between a run and its --resume: they change how fast, not what is trained
+RESUME_FREE = ("threads", "loader_workers", "device", "cache_patches", "final_tta", "valid_batch_size")
+
+
+def check_resumable(state: dict[str, Any], path: Path, cfg: TrainConfig, data: dict[str, Any], out_card: Any) -> None:
+    """A state continues only the run that saved it: the same options (those of RESUME_FREE
+    aside) and the same data. Its own record, or for states written before it kept one, the
+    card of the model file beside it."""
+    saved_cfg, saved_data = _json_field(state, "config"), _json_field(state, "data")
+    if saved_cfg is None and out_card is not None:
+        saved_cfg = out_card.training.get("config")
+        saved_data = {k: v for k, v in out_card.training.get("data", {}).items() if k != "seen_patches"}
+    if isinstance(saved_cfg, dict):
+        now = json.loads(json.dumps(cfg.to_dict()))  # as saved: tuples become lists
+        differ = [
+            f"--{k.replace('_', '-')} {saved_cfg[k]} (now {now[k]})"
+            for k in sorted(now)
+            if k in saved_cfg and k not in RESUME_FREE and saved_cfg[k] != now[k]
+        ]
+        if differ:
+            raise UsageError(
+                f"--resume: the training state {path} was saved by a run with {', '.join(differ)}; a resumed run "
+                "continues that run: give its options, or start a new --out without --resume"
+            )
+    if isinstance(saved_data, dict) and _comparable(saved_data) != _comparable(data):
+        raise UsageError(
+            f"--resume: the training state {path} was saved by a run on other data ({_data_words(saved_data)}; now "
+            f"{_data_words(data)}); give the same data folders, or start a new --out without --resume"
+        )
+
+
+def _json_field(state: dict[str, Any], key: str) -> dict[str, Any] | None:
+    try:
+        v = json.loads(state[key]) if isinstance(state.get(key), str) else None
+    except ValueError:
+        return None
+    return v if isinstance(v, dict) else None
+
+
+def _card_beside(out: Path) -> Any:
+    """The card of the model file a run is resuming, or None (removed, damaged or foreign)."""
+    from ..io.model_files import read_card
+
+    try:
+        return read_card(out)
+    except Exception:  # noqa: BLE001 - the state's own record is then all there is to compare
+        return None
+
+
+def _is_state(path: Path) -> bool:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - anything that does not load as a state is not ours
+        return False
+    return isinstance(state, dict) and all(k in state for k in STATE_KEYS)
+
+
+def check_state_file(path: Path, out: Path, overwrite: bool, resume: bool) -> None:
+    """The state file beside --out is an output too: a user's file of its name is never replaced,
+    and an earlier run's state only with --overwrite (or continued with --resume)."""
+    from ..errors import OutputExistsError
+
+    if resume or not (path.exists() or path.is_symlink()):
+        return
+    if path.is_symlink() or not path.is_file() or not _is_state(path):
+        raise OutputExistsError(
+            f"{path}, where training keeps the state of --out {out.name} for --resume, is a file wsi-scan did not "
+            "write; wsi-scan only ever replaces its own outputs: move it away or choose another --out"
+        )
+    if not overwrite:
+        raise OutputExistsError(
+            f"{path} holds the training state of an earlier run of --out {out.name}; pass --resume to continue that "
+            "run or --overwrite to start again"
+        )
+
+
+def warn_if_validation_was_trained_on(splits: Splits) -> None:
+    """A validation split that repeats the training patches measures memory, not the task."""
+    from .seen import PatchFilter, sample_indices, seen_share
+
+    described: list[dict[str, Any]] = list(splits.description.get("seen_patches") or [])  # type: ignore[call-overload]
+    filters = [PatchFilter.from_dict(f) for f in described]
+    if not filters:
+        return
+    pick = splits.valid[sample_indices(len(splits.valid))]
+    share = seen_share(filters, (splits.sets[s].read(int(i)) for s, i in pick))
+    if share.clearly_seen:
+        logging.getLogger("wsi_scan.train").warning(
+            f"the validation split repeats training patches ({share.describe()}): its AUC, the epoch it chooses "
+            "and the threshold measure patches the network has seen; give a validation split of other patches"
+        )
+
+
+def _comparable(d: dict[str, Any]) -> dict[str, Any]:
+    """The data as the patches' fingerprints and counts say, not the folders' names (a resumed
+    run may name the same folders by another path)."""
+    sources = [{k: v for k, v in src.items() if k != "root"} if isinstance(src, dict) else src for src in d.get("sources", [])]
+    return {**{k: v for k, v in d.items() if k != "seen_patches"}, "sources": sources}
+
+
+def _data_words(d: dict[str, Any]) -> str:
+    roots = [str(src.get("root", "?")) if isinstance(src, dict) else "?" for src in d.get("sources", [])]
+    n = {k: (d.get(k) or {}).get("n", "?") if isinstance(d.get(k), dict) else "?" for k in ("train", "valid")}
+    return f"{', '.join(roots) or '?'}: {n['train']} training, {n['valid']} validation patches"
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -118,13 +231,39 @@ def train(
 
     An existing ``out`` is replaced only when it is a wsi-scan model file and ``overwrite`` or
     ``resume`` is given (a resumed run rewrites its own best epoch)."""
+    from ..errors import OutputExistsError
+    from ..io.folder_run import training_lock
     from ..io.outputs import check_replaceable, prepare_parent
+    from .plots import REPORT_FILES, check_figure_folder
 
     out = Path(out)
     if out.suffix not in (".pt", ".pth", ".safetensors"):
         raise UsageError(f"--out must end in .pt, .pth or .safetensors, found {out.name}")
     check_replaceable(out, overwrite or resume, kind="file")
+    check_state_file(state_path(out), out, overwrite, resume)
+    if report_dir is not None:  # now, not after the hours of training
+        check_figure_folder(Path(report_dir), REPORT_FILES, "--report")
     prepare_parent(out)
+    lock = training_lock(out)
+    if not lock.acquire(blocking=False):
+        raise OutputExistsError(
+            f"another training run is writing --out {out} (process {lock.holder()}); wait for it to finish or choose another --out"
+        )
+    try:
+        return _train(data, out, cfg, report_dir, resume, progress, command)
+    finally:
+        lock.release()
+
+
+def _train(
+    data: list[str | Path],
+    out: Path,
+    cfg: TrainConfig,
+    report_dir: str | Path | None,
+    resume: bool,
+    progress: bool,
+    command: str | None,
+) -> TrainResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -132,7 +271,10 @@ def train(
     splits, train_rows = prepare_data(data, cfg)
     decoded = decode_rows(splits.sets, train_rows, progress, "decode training patches") if cfg.cache_patches else None
     splits = with_seen_patches(splits, train_rows, decoded)
+    warn_if_validation_was_trained_on(splits)
     state = load_state(state_path(out)) if resume else None
+    if state is not None:
+        check_resumable(state, state_path(out), cfg, _comparable(splits.description), _card_beside(out))
     run = build_run(cfg, splits, len(train_rows), device, state, out.stem, command or " ".join(sys.argv))
     ds_train = RowsDataset(
         splits.sets,
@@ -177,6 +319,7 @@ def prepare_data(data: list[str | Path], cfg: TrainConfig) -> tuple[Splits, np.n
     ``max_train``), both checked to hold both classes."""
     datas = [open_patch_data(d) for d in data]
     splits = make_splits(datas, cfg.val_fraction, cfg.seed)
+    _refuse_repeated_splits(splits)
     if cfg.max_valid and cfg.max_valid < len(splits.valid):
         # a seeded subset: quick runs only; the card says how many patches chose the epoch
         keep = np.sort(np.random.default_rng([cfg.seed, 6]).permutation(len(splits.valid))[: cfg.max_valid])
@@ -195,6 +338,25 @@ def prepare_data(data: list[str | Path], cfg: TrainConfig) -> tuple[Splits, np.n
                 "training and choosing an epoch need both tumour and normal patches"
             )
     return splits, train_rows
+
+
+def _refuse_repeated_splits(splits: Splits) -> None:
+    """One split given twice (the same folder twice, or a copy) would weigh its patches double in
+    the loss and the validation AUC, as an id listed twice in one labels CSV would."""
+    from ..errors import DataError
+
+    seen: dict[str, str] = {}
+    sources: list[Any] = list(splits.description.get("sources") or [])  # type: ignore[call-overload]
+    for src in sources:
+        for split in (src.get("splits") or {}).values() if isinstance(src, dict) else ():
+            fp, name = split.get("fingerprint"), str(split.get("name", "?"))
+            if fp and fp in seen:
+                raise DataError(
+                    f"{name} holds the same patches as {seen[fp]} (the same fingerprint): a split given twice "
+                    "counts each patch twice; give each data folder once"
+                )
+            if fp:
+                seen[fp] = name
 
 
 def with_seen_patches(splits: Splits, train_rows: np.ndarray, decoded: np.ndarray | None = None) -> Splits:
@@ -279,15 +441,27 @@ def build_run(
     )
     run = Run(net, card, opt, sched, scaler, ema, mean, std, [])
     if state is not None:
-        net.load_state_dict(state["model"])
-        if ema is not None and "ema" in state:
-            ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        run.history = json.loads(state["history"])
-        run.best_auc, run.best_epoch, run.start = float(state["best_auc"]), int(state["best_epoch"]), int(state["epoch"]) + 1
+        try:
+            net.load_state_dict(state["model"])
+            if ema is not None and "ema" in state:
+                ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            if "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
+            run.history = json.loads(state["history"])
+            run.best_auc, run.best_epoch = float(state["best_auc"]), int(state["best_epoch"])
+            run.start = int(state["epoch"]) + 1
+        except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            # all its keys present, a value of the wrong kind or shape: a damaged or edited state
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise UsageError(
+                f"--resume: the training state beside --out cannot be used ({first}); delete it and start without --resume"
+            ) from None
+        if not isinstance(run.history, list) or not 0 <= run.start <= cfg.epochs:
+            raise UsageError(
+                "--resume: the training state beside --out is damaged (its epoch or history); delete it and start without --resume"
+            )
     return run
 
 
@@ -352,7 +526,12 @@ def keep_epoch(run: Run, out: Path, m: BinaryMetrics, epoch: int) -> None:
             {
                 **run.card.to_dict(),
                 "metrics": {"valid": m.to_dict(), "epoch": epoch + 1},
-                "training": {**run.card.training, "history": run.history},
+                # until finalize: load_model refuses the file of a run killed or failed before it
+                "training": {
+                    **run.card.training,
+                    "history": run.history,
+                    "unfinished": {"epoch": epoch + 1, "epochs": run.card.training["config"]["epochs"]},
+                },
             }
         )
         save_model(out, run.scored, best_card)
@@ -370,6 +549,9 @@ def keep_epoch(run: Run, out: Path, m: BinaryMetrics, epoch: int) -> None:
             "std": list(run.std),
             "scaler": run.scaler.state_dict(),
             **({"ema": run.ema.state_dict()} if run.ema is not None else {}),
+            # what check_resumable compares a --resume against
+            "config": json.dumps(run.card.training["config"]),
+            "data": json.dumps(_comparable(run.card.training["data"])),
         },
     )
 
@@ -387,7 +569,7 @@ def finalize(
     the validation split, store both in its card, draw the report."""
     from ..io.model_files import load_model
 
-    model = load_model(out)
+    model = load_model(out, unfinished_ok=True)
     net = model.net.to(device).to(memory_format=torch.channels_last)
     labels = labels_of(splits, splits.valid)
     ds_valid = RowsDataset(splits.sets, splits.valid)
@@ -399,7 +581,8 @@ def finalize(
         else None
     )
     epoch = int(model.card.metrics.get("epoch", 0))
-    card = ModelCard.from_dict({**model.card.to_dict(), "training": {**model.card.training, "history": history}})
+    finished = {k: v for k, v in model.card.training.items() if k != "unfinished"}
+    card = ModelCard.from_dict({**model.card.to_dict(), "training": {**finished, "history": history}})
     if cfg.threshold_specificity > 0:
         card = with_threshold(card, labels, probs, cfg.threshold_specificity, "the training's validation split")
         rule = card.training["threshold_rule"]

@@ -21,14 +21,28 @@ def _plt() -> Any:
     return plt
 
 
-def check_figure_folder(out_dir: Path) -> None:
-    """A folder for figures: refused when it is a file, created otherwise, checked writable."""
-    from ..errors import UsageError
-    from ..io.outputs import prepare_parent
+EXPLORE_FILES = ("label_distribution.png", "samples.png", "colour_histograms.png")
+REPORT_FILES = ("curves.png", "roc.png", "valid_predictions.csv")
+SLIDE_REPORT_FILES = ("froc.png", "slide_roc.png")
 
+
+def check_figure_folder(out_dir: Path, names: Sequence[str] = (), flag: str = "--out") -> None:
+    """A folder for figures, refused before anything is written to it when it is a file or a link,
+    lies inside a heatmap store (a file there makes the store no longer one), or holds a user's
+    file of one of ``names``; created otherwise, checked writable."""
+    from ..errors import OutputExistsError, UsageError
+    from ..io.outputs import absolute, check_replaceable, is_heatmap_store, prepare_parent
+
+    if out_dir.is_symlink():
+        raise OutputExistsError(f"{flag} {out_dir} is a symbolic link; give the real folder or another {flag}")
     if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"{out_dir} is a file; expected a folder for the figures")
-    prepare_parent(out_dir / "x.png")
+        raise UsageError(f"{flag} {out_dir} is a file; expected a folder for the figures")
+    for folder in (absolute(out_dir), *absolute(out_dir).parents):
+        if is_heatmap_store(folder):
+            raise OutputExistsError(f"{flag} {out_dir} is or lies inside the heatmap store {folder}; write it beside the store")
+    for name in names:
+        check_replaceable(out_dir / name, True, kind="file", flag=flag)
+    prepare_parent(out_dir / "x.png", flag)
 
 
 def save_figure(fig: Any, path: Path) -> None:
@@ -44,7 +58,7 @@ def explore(sets: Sequence[PatchSet], out_dir: Path, per_class: int = 12, seed: 
     plt = _plt()
     from matplotlib.patches import Rectangle
 
-    check_figure_folder(out_dir)
+    check_figure_folder(out_dir, EXPLORE_FILES)
     written: list[Path] = []
 
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(sets), 3.2))
@@ -109,7 +123,7 @@ def training_report(
 ) -> list[Path]:
     """Loss and AUC per epoch, and the ROC curve of the chosen model on the validation split."""
     plt = _plt()
-    check_figure_folder(out_dir)
+    check_figure_folder(out_dir, REPORT_FILES, "--report")
     written: list[Path] = []
     ep = [h["epoch"] for h in history]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -181,7 +195,7 @@ def evaluation_figures(
     """The FROC curve of a cohort, when it has tumour regions to find, and, when it has both
     classes, the slide-level ROC."""
     plt = _plt()
-    check_figure_folder(out_dir)
+    check_figure_folder(out_dir, SLIDE_REPORT_FILES)
     written: list[Path] = []
     if froc_score is not None:
         written.append(_froc_figure(plt, out_dir / "froc.png", fps_per_slide, sensitivity, froc_score))
