@@ -479,7 +479,11 @@ def _train_options(f: F) -> F:
 @click.argument("data", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="model file (.pt or .safetensors)")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None, help="folder for figures")
-@click.option("--resume", is_flag=True, help="continue from the training state saved beside --out")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="continue the run whose state is saved beside --out (OUT.train-state.pt), with its options and data",
+)
 @click.option("--overwrite", is_flag=True, help="replace an existing model file written by wsi-scan")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @_train_options

@@ -69,9 +69,13 @@ def _in_range(owner: str, name: str, value: Any, lo: float, hi: float, lo_open: 
         and value <= hi
     )
     if not ok:
-        lo_s = f"> {lo:g}" if lo_open else f">= {lo:g}"
+
+        def num(v: float) -> str:  # whole bounds in full: "2147483647", not "2.14748e+09"
+            return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else f"{v:g}"
+
+        lo_s = f"> {num(lo)}" if lo_open else f">= {num(lo)}"
         opt = flag or "--" + name.replace("_", "-")
-        raise UsageError(f"{opt} must be a number {lo_s} and <= {hi:g} ({owner}.{name}), found {value!r}")
+        raise UsageError(f"{opt} must be a number {lo_s} and <= {num(hi)} ({owner}.{name}), found {value!r}")
 
 
 @dataclass(frozen=True)
