@@ -427,6 +427,67 @@ def test_evaluate_slides_on_an_annotated_synthetic_cohort(make_slide, mock_model
     assert not (tmp_path / "results" / "froc.png").exists()
 
 
+def test_evaluate_slides_refuses_what_would_replace_other_outputs_or_count_wrongly(make_slide, mock_model, tmp_path):
+    import hashlib
+    import shutil
+
+    from wsi_scan.batch import scan_folder
+
+    make_slide("slides/patient_000_node_0.tif", size_wh=(5000, 3000), tissue=((200, 200, 4800, 2800),))
+    results = tmp_path / "results"
+    assert scan_folder(tmp_path / "slides", results, ScanConfig(), model=mock_model, report=False).n_failed == 0
+    ann = tmp_path / "ann"
+    ann.mkdir()
+
+    def digest(p):
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    # --overwrite replaces an earlier evaluation only, never a model or the run's own files
+    model = tmp_path / "my-model.safetensors"
+    shutil.copy(Path(__file__).parents[1] / "wsi_scan" / "model" / "fast.safetensors", model)
+    before = digest(model)
+    for out, code_wanted, words in (
+        (model, 2, "must be a .json"),
+        (results / "summary.json", 4, "the folder run's own summary.json"),
+    ):
+        code, _, err = run("evaluate-slides", results, "--annotations", ann, "--out", out, "--overwrite")
+        assert code == code_wanted and words in err, err
+    assert digest(model) == before and not (tmp_path / "froc.png").exists()
+    (tmp_path / "other.json").write_text(json.dumps({"generator": "wsi-scan 0.1.0", "wsi_scan": {}}))
+    code, _, err = run("evaluate-slides", results, "--annotations", ann, "--out", tmp_path / "other.json", "--overwrite")
+    assert code == 4 and "not an evaluation" in err
+    # a region wholly off the slide is in another frame, not a macro metastasis
+    (ann / "patient_000_node_0.geojson").write_text(
+        json.dumps(
+            {
+                "type": "Feature",
+                "properties": {"classification": {"name": "Tumor"}},
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [[[30000, 30000], [50000, 30000], [50000, 50000], [30000, 30000]]],
+                },
+            }
+        )
+    )
+    code, _, err = run("evaluate-slides", results, "--annotations", ann)
+    assert code == 6 and "lies wholly outside its slide (5000 x 3000 px)" in err
+    (ann / "patient_000_node_0.geojson").unlink()
+    # a reference stage it does not know, or a patient given two stages
+    for text, words in (
+        ("patient,stage\npatient_000.zip,pN9\n", "has the stage 'pN9'; expected one of pN0"),
+        ("patient,stage\npatient_000.zip,pN1\npatient_000.zip,pN2\n", "listed again with another stage"),
+    ):
+        (tmp_path / "ref.csv").write_text(text)
+        code, _, err = run("evaluate-slides", results, "--annotations", ann, "--reference", tmp_path / "ref.csv", "--overwrite")
+        assert code == 6 and words in err, err
+    # a copied folder is evaluated on its own stores, not on those its summary's paths name
+    copy = tmp_path / "copy"
+    shutil.copytree(results, copy)
+    shutil.rmtree(copy / "patient_000_node_0.zarr")
+    code, _, err = run("evaluate-slides", copy, "--annotations", ann)
+    assert code == 7 and str(copy / "patient_000_node_0.zarr") in err, err
+
+
 def test_stage_rests_on_the_stores_not_on_the_summary(tmp_path):
     import shutil
 

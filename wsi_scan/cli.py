@@ -915,6 +915,10 @@ def evaluate_slides(
     target = out if out is not None else results / "evaluation.json"
 
     def go() -> Any:
+        from .io.exports import check_evaluation_json
+
+        # before any work or figure: --overwrite replaces an evaluation, never another wsi-scan output
+        check_evaluation_json(target, results, overwrite or out is None)
         ev = evaluate_cohort(results, annotations, reference, LesionConfig(seed_prob=seed_prob), figures=target.parent)
         write_json(target, ev, overwrite or out is None)
         return ev
@@ -958,7 +962,7 @@ def heatmap_tiff(heatmap: Path, out: Path, probability: bool, opacity: float, ov
 )
 @click.option(
     "--stride-cells",
-    type=click.IntRange(1),
+    type=click.IntRange(1, 1 << 20),
     default=TILE_STRIDE_CELLS,
     help="step between windows in 32 px cells (3: no overlap)",
 )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -147,6 +148,7 @@ def evaluate_cohort(
 
     from .errors import DataError
     from .io.annotations import find_annotations
+    from .io.folder_run import output_path
     from .io.heatmap import open_heatmap
     from .lesions import CALLS, call_slide
     from .train.metrics import binary_metrics
@@ -162,10 +164,14 @@ def evaluate_cohort(
     for r in rows:
         if r.get("status") not in ("ok", "skipped"):
             continue
-        hm = open_heatmap(r["out"])
+        # the store where this folder keeps it: the row's own path is relative to where the scan
+        # ran, so a moved or copied folder would be evaluated against the old one's stores
+        hm = open_heatmap(output_path(results, Path(str(r["slide"]))))
         call = call_slide(hm.probs, hm.grid, hm.mpp_xy, hm.threshold, cfg)
         ann = find_annotations(annotations, Path(r["slide"]).name)
         tumour, exclusion = (ann.tumour, ann.exclusion) if ann is not None else ((), ())
+        if ann is not None:
+            _check_on_slide(ann, tuple(hm.attrs["slide"]["level0_size_wh"]))
         labels, l0_per_mask_px, itc = evaluation_regions(
             tumour, exclusion, tuple(hm.attrs["slide"]["level0_size_wh"]), hm.mpp_xy[0]
         )
@@ -215,6 +221,23 @@ def evaluate_cohort(
     return out
 
 
+def _check_on_slide(ann: Any, size_wh: tuple[int, int]) -> None:
+    """An annotated region wholly off the slide is in another frame (another level, another
+    slide): counted, it would make the slide positive with a size no cell of it has."""
+    from shapely.geometry import box
+
+    from .errors import DataError
+
+    slide = box(0, 0, size_wh[0], size_wh[1])
+    for poly in (*ann.tumour, *ann.exclusion):
+        if not poly.intersects(slide):
+            x0, y0, x1, y1 = (round(v) for v in poly.bounds)
+            raise DataError(
+                f"{ann.path}: a region at level-0 px ({x0}, {y0})-({x1}, {y1}) lies wholly outside its slide "
+                f"({size_wh[0]} x {size_wh[1]} px); annotations must be in the slide's level-0 pixels"
+            )
+
+
 def _kappa_from_reference(path: object, calls: dict[str, str]) -> dict[str, object]:
     """CAMELYON17's reference CSV: rows 'patient_XXX.zip,<stage>' and 'patient_XXX_node_N.tif,<call>'."""
     import csv
@@ -228,7 +251,20 @@ def _kappa_from_reference(path: object, calls: dict[str, str]) -> dict[str, obje
         rows = list(csv.reader(p.read_text(encoding="utf-8-sig").splitlines()))
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"--reference {p}: not a readable CSV ({type(exc).__name__})") from None
-    stages = {Path(r[0]).stem: r[1].strip() for r in rows if len(r) >= 2 and r[0].endswith(".zip")}
+    from .lesions import STAGES
+
+    stages: dict[str, str] = {}
+    for line, r in enumerate(rows, start=1):
+        if not r or not r[0].endswith(".zip"):
+            continue
+        patient, stage = Path(r[0]).stem, (r[1].strip() if len(r) >= 2 else "")
+        if stage not in STAGES:
+            raise DataError(f"--reference {p}: line {line}: {r[0]} has the stage {stage!r}; expected one of {', '.join(STAGES)}")
+        if patient in stages and stages[patient] != stage:
+            raise DataError(
+                f"--reference {p}: line {line}: {r[0]} is listed again with another stage ({stages[patient]}, {stage})"
+            )
+        stages[patient] = stage
     if not stages:
         raise DataError(f"--reference {p}: no patient rows ('patient_XXX.zip,<pN stage>')")
     ref, pred = [], []

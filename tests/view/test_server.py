@@ -469,3 +469,26 @@ def test_every_static_file_is_package_data():
     for f in files:
         assert any(fnmatch.fnmatch(f, pat) and f.count("/") == pat.count("/") for pat in patterns), f
     assert set(static_files()) == {f.removeprefix("static/") for f in files}
+
+
+def test_a_copied_results_folder_lists_each_slide_once_from_its_own_stores(results_folder, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(results_folder, copy)
+    shutil.rmtree(results_folder)  # the summary's own paths now name nothing
+    app = ViewerApp(copy)
+    names = [r["slide"] for r in app.catalog()["slides"]]
+    assert sorted(names) == sorted(set(names)) and len(names) == 4  # three stores and the failed file
+    assert all(str(e.store).startswith(str(copy)) for e in app.entries) and len(app.entries) == 3
+
+
+def test_a_client_gone_mid_response_is_not_a_traceback(capsys):
+    from wsi_scan.view.server import _Server
+
+    for exc in (ConnectionResetError(104, "Connection reset by peer"), BrokenPipeError(32, "Broken pipe"), TimeoutError()):
+        try:
+            raise exc
+        except OSError:
+            _Server.handle_error(None, None, ("127.0.0.1", 1))  # type: ignore[arg-type]
+    assert capsys.readouterr().err == ""

@@ -76,6 +76,35 @@ def write_json(out: str | Path, obj: Mapping[str, Any], overwrite: bool = False)
     return out
 
 
+#: the keys every cohort evaluation (evaluation.evaluate_cohort) writes
+EVALUATION_KEYS = ("froc", "slide_auc", "confusion", "slides")
+
+
+def check_evaluation_json(out: Path, results: Path, overwrite: bool) -> None:
+    """``evaluate-slides --out``: a .json that is not one of the folder run's own files and, where
+    it exists, is an earlier evaluation: with --overwrite it would otherwise replace any file
+    wsi-scan wrote (a model, patches, the run's summary)."""
+    from ..errors import OutputExistsError, UsageError
+    from .folder_run import REPORT_HTML, SUMMARY_CSV, SUMMARY_JSON
+    from .outputs import absolute, check_output_file
+
+    if out.suffix.lower() != ".json":
+        raise UsageError(f"--out must be a .json file for the evaluation, found {out.name}")
+    if absolute(out).parent == absolute(results) and out.name in (SUMMARY_JSON, SUMMARY_CSV, REPORT_HTML):
+        raise OutputExistsError(f"--out {out} is the folder run's own {out.name}; choose another --out")
+    check_output_file(out, overwrite)
+    if out.is_file():
+        try:
+            obj = json.loads(out.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            obj = None
+        if not (isinstance(obj, dict) and all(k in obj for k in EVALUATION_KEYS)):
+            raise OutputExistsError(
+                f"--out {out} is a file wsi-scan wrote but not an evaluation; --overwrite replaces only an earlier "
+                "evaluation: choose another --out"
+            )
+
+
 def write_text(out: str | Path, text: str, overwrite: bool = False) -> Path:
     """A text file (CSV) written atomically; its first line is wsi-scan's mark (a known header)."""
     out = Path(out)

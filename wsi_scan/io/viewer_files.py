@@ -49,9 +49,13 @@ def read_summary_rows(folder: Path) -> dict[str, dict[str, Any]]:
         return {}
     rows = obj.get("slides") if isinstance(obj, dict) else None
     out: dict[str, dict[str, Any]] = {}
+    from .folder_run import output_path
+
     for r in rows if isinstance(rows, list) else []:
-        if isinstance(r, dict) and isinstance(r.get("out"), str):
-            out[os.path.realpath(r["out"])] = r
+        # where this folder keeps the slide's store: the row's own "out" is relative to where the
+        # scan ran, so in a moved or copied folder it names another store (or none)
+        if isinstance(r, dict) and isinstance(r.get("slide"), str) and r["slide"]:
+            out[os.path.realpath(output_path(folder, Path(r["slide"])))] = r
     return out
 
 

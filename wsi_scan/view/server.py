@@ -19,6 +19,7 @@ import math
 import os
 import re
 import socket
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -477,6 +478,9 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server_version = "wsi-scan-view"
     sys_version = ""
+    # a connection silent this long is closed: each holds a thread, and a client that opens
+    # many and never finishes a request would otherwise keep them all
+    timeout = 60
     app: ViewerApp
     allowed_hosts: frozenset[str]
 
@@ -523,6 +527,14 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = False
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that goes away mid-response (a browser cancels tiles while panning) or times
+        out is routine: socketserver's default prints a traceback for each."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return
+        log.warning("view: a connection from %s failed (%s: %s)", client_address, type(exc).__name__, exc)
 
 
 def is_loopback(host: str) -> bool:
