@@ -480,6 +480,14 @@ def test_evaluate_slides_refuses_what_would_replace_other_outputs_or_count_wrong
         (tmp_path / "ref.csv").write_text(text)
         code, _, err = run("evaluate-slides", results, "--annotations", ann, "--reference", tmp_path / "ref.csv", "--overwrite")
         assert code == 6 and words in err, err
+    # an annotation named for no slide is said; two for one slide are refused
+    (ann / "PATIENT_000_NODE_0.xml").write_text("<ASAP_Annotations/>")
+    code, _, err = run("evaluate-slides", results, "--annotations", ann, "--overwrite")
+    assert code == 0 and "1 annotation file(s) match no scanned slide by name (PATIENT_000_NODE_0.xml)" in err, err
+    (ann / "PATIENT_000_NODE_0.xml").rename(ann / "patient_000_node_0.xml")
+    (ann / "patient_000_node_0.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    code, _, err = run("evaluate-slides", results, "--annotations", ann, "--overwrite")
+    assert code == 6 and "has 2 annotation files" in err, err
     # a copied folder is evaluated on its own stores, not on those its summary's paths name
     copy = tmp_path / "copy"
     shutil.copytree(results, copy)

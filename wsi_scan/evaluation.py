@@ -147,7 +147,7 @@ def evaluate_cohort(
     from pathlib import Path
 
     from .errors import DataError
-    from .io.annotations import find_annotations
+    from .io.annotations import find_annotations, unmatched_annotations
     from .io.folder_run import output_path
     from .io.heatmap import open_heatmap
     from .lesions import CALLS, call_slide
@@ -187,6 +187,15 @@ def evaluate_cohort(
         names.append(Path(r["slide"]).name)
     if not dets:
         raise DataError(f"{results}: no scanned slide to evaluate")
+    orphans = unmatched_annotations(annotations, names)
+    if orphans:
+        import logging
+
+        logging.getLogger("wsi_scan.evaluation").warning(
+            f"{annotations}: {len(orphans)} annotation file(s) match no scanned slide by name "
+            f"({', '.join(orphans[:3])}{', ...' if len(orphans) > 3 else ''}): not used; a slide named differently "
+            "is counted without its annotation (NAME.xml or NAME.geojson for slide NAME.tif)"
+        )
     f = froc(dets)
     # no tumour region to find (ITC aside): a sensitivity of nothing is undefined, not 0
     counted = sum(1 for d in dets for k in range(1, d.n_regions + 1) if k not in d.itc)

@@ -143,3 +143,17 @@ def test_a_stride_that_misses_the_tissue_is_refused_before_writing(make_slide, t
     with pytest.raises(UsageError, match="--stride-cells 100000 leaves no window on the tissue"):
         tile_slide(slide, tmp_path / "a.h5", stride_cells=100000)
     assert not list(tmp_path.glob("*.h5"))
+
+
+def test_labels_that_make_no_window_positive_are_warned_about(make_slide, tmp_path, caplog):
+    slide = make_slide(size_wh=SIZE_WH, mpp=MPP, tissue=TISSUE)
+    off = _geojson(tmp_path, [(50000, 50000, 60000, 60000)])  # tumour areas, all off the slide
+    with caplog.at_level("WARNING", logger="wsi_scan.tile"):
+        res = tile_slide(slide, tmp_path / "a.h5", labels_geojson=off)
+    assert res.n_positive == 0 and "make no window positive" in caplog.text
+    caplog.clear()
+    empty = tmp_path / "negative.geojson"  # a negative slide's labels: no tumour, no warning
+    empty.write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    with caplog.at_level("WARNING", logger="wsi_scan.tile"):
+        tile_slide(slide, tmp_path / "b.h5", labels_geojson=empty)
+    assert "make no window positive" not in caplog.text

@@ -187,7 +187,19 @@ def tile_slide(
     plan = plan_tiles(
         Path(slide_path), backend, mpp, target_mpp, patch_px, cell_px, tissue_config, stride_cells, block_cells, labels
     )
-    return cut_tiles(plan, out, split, workers, overwrite, labels)
+    res = cut_tiles(plan, out, split, workers, overwrite, labels)
+    import logging
+
+    log = logging.getLogger("wsi_scan.tile")
+    if res.n_patches == 0:
+        log.warning(f"{slide_path}: no tissue window to cut: the patch file is empty (the scan would say 'no tissue found')")
+    elif labels.has_tumour() and res.n_positive == 0:
+        # points, lines or regions off the slide label nothing: all-negative patches are then a surprise
+        log.warning(
+            f"{slide_path}: the labels ({labels.geojson or labels.mask}) make no window positive: every patch is "
+            "labelled 0; check that they hold tumour areas in this slide's level-0 pixels"
+        )
+    return res
 
 
 def _window_contract(model: Any) -> tuple[float, int, int]:
@@ -219,6 +231,12 @@ class Labeller:
 
         if self.mask is not None:
             self.mask_sat = mask_table(read_label_mask(self.mask), level0_size_wh, str(self.mask))
+
+    def has_tumour(self) -> bool:
+        """Whether the labels hold any tumour area at all (a negative slide's labels hold none)."""
+        if self.tumour is not None:
+            return not self.tumour.is_empty and self.tumour.area > 0
+        return self.mask_sat is not None and float(self.mask_sat[-1, -1]) > 0
 
     def rule(self) -> str | None:
         if not self.labelled:

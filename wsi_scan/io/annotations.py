@@ -4,6 +4,7 @@ GeoJSON files read whole (regions of interest), and label-mask images."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,11 @@ def read_asap_xml(path: Path) -> Annotations:
         except ValueError as exc:
             raise DataError(f"{path}: annotation {ann.get('Name')!r} has a coordinate that is not a number ({exc})") from None
         if len(pts) < 3:
+            if (ann.get("Type") or "").lower() != "dot" and (group in TUMOUR_GROUPS or group in EXCLUSION_GROUPS or not group):
+                # not an area: left out, but said, as a slide could become negative by it
+                logging.getLogger("wsi_scan.annotations").warning(
+                    f"{path}: annotation {ann.get('Name')!r} has {len(pts)} point(s), no area; it is left out"
+                )
             continue
         bad = next((v for _, x, y in pts for v in (x, y) if not _plausible(v)), None)
         if bad is not None:
@@ -83,11 +89,24 @@ def find_annotations(folder: Path, slide_name: str) -> Annotations | None:
     """The annotation file of a slide in ``folder``, matched by the slide's file stem; None when
     the slide has none (a negative slide in CAMELYON's convention)."""
     stem = Path(slide_name).stem
-    for suffix in ANNOTATION_SUFFIXES:
-        p = folder / f"{stem}{suffix}"
-        if p.is_file():
-            return read_asap_xml(p) if suffix == ".xml" else read_qupath_geojson(p)
-    return None
+    found = [folder / f"{stem}{suffix}" for suffix in ANNOTATION_SUFFIXES if (folder / f"{stem}{suffix}").is_file()]
+    if len(found) > 1:
+        raise DataError(
+            f"{folder}: slide {slide_name} has {len(found)} annotation files ({', '.join(p.name for p in found)}); "
+            "which one is the reference is not clear: keep one"
+        )
+    if not found:
+        return None
+    return read_asap_xml(found[0]) if found[0].suffix == ".xml" else read_qupath_geojson(found[0])
+
+
+def unmatched_annotations(folder: Path, slide_names: list[str]) -> list[str]:
+    """Annotation files in ``folder`` whose name matches none of the slides (a typo, another
+    case, ``NAME.tif.xml``): their slides would be counted negative without them."""
+    stems = {Path(n).stem for n in slide_names}
+    return sorted(
+        p.name for p in folder.iterdir() if p.suffix.lower() in ANNOTATION_SUFFIXES and p.is_file() and p.stem not in stems
+    )
 
 
 def _plausible(v: float) -> bool:

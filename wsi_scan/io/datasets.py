@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError, OutputExistsError, OutputWriteError, UsageError
-from .outputs import check_output_file, temp_name
+from .outputs import check_output_file, remove_stale_temps, temp_name
 
 IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".webp")
 H5_PREFIX = "camelyonpatch_level_2_split_"
@@ -408,6 +408,8 @@ class PatchWriter:
         for t in targets:
             check_output_file(t, overwrite)
         self._targets = targets
+        for t in targets:
+            remove_stale_temps(t)
         self._tmps = [temp_name(t) for t in targets]
         self._files = [h5py.File(t, "w") for t in self._tmps]
         fx = self._files[0]

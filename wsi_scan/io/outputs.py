@@ -19,6 +19,7 @@ The marks, per kind of file:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -224,6 +225,7 @@ def atomic_write(path: Path, what: str = "output", suffix: str = "") -> Iterator
     one rename, so a reader or a kill at any moment sees the old file or the new, never half of
     one. The temporary file is always removed; a failed write is one OutputWriteError.
     ``suffix`` is appended for writers that choose their format by the name (matplotlib)."""
+    remove_stale_temps(path)
     tmp = temp_name(path)
     if suffix:
         tmp = tmp.with_name(tmp.name + suffix)
@@ -238,6 +240,30 @@ def atomic_write(path: Path, what: str = "output", suffix: str = "") -> Iterator
 def temp_name(out: Path) -> Path:
     """A hidden name beside ``out`` for writing it before the final rename."""
     return out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Remove the temporary files ``temp_name`` gave writers of ``out`` that were killed (their
+    process is gone): a kill -9 cannot clean up, and each left one as large as the output."""
+    import re
+
+    removed = []
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.tmp-(\d+)-[0-9a-f]{{8}}(\..*)?$")
+    with contextlib.suppress(OSError):
+        for p in out.parent.iterdir():
+            m = pattern.match(p.name)
+            if m is None or p.is_symlink() or not p.is_file() or int(m.group(1)) == os.getpid():
+                continue
+            try:
+                os.kill(int(m.group(1)), 0)
+                continue  # its writer is alive
+            except ProcessLookupError:
+                pass
+            except (PermissionError, OverflowError):
+                continue
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def remove_path(p: Path) -> None:
