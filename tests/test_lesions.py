@@ -488,6 +488,9 @@ def test_evaluate_slides_refuses_what_would_replace_other_outputs_or_count_wrong
     (ann / "patient_000_node_0.geojson").write_text('{"type": "FeatureCollection", "features": []}')
     code, _, err = run("evaluate-slides", results, "--annotations", ann, "--overwrite")
     assert code == 6 and "has 2 annotation files" in err, err
+    # one slide's store is not a folder run
+    code, _, err = run("evaluate-slides", results / "patient_000_node_0.zarr", "--annotations", ann)
+    assert code == 6 and "is the heatmap store of one slide" in err, err
     # a copied folder is evaluated on its own stores, not on those its summary's paths name
     copy = tmp_path / "copy"
     shutil.copytree(results, copy)

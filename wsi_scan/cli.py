@@ -915,8 +915,10 @@ def evaluate_slides(
     target = out if out is not None else results / "evaluation.json"
 
     def go() -> Any:
+        from .evaluation import check_results_folder
         from .io.exports import check_evaluation_json
 
+        check_results_folder(results)
         # before any work or figure: --overwrite replaces an evaluation, never another wsi-scan output
         check_evaluation_json(target, results, overwrite or out is None)
         ev = evaluate_cohort(results, annotations, reference, LesionConfig(seed_prob=seed_prob), figures=target.parent)

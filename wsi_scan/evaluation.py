@@ -135,6 +135,20 @@ def reference_call(tumour: Sequence[object], exclusion: Sequence[object], slide_
     return size_class(best / 1000.0) if best > 0 else "negative"
 
 
+def check_results_folder(results: object) -> None:
+    """A folder run's results, not one slide's heatmap store (which holds no summary.json)."""
+    from pathlib import Path
+
+    from .errors import DataError
+    from .io.outputs import is_heatmap_store
+
+    if is_heatmap_store(Path(str(results))):
+        raise DataError(
+            f"{results} is the heatmap store of one slide; evaluate-slides takes the results folder of a folder run "
+            "(`wsi-scan SLIDES/ --out RESULTS/`)"
+        )
+
+
 def evaluate_cohort(
     results: object,
     annotations: object,
@@ -156,6 +170,7 @@ def evaluate_cohort(
     results, annotations = Path(str(results)), Path(str(annotations))
     if not annotations.is_dir():
         raise DataError(f"--annotations {annotations} is not a folder of annotation files (.xml or .geojson per slide)")
+    check_results_folder(results)
     try:
         rows = json.loads((results / "summary.json").read_text(encoding="utf-8"))["slides"]
     except (OSError, ValueError, KeyError, TypeError):

@@ -121,7 +121,7 @@ def test_only_the_named_slide_and_own_static_files_are_served(scanned_store, ser
     assert status == 200 and b"openseadragon.min.js" in body and b"http" not in body.replace(b"http-equiv", b"")  # nothing remote
 
 
-@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "PROPFIND", "BREW"])
 def test_read_only(method, scanned_store, serve):
     v = serve(scanned_store[1])
     status, _ = raw_get(v.url, "/api/catalog", method=method)

@@ -523,6 +523,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse  # noqa: N815
 
+    def __getattr__(self, name: str) -> Any:
+        # http.server answers a method without a do_ handler (TRACE, PROPFIND, made-up ones) with
+        # 501 and an HTML page; a read-only server refuses them all alike
+        if name.startswith("do_"):
+            return self._refuse
+        raise AttributeError(name)
+
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
