@@ -86,7 +86,6 @@ def _sha256(path: Path) -> str:
 
 def save_model(path: str | Path, net: Any, card: ModelCard) -> Path:
     """Write weights and card; the format follows the extension (.pt or .safetensors)."""
-    import torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,11 +110,26 @@ def save_model(path: str | Path, net: Any, card: ModelCard) -> Path:
                     ) from None
                 os.chmod(tmp, mode)
             else:
-                torch.save({"card": card.to_json(), "state_dict": state}, tmp)
-        except RuntimeError as exc:  # torch's zip writer reports a full disk as a RuntimeError
-            msg = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
-            raise OutputWriteError(f"cannot write the model file {path} ({msg}); free space or choose another --out") from None
+                torch_save({"card": card.to_json(), "state_dict": state}, tmp, path, "model file")
+        except RuntimeError as exc:
+            raise _write_error(path, "model file", exc) from None
     return path
+
+
+def torch_save(obj: Any, tmp: Path, path: Path, what: str) -> None:
+    """``torch.save`` to ``tmp`` (the temporary file of ``path``), a full disk one OutputWriteError."""
+    import torch
+
+    try:
+        torch.save(obj, tmp)
+    except RuntimeError as exc:
+        raise _write_error(path, what, exc) from None
+
+
+def _write_error(path: Path, what: str, exc: RuntimeError) -> OutputWriteError:
+    # torch's zip writer (and safetensors' Rust code) report a full disk as a RuntimeError
+    msg = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
+    return OutputWriteError(f"cannot write the {what} {path} ({msg}); free space or choose another --out")
 
 
 def _read_weights(path: Path) -> tuple[ModelCard, dict[str, Any]]:

@@ -68,18 +68,12 @@ STATE_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_auc", "best_epoc
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """Write the resumable state atomically: a kill mid-write leaves the previous epoch's."""
-    from ..errors import OutputWriteError
+    from ..io.model_files import torch_save
     from ..io.outputs import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "training state") as tmp:
-        try:
-            torch.save(state, tmp)
-        except RuntimeError as exc:  # torch's zip writer reports a full disk as a RuntimeError
-            msg = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
-            raise OutputWriteError(
-                f"cannot write the training state {path} ({msg}); free space or choose another --out"
-            ) from None
+        torch_save(state, tmp, path, "training state")
 
 
 #: options that may differ between a run and its --resume: they change how fast, not what is trained
