@@ -122,6 +122,16 @@ def written_by_wsi_scan(path: Path) -> bool:
     return False
 
 
+def check_not_in_store(out: str | Path, flag: str = "--out", itself: bool = False) -> None:
+    """Refuse an output inside a heatmap store (or, with ``itself``, the store): a foreign file
+    there makes the store no longer one, to every reader and to --overwrite."""
+    out_abs = absolute(out)
+    for folder in ((out_abs,) if itself else ()) + tuple(out_abs.parents):
+        if is_heatmap_store(folder):
+            where = "is or lies inside" if itself else "lies inside"
+            raise OutputExistsError(f"{flag} {out} {where} the heatmap store {folder}; write it beside the store")
+
+
 def check_replaceable(
     out: str | Path, overwrite: bool, kind: str = "file", flag: str = "--out", protect: Iterable[str | Path] = ()
 ) -> Path:
@@ -137,9 +147,7 @@ def check_replaceable(
             raise OutputExistsError(
                 f"{flag} {out} is or holds the input {p}; an input is never written to, choose another {flag}"
             )
-    for parent in out_abs.parents:
-        if is_heatmap_store(parent):
-            raise OutputExistsError(f"{flag} {out} lies inside the heatmap store {parent}; write it beside the store")
+    check_not_in_store(out, flag)
     package = Path(os.path.realpath(Path(__file__).parents[1]))
     real = Path(os.path.realpath(out_abs))  # realpath, unlike resolve(), does not raise on a link loop
     if real == package or package in real.parents:

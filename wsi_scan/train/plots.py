@@ -31,15 +31,13 @@ def check_figure_folder(out_dir: Path, names: Sequence[str] = (), flag: str = "-
     lies inside a heatmap store (a file there makes the store no longer one), or holds a user's
     file of one of ``names``; created otherwise, checked writable."""
     from ..errors import OutputExistsError, UsageError
-    from ..io.outputs import absolute, check_replaceable, is_heatmap_store, prepare_parent
+    from ..io.outputs import check_not_in_store, check_replaceable, prepare_parent
 
     if out_dir.is_symlink():
         raise OutputExistsError(f"{flag} {out_dir} is a symbolic link; give the real folder or another {flag}")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{flag} {out_dir} is a file; expected a folder for the figures")
-    for folder in (absolute(out_dir), *absolute(out_dir).parents):
-        if is_heatmap_store(folder):
-            raise OutputExistsError(f"{flag} {out_dir} is or lies inside the heatmap store {folder}; write it beside the store")
+    check_not_in_store(out_dir, flag, itself=True)
     for name in names:
         check_replaceable(out_dir / name, True, kind="file", flag=flag)
     prepare_parent(out_dir / "x.png", flag)
