@@ -21,6 +21,7 @@ from .config import (
     OVERLAY_ALPHA,
     OVERLAY_MAX_SIZE_PX,
     OVERLAY_MIN_SIZE_PX,
+    RULE_SPECIFICITY_RANGE,
     TILE_STRIDE_CELLS,
     LesionConfig,
     ScanConfig,
@@ -668,7 +669,7 @@ def _rule_options(f: F) -> F:
         [
             click.option(
                 "--specificity",
-                type=click.FloatRange(0.5, 0.9999),
+                type=click.FloatRange(*RULE_SPECIFICITY_RANGE),
                 default=_TRAIN.threshold_specificity,
                 show_default=True,
                 help="the lowest threshold giving at least this specificity on DATA's validation patches",

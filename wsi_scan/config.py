@@ -45,6 +45,9 @@ OVERLAY_ALPHA = 0.5
 OVERLAY_MAX_SIZE_PX = 2048
 #: the smallest --max-size: below it the colour bar's labels overlap
 OVERLAY_MIN_SIZE_PX = 128
+#: the validation specificity ``threshold`` and ``ensemble`` may choose a threshold for: below 0.5
+#: a threshold would call most negatives tumour
+RULE_SPECIFICITY_RANGE = (0.5, 0.9999)
 #: step between the windows ``wsi-scan tile`` cuts, in cells: 3 gives non-overlapping 96 px windows
 TILE_STRIDE_CELLS = 3
 #: largest disagreement, in 8-bit levels, between a device's JPEG decoder and libjpeg-turbo on a

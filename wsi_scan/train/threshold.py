@@ -37,11 +37,13 @@ def check_out_file(out: Path, overwrite: bool, inputs: list[str | Path]) -> None
 
 
 def check_rule_inputs(specificity: float, ps: PatchSet) -> None:
-    """The rule needs a specificity in [0.5, 0.9999] (the command line's range: below 0.5 a
-    threshold would call most negatives tumour), and patches of both classes: it is chosen on the
-    negatives, and the card's sensitivity and AUC need the positives."""
-    if not (isinstance(specificity, (int, float)) and math.isfinite(specificity) and 0.5 <= specificity <= 0.9999):
-        raise UsageError(f"--specificity must be a number from 0.5 to 0.9999, found {specificity!r}")
+    """The rule needs a specificity in RULE_SPECIFICITY_RANGE (the command line's), and patches of
+    both classes: it is chosen on the negatives, and the card's sensitivity and AUC need the positives."""
+    from ..config import RULE_SPECIFICITY_RANGE
+
+    lo, hi = RULE_SPECIFICITY_RANGE
+    if not (isinstance(specificity, (int, float)) and math.isfinite(specificity) and lo <= specificity <= hi):
+        raise UsageError(f"--specificity must be a number from {lo} to {hi}, found {specificity!r}")
     n_pos = int(np.count_nonzero(ps.labels))
     n_neg = len(ps) - n_pos
     if n_pos == 0 or n_neg == 0:
