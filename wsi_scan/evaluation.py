@@ -185,11 +185,10 @@ def evaluate_cohort(
         call = call_slide(hm.probs, hm.grid, hm.mpp_xy, hm.threshold, cfg)
         ann = find_annotations(annotations, Path(r["slide"]).name)
         tumour, exclusion = (ann.tumour, ann.exclusion) if ann is not None else ((), ())
+        size_wh = tuple(hm.attrs["slide"]["level0_size_wh"])
         if ann is not None:
-            _check_on_slide(ann, tuple(hm.attrs["slide"]["level0_size_wh"]))
-        labels, l0_per_mask_px, itc = evaluation_regions(
-            tumour, exclusion, tuple(hm.attrs["slide"]["level0_size_wh"]), hm.mpp_xy[0]
-        )
+            _check_on_slide(ann, size_wh)
+        labels, l0_per_mask_px, itc = evaluation_regions(tumour, exclusion, size_wh, hm.mpp_xy[0])
         hits = []
         for les in call.lesions:
             x, y = (int(v / l0_per_mask_px) for v in les.l0_peak_xy)

@@ -407,9 +407,8 @@ class PatchWriter:
             targets = [self.out / f"{H5_PREFIX}{split}_x.h5"] + ([self.out / f"{H5_PREFIX}{split}_y.h5"] if labelled else [])
         for t in targets:
             check_output_file(t, overwrite)
-        self._targets = targets
-        for t in targets:
             remove_stale_temps(t)
+        self._targets = targets
         self._tmps = [temp_name(t) for t in targets]
         self._files = [h5py.File(t, "w") for t in self._tmps]
         fx = self._files[0]

@@ -86,7 +86,6 @@ def check_evaluation_json(out: Path, results: Path, overwrite: bool) -> None:
     wsi-scan wrote (a model, patches, the run's summary)."""
     from ..errors import OutputExistsError, UsageError
     from .folder_run import REPORT_HTML, SUMMARY_CSV, SUMMARY_JSON
-    from .outputs import absolute, check_output_file
 
     if out.suffix.lower() != ".json":
         raise UsageError(f"--out must be a .json file for the evaluation, found {out.name}")

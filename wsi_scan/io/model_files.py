@@ -250,11 +250,11 @@ def load_model(path: str | Path | None = None, unfinished_ok: bool = False) -> L
     card, state = _read_weights(p)
     unfinished = card.training.get("unfinished")
     if unfinished and not unfinished_ok:
+        u = unfinished if isinstance(unfinished, dict) else {}
         raise ModelError(
             f"{p}: the model of a training run that has not finished (its best epoch so far, after epoch "
-            f"{unfinished.get('epoch', '?') if isinstance(unfinished, dict) else '?'} of "
-            f"{unfinished.get('epochs', '?') if isinstance(unfinished, dict) else '?'}, with the untuned threshold "
-            "0.5): let the run finish, or continue it with `wsi-scan train ... --resume` and the same --out"
+            f"{u.get('epoch', '?')} of {u.get('epochs', '?')}, with the untuned threshold 0.5): let the run "
+            "finish, or continue it with `wsi-scan train ... --resume` and the same --out"
         )
     net = build_network(card.arch, **card.arch_kwargs)
     expected = net.state_dict()

@@ -268,7 +268,7 @@ def _train(
     warn_if_validation_was_trained_on(splits)
     state = load_state(state_path(out)) if resume else None
     if state is not None:
-        check_resumable(state, state_path(out), cfg, _comparable(splits.description), _card_beside(out))
+        check_resumable(state, state_path(out), cfg, splits.description, _card_beside(out))
     run = build_run(cfg, splits, len(train_rows), device, state, out.stem, command or " ".join(sys.argv))
     ds_train = RowsDataset(
         splits.sets,

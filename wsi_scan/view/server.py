@@ -219,10 +219,9 @@ class ViewerApp:
             stored = (attrs.get("summary") or {}).get("call")
             if stored is not None and stored != summary["call"]:
                 log.warning(
-                    "view: %s: its attrs give the call %s, its cells %s; listed with %s",
+                    "view: %s: its attrs give the call %s, its cells %s; listed with the cells' call",
                     name,
                     stored,
-                    summary["call"],
                     summary["call"],
                 )
             self.entries.append(Entry(len(self.entries), name, store, attrs, rows.get(os.path.realpath(store), {}), summary))
@@ -521,11 +520,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _refuse(self) -> None:
         self._send(_error(405, "read-only: only GET and HEAD"))
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse  # noqa: N815
-
     def __getattr__(self, name: str) -> Any:
-        # http.server answers a method without a do_ handler (TRACE, PROPFIND, made-up ones) with
-        # 501 and an HTML page; a read-only server refuses them all alike
+        # every method but GET and HEAD (POST, TRACE, PROPFIND, made-up ones): http.server would
+        # answer one without a do_ handler with 501 and an HTML page
         if name.startswith("do_"):
             return self._refuse
         raise AttributeError(name)
