@@ -98,7 +98,7 @@ def main() -> int:
         "patient,stage\n" + "".join(f"patient_{p:03d}.zip,{pn_stage(c)}\n" for p, c in sorted(ref_calls.items()))
     )
     res = scan_folder(slides, args.out / "results", ScanConfig(), model=args.model)
-    ev = evaluate_cohort(args.out / "results", ann, reference, figures=args.out / "results")
+    ev = evaluate_cohort(args.out / "results", ann, reference, figures=args.out / "results", figure_prefix="evaluation.")
     ev["scan"] = {"ok": res.n_ok, "skipped": res.n_skipped, "failed": res.n_failed}
     (args.out / "evaluation.json").write_text(json.dumps(ev, indent=1))
     print(json.dumps(ev))

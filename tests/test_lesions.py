@@ -414,17 +414,23 @@ def test_evaluate_slides_on_an_annotated_synthetic_cohort(make_slide, mock_model
     }
     assert ev["kappa"]["kappa"] == 1.0 and ev["kappa"]["patients"][0]["predicted"] == "pN1"
     assert (tmp_path / "results" / "evaluation.json").is_file()
-    for name in ("froc.png", "slide_roc.png"):
+    for name in ("evaluation.froc.png", "evaluation.slide_roc.png"):
         assert (tmp_path / "results" / name).stat().st_size > 5000
-    # no annotations at all: nothing to find, so the FROC is undefined rather than 0, and not drawn
+    # a second evaluation in the same folder draws its own figures beside its own JSON
+    code, out, err = run("evaluate-slides", tmp_path / "results", "--annotations", ann, "--out", tmp_path / "results" / "b.json")
+    assert code == 0, err
+    assert (tmp_path / "results" / "b.froc.png").is_file() and (tmp_path / "results" / "b.slide_roc.png").is_file()
+    # no annotations at all: nothing to find, so the FROC is undefined rather than 0, and not
+    # drawn; the earlier evaluation's FROC of that name is removed, not left beside the new numbers
     (tmp_path / "none").mkdir()
-    (tmp_path / "results" / "froc.png").unlink()
     code, out, err = run("evaluate-slides", tmp_path / "results", "--annotations", tmp_path / "none", "--overwrite")
     assert code == 0, err
     assert out.startswith("FROC n/a (no annotated tumour region outside ITC to find); slide AUC n/a")
     ev = json.loads((tmp_path / "results" / "evaluation.json").read_text())
     assert ev["froc"] is None and ev["sensitivities"] is None and ev["tumour_regions"] == 0
-    assert not (tmp_path / "results" / "froc.png").exists()
+    assert not (tmp_path / "results" / "evaluation.froc.png").exists()
+    assert not (tmp_path / "results" / "evaluation.slide_roc.png").exists()  # one class only: no ROC
+    assert (tmp_path / "results" / "b.froc.png").is_file()  # another evaluation's figures are left alone
 
 
 def test_evaluate_slides_refuses_what_would_replace_other_outputs_or_count_wrongly(make_slide, mock_model, tmp_path):
@@ -452,7 +458,7 @@ def test_evaluate_slides_refuses_what_would_replace_other_outputs_or_count_wrong
     ):
         code, _, err = run("evaluate-slides", results, "--annotations", ann, "--out", out, "--overwrite")
         assert code == code_wanted and words in err, err
-    assert digest(model) == before and not (tmp_path / "froc.png").exists()
+    assert digest(model) == before and not list(tmp_path.glob("*.png"))
     (tmp_path / "other.json").write_text(json.dumps({"generator": "wsi-scan 0.1.0", "wsi_scan": {}}))
     code, _, err = run("evaluate-slides", results, "--annotations", ann, "--out", tmp_path / "other.json", "--overwrite")
     assert code == 4 and "not an evaluation" in err

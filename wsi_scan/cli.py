@@ -515,7 +515,7 @@ def explore(data: tuple[Path, ...], out_dir: Path) -> None:
 
     def go() -> list[Path]:
         sets = [ps for d in data for ps in open_patch_data(d).splits.values()]
-        return run_explore(sets, out_dir)
+        return run_explore(sets, out_dir, protect=data)
 
     for p in _run(go):
         click.echo(str(p))
@@ -573,7 +573,7 @@ def evaluate(
         ps = patch_split(data, split)
         check_not_empty(ps)  # before the one-class warning below, which an empty set would also get
         if out_dir is not None:
-            check_evaluation_folder(out_dir)
+            check_evaluation_folder(out_dir, protect=(data,))
         model = load_model(model_path)
         seen = trained_on(model.card, ps)
         if seen is not None:
@@ -922,7 +922,15 @@ def evaluate_slides(
         check_results_folder(results)
         # before any work or figure: --overwrite replaces an evaluation, never another wsi-scan output
         check_evaluation_json(target, results, overwrite or out is None)
-        ev = evaluate_cohort(results, annotations, reference, LesionConfig(seed_prob=seed_prob), figures=target.parent)
+        # the figures are named after the JSON, so two evaluations in one folder keep their own
+        ev = evaluate_cohort(
+            results,
+            annotations,
+            reference,
+            LesionConfig(seed_prob=seed_prob),
+            figures=target.parent,
+            figure_prefix=f"{target.stem}.",
+        )
         write_json(target, ev, overwrite or out is None)
         return ev
 

@@ -155,8 +155,11 @@ def evaluate_cohort(
     reference: object | None = None,
     cfg: LesionConfig = LesionConfig(),
     figures: object | None = None,
+    figure_prefix: str = "",
 ) -> dict[str, object]:
-    """FROC, slide AUC, call confusion and (with a CAMELYON17-style reference) kappa of a folder run."""
+    """FROC, slide AUC, call confusion and (with a CAMELYON17-style reference) kappa of a folder
+    run; with ``figures`` (a folder), its FROC and slide ROC drawn there as
+    ``FIGURE_PREFIXfroc.png`` and ``FIGURE_PREFIXslide_roc.png``."""
     import json
     from pathlib import Path
 
@@ -239,6 +242,7 @@ def evaluate_cohort(
             np.asarray(truth),
             np.asarray(scores),
             auc if isinstance(auc, float) else None,
+            figure_prefix,
         )
         out["figures"] = [str(p) for p in paths]
     return out

@@ -96,6 +96,12 @@ def test_explore_figures(kaggle_dir, tmp_path):
     assert r.exit_code == 0, r.output
     for f in ("label_distribution.png", "samples.png", "colour_histograms.png"):
         assert (tmp_path / "ex" / f).stat().st_size > 1000
+    # figures inside the data folder would be among its files next time it is read
+    before = sorted(p.name for p in kaggle_dir.rglob("*"))
+    for inside in (kaggle_dir, kaggle_dir / "figures"):
+        r = CliRunner().invoke(main, ["explore", str(kaggle_dir), "--out", str(inside)])
+        assert r.exit_code == 4 and "inside the data folder" in r.stderr, r.output
+    assert sorted(p.name for p in kaggle_dir.rglob("*")) == before
 
 
 def test_bad_data_is_one_line(tmp_path):
@@ -215,6 +221,9 @@ def test_evaluate_out_folder_and_warning_on_training_patches(kaggle_dir, tmp_pat
         main, ["evaluate", str(kaggle_dir), "--model", str(out), "--split", "valid", "--out", str(tmp_path / "ev")]
     )
     assert r.exit_code == 4 and (tmp_path / "ev" / "predictions.csv").read_text() == "mine\n"
+    # nor into the data folder, before any scoring
+    r = CliRunner().invoke(main, ["evaluate", str(kaggle_dir), "--model", str(out), "--out", str(kaggle_dir / "ev")])
+    assert r.exit_code == 4 and "inside the data folder" in r.stderr and not (kaggle_dir / "ev").exists()
 
 
 def test_threshold_command(kaggle_dir, tmp_path):

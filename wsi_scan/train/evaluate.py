@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,13 +90,13 @@ def evaluate_patchset(
 EVALUATION_FILES = ("predictions.csv", "roc.png", "metrics.json")
 
 
-def check_evaluation_folder(out_dir: Path) -> None:
+def check_evaluation_folder(out_dir: Path, protect: Sequence[Path] = ()) -> None:
     """Refuse, before any scoring, a folder whose files ``write_evaluation`` may not replace (a
     user's file of one of their names, a link), a folder inside a heatmap store or one that is a
-    link; then create it."""
+    link, or one that is or lies in a data folder of ``protect``; then create it."""
     from .plots import check_figure_folder
 
-    check_figure_folder(out_dir, EVALUATION_FILES)
+    check_figure_folder(out_dir, EVALUATION_FILES, protect=protect)
 
 
 def write_evaluation(out_dir: Path, ev: Evaluation, ps: PatchSet, threshold: float, info: dict[str, Any]) -> list[Path]:

@@ -26,12 +26,21 @@ REPORT_FILES = ("curves.png", "roc.png", "valid_predictions.csv")
 SLIDE_REPORT_FILES = ("froc.png", "slide_roc.png")
 
 
-def check_figure_folder(out_dir: Path, names: Sequence[str] = (), flag: str = "--out") -> None:
+def check_figure_folder(out_dir: Path, names: Sequence[str] = (), flag: str = "--out", protect: Sequence[Path] = ()) -> None:
     """A folder for figures, refused before anything is written to it when it is a file or a link,
-    lies inside a heatmap store (a file there makes the store no longer one), or holds a user's
-    file of one of ``names``; created otherwise, checked writable."""
+    lies inside a heatmap store (a file there makes the store no longer one), is or lies inside
+    one of the input folders ``protect`` (files added there would be read as data next time), or
+    holds a user's file of one of ``names``; created otherwise, checked writable."""
     from ..errors import OutputExistsError, UsageError
-    from ..io.outputs import check_not_in_store, check_replaceable, prepare_parent
+    from ..io.outputs import absolute, check_not_in_store, check_replaceable, prepare_parent
+
+    out_abs = absolute(out_dir)
+    for p in protect:
+        p_abs = absolute(p)
+        if p_abs == out_abs or p_abs in out_abs.parents:
+            raise OutputExistsError(
+                f"{flag} {out_dir} is or lies inside the data folder {p}; inputs are never written to, choose another {flag}"
+            )
 
     if out_dir.is_symlink():
         raise OutputExistsError(f"{flag} {out_dir} is a symbolic link; give the real folder or another {flag}")
@@ -51,12 +60,15 @@ def save_figure(fig: Any, path: Path) -> None:
         fig.savefig(tmp, dpi=120, metadata={"Software": MARK})
 
 
-def explore(sets: Sequence[PatchSet], out_dir: Path, per_class: int = 12, seed: int = 0) -> list[Path]:
-    """Label distribution, sample patches per class (centre 32x32 outlined), colour histograms."""
+def explore(
+    sets: Sequence[PatchSet], out_dir: Path, per_class: int = 12, seed: int = 0, protect: Sequence[Path] = ()
+) -> list[Path]:
+    """Label distribution, sample patches per class (centre 32x32 outlined), colour histograms;
+    ``protect``: the data folders, which ``out_dir`` may not be or lie in."""
     plt = _plt()
     from matplotlib.patches import Rectangle
 
-    check_figure_folder(out_dir, EXPLORE_FILES)
+    check_figure_folder(out_dir, EXPLORE_FILES, protect=protect)
     written: list[Path] = []
 
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(sets), 3.2))
@@ -189,16 +201,22 @@ def evaluation_figures(
     labels: np.ndarray | None,
     scores: np.ndarray | None,
     slide_auc: float | None,
+    prefix: str = "",
 ) -> list[Path]:
     """The FROC curve of a cohort, when it has tumour regions to find, and, when it has both
-    classes, the slide-level ROC."""
+    classes, the slide-level ROC, as ``PREFIX{froc,slide_roc}.png``. A figure of that name left by
+    an earlier evaluation and not drawn this time is removed: beside the new numbers it would
+    show the old ones."""
     plt = _plt()
-    check_figure_folder(out_dir, SLIDE_REPORT_FILES)
+    names = [prefix + n for n in SLIDE_REPORT_FILES]
+    check_figure_folder(out_dir, names)
+    froc_path, roc_path = (out_dir / n for n in names)
     written: list[Path] = []
     if froc_score is not None:
-        written.append(_froc_figure(plt, out_dir / "froc.png", fps_per_slide, sensitivity, froc_score))
+        written.append(_froc_figure(plt, froc_path, fps_per_slide, sensitivity, froc_score))
     if labels is not None and scores is not None and slide_auc is not None:
-        written.append(
-            roc_figure(out_dir / "slide_roc.png", labels, scores, f"slide AUC {slide_auc:.4f}", "ROC, slide level", " (slides)")
-        )
+        written.append(roc_figure(roc_path, labels, scores, f"slide AUC {slide_auc:.4f}", "ROC, slide level", " (slides)"))
+    for stale in (froc_path, roc_path):
+        if stale not in written and stale.is_file():  # check_figure_folder: wsi-scan's own figure
+            stale.unlink()
     return written
