@@ -157,3 +157,27 @@ def test_labels_that_make_no_window_positive_are_warned_about(make_slide, tmp_pa
     with caplog.at_level("WARNING", logger="wsi_scan.tile"):
         tile_slide(slide, tmp_path / "b.h5", labels_geojson=empty)
     assert "make no window positive" not in caplog.text
+
+
+def test_labels_of_points_only_are_warned_about(make_slide, tmp_path, caplog):
+    slide = make_slide(size_wh=SIZE_WH, mpp=MPP, tissue=TISSUE)
+    points = tmp_path / "points.geojson"  # QuPath's point tool: counts, not areas
+    points.write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "features": [
+                    {"type": "Feature", "properties": {"classification": {"name": "Tumor"}}, "geometry": g}
+                    for g in (
+                        {"type": "Point", "coordinates": [1000, 1000]},
+                        {"type": "MultiPoint", "coordinates": [[1200, 1000], [1300, 1100]]},
+                        {"type": "LineString", "coordinates": [[1000, 1000], [2000, 2000]]},
+                    )
+                ],
+            }
+        )
+    )
+    with caplog.at_level("WARNING"):
+        res = tile_slide(slide, tmp_path / "a.h5", labels_geojson=points)
+    assert res.n_positive == 0
+    assert "1 LineString, 1 MultiPoint, 1 Point and no polygon" in caplog.text and "not used" in caplog.text

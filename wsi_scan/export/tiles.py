@@ -32,7 +32,8 @@ class TileResult:
 
 def tumour_geometry(geojson: dict[str, Any], where: str, class_name: str | None = "Tumor") -> Any:
     """Union of the (multi)polygons of a GeoJSON, keeping only ``class_name`` when classes are
-    given (``None``: every polygon)."""
+    given (``None``: every polygon). Points and lines mark no area: when they are all there is,
+    a warning says so, since the result (nothing) would otherwise look like an unannotated file."""
     import shapely
     from shapely.geometry import shape
 
@@ -40,6 +41,7 @@ def tumour_geometry(geojson: dict[str, Any], where: str, class_name: str | None 
     if not isinstance(feats, list):
         raise DataError(f"{where}: expected a GeoJSON FeatureCollection, found type {geojson.get('type')!r}")
     geoms = []
+    not_areas: dict[str, int] = {}
     for f in feats:
         cls = ((f.get("properties") or {}).get("classification") or {}).get("name")
         if class_name is not None and cls is not None and cls.lower() not in (class_name.lower(), "tumour"):
@@ -50,6 +52,16 @@ def tumour_geometry(geojson: dict[str, Any], where: str, class_name: str | None 
             raise DataError(f"{where}: a feature's geometry cannot be read ({type(exc).__name__}: {exc!s:.80})") from None
         if g is not None and g.geom_type in ("Polygon", "MultiPolygon"):
             geoms.append(g if g.is_valid else shapely.make_valid(g))
+        elif g is not None:
+            not_areas[g.geom_type] = not_areas.get(g.geom_type, 0) + 1
+    if not geoms and not_areas:
+        import logging
+
+        kinds = ", ".join(f"{n} {t}" for t, n in sorted(not_areas.items()))
+        logging.getLogger("wsi_scan.annotations").warning(
+            f"{where}: its features are {kinds} and no polygon: points and lines mark no area, so they are not "
+            "used; draw the regions as polygons (QuPath: the brush, wand or polygon tool)"
+        )
     return shapely.union_all(geoms) if geoms else None
 
 
