@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -313,6 +314,65 @@ def test_tile_requests_are_served_in_parallel(scanned_store, serve, monkeypatch)
     for t in ts:
         t.join(60)
     assert results == [200, 200] and not barrier.broken
+
+
+def test_one_cold_tile_asked_for_by_many_is_rendered_once(scanned_store, monkeypatch):
+    """A burst of requests for the same tile (many tabs, a viewer's retries) waits for one
+    render instead of each rendering it."""
+    started, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+    real = tiles_mod.SlideTiles.tile_rgb
+
+    def slow(self: Any, *a: Any) -> np.ndarray:
+        calls.append(1)
+        started.set()
+        assert release.wait(30)
+        return real(self, *a)
+
+    monkeypatch.setattr(tiles_mod.SlideTiles, "tile_rgb", slow)
+    app = ViewerApp(scanned_store[1])
+    statuses: list[int] = []
+    ts = [threading.Thread(target=lambda: statuses.append(app.handle("/tiles/0/slide/12/0_0.jpeg").status)) for _ in range(20)]
+    for t in ts:
+        t.start()
+    assert started.wait(30)
+    time.sleep(0.2)  # the others reach the wait; a render of their own would also block on release
+    release.set()
+    for t in ts:
+        t.join(60)
+    assert statuses == [200] * 20 and len(calls) == 1
+
+
+def test_a_waiter_makes_the_value_when_the_maker_fails():
+    lru = ByteLRU(1000)
+    inside, go = threading.Event(), threading.Event()
+
+    def failing() -> bytes:
+        inside.set()
+        assert go.wait(30)
+        raise OSError("slide read failed")
+
+    errors: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            lru.get_or_make("k", failing)
+        except OSError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert inside.wait(30)
+    got: list[bytes] = []
+    w = threading.Thread(target=lambda: got.append(lru.get_or_make("k", lambda: b"ok")))
+    w.start()
+    time.sleep(0.1)
+    go.set()
+    t.join(30)
+    w.join(30)
+    assert len(errors) == 1 and got == [b"ok"] and lru.get("k") == b"ok"
+    # a value that may not be kept (its slide was closed meanwhile) is returned, not cached
+    assert lru.get_or_make("n", lambda: b"x", keep=lambda: False) == b"x" and lru.get("n") is None
 
 
 def test_slide_that_is_not_the_heatmaps_is_not_shown(scanned_store, tmp_path):

@@ -437,14 +437,15 @@ class ViewerApp:
                     return _error(404, "no such tile")
                 if layer == "slide" and op.slide is None:
                     return _error(404, f"no slide layer: {op.slide_error}")
-                with self._work:
-                    if layer == "slide":
-                        assert op.slide is not None
-                        body = encode_jpeg(op.slide.tile_rgb(dzl, col, row), self.cfg.jpeg_quality)
-                    else:
-                        body = encode_png(op.heat.tile_rgba(dzl, col, row, t))
-                if not op.evicted:
-                    self.tiles.put(key, body)
+
+                def render() -> bytes:
+                    with self._work:
+                        if layer == "slide":
+                            assert op.slide is not None
+                            return encode_jpeg(op.slide.tile_rgb(dzl, col, row), self.cfg.jpeg_quality)
+                        return encode_png(op.heat.tile_rgba(dzl, col, row, t))
+
+                body = self.tiles.get_or_make(key, render, keep=lambda: not op.evicted)
         return Response(200, body, "image/jpeg" if layer == "slide" else "image/png", "private, max-age=600")
 
     def _prob(self, eid: int, query: dict[str, list[str]]) -> Response:

@@ -93,6 +93,8 @@ class ByteLRU:
         self._d: OrderedDict[Any, bytes] = OrderedDict()
         self._nbytes = 0
         self._lock = threading.Lock()
+        self._making: dict[Any, threading.Event] = {}
+        self.made = 0
         self.hits = 0
         self.misses = 0
 
@@ -125,6 +127,42 @@ class ByteLRU:
             while self._nbytes > self.max_bytes and self._d:
                 _, v = self._d.popitem(last=False)
                 self._nbytes -= len(v)
+
+    def get_or_make(self, key: Any, make: Callable[[], bytes], keep: Callable[[], bool] = lambda: True) -> bytes:
+        """The cached value of ``key``, or ``make()``'s, kept when ``keep()`` says so. Requests for a
+        key being made wait for that one: a page opened in many tabs, or a viewer's burst of
+        requests for one cold tile, renders it once instead of once per request. A waiter whose
+        maker failed (or did not keep its value) makes the value itself."""
+        while True:
+            with self._lock:
+                v = self._d.get(key)
+                if v is not None:
+                    self._d.move_to_end(key)
+                    self.hits += 1
+                    return v
+                ev = self._making.get(key)
+                mine = ev is None
+                if mine:
+                    ev = self._making[key] = threading.Event()
+                    self.misses += 1
+            assert ev is not None
+            if not mine:
+                ev.wait()
+                with self._lock:
+                    v = self._d.get(key)
+                if v is not None:
+                    return v
+                continue
+            try:
+                value = make()
+                self.made += 1
+                if keep():
+                    self.put(key, value)
+                return value
+            finally:
+                with self._lock:
+                    self._making.pop(key, None)
+                ev.set()
 
     def drop(self, match: Callable[[Any], bool]) -> None:
         with self._lock:
