@@ -335,6 +335,9 @@ class ViewConfig:
     thumbnail_px: int = 2048  # longest side of the per-slide overview from which the coarsest tiles are cut
     cmap: str = "inferno"  # heatmap colour map, as the overlay export
     threads: int = 16  # requests served at once (the browser opens about 6 connections)
+    # open connections, each a thread; more are answered 503 at once: clients that open many and
+    # send nothing (or read slowly) would otherwise pile up threads until each one's timeout
+    max_connections: int = 256
 
     def __post_init__(self) -> None:
         for name, lo, hi in (
@@ -345,5 +348,6 @@ class ViewConfig:
             ("max_open_slides", 1, 1024),
             ("thumbnail_px", 256, 16384),
             ("threads", 1, 1024),
+            ("max_connections", 1, 65536),
         ):
             _in_range("view", name, getattr(self, name), lo, hi)

@@ -375,6 +375,29 @@ def test_a_waiter_makes_the_value_when_the_maker_fails():
     assert lru.get_or_make("n", lambda: b"x", keep=lambda: False) == b"x" and lru.get("n") is None
 
 
+def test_connections_beyond_the_limit_are_answered_busy_not_given_a_thread(scanned_store, serve):
+    import socket
+
+    v = serve(scanned_store[1], max_connections=2)
+    host, port = v.httpd.server_address[:2]
+    idle = [socket.create_connection((host, port), timeout=30) for _ in range(2)]  # open, silent
+    try:
+        deadline = time.monotonic() + 30
+        while v.httpd.slots._value > 0 and time.monotonic() < deadline:  # both accepted
+            time.sleep(0.01)
+        threads_before = threading.active_count()
+        status, body = raw_get(v.url, "/api/catalog")
+        assert status == 503 and b"too many open connections" in body
+        assert threading.active_count() == threads_before
+    finally:
+        for s in idle:
+            s.close()
+    deadline = time.monotonic() + 30
+    while v.httpd.slots._value < 2 and time.monotonic() < deadline:  # their threads end with them
+        time.sleep(0.01)
+    assert raw_get(v.url, "/api/catalog")[0] == 200
+
+
 def test_slide_that_is_not_the_heatmaps_is_not_shown(scanned_store, tmp_path):
     """The heatmap names its slide; a different file at that path is refused (heatmap alone)."""
     from wsi_scan.io.synthetic import SyntheticSlide, write_synthetic_slide

@@ -529,9 +529,42 @@ class _Handler(BaseHTTPRequestHandler):
         raise AttributeError(name)
 
 
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\nContent-Length: 48\r\n\r\nbusy: too many open connections; try again soon\n"
+)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = False
+
+    def __init__(self, address: Any, handler: Any, max_connections: int) -> None:
+        self.slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """One thread per connection, up to ``max_connections``; a connection beyond them is
+        answered 503 and closed at once rather than given a thread of its own."""
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)  # a client that does not read must not stall the accept loop
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that goes away mid-response (a browser cancels tiles while panning) or times
@@ -560,7 +593,7 @@ class Viewer:
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         server_cls = type("Server", (_Server,), {"address_family": family})
         try:
-            self.httpd = server_cls((cfg.host, cfg.port), handler)
+            self.httpd = server_cls((cfg.host, cfg.port), handler, cfg.max_connections)
         except OSError as exc:
             raise UsageError(
                 f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror or exc}); choose another --host or --port"
