@@ -100,17 +100,29 @@ def test_truncated_synthetic_tiff(make_slide, tmp_path):
     code, _, err = run(cut, "--out", out)
     assert_clean_failure(code, err, out, "truncated")
     assert code == 3
+    # cut just before the last image's directory: the chain of directories points past the end
+    import tifffile
+
+    with tifffile.TiffFile(slide) as tf:
+        last = tf.pages[len(tf.pages) - 1].offset
+    cut.write_bytes(data[:last])
+    code, _, err = run(cut, "--out", out)
+    assert_clean_failure(code, err, out, "truncated slide: image directory")
 
 
 @pytest.mark.real_data
 def test_truncated_real_svs(tmp_path):
     real = shared_path("slides", "cmu-1-small-region.svs")
     data = real.read_bytes()
-    cut = tmp_path / "cut.svs"
-    cut.write_bytes(data[: len(data) // 2])
-    out = tmp_path / "h.zarr"
-    code, _, err = run(cut, "--out", out)
-    assert_clean_failure(code, err, out)
+    # cut in level 0 (its directories, written after the pixels, are gone), and cut after
+    # level 0 and the thumbnail (a reduced level and the label are gone): both said to be truncated
+    for keep in (len(data) // 2, 1_500_000, 7):
+        cut = tmp_path / "cut.svs"
+        cut.write_bytes(data[:keep])
+        out = tmp_path / "h.zarr"
+        code, _, err = run(cut, "--out", out)
+        assert_clean_failure(code, err, out, "truncated slide")
+        assert code == 3
 
 
 def test_slide_without_mpp_then_with_mpp(make_slide, tmp_path):

@@ -800,3 +800,12 @@ def test_a_damaged_training_state_is_one_line(tmp_path):
         load_state(bad)
     with pytest.raises(UsageError, match="no training state"):
         load_state(tmp_path / "missing.pt")
+
+
+def test_a_heatmap_store_given_as_the_slide_names_its_slide(heatmap, tmp_path):
+    slide, store = heatmap
+    for args in (("tile", store, "--out", tmp_path / "p.h5"), (store, "--out", tmp_path / "again.zarr")):
+        code, out, err = run(*args)
+        assert code == 3 and "is a heatmap store that wsi-scan wrote, not a slide" in err and str(slide) in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "p.h5").exists() and not (tmp_path / "again.zarr").exists()

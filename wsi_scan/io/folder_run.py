@@ -72,10 +72,11 @@ def list_slides(slides_dir: str | Path, recursive: bool = False, exclude: Path |
 def require_slides(slides_dir: Path, recursive: bool, exclude: Path) -> list[Path]:
     """``list_slides``, refusing a folder without slides before anything is written in the
     output folder."""
-    from .slide import SLIDE_EXTS
+    from .slide import SLIDE_EXTS, refuse_heatmap_store
 
     slides = list_slides(slides_dir, recursive, exclude=exclude)
     if not slides:
+        refuse_heatmap_store(slides_dir)
         named = slides_dir.suffix.lower() in SLIDE_EXTS
         raise SlideNotFoundError(
             f"{slides_dir} is a folder{' named like a slide' if named else ''} with no slide files "

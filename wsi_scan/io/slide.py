@@ -30,13 +30,14 @@ resampler as PIL images, without a numpy round trip.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
 import numpy as np
 
@@ -673,10 +674,26 @@ def file_identity(path: str | os.PathLike[str]) -> str:
     return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
+def refuse_heatmap_store(path: Path) -> None:
+    """A heatmap store given where a slide (or a folder of slides) belongs: named as what it is,
+    with the slide it was made from, rather than as a damaged slide or an empty folder."""
+    from .outputs import is_heatmap_store
+
+    if not is_heatmap_store(path):
+        return
+    try:
+        made_from = json.loads((path / "zarr.json").read_text(encoding="utf-8"))["attributes"]["wsi_scan"]["slide"]
+        source = f" ({str(made_from['path'])[:200]})"
+    except (OSError, ValueError, KeyError, TypeError):
+        source = ""
+    raise SlideFormatError(f"{path} is a heatmap store that wsi-scan wrote, not a slide; give the slide it was made from{source}")
+
+
 def _sniff(path: Path) -> None:
     """Refuse what is clearly not a slide before a backend produces a confusing message."""
     if not path.exists():
         raise SlideNotFoundError(f"slide {path} does not exist; check the path")
+    refuse_heatmap_store(path)
     if path.is_dir() and path.suffix.lower() != ".zarr":
         raise SlideNotFoundError(
             f"slide {path} is a directory; expected a slide file (for a folder of slides, --out must be a folder)"
@@ -704,6 +721,16 @@ def _check_tiff_complete(path: Path, size: int) -> None:
     """
     import tifffile
 
+    if size < 16:
+        raise SlideFormatError(f"{path}: truncated slide: {size} bytes, shorter than a TIFF header; copy the slide again")
+    first = _first_directory_offset(path)
+    if first is not None and first >= size:
+        # the directories follow the pixels, so a cut-off copy loses them first: no reader then
+        # finds an image, and OpenSlide's "not a slide" would hide what happened
+        raise SlideFormatError(
+            f"{path}: truncated slide: its first image directory is at byte {first:,} but the file has {size:,}; "
+            "copy the slide again from its source"
+        )
     try:
         tf = tifffile.TiffFile(str(path))
     except Exception:  # noqa: BLE001 - not parseable here: the backends decide
@@ -715,6 +742,14 @@ def _check_tiff_complete(path: Path, size: int) -> None:
             raise SlideFormatError(
                 f"{path}: damaged or truncated TIFF, its image directories cannot be read ({exc!s:.80})"
             ) from None
+        after = _next_directory_offset(tf)
+        if after is not None and after >= size:
+            # tifffile stops the chain there with a log line only: the slide would open with the
+            # images before the cut (its label, macro or reduced levels missing)
+            raise SlideFormatError(
+                f"{path}: truncated slide: image directory {len(pages)} is at byte {after:,} but the file has {size:,}; "
+                "copy the slide again from its source"
+            )
         for i, page in enumerate(pages):
             try:
                 tw, tl = int(getattr(page, "tilewidth", 0) or 0), int(getattr(page, "tilelength", 0) or 0)
@@ -823,6 +858,32 @@ def _open(p: Path, backend: str) -> Slide:
     tfs.info = dataclasses.replace(tfs.info, vendor=osr.info.vendor, metadata={**tfs.info.metadata, **osr.info.metadata})
     osr.close()
     return tfs
+
+
+def _next_directory_offset(tf: Any) -> int | None:
+    """Where the last directory tifffile read says the next one is (0: none), read from the file."""
+    import struct
+
+    try:
+        at = tf.pages.next_page_offset
+        if not at:
+            return None
+        tf.filehandle.seek(at)
+        return int(struct.unpack(tf.tiff.offsetformat, tf.filehandle.read(tf.tiff.offsetsize))[0])
+    except (AttributeError, OSError, struct.error, TypeError, ValueError):
+        return None
+
+
+def _first_directory_offset(p: Path) -> int | None:
+    """The byte offset of a TIFF's (or BigTIFF's) first image directory, from its header."""
+    with p.open("rb") as fh:
+        head = fh.read(16)
+    byteorder: Literal["little", "big"] = "little" if head[:2] == b"II" else "big"
+    if head[2:4] in (b"*\x00", b"\x00*") and len(head) >= 8:
+        return int.from_bytes(head[4:8], byteorder)
+    if head[2:4] in (b"+\x00", b"\x00+") and len(head) >= 16:
+        return int.from_bytes(head[8:16], byteorder)
+    return None
 
 
 def _levels_agree(osr: Slide, tfs: Slide) -> bool:
