@@ -226,6 +226,29 @@ def test_evaluate_out_folder_and_warning_on_training_patches(kaggle_dir, tmp_pat
     assert r.exit_code == 4 and "inside the data folder" in r.stderr and not (kaggle_dir / "ev").exists()
 
 
+def test_an_evaluation_that_fails_half_way_leaves_no_mix_of_two_runs(kaggle_dir, tmp_path, monkeypatch):
+    """A disk that fills before metrics.json: the new predictions and ROC stay, alone; the
+    earlier evaluation's metrics.json is not left beside them to be read as theirs."""
+    from wsi_scan.errors import OutputWriteError
+
+    out = tmp_path / "m.pt"
+    train([kaggle_dir], out, TrainConfig(**TINY), progress=False)
+    args = ["evaluate", str(kaggle_dir), "--model", str(out), "--split", "valid", "--out", str(tmp_path / "ev")]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert (tmp_path / "ev" / "metrics.json").is_file()
+    mine = tmp_path / "ev" / "notes.txt"
+    mine.write_text("a user's file\n")
+
+    def full(*a, **k):
+        raise OutputWriteError("cannot write metrics.json: No space left on device")
+
+    monkeypatch.setattr("wsi_scan.io.exports.write_json", full)
+    r = CliRunner().invoke(main, args + ["--tta"])
+    assert r.exit_code == 9 and "No space left" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == ["notes.txt", "predictions.csv", "roc.png"]
+    assert mine.read_text() == "a user's file\n"
+
+
 def test_threshold_command(kaggle_dir, tmp_path):
     out = tmp_path / "m.pt"
     train([kaggle_dir], out, TrainConfig(**TINY, threshold_specificity=0.0), progress=False)

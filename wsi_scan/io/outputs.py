@@ -79,6 +79,15 @@ def _head(path: Path) -> bytes:
         return fh.read(_HEAD_BYTES)
 
 
+def remove_earlier_set(paths: Iterable[Path]) -> None:
+    """Remove the files of an earlier output set (wsi-scan's own, the rest is never touched)
+    before a new one is written file by file: a write that fails half-way then leaves the new
+    set's first files alone, not beside the rest of the old one, where they would read as one."""
+    for p in paths:
+        if written_by_wsi_scan(p):
+            p.unlink(missing_ok=True)
+
+
 def written_by_wsi_scan(path: Path) -> bool:
     """Whether a regular file carries the mark of one of wsi-scan's writers."""
     if path.is_symlink() or not path.is_file():

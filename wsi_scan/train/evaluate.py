@@ -104,9 +104,9 @@ def write_evaluation(out_dir: Path, ev: Evaluation, ps: PatchSet, threshold: flo
     training report's figures, files of these names are replaced only when wsi-scan wrote them.
     Undefined numbers (the AUC of one class) are null in the JSON."""
     from ..io.exports import write_json, write_predictions_csv
-    from .plots import roc_figure
+    from .plots import check_figure_folder, roc_figure
 
-    check_evaluation_folder(out_dir)
+    check_figure_folder(out_dir, EVALUATION_FILES, fresh=True)
     ids = [(ps.name, i, ps.patch_id(i)) for i in range(len(ps))]
     written = [write_predictions_csv(out_dir / "predictions.csv", ids, ev.labels, ev.probs, None, threshold, True)]
     lo, hi = info.get("auc_ci95", (float("nan"), float("nan")))

@@ -26,13 +26,17 @@ REPORT_FILES = ("curves.png", "roc.png", "valid_predictions.csv")
 SLIDE_REPORT_FILES = ("froc.png", "slide_roc.png")
 
 
-def check_figure_folder(out_dir: Path, names: Sequence[str] = (), flag: str = "--out", protect: Sequence[Path] = ()) -> None:
+def check_figure_folder(
+    out_dir: Path, names: Sequence[str] = (), flag: str = "--out", protect: Sequence[Path] = (), fresh: bool = False
+) -> None:
     """A folder for figures, refused before anything is written to it when it is a file or a link,
     lies inside a heatmap store (a file there makes the store no longer one), is or lies inside
     one of the input folders ``protect`` (files added there would be read as data next time), or
-    holds a user's file of one of ``names``; created otherwise, checked writable."""
+    holds a user's file of one of ``names``; created otherwise, checked writable. ``fresh`` (the
+    writer, just before its first file): an earlier run's files of ``names`` are removed, so the
+    folder never holds a mix of two runs' files (``remove_earlier_set``)."""
     from ..errors import OutputExistsError, UsageError
-    from ..io.outputs import absolute, check_not_in_store, check_replaceable, prepare_parent
+    from ..io.outputs import absolute, check_not_in_store, check_replaceable, prepare_parent, remove_earlier_set
 
     out_abs = absolute(out_dir)
     for p in protect:
@@ -50,6 +54,8 @@ def check_figure_folder(out_dir: Path, names: Sequence[str] = (), flag: str = "-
     for name in names:
         check_replaceable(out_dir / name, True, kind="file", flag=flag)
     prepare_parent(out_dir / "x.png", flag)
+    if fresh:
+        remove_earlier_set(out_dir / n for n in names)
 
 
 def save_figure(fig: Any, path: Path) -> None:
@@ -68,7 +74,7 @@ def explore(
     plt = _plt()
     from matplotlib.patches import Rectangle
 
-    check_figure_folder(out_dir, EXPLORE_FILES, protect=protect)
+    check_figure_folder(out_dir, EXPLORE_FILES, protect=protect, fresh=True)
     written: list[Path] = []
 
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(sets), 3.2))
@@ -133,7 +139,7 @@ def training_report(
 ) -> list[Path]:
     """Loss and AUC per epoch, and the ROC curve of the chosen model on the validation split."""
     plt = _plt()
-    check_figure_folder(out_dir, REPORT_FILES, "--report")
+    check_figure_folder(out_dir, REPORT_FILES, "--report", fresh=True)
     written: list[Path] = []
     ep = [h["epoch"] for h in history]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -205,18 +211,15 @@ def evaluation_figures(
 ) -> list[Path]:
     """The FROC curve of a cohort, when it has tumour regions to find, and, when it has both
     classes, the slide-level ROC, as ``PREFIX{froc,slide_roc}.png``. A figure of that name left by
-    an earlier evaluation and not drawn this time is removed: beside the new numbers it would
-    show the old ones."""
+    an earlier evaluation is removed first: one not drawn this time would show the old numbers
+    beside the new."""
     plt = _plt()
     names = [prefix + n for n in SLIDE_REPORT_FILES]
-    check_figure_folder(out_dir, names)
+    check_figure_folder(out_dir, names, fresh=True)  # a figure not drawn this time is not left from before
     froc_path, roc_path = (out_dir / n for n in names)
     written: list[Path] = []
     if froc_score is not None:
         written.append(_froc_figure(plt, froc_path, fps_per_slide, sensitivity, froc_score))
     if labels is not None and scores is not None and slide_auc is not None:
         written.append(roc_figure(roc_path, labels, scores, f"slide AUC {slide_auc:.4f}", "ROC, slide level", " (slides)"))
-    for stale in (froc_path, roc_path):
-        if stale not in written and stale.is_file():  # check_figure_folder: wsi-scan's own figure
-            stale.unlink()
     return written
