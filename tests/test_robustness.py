@@ -809,3 +809,21 @@ def test_a_heatmap_store_given_as_the_slide_names_its_slide(heatmap, tmp_path):
         assert code == 3 and "is a heatmap store that wsi-scan wrote, not a slide" in err and str(slide) in err, err
         assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "p.h5").exists() and not (tmp_path / "again.zarr").exists()
+
+
+def test_outputs_named_as_another_format_are_refused_before_any_work(heatmap, tmp_path):
+    slide, store = heatmap
+    for args, words in (
+        ((slide, "--out", tmp_path / "o.png"), "a heatmap store is a folder (OME-Zarr)"),
+        (("geojson", store, "--out", tmp_path / "g.png"), "expected a .geojson or .json file name"),
+        (("heatmap-tiff", store, "--out", tmp_path / "h.png"), "expected a .tif or .tiff file name"),
+        (("lesions", store, "--out", tmp_path / "l.png"), "expected a .csv, .geojson or .json file name"),
+        (("overlay", store, "--out", tmp_path / "o.zarr"), "expected a .png, .jpg or .jpeg file name"),
+    ):
+        code, _, err = run(*args)
+        assert code == 2 and words in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (slide, store))
+    # a store with no suffix, or one that names no file format, is still a store
+    for name in ("heatmap", "run.2026.12"):
+        code, _, err = run(slide, "--out", tmp_path / name, "--quiet")
+        assert code == 0, err

@@ -141,5 +141,7 @@ def write_geojson(
     overwrite: bool = False,
 ) -> Path:
     from ..io.exports import write_json
+    from ..io.outputs import expect_suffix
 
+    expect_suffix(Path(out), (".geojson", ".json"))
     return write_json(out, to_geojson(heatmap, threshold, include_tissue), overwrite)

@@ -44,7 +44,9 @@ def write_heatmap_tiff(
     """
     from ..geometry import image_cells
     from ..io.exports import write_pyramid_tiff
+    from ..io.outputs import expect_suffix
 
+    expect_suffix(Path(out), (".tif", ".tiff"))
     if tile_px % 16:
         raise UsageError(f"tile size must be a multiple of 16 (a TIFF rule), found {tile_px}")
     if not 0.0 <= opacity <= 1.0:

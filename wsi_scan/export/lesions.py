@@ -123,15 +123,14 @@ def write_lesions(
     cfg: LesionConfig = LesionConfig(),
 ) -> tuple[Path, SlideCall]:
     from ..io.exports import write_json, write_text
+    from ..io.outputs import expect_suffix
 
     out = Path(out)
+    suffix = expect_suffix(out, (".csv", ".geojson", ".json"))
     hm, call = heatmap_call(heatmap, threshold, cfg)
-    suffix = out.suffix.lower()
-    if suffix in (".geojson", ".json"):
-        return write_json(out, lesions_geojson(hm, call, cfg), overwrite), call
     if suffix == ".csv":
         return write_text(out, lesions_csv(call), overwrite), call
-    raise UsageError(f"--out {out}: expected a .csv or .geojson file name, found suffix {out.suffix or '(none)'!r}")
+    return write_json(out, lesions_geojson(hm, call, cfg), overwrite), call
 
 
 def read_patients(path: str | Path) -> dict[str, list[str]]:
@@ -270,12 +269,11 @@ def write_stages(
     by each run). Refused before any work: an ``out`` that is not a .csv, the patients list, or
     one of the folder run's own files (its summary is this command's input)."""
     from ..io.exports import write_text
-    from ..io.outputs import check_replaceable
+    from ..io.outputs import check_replaceable, expect_suffix
 
     results, patients = Path(results), Path(patients)
     target = Path(out) if out is not None else results / "stages.csv"
-    if target.suffix.lower() != ".csv":
-        raise UsageError(f"--out {target}: expected a .csv file name, found suffix {target.suffix or '(none)'!r}")
+    expect_suffix(target, (".csv",))
     run_files = [results / n for n in (SUMMARY_JSON, SUMMARY_CSV, REPORT_HTML, LOG_NAME)]
     check_replaceable(target, overwrite or out is None, protect=[patients, *run_files])
     rows = stage_results(results, patients)

@@ -29,10 +29,9 @@ def _atomic(out: Path, overwrite: bool) -> Iterator[Path]:
 
 
 def image_format(out: Path, flag: str = "--out") -> str:
-    fmt = IMAGE_FORMATS.get(out.suffix.lower())
-    if fmt is None:
-        raise UsageError(f"{flag} {out}: expected a .png, .jpg or .jpeg file name, found suffix {out.suffix or '(none)'!r}")
-    return fmt
+    from .outputs import expect_suffix
+
+    return IMAGE_FORMATS[expect_suffix(out, tuple(IMAGE_FORMATS), flag)]
 
 
 def check_image_out(out: str | Path, overwrite: bool, store: str | Path | None = None) -> None:

@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -77,6 +77,33 @@ def is_heatmap_store(path: Path) -> bool:
 def _head(path: Path) -> bytes:
     with path.open("rb") as fh:
         return fh.read(_HEAD_BYTES)
+
+
+#: suffixes that name a file format: a heatmap store (a folder) given one would pass for that file
+FILE_SUFFIXES = frozenset(
+    (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs", ".ndpi", ".json", ".geojson", ".csv", ".h5", ".hdf5")
+    + (".html", ".txt", ".xml", ".pt", ".safetensors", ".gz", ".zip")
+)
+
+
+def expect_suffix(out: Path, allowed: Sequence[str], flag: str = "--out") -> str:
+    """``out``'s suffix (lower case) when it is one of ``allowed``; the writer's format is named
+    by it, so a picture saved as ``.zarr`` or a TIFF as ``.png`` is refused before any work."""
+    suffix = out.suffix.lower()
+    if suffix not in allowed:
+        names = ", ".join(allowed[:-1]) + (" or " if len(allowed) > 1 else "") + allowed[-1]
+        raise UsageError(f"{flag} {out}: expected a {names} file name, found suffix {out.suffix or '(none)'!r}")
+    return suffix
+
+
+def check_store_name(out: Path, flag: str = "--out") -> None:
+    """A heatmap store is a folder (OME-Zarr): a name with a file format's suffix (``o.png``)
+    would be taken for that file by every program but wsi-scan."""
+    if out.suffix.lower() in FILE_SUFFIXES:
+        raise UsageError(
+            f"{flag} {out}: a heatmap store is a folder (OME-Zarr), found the suffix of a {out.suffix} file; "
+            f"name it {out.with_suffix('.zarr').name}"
+        )
 
 
 def remove_earlier_set(paths: Iterable[Path]) -> None:

@@ -27,8 +27,9 @@ MODEL_SUFFIXES = (".safetensors", ".pt")
 def check_out_file(out: Path, overwrite: bool, inputs: list[str | Path]) -> None:
     """Refuse, before any work, an ``out`` that is not a model file name, may not be replaced,
     or is one of the input models (replacing it would lose the model it was made from)."""
-    if out.suffix not in MODEL_SUFFIXES:
-        raise UsageError(f"--out {out}: expected a .safetensors or .pt file name, found suffix {out.suffix or '(none)'!r}")
+    from ..io.outputs import expect_suffix
+
+    expect_suffix(out, tuple(MODEL_SUFFIXES))
     check_replaceable(out, overwrite, kind="file")
     for p in inputs:
         if out.exists() and Path(p).exists() and out.samefile(p):
