@@ -453,7 +453,7 @@ def test_evaluate_slides_refuses_what_would_replace_other_outputs_or_count_wrong
     shutil.copy(Path(__file__).parents[1] / "wsi_scan" / "model" / "fast.safetensors", model)
     before = digest(model)
     for out, code_wanted, words in (
-        (model, 2, "must be a .json"),
+        (model, 2, "expected a .json file name"),
         (results / "summary.json", 4, "the folder run's own summary.json"),
     ):
         code, _, err = run("evaluate-slides", results, "--annotations", ann, "--out", out, "--overwrite")

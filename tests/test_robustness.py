@@ -819,6 +819,8 @@ def test_outputs_named_as_another_format_are_refused_before_any_work(heatmap, tm
         (("heatmap-tiff", store, "--out", tmp_path / "h.png"), "expected a .tif or .tiff file name"),
         (("lesions", store, "--out", tmp_path / "l.png"), "expected a .csv, .geojson or .json file name"),
         (("overlay", store, "--out", tmp_path / "o.zarr"), "expected a .png, .jpg or .jpeg file name"),
+        (("tile", slide, "--out", tmp_path / "p.png"), "a patch set is one .h5 file or a folder"),
+        (("evaluate-slides", tmp_path, "--annotations", tmp_path, "--out", tmp_path / ".json"), "expected a .json file name"),
     ):
         code, _, err = run(*args)
         assert code == 2 and words in err, err

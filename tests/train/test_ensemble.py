@@ -130,7 +130,7 @@ def test_what_an_ensemble_refuses(members, kaggle_dir, tmp_path):
         combine_models([a, a], kaggle_dir, tmp_path / "e.pt", progress=False)
     with pytest.raises(UsageError, match="trained on these patches"):
         combine_models([a, b], kaggle_dir, tmp_path / "e.pt", split="train", progress=False)
-    with pytest.raises(UsageError, match="expected a .safetensors or .pt"):
+    with pytest.raises(UsageError, match="expected a .safetensors, .pt or .pth"):
         combine_models([a, b], kaggle_dir, tmp_path / "e.txt", progress=False)
 
     # another pixel size: the members disagree on the contract

@@ -275,7 +275,7 @@ def test_threshold_command(kaggle_dir, tmp_path):
     r = CliRunner().invoke(main, ["threshold", str(out), str(kaggle_dir), "--split", "train", "--out", str(tmp_path / "u.pt")])
     assert r.exit_code == 2 and "trained on these patches" in r.stderr and not (tmp_path / "u.pt").exists()
     r = CliRunner().invoke(main, ["threshold", str(out), str(kaggle_dir), "--out", str(tmp_path / "u.txt")])
-    assert r.exit_code == 2 and "expected a .safetensors or .pt" in r.stderr
+    assert r.exit_code == 2 and "expected a .safetensors, .pt or .pth" in r.stderr
 
 
 def test_evaluate_refuses_a_network_that_gives_non_finite_scores(kaggle_dir):

@@ -54,7 +54,7 @@ def test_rethreshold_model_applies_the_rule_and_keeps_the_rest(kaggle_dir, tmp_p
 
 def test_rethreshold_model_refuses_a_non_model_out_before_any_work(tmp_path):
     # neither the model nor the data exist: the file name is refused first
-    with pytest.raises(UsageError, match="expected a .safetensors or .pt"):
+    with pytest.raises(UsageError, match="expected a .safetensors, .pt or .pth"):
         rethreshold_model(tmp_path / "none.pt", tmp_path / "none", tmp_path / "u.txt", progress=False)
     assert not (tmp_path / "u.txt").exists()
 

@@ -83,11 +83,11 @@ def check_evaluation_json(out: Path, results: Path, overwrite: bool) -> None:
     """``evaluate-slides --out``: a .json that is not one of the folder run's own files and, where
     it exists, is an earlier evaluation: with --overwrite it would otherwise replace any file
     wsi-scan wrote (a model, patches, the run's summary)."""
-    from ..errors import OutputExistsError, UsageError
+    from ..errors import OutputExistsError
     from .folder_run import REPORT_HTML, SUMMARY_CSV, SUMMARY_JSON
+    from .outputs import expect_suffix
 
-    if out.suffix.lower() != ".json":
-        raise UsageError(f"--out must be a .json file for the evaluation, found {out.name}")
+    expect_suffix(out, (".json",))
     if absolute(out).parent == absolute(results) and out.name in (SUMMARY_JSON, SUMMARY_CSV, REPORT_HTML):
         raise OutputExistsError(f"--out {out} is the folder run's own {out.name}; choose another --out")
     check_output_file(out, overwrite)

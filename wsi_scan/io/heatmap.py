@@ -38,11 +38,11 @@ def check_output(out: Path, overwrite: bool, slide_path: str | None = None) -> N
     """Refuse, before any work is done, an output that may not be written: the slide, a folder
     holding it, anything that is not a wsi-scan store, an existing store without ``overwrite``,
     or a folder that cannot be written."""
-    from .outputs import check_store_name, prepare_parent
+    from .outputs import check_folder_name, prepare_parent
 
     # what may not be replaced is said first: "the slide itself" matters more than its name
     check_replaceable(out, overwrite, kind="store", protect=[slide_path] if slide_path else [])
-    check_store_name(out)
+    check_folder_name(out)
     prepare_parent(out)
 
 

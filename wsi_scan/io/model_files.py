@@ -29,6 +29,8 @@ from ..model.card import ModelCard
 #: is not the default
 BUNDLED_MODEL = "fast.safetensors"
 CARD_KEY = "wsi_scan_card"
+#: the model file formats (module docstring), by their exact suffix
+MODEL_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
 @dataclass(frozen=True)

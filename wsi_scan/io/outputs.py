@@ -86,23 +86,25 @@ FILE_SUFFIXES = frozenset(
 )
 
 
-def expect_suffix(out: Path, allowed: Sequence[str], flag: str = "--out") -> str:
-    """``out``'s suffix (lower case) when it is one of ``allowed``; the writer's format is named
-    by it, so a picture saved as ``.zarr`` or a TIFF as ``.png`` is refused before any work."""
-    suffix = out.suffix.lower()
+def expect_suffix(out: Path, allowed: Sequence[str], flag: str = "--out", any_case: bool = True) -> str:
+    """``out``'s suffix (lower case unless not ``any_case``) when it is one of ``allowed``; the
+    writer's format is named by it, so a picture saved as ``.zarr`` or a TIFF as ``.png`` is
+    refused before any work."""
+    suffix = out.suffix.lower() if any_case else out.suffix
     if suffix not in allowed:
         names = ", ".join(allowed[:-1]) + (" or " if len(allowed) > 1 else "") + allowed[-1]
         raise UsageError(f"{flag} {out}: expected a {names} file name, found suffix {out.suffix or '(none)'!r}")
     return suffix
 
 
-def check_store_name(out: Path, flag: str = "--out") -> None:
-    """A heatmap store is a folder (OME-Zarr): a name with a file format's suffix (``o.png``)
-    would be taken for that file by every program but wsi-scan."""
+def check_folder_name(
+    out: Path, what: str = "a heatmap store is a folder (OME-Zarr)", suggest: str = ".zarr", flag: str = "--out"
+) -> None:
+    """An output folder (a heatmap store, a patch folder) whose name has a file format's suffix
+    (``o.png``) would be taken for that file by every program but wsi-scan."""
     if out.suffix.lower() in FILE_SUFFIXES:
         raise UsageError(
-            f"{flag} {out}: a heatmap store is a folder (OME-Zarr), found the suffix of a {out.suffix} file; "
-            f"name it {out.with_suffix('.zarr').name}"
+            f"{flag} {out}: {what}, found the suffix of a {out.suffix} file; name it {out.with_suffix(suggest).name}"
         )
 
 
@@ -148,7 +150,9 @@ def written_by_wsi_scan(path: Path) -> bool:
             return bool(first) and first[0].startswith(CSV_MARKS)
         if suffix in (".html", ".htm"):
             return HTML_MARK.encode() in _head(path)
-        if suffix in (".safetensors", ".pt", ".pth"):
+        from .model_files import MODEL_SUFFIXES
+
+        if suffix in MODEL_SUFFIXES:
             from .model_files import _read_weights
 
             _read_weights(path)

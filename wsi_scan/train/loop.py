@@ -227,12 +227,12 @@ def train(
     ``resume`` is given (a resumed run rewrites its own best epoch)."""
     from ..errors import OutputExistsError
     from ..io.folder_run import training_lock
-    from ..io.outputs import check_replaceable, prepare_parent
+    from ..io.model_files import MODEL_SUFFIXES
+    from ..io.outputs import check_replaceable, expect_suffix, prepare_parent
     from .plots import REPORT_FILES, check_figure_folder
 
     out = Path(out)
-    if out.suffix not in (".pt", ".pth", ".safetensors"):
-        raise UsageError(f"--out must end in .pt, .pth or .safetensors, found {out.name}")
+    expect_suffix(out, MODEL_SUFFIXES, any_case=False)
     check_replaceable(out, overwrite or resume, kind="file")
     check_state_file(state_path(out), out, overwrite, resume)
     if report_dir is not None:  # now, not after the hours of training

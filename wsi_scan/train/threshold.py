@@ -15,21 +15,17 @@ import numpy as np
 from ..config import TrainConfig
 from ..errors import DataError, ModelError, UsageError
 from ..io.datasets import PatchSet, patch_split
-from ..io.model_files import load_model, resolve_model, save_model
-from ..io.outputs import check_replaceable, prepare_parent
+from ..io.model_files import MODEL_SUFFIXES, load_model, resolve_model, save_model
+from ..io.outputs import check_replaceable, expect_suffix, prepare_parent
 from ..model.card import ModelCard
 from .evaluate import evaluate_patchset, trained_on
 from .loop import validation_metrics, with_threshold
-
-MODEL_SUFFIXES = (".safetensors", ".pt")
 
 
 def check_out_file(out: Path, overwrite: bool, inputs: list[str | Path]) -> None:
     """Refuse, before any work, an ``out`` that is not a model file name, may not be replaced,
     or is one of the input models (replacing it would lose the model it was made from)."""
-    from ..io.outputs import expect_suffix
-
-    expect_suffix(out, tuple(MODEL_SUFFIXES))
+    expect_suffix(out, MODEL_SUFFIXES, any_case=False)
     check_replaceable(out, overwrite, kind="file")
     for p in inputs:
         if out.exists() and Path(p).exists() and out.samefile(p):
