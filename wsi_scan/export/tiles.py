@@ -188,11 +188,12 @@ def tile_slide(
     non-overlapping 96 px windows. ``model`` (a path or LoadedModel) sets mpp and window size;
     the default is PCam's 0.972 um/px, 96 px windows, 32 px cells.
     """
+    from ..io.datasets import PATCH_FILE_SUFFIXES
     from ..io.outputs import check_folder_name
 
     if stride_cells < 1:
         raise UsageError(f"--stride-cells must be at least 1, found {stride_cells}")
-    if Path(out).suffix.lower() != ".h5":
+    if Path(out).suffix.lower() not in PATCH_FILE_SUFFIXES:
         check_folder_name(Path(out), "a patch set is one .h5 file or a folder of PCam-layout files", ".h5")
     if split not in ("train", "valid", "test"):
         raise UsageError(f"split must be train, valid or test, found {split!r}")

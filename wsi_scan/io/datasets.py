@@ -29,6 +29,8 @@ from .outputs import check_output_file, remove_stale_temps, temp_name
 
 IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".webp")
 H5_PREFIX = "camelyonpatch_level_2_split_"
+#: a patch set written to a name with one of these suffixes is one file; any other name is a folder
+PATCH_FILE_SUFFIXES = (".h5", ".hdf5")
 SPLITS = ("train", "valid", "test")
 PATCH_SHAPE = (96, 96, 3)
 
@@ -399,7 +401,7 @@ class PatchWriter:
 
         self.out = Path(out)
         self.labelled = labelled
-        if self.out.suffix.lower() in (".h5", ".hdf5"):
+        if self.out.suffix.lower() in PATCH_FILE_SUFFIXES:
             targets = [self.out]
         else:
             if self.out.exists() and not self.out.is_dir():
