@@ -84,6 +84,19 @@ def test_wrong_patch_size(tmp_path):
         ps.read(1)
 
 
+def test_a_16_bit_patch_is_refused_not_cut_to_its_high_bytes(tmp_path):
+    import tifffile
+
+    root = write_kaggle(tmp_path / "k", n=4, ext=".tif")
+    # a 12-bit camera's values in 16-bit samples: their high bytes would be a near-black patch
+    twelve_bit = np.random.default_rng(0).integers(0, 4096, (96, 96, 3)).astype(np.uint16)
+    tifffile.imwrite(root / "train" / "train0001.tif", twelve_bit, photometric="rgb")
+    ps = open_patch_data(root).splits["train"]
+    assert ps.read(0).dtype == np.uint8  # 8-bit patches as before
+    with pytest.raises(DataError, match=r"train0001.tif: expected 8 bits per channel .* found a 16-bit image"):
+        ps.read(1)
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [

@@ -100,6 +100,13 @@ class KagglePatches(PatchSet):
             with Image.open(path) as im:
                 if im.mode != "RGB":
                     raise DataError(f"{path}: expected an RGB patch, found mode {im.mode}")
+                if _more_than_8_bits(im):
+                    # Pillow keeps the high byte of each sample: right for full-range 16-bit
+                    # data, a dark patch for a 12-bit camera's, and either way not PCam's pixels
+                    raise DataError(
+                        f"{path}: expected 8 bits per channel (as PCam's patches), found a 16-bit image; "
+                        "convert it to 8-bit RGB with the scaling its values need"
+                    )
                 if im.size[0] > 4 * PATCH_SHAPE[1] or im.size[1] > 4 * PATCH_SHAPE[0]:  # before decoding a bomb
                     raise DataError(
                         f"{path}: expected a {PATCH_SHAPE[1]} x {PATCH_SHAPE[0]} patch, found {im.size[0]} x {im.size[1]} px"
@@ -108,6 +115,16 @@ class KagglePatches(PatchSet):
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise DataError(f"{path}: not a readable image ({exc})") from None
         return _check_patch(arr, str(path))
+
+
+def _more_than_8_bits(im: Any) -> bool:
+    """Whether Pillow decodes this RGB image from wider samples (raw mode ``RGB;16B`` etc.)."""
+    for tile in getattr(im, "tile", ()) or ():
+        args = getattr(tile, "args", None)
+        raw = args[0] if isinstance(args, tuple) and args else args
+        if isinstance(raw, str) and ";16" in raw:
+            return True
+    return False
 
 
 def _read_labels_csv(csv_path: Path) -> tuple[list[str], np.ndarray]:
