@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import h5py
 import numpy as np
@@ -181,3 +182,40 @@ def test_labels_of_points_only_are_warned_about(make_slide, tmp_path, caplog):
         res = tile_slide(slide, tmp_path / "a.h5", labels_geojson=points)
     assert res.n_positive == 0
     assert "1 LineString, 1 MultiPoint, 1 Point and no polygon" in caplog.text and "not used" in caplog.text
+
+
+def test_a_disk_that_fills_while_patches_are_written_is_one_error_and_leaves_nothing(make_slide, tmp_path, monkeypatch):
+    """Measured on a tmpfs filled by another program mid-write: HDF5 raised inside its close and
+    then crashed the process at exit (segfault). The writer's sink now takes the failure."""
+    import errno
+
+    from wsi_scan.errors import OutputWriteError
+    from wsi_scan.io import datasets
+
+    slide = make_slide(size_wh=SIZE_WH, mpp=MPP, tissue=TISSUE)
+    real_init = datasets._DiskSink.__init__
+
+    class FillsUp:
+        def __init__(self, f: Any) -> None:
+            self.f, self.left = f, 60_000
+
+        def write(self, b: Any) -> int:
+            n = memoryview(b).nbytes
+            if n > self.left:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.left -= n
+            return self.f.write(b)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.f, name)
+
+    def init(self: Any, path: Any) -> None:
+        real_init(self, path)
+        self._f = FillsUp(self._f)
+
+    monkeypatch.setattr(datasets._DiskSink, "__init__", init)
+    for out in (tmp_path / "a.h5", tmp_path / "folder"):
+        with pytest.raises(OutputWriteError, match="No space left on device"):
+            tile_slide(slide, out, labels_geojson=_geojson(tmp_path, [(1000, 1000, 2000, 2000)]))
+        assert not out.exists() or not any(out.iterdir())
+    assert not [p for p in tmp_path.rglob("*.tmp-*")]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 import os
 import zlib
@@ -398,6 +399,67 @@ def patch_split(folder: str | Path, split: str) -> PatchSet:
     return pd.splits[name]
 
 
+class _DiskSink(io.RawIOBase):
+    """The file HDF5 writes a patch file through (h5py's file-object driver).
+
+    HDF5 does not survive a failed write: a full disk met while it flushes leaves the library in
+    a state where the next call, or the interpreter's exit, crashes the process (a segfault,
+    measured with a tmpfs filled mid-write). So the first OSError is kept here and every later
+    write is taken and dropped: HDF5 finishes and closes normally, and the writer then discards
+    the file and reports the error."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._f = path.open("w+b", buffering=0)
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readinto(self, b: Any) -> int:
+        return self._f.readinto(b) or 0
+
+    def write(self, b: Any) -> int:
+        n = memoryview(b).nbytes
+        if self.error is None:
+            try:
+                # a raw write may be short: loop, so a partial write is never taken for a full one
+                view = memoryview(b).cast("B")
+                while view:
+                    done = self._f.write(view)
+                    view = view[done or 0 :]
+                return n
+            except OSError as exc:
+                self.error = exc
+        self._f.seek(n, 1)
+        return n
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self._f.truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return self.tell() if size is None else size
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()
+
+
 class PatchWriter:
     """Appends patches to HDF5 in the PCam layout: ``x`` (N, 96, 96, 3) uint8, ``y`` (N, 1, 1, 1).
 
@@ -429,7 +491,8 @@ class PatchWriter:
             remove_stale_temps(t)
         self._targets = targets
         self._tmps = [temp_name(t) for t in targets]
-        self._files = [h5py.File(t, "w") for t in self._tmps]
+        self._sinks = [_DiskSink(t) for t in self._tmps]
+        self._files = [h5py.File(s, "w") for s in self._sinks]
         fx = self._files[0]
         fy = self._files[-1]
         self._x = fx.create_dataset(
@@ -455,13 +518,21 @@ class PatchWriter:
     def append(self, x: np.ndarray, l0_xy: np.ndarray, cell_rc: np.ndarray, y: np.ndarray | None = None) -> None:
         try:
             self._append(x, l0_xy, cell_rc, y)
-        except (OSError, RuntimeError) as exc:  # h5py reports a full disk as either
-            from ..errors import OutputWriteError
+        except (OSError, RuntimeError) as exc:  # h5py reports a failed write as either
+            raise self._write_error(exc) from None
+        self._check_sinks()
 
-            raise OutputWriteError(
-                f"cannot write the patch file {self._targets[0]}: {str(exc).splitlines()[0][:120]}; "
-                "its temporary files are removed, free some space and run again"
-            ) from None
+    def _write_error(self, exc: BaseException) -> OutputWriteError:
+        return OutputWriteError(
+            f"cannot write the patch file {self._targets[0]}: {str(exc).splitlines()[0][:120]}; "
+            "its temporary files are removed, free some space and run again"
+        )
+
+    def _check_sinks(self) -> None:
+        """Stop at the first write the disk refused (the sinks drop the rest), not at the end."""
+        for s in self._sinks:
+            if s.error is not None:
+                raise self._write_error(s.error)
 
     def _append(self, x: np.ndarray, l0_xy: np.ndarray, cell_rc: np.ndarray, y: np.ndarray | None = None) -> None:
         k = x.shape[0]
@@ -478,15 +549,26 @@ class PatchWriter:
         self.n += k
 
     def close(self, ok: bool = True) -> list[Path]:
+        """Finish the files and move them onto their targets (``ok``), or discard them. A write
+        the disk refused, here or earlier, discards them too and raises OutputWriteError."""
+        failure: BaseException | None = None
         for f in self._files:
             try:
                 f.close()
-            except (OSError, RuntimeError):
-                if ok:
-                    raise
+            except (OSError, RuntimeError) as exc:
+                failure = failure or exc
+        for s in self._sinks:
+            failure = failure or s.error
+            try:
+                s.close()
+            except OSError as exc:
+                failure = failure or exc
+        keep = ok and failure is None
         for tmp, t in zip(self._tmps, self._targets):
-            if ok:
+            if keep:
                 tmp.replace(t)
-            elif tmp.exists():
-                tmp.unlink()
-        return self._targets if ok else []
+            else:
+                tmp.unlink(missing_ok=True)
+        if ok and failure is not None:
+            raise self._write_error(failure)
+        return self._targets if keep else []
