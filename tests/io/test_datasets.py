@@ -145,6 +145,19 @@ def _gzip_h5_pair(root):
         f.unlink()
 
 
+def test_a_gz_that_holds_no_pcam_split_leaves_no_decompressed_copy(tmp_path):
+    import h5py
+
+    root = write_h5(tmp_path / "h", n=8)
+    with h5py.File(root / "camelyonpatch_level_2_split_valid_x.h5", "w") as f:
+        f.create_dataset("not_x", data=np.zeros(3))  # a valid gzip of an HDF5 file without "x"
+    _gzip_h5_pair(root)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError):
+        open_patch_data(root, cache_dir=cache)
+    assert not [p.name for p in cache.iterdir() if "valid" in p.name]
+
+
 def test_truncated_gz_is_a_data_error_and_leaves_no_partial_cache(tmp_path, monkeypatch):
     from tests._support import run
 

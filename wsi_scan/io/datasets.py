@@ -376,7 +376,15 @@ def open_patch_data(folder: str | Path, cache_dir: Path | None = None) -> PatchD
                 continue
             if x is None or y is None:
                 raise DataError(f"{root}: split {split!r} has only one of its _x/_y HDF5 files")
-            h5_splits[split] = H5Patches(x, y, split)
+            try:
+                h5_splits[split] = H5Patches(x, y, split)
+            except DataError:
+                # a decompressed copy of a file that is not a PCam split is of no later use, and
+                # it may be gigabytes in the user's home
+                for p in (x, y):
+                    if p.parent == cache:
+                        p.unlink(missing_ok=True)
+                raise
         return PatchData(str(root), "pcam-h5", h5_splits)
     kaggle: dict[str, PatchSet] = {}
     for split in SPLITS:
