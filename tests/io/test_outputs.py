@@ -20,3 +20,20 @@ def test_the_temporary_files_of_killed_writers_are_removed_and_no_other(tmp_path
         p.write_text("x")
     assert remove_stale_temps(tmp_path / "p.h5") == [gone]
     assert {p.name for p in tmp_path.iterdir()} == {mine.name, alive.name, user.name, other.name}
+
+
+def test_the_temporary_store_of_a_killed_scan_is_removed_by_the_next_write(tmp_path):
+    import numpy as np
+
+    from wsi_scan.geometry import GridGeometry
+    from wsi_scan.io.heatmap import write_heatmap
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    left = tmp_path / f".h.zarr.tmp-{int(dead.stdout)}-9c7e314c"
+    (left / "0").mkdir(parents=True)
+    (left / "0" / "zarr.json").write_text("{}")
+    link = tmp_path / f".h.zarr.tmp-{int(dead.stdout)}-0123abcd"
+    link.symlink_to(tmp_path / "elsewhere")  # a link is never followed or removed
+    g = GridGeometry((0, 0), (128.0, 128.0), (3, 4), 32, 96, 0.972)
+    write_heatmap(tmp_path / "h.zarr", np.full((3, 4), 0.5), np.ones((3, 4), bool), g, (0.25, 0.25), {"slide": {"name": "s"}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["h.zarr", link.name])

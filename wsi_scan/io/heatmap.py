@@ -26,7 +26,7 @@ import numpy as np
 from ..config import MAX_SLIDE_EXTENT_MM, MPP_RANGE_UM
 from ..errors import HeatmapError, OutsideGridError
 from ..geometry import GridGeometry
-from .outputs import check_replaceable, move_into_place, remove_path, temp_name, writing
+from .outputs import check_replaceable, move_into_place, remove_path, remove_stale_temps, temp_name, writing
 
 FORMAT_VERSION = 1
 OME_VERSION = "0.5"
@@ -121,6 +121,7 @@ def write_heatmap(
     """Write the store under a temporary name and move it into place once complete."""
     given = Path(out)
     out = check_replaceable(given, overwrite, kind="store")
+    remove_stale_temps(out)
     tmp = temp_name(out)
     with writing(given, "heatmap store"):
         _write_store(tmp, out, probs, tissue, grid, mpp_xy, attrs)
@@ -188,9 +189,35 @@ def _write_store(
         meta["status"] = "complete"  # last: a store without it was interrupted
         root.attrs["wsi_scan"] = meta
         move_into_place(tmp, out)
+    except BaseException:
+        _settle_zarr()
+        raise
     finally:
         if tmp.exists():
             remove_path(tmp)
+
+
+def _settle_zarr() -> None:
+    """Wait for zarr's writes still in flight after one failed: zarr runs a write's chunks as
+    concurrent tasks and reports the first failure at once, and a write finishing after the
+    temporary store was removed created it again (seen on a full disk: a stray
+    ``.NAME.tmp-*/0/zarr.json`` beside the error that said it was removed)."""
+    import asyncio
+
+    async def drain() -> None:
+        me = asyncio.current_task()
+        for _ in range(100):  # bounded: a hung store must not hang the error path
+            others = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+            if not others:
+                return
+            await asyncio.wait(others, timeout=0.1)
+
+    try:
+        from zarr.core.sync import sync
+
+        sync(drain(), timeout=15)
+    except Exception:  # noqa: BLE001 - zarr's internals may differ; the removal below still runs
+        return
 
 
 @dataclass(frozen=True)

@@ -291,8 +291,9 @@ def temp_name(out: Path) -> Path:
 
 
 def remove_stale_temps(out: Path) -> list[Path]:
-    """Remove the temporary files ``temp_name`` gave writers of ``out`` that were killed (their
-    process is gone): a kill -9 cannot clean up, and each left one as large as the output."""
+    """Remove the temporary files (or store folders) ``temp_name`` gave writers of ``out`` that
+    were killed (their process is gone): a kill -9 cannot clean up, and each left one as large
+    as the output."""
     import re
 
     removed = []
@@ -300,7 +301,7 @@ def remove_stale_temps(out: Path) -> list[Path]:
     with contextlib.suppress(OSError):
         for p in out.parent.iterdir():
             m = pattern.match(p.name)
-            if m is None or p.is_symlink() or not p.is_file() or int(m.group(1)) == os.getpid():
+            if m is None or p.is_symlink() or not (p.is_file() or p.is_dir()) or int(m.group(1)) == os.getpid():
                 continue
             try:
                 os.kill(int(m.group(1)), 0)
@@ -309,7 +310,7 @@ def remove_stale_temps(out: Path) -> list[Path]:
                 pass
             except (PermissionError, OverflowError):
                 continue
-            p.unlink(missing_ok=True)
+            remove_path(p)
             removed.append(p)
     return removed
 
