@@ -366,13 +366,38 @@ def test_a_waiter_makes_the_value_when_the_maker_fails():
     got: list[bytes] = []
     w = threading.Thread(target=lambda: got.append(lru.get_or_make("k", lambda: b"ok")))
     w.start()
-    time.sleep(0.1)
+    time.sleep(0.5)  # the others reach their wait
     go.set()
     t.join(30)
     w.join(30)
     assert len(errors) == 1 and got == [b"ok"] and lru.get("k") == b"ok"
     # a value that may not be kept (its slide was closed meanwhile) is returned, not cached
     assert lru.get_or_make("n", lambda: b"x", keep=lambda: False) == b"x" and lru.get("n") is None
+
+
+def test_waiters_get_the_value_even_when_the_cache_cannot_keep_it():
+    lru = ByteLRU(0)  # tile_cache_mib 0: nothing is kept
+    inside, go = threading.Event(), threading.Event()
+    made: list[int] = []
+
+    def slow() -> bytes:
+        made.append(1)
+        inside.set()
+        assert go.wait(30)
+        return b"tile"
+
+    got: list[bytes] = []
+    first = threading.Thread(target=lambda: got.append(lru.get_or_make("k", slow)))
+    first.start()
+    assert inside.wait(30)
+    waiters = [threading.Thread(target=lambda: got.append(lru.get_or_make("k", slow))) for _ in range(5)]
+    for t in waiters:
+        t.start()
+    time.sleep(0.5)  # the others reach their wait
+    go.set()
+    for t in [first, *waiters]:
+        t.join(30)
+    assert got == [b"tile"] * 6 and len(made) == 1 and len(lru) == 0
 
 
 def test_connections_beyond_the_limit_are_answered_busy_not_given_a_thread(scanned_store, serve):

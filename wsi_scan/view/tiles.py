@@ -93,8 +93,9 @@ class ByteLRU:
         self._d: OrderedDict[Any, bytes] = OrderedDict()
         self._nbytes = 0
         self._lock = threading.Lock()
-        self._making: dict[Any, threading.Event] = {}
-        self.made = 0
+        # keys being made: the event their waiters wait on and, once made, the value, which
+        # reaches the waiters even when the cache does not keep it (too large, slide closed)
+        self._making: dict[Any, tuple[threading.Event, list[bytes]]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -132,7 +133,7 @@ class ByteLRU:
         """The cached value of ``key``, or ``make()``'s, kept when ``keep()`` says so. Requests for a
         key being made wait for that one: a page opened in many tabs, or a viewer's burst of
         requests for one cold tile, renders it once instead of once per request. A waiter whose
-        maker failed (or did not keep its value) makes the value itself."""
+        maker failed makes the value itself."""
         while True:
             with self._lock:
                 v = self._d.get(key)
@@ -140,22 +141,20 @@ class ByteLRU:
                     self._d.move_to_end(key)
                     self.hits += 1
                     return v
-                ev = self._making.get(key)
-                mine = ev is None
-                if mine:
-                    ev = self._making[key] = threading.Event()
+                making = self._making.get(key)
+                mine = making is None
+                if making is None:
+                    making = self._making[key] = (threading.Event(), [])
                     self.misses += 1
-            assert ev is not None
+            ev, result = making
             if not mine:
                 ev.wait()
-                with self._lock:
-                    v = self._d.get(key)
-                if v is not None:
-                    return v
-                continue
+                if result:
+                    return result[0]
+                continue  # its maker failed
             try:
                 value = make()
-                self.made += 1
+                result.append(value)
                 if keep():
                     self.put(key, value)
                 return value
