@@ -316,6 +316,17 @@ def test_tile_requests_are_served_in_parallel(scanned_store, serve, monkeypatch)
     assert results == [200, 200] and not barrier.broken
 
 
+def wait_for_waiters(lru: ByteLRU, n: int) -> None:
+    """Until ``n`` threads wait on the value being made (a fixed sleep is a race on a loaded machine)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        making = list(lru._making.values())
+        if making and len(making[0][0]._cond._waiters) >= n:  # type: ignore[attr-defined]
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{n} waiters expected")
+
+
 def test_one_cold_tile_asked_for_by_many_is_rendered_once(scanned_store, monkeypatch):
     """A burst of requests for the same tile (many tabs, a viewer's retries) waits for one
     render instead of each rendering it."""
@@ -336,7 +347,7 @@ def test_one_cold_tile_asked_for_by_many_is_rendered_once(scanned_store, monkeyp
     for t in ts:
         t.start()
     assert started.wait(30)
-    time.sleep(0.2)  # the others reach the wait; a render of their own would also block on release
+    wait_for_waiters(app.tiles, 19)
     release.set()
     for t in ts:
         t.join(60)
@@ -366,7 +377,7 @@ def test_a_waiter_makes_the_value_when_the_maker_fails():
     got: list[bytes] = []
     w = threading.Thread(target=lambda: got.append(lru.get_or_make("k", lambda: b"ok")))
     w.start()
-    time.sleep(0.5)  # the others reach their wait
+    wait_for_waiters(lru, 1)
     go.set()
     t.join(30)
     w.join(30)
@@ -393,7 +404,7 @@ def test_waiters_get_the_value_even_when_the_cache_cannot_keep_it():
     waiters = [threading.Thread(target=lambda: got.append(lru.get_or_make("k", slow))) for _ in range(5)]
     for t in waiters:
         t.start()
-    time.sleep(0.5)  # the others reach their wait
+    wait_for_waiters(lru, 5)
     go.set()
     for t in [first, *waiters]:
         t.join(30)
