@@ -150,11 +150,9 @@ def written_by_wsi_scan(path: Path) -> bool:
             return bool(first) and first[0].startswith(CSV_MARKS)
         if suffix in (".html", ".htm"):
             return HTML_MARK.encode() in _head(path)
-        from .model_files import MODEL_SUFFIXES
+        from .model_files import MODEL_SUFFIXES, _read_weights
 
         if suffix in MODEL_SUFFIXES:
-            from .model_files import _read_weights
-
             _read_weights(path)
             return True
     except Exception:  # noqa: BLE001 - any file that cannot be read as ours is not ours

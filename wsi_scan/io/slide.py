@@ -707,12 +707,12 @@ def _sniff(path: Path) -> None:
         raise SlideFormatError(f"slide {path} is an empty file (0 bytes); expected a whole-slide image")
     if path.is_file():
         with path.open("rb") as fh:
-            magic = fh.read(4)
-        if magic in TIFF_MAGIC:
-            _check_tiff_complete(path, size)
+            head = fh.read(16)
+        if head[:4] in TIFF_MAGIC:
+            _check_tiff_complete(path, size, head)
 
 
-def _check_tiff_complete(path: Path, size: int) -> None:
+def _check_tiff_complete(path: Path, size: int, head: bytes) -> None:
     """Refuse a TIFF (SVS, NDPI, generic) whose pages point past its end: a truncated copy.
 
     Backends would otherwise open it and fail, or show white, only where a scan first touches a
@@ -723,7 +723,7 @@ def _check_tiff_complete(path: Path, size: int) -> None:
 
     if size < 16:
         raise SlideFormatError(f"{path}: truncated slide: {size} bytes, shorter than a TIFF header; copy the slide again")
-    first = _first_directory_offset(path)
+    first = _first_directory_offset(head)
     if first is not None and first >= size:
         # the directories follow the pixels, so a cut-off copy loses them first: no reader then
         # finds an image, and OpenSlide's "not a slide" would hide what happened
@@ -874,10 +874,8 @@ def _next_directory_offset(tf: Any) -> int | None:
         return None
 
 
-def _first_directory_offset(p: Path) -> int | None:
-    """The byte offset of a TIFF's (or BigTIFF's) first image directory, from its header."""
-    with p.open("rb") as fh:
-        head = fh.read(16)
+def _first_directory_offset(head: bytes) -> int | None:
+    """The byte offset of a TIFF's (or BigTIFF's) first image directory, from its first 16 bytes."""
     byteorder: Literal["little", "big"] = "little" if head[:2] == b"II" else "big"
     if head[2:4] in (b"*\x00", b"\x00*") and len(head) >= 8:
         return int.from_bytes(head[4:8], byteorder)

@@ -90,13 +90,14 @@ def evaluate_patchset(
 EVALUATION_FILES = ("predictions.csv", "roc.png", "metrics.json")
 
 
-def check_evaluation_folder(out_dir: Path, protect: Sequence[Path] = ()) -> None:
+def check_evaluation_folder(out_dir: Path, protect: Sequence[Path] = (), fresh: bool = False) -> None:
     """Refuse, before any scoring, a folder whose files ``write_evaluation`` may not replace (a
     user's file of one of their names, a link), a folder inside a heatmap store or one that is a
-    link, or one that is or lies in a data folder of ``protect``; then create it."""
+    link, or one that is or lies in a data folder of ``protect``; then create it (``fresh``: and
+    remove an earlier evaluation's files, ``check_figure_folder``)."""
     from .plots import check_figure_folder
 
-    check_figure_folder(out_dir, EVALUATION_FILES, protect=protect)
+    check_figure_folder(out_dir, EVALUATION_FILES, protect=protect, fresh=fresh)
 
 
 def write_evaluation(out_dir: Path, ev: Evaluation, ps: PatchSet, threshold: float, info: dict[str, Any]) -> list[Path]:
@@ -104,9 +105,9 @@ def write_evaluation(out_dir: Path, ev: Evaluation, ps: PatchSet, threshold: flo
     training report's figures, files of these names are replaced only when wsi-scan wrote them.
     Undefined numbers (the AUC of one class) are null in the JSON."""
     from ..io.exports import write_json, write_predictions_csv
-    from .plots import check_figure_folder, roc_figure
+    from .plots import roc_figure
 
-    check_figure_folder(out_dir, EVALUATION_FILES, fresh=True)
+    check_evaluation_folder(out_dir, fresh=True)
     ids = [(ps.name, i, ps.patch_id(i)) for i in range(len(ps))]
     written = [write_predictions_csv(out_dir / "predictions.csv", ids, ev.labels, ev.probs, None, threshold, True)]
     lo, hi = info.get("auc_ci95", (float("nan"), float("nan")))
