@@ -465,6 +465,17 @@ def _train_options(f: F) -> F:
             help="decode every patch once into memory (27 KB a patch) instead of every epoch; same results",
         ),
         click.option(
+            "--teacher",
+            default=_TRAIN.teacher,
+            help="knowledge distillation: a model (fast|accurate|PATH, e.g. an ensemble) that scores the training patches once",
+        ),
+        click.option(
+            "--distill-weight",
+            type=float,
+            default=_TRAIN.distill_weight,
+            help="the teacher's share of each training target (with --teacher)",
+        ),
+        click.option(
             "--threshold-specificity",
             type=float,
             default=_TRAIN.threshold_specificity,

@@ -289,6 +289,10 @@ class TrainConfig:
     # the card's threshold: the lowest at which this share of the validation negatives scores below
     # it (single view; docs/model.md says why 0.93); 0 keeps 0.5
     threshold_specificity: float = 0.93
+    # knowledge distillation (train/distill.py): a model file (or bundled name) that scores the
+    # training patches once; its scores take this share of each target. "" = no teacher
+    teacher: str = ""
+    distill_weight: float = 0.5
 
     def __post_init__(self) -> None:
         for name, lo, hi, lo_open in (
@@ -315,6 +319,7 @@ class TrainConfig:
             ("sgd_momentum", 0.0, 0.999, False),
             ("onecycle_pct_start", 0.0, 1.0, True),
             ("valid_batch_size", 1, 65536, False),
+            ("distill_weight", 0.0, 1.0, False),
         ):
             _in_range("train", name, getattr(self, name), lo, hi, lo_open)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,9 +86,10 @@ def patch_ids(splits: Splits, rows: np.ndarray) -> list[tuple[str, int, str]]:
     return [(splits.sets[s].name, int(i), splits.sets[s].patch_id(int(i))) for s, i in rows]
 
 
-class RowsDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
+class RowsDataset(torch.utils.data.Dataset[tuple[torch.Tensor, Any]]):
     """Patches addressed by rows; index ``epoch * len + pos`` seeds that sample's augmentation,
-    so results do not depend on the number of loader workers or on resuming."""
+    so results do not depend on the number of loader workers or on resuming. Each patch comes
+    with its label, or with its row's training target when ``targets`` are given."""
 
     def __init__(
         self,
@@ -99,12 +101,15 @@ class RowsDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
         soften_prob: float = 0.0,
         soften_max: float = 1.15,
         decoded: np.ndarray | None = None,
+        targets: np.ndarray | None = None,
     ) -> None:
         self.sets = list(sets)
         self.rows = rows
-        if decoded is not None and len(decoded) != len(rows):
-            raise ValueError(f"decoded holds {len(decoded)} patches for {len(rows)} rows")
+        for name, arr, unit in (("decoded", decoded, "patches"), ("targets", targets, "targets")):
+            if arr is not None and len(arr) != len(rows):
+                raise ValueError(f"{name} holds {len(arr)} {unit} for {len(rows)} rows")
         self.decoded = decoded
+        self.targets = targets
         self.seed = seed
         self.jpeg_prob = jpeg_prob
         self.jpeg_quality = jpeg_quality
@@ -114,7 +119,7 @@ class RowsDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, Any]:
         epoch, pos = divmod(int(k), len(self.rows))
         s, i = self.rows[pos]
         ps = self.sets[int(s)]
@@ -126,7 +131,8 @@ class RowsDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
             # after the JPEG step, as a scan resamples the slide's decoded pixels
             if self.soften_prob > 0 and rng.random() < self.soften_prob:
                 patch = soften(patch, rng, self.soften_max)
-        return torch.from_numpy(np.array(patch, copy=True)), int(ps.labels[int(i)])
+        label = self.targets[pos] if self.targets is not None else int(ps.labels[int(i)])
+        return torch.from_numpy(np.array(patch, copy=True)), label
 
 
 def decode_rows(sets: Sequence[PatchSet], rows: np.ndarray, progress: bool = False, desc: str = "decode") -> np.ndarray:

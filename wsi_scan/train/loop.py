@@ -28,6 +28,7 @@ from ..model.nets import build_network
 from ..model.transforms import to_input
 from .augment import brightness_contrast, hed_jitter, random_dihedral
 from .data import RowsDataset, Splits, decode_rows, labels_of, make_loader, make_splits, patch_ids
+from .distill import score_training_patches, training_targets
 from .evaluate import predict_probs
 from .metrics import BinaryMetrics, binary_metrics
 
@@ -265,11 +266,17 @@ def _train(
     splits, train_rows = prepare_data(data, cfg)
     decoded = decode_rows(splits.sets, train_rows, progress, "decode training patches") if cfg.cache_patches else None
     splits = with_seen_patches(splits, train_rows, decoded)
-    warn_if_validation_was_trained_on(splits)
     state = load_state(state_path(out)) if resume else None
     if state is not None:
         check_resumable(state, state_path(out), cfg, splits.description, _card_beside(out))
-    run = build_run(cfg, splits, len(train_rows), device, state, out.stem, command or " ".join(sys.argv))
+    teacher_probs, teacher, teacher_seen = _teacher(cfg, splits, train_rows, decoded, device, state, progress)
+    if teacher_seen:
+        # the student learns what the teacher learnt from its own training patches too
+        seen = [*splits.description["seen_patches"], *teacher_seen]  # type: ignore[misc]
+        splits = dataclasses.replace(splits, description={**splits.description, "seen_patches": seen})
+    warn_if_validation_was_trained_on(splits)
+    run = build_run(cfg, splits, len(train_rows), device, state, out.stem, command or " ".join(sys.argv), teacher)
+    run.teacher_probs, run.teacher_seen = teacher_probs, teacher_seen
     ds_train = RowsDataset(
         splits.sets,
         train_rows,
@@ -279,6 +286,7 @@ def _train(
         cfg.soften_prob if cfg.augment else 0.0,
         cfg.soften_max,
         decoded,
+        targets=training_targets(labels_of(splits, train_rows), cfg.label_smoothing, teacher_probs, cfg.distill_weight),
     )
     ds_valid = RowsDataset(
         splits.sets,
@@ -306,6 +314,31 @@ def _train(
             )
         keep_epoch(run, out, m, epoch)
     return finalize(out, splits, device, run.history, report_dir, progress, cfg)
+
+
+def _teacher(
+    cfg: TrainConfig,
+    splits: Splits,
+    train_rows: np.ndarray,
+    decoded: np.ndarray | None,
+    device: torch.device,
+    state: dict[str, Any] | None,
+    progress: bool,
+) -> tuple[np.ndarray | None, dict[str, Any] | None, list[dict[str, Any]]]:
+    """The teacher's scores of the training rows, its record for the card and its seen-patch
+    filters: from the state when resuming, else scored now. None and [] without a teacher."""
+    if not cfg.teacher:
+        return None, None, []
+    if state is not None and "teacher_probs" in state:
+        probs, record = state["teacher_probs"], _json_field(state, "teacher")
+        if not isinstance(probs, torch.Tensor) or probs.shape != (len(train_rows),) or record is None:
+            raise UsageError(
+                "--resume: the teacher's scores in the training state beside --out are damaged; delete it and start "
+                "without --resume"
+            )
+        seen = record.pop("seen_patches", [])
+        return probs.numpy().astype(np.float32), record, list(seen) if isinstance(seen, list) else []
+    return score_training_patches(cfg.teacher, splits, train_rows, decoded, device, cfg.valid_batch_size, progress)
 
 
 def prepare_data(data: list[str | Path], cfg: TrainConfig) -> tuple[Splits, np.ndarray]:
@@ -379,6 +412,8 @@ class Run:
     best_auc: float = -math.inf
     best_epoch: int = -1
     start: int = 0
+    teacher_probs: np.ndarray | None = None  # kept in the state: a resumed run learns the same targets
+    teacher_seen: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def scored(self) -> torch.nn.Module:
@@ -387,7 +422,14 @@ class Run:
 
 
 def build_run(
-    cfg: TrainConfig, splits: Splits, n_train: int, device: torch.device, state: dict[str, Any] | None, name: str, command: str
+    cfg: TrainConfig,
+    splits: Splits,
+    n_train: int,
+    device: torch.device,
+    state: dict[str, Any] | None,
+    name: str,
+    command: str,
+    teacher: dict[str, Any] | None = None,
 ) -> Run:
     """Network, card, optimiser, schedule, loss scaler and weight average, restored from ``state``
     when resuming."""
@@ -401,7 +443,12 @@ def build_run(
         std=std,  # type: ignore[arg-type]
         dense_exact=bool(getattr(net, "dense_exact", False)),
         name=name,
-        training={"command": command, "config": cfg.to_dict(), "data": splits.description},
+        training={
+            "command": command,
+            "config": cfg.to_dict(),
+            "data": splits.description,
+            **({"teacher": teacher} if teacher is not None else {}),
+        },
         software=software_versions(),
     )
     steps_per_epoch = n_train // cfg.batch_size
@@ -472,7 +519,7 @@ def train_epoch(
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, unit="batch")
     for x_u8, y in bar:
         x = _augment_batch(x_u8, cfg, run.card, gen, device) if cfg.augment else to_input(x_u8, run.card, device)
-        target = y.float().to(device).view(-1, 1, 1, 1) * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
+        target = y.float().to(device).view(-1, 1, 1, 1)  # the dataset's targets (distill.training_targets)
         if cfg.mixup_alpha > 0:
             x, target = mixup(x, target, cfg.mixup_alpha, gen)
         with autocast(device):
@@ -546,6 +593,14 @@ def keep_epoch(run: Run, out: Path, m: BinaryMetrics, epoch: int) -> None:
             # what check_resumable compares a --resume against
             "config": json.dumps(run.card.training["config"]),
             "data": json.dumps(_comparable(run.card.training["data"])),
+            **(
+                {
+                    "teacher_probs": torch.from_numpy(run.teacher_probs),
+                    "teacher": json.dumps({**run.card.training["teacher"], "seen_patches": run.teacher_seen}),
+                }
+                if run.teacher_probs is not None
+                else {}
+            ),
         },
     )
 
