@@ -322,6 +322,13 @@ class TrainConfig:
             ("distill_weight", 0.0, 1.0, False),
         ):
             _in_range("train", name, getattr(self, name), lo, hi, lo_open)
+        if not self.teacher and self.distill_weight != type(self).distill_weight:
+            from .errors import UsageError
+
+            raise UsageError(
+                f"train.distill_weight {self.distill_weight} weighs a teacher's scores, and no teacher was given: "
+                "add --teacher MODEL, or leave --distill-weight out"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -30,7 +30,9 @@ def test_targets_are_the_smoothed_labels_blended_with_the_teacher():
     with pytest.raises(ValueError, match="3 teacher scores for 4"):
         training_targets(y, 0.05, p[:3], 0.5)
     with pytest.raises(Exception, match="distill_weight"):
-        TrainConfig(distill_weight=1.5)
+        TrainConfig(teacher="fast", distill_weight=1.5)
+    with pytest.raises(Exception, match="no teacher was given"):
+        TrainConfig(distill_weight=0.7)
 
 
 @pytest.fixture
@@ -117,7 +119,8 @@ def test_train_cli_takes_a_teacher_and_says_a_missing_one_in_a_line(kaggle_dir, 
     r = CliRunner().invoke(
         main, ["train", str(kaggle_dir), "--out", str(tmp_path / "s.pt"), "--teacher", str(tmp_path / "nope.pt"), "--quiet"]
     )
-    assert r.exit_code != 0 and "nope.pt" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 5 and "--teacher: model file" in r.output and "nope.pt" in r.output
+    assert "Traceback" not in r.output
     args = ["train", str(kaggle_dir), "--out", str(tmp_path / "s.pt"), "--teacher", str(teacher), "--distill-weight", "0.7"]
     args += ["--epochs", "1", "--width", "8", "--batch-size", "16", "--loader-workers", "0", "--no-final-tta", "--quiet"]
     r = CliRunner().invoke(main, args)

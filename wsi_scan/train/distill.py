@@ -83,7 +83,10 @@ def score_training_patches(
 ) -> tuple[np.ndarray, dict[str, Any], list[dict[str, Any]]]:
     """The teacher's single-view score of every training row (float32, in row order), its record
     for the card and its seen-patch filters; refused when it saw the validation patches."""
-    teacher = load_model(spec)
+    try:
+        teacher = load_model(spec)
+    except ModelError as exc:
+        raise ModelError(f"--teacher: {exc}") from None
     filters = teacher_filters(teacher.card)
     refuse_teacher_that_saw_validation(filters, splits.sets, splits.valid, spec)
     net = teacher.net.to(device).to(memory_format=torch.channels_last)
