@@ -59,6 +59,10 @@ def test_a_student_records_its_teacher_and_learns_its_scores(kaggle_dir, teacher
     t = load_model(teacher)
     assert card.training["teacher"]["sha256"] == t.sha256 and card.training["teacher"]["name"] == "teacher"
     assert card.training["config"]["teacher"] == str(teacher)
+    from wsi_scan.io.model_files import describe_model
+
+    assert describe_model(load_model(out))["recipe"]["teacher"] == str(teacher)
+    assert "teacher" not in describe_model(t)["recipe"]
     # the teacher's own training patches count as seen by the student
     assert len(card.training["data"]["seen_patches"]) == 2
     state = torch.load(state_path(out), weights_only=True)

@@ -402,4 +402,5 @@ def describe_model(model: LoadedModel, name: str | None = None) -> dict[str, Any
 
 def _recipe(cfg: dict[str, Any]) -> dict[str, Any]:
     keys = ("epochs", "lr", "optimizer", "schedule", "ema_decay", "stain_jitter", "label_smoothing", "mixup_alpha")
-    return {k: cfg[k] for k in keys if k in cfg}
+    distilled = ("teacher", "distill_weight") if cfg.get("teacher") else ()
+    return {k: cfg[k] for k in (*keys, *distilled) if k in cfg}
