@@ -415,9 +415,17 @@ def info(slide_path: Path, backend: str, mpp: float | None, as_json: bool) -> No
 def _train_options(f: F) -> F:
     opts = [
         click.option(
-            "--arch", type=click.Choice(["dense-cnn", "resnet18"]), default=_TRAIN.arch, help="network; dense-cnn is dense-exact"
+            "--arch",
+            type=click.Choice(["dense-cnn", "dense-cnn-p4m", "resnet18"]),
+            default=_TRAIN.arch,
+            help="network; dense-cnn and dense-cnn-p4m (rotation- and flip-equivariant) are dense-exact",
         ),
-        click.option("--width", type=int, default=_TRAIN.width, help="channels of the first dense-cnn stage"),
+        click.option(
+            "--width",
+            type=int,
+            default=_TRAIN.width,
+            help="channels of the first dense-cnn stage (dense-cnn-p4m: a multiple of 8)",
+        ),
         click.option("--epochs", type=int, default=_TRAIN.epochs),
         click.option("--batch-size", type=int, default=_TRAIN.batch_size),
         click.option("--lr", type=float, default=_TRAIN.lr, help="peak learning rate"),

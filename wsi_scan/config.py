@@ -322,6 +322,13 @@ class TrainConfig:
             ("distill_weight", 0.0, 1.0, False),
         ):
             _in_range("train", name, getattr(self, name), lo, hi, lo_open)
+        if self.arch == "dense-cnn-p4m" and self.width % 8:
+            from .errors import UsageError
+
+            raise UsageError(
+                f"train.width {self.width}: dense-cnn-p4m counts channels in fields of 8 orientations, so the width must "
+                f"be a multiple of 8 (e.g. {max(8, self.width // 8 * 8)} or {self.width // 8 * 8 + 8})"
+            )
         if not self.teacher and self.distill_weight != type(self).distill_weight:
             from .errors import UsageError
 

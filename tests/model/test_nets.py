@@ -130,3 +130,104 @@ def test_dihedral_roundtrip_and_dense_tta_exact():
         w = region[..., 64:160, 32:128]
         one = predict_logits(net, w, tta=True)
     torch.testing.assert_close(dense[0, 0, 2, 1], one[0, 0, 0, 0], atol=1e-5, rtol=0)
+
+
+def _random_field_bn(net: torch.nn.Module) -> torch.nn.Module:
+    for mod in net.modules():  # non-trivial statistics, scales and shifts, one per field
+        if isinstance(mod, torch.nn.BatchNorm3d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.5, 0.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize("k", range(8))
+def test_p4m_output_turns_with_its_input_exactly(k):
+    """Every layer is equivariant to the 8 rotations/flips, so a transformed region's logits are
+    the region's logits transformed the same way (a non-square region too: a quarter turn swaps
+    its sides), and a window's logit does not change at all: the 8-view TTA is built in."""
+    torch.manual_seed(k)
+    net = _random_field_bn(build_network("dense-cnn-p4m", width=16))
+    x = torch.randn(2, 3, 96 + 64, 96 + 32)
+    with torch.no_grad():
+        y = net(x)
+        torch.testing.assert_close(net(dihedral(x, k)), dihedral(y, k), atol=1e-5, rtol=0)
+        w = x[..., :96, :96]
+        torch.testing.assert_close(net(dihedral(w, k)), net(w), atol=1e-5, rtol=0)
+        torch.testing.assert_close(predict_logits(net, w, tta=True), net(w), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("m", "n"), [(0, 0), (2, 1)])
+def test_p4m_is_dense_exact(m, n):
+    torch.manual_seed(3)
+    net = _random_field_bn(build_network("dense-cnn-p4m", width=8))
+    x = torch.randn(1, 3, 96 + 32 * m, 96 + 32 * n)
+    with torch.no_grad():
+        dense = net(x)
+        assert dense.shape == (1, 1, 1 + m, 1 + n)
+        for i in range(1 + m):
+            for j in range(1 + n):
+                one = net(x[..., 32 * i : 32 * i + 96, 32 * j : 32 * j + 96])
+                torch.testing.assert_close(dense[0, 0, i, j], one[0, 0, 0, 0], atol=1e-5, rtol=0)
+
+
+def test_p4m_costs_what_dense_cnn_costs_at_one_width_with_an_eighth_of_the_filters():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(net: torch.nn.Module) -> int:
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            net.eval()(torch.zeros(1, 3, 96, 96))
+        return fc.get_total_flops()
+
+    p4m, plain = build_network("dense-cnn-p4m", width=16), DenseCNN(width=16)
+    # the last 1x1 layer gives the 8 orientations' logits (their mean is the output), not one
+    assert flops(p4m) == flops(plain) + 2 * 7 * 64
+    convs = [m for m in p4m.modules() if type(m).__name__ == "_P4MConv"]
+    n_p4m = sum(c.weight.numel() for c in convs)
+    n_plain = sum(m.weight.numel() for m in plain.modules() if isinstance(m, torch.nn.Conv2d))
+    assert n_p4m * 8 == n_plain + 7 * 64  # every filter serves 8 orientations, but the last layer's
+
+
+def test_p4m_batch_norm_keeps_one_statistic_per_field():
+    """Training normalises each channel by its batch; the running statistics, which inference
+    uses, are the field's over its 8 orientations (so inference stays exactly equivariant)."""
+    torch.manual_seed(0)
+    net = build_network("dense-cnn-p4m", width=8)
+    bn = net.features[1]
+    assert isinstance(bn, torch.nn.BatchNorm3d) and bn.running_mean.shape == (1,)
+    bn.momentum = 1.0
+    x = torch.randn(4, 3, 96, 96) * 3 + 1
+    net.train()
+    with torch.no_grad():
+        h = net.features[0](x)
+        net.features[1](h)
+    field = h.transpose(0, 1).reshape(-1)
+    torch.testing.assert_close(bn.running_mean, field.mean().view(1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, field.var(unbiased=False).view(1), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [12, 4, 300, 16.0])
+def test_p4m_width_is_checked(width):
+    with pytest.raises(ModelError, match="width"):
+        build_network("dense-cnn-p4m", width=width)
+
+
+def test_ensemble_of_a_p4m_and_a_dense_cnn_member_is_dense_exact():
+    torch.manual_seed(2)
+    net = _random_field_bn(_random_bn(build_network("dense-cnn-ensemble", widths=[16, 8], archs=["dense-cnn-p4m", "dense-cnn"])))
+    x = torch.randn(1, 3, 96 + 32, 96 + 64)
+    with torch.no_grad():
+        dense = net(x)
+        torch.testing.assert_close(dense, (net.members[0](x) + net.members[1](x)) / 2, atol=1e-6, rtol=0)
+        for i in range(2):
+            for j in range(3):
+                one = net(x[..., 32 * i : 32 * i + 96, 32 * j : 32 * j + 96])
+                torch.testing.assert_close(dense[0, 0, i, j], one[0, 0, 0, 0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("archs", [["dense-cnn"], ["dense-cnn", "resnet18"], ["dense-cnn-p4m", "dense-cnn"], "dense-cnn", [1, 2]])
+def test_ensemble_archs_are_checked(archs):
+    # widths [12, 8]: a p4m member needs a multiple of 8, so the third case is refused too
+    with pytest.raises(ModelError, match="archs must be a list of one architecture per member"):
+        build_network("dense-cnn-ensemble", widths=[12, 8], archs=archs)

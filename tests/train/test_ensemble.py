@@ -122,6 +122,32 @@ def test_the_ensemble_is_dense_exact_in_a_scan(members, kaggle_dir, tmp_path, ma
     np.testing.assert_allclose(pd[np.isfinite(pd)], pp[np.isfinite(pp)], atol=1e-5, rtol=0)
 
 
+def test_a_p4m_model_alone_and_as_a_member_scans_dense_as_patch_by_patch(members, kaggle_dir, tmp_path, make_slide):
+    from wsi_scan.config import ScanConfig
+    from wsi_scan.io.heatmap import open_heatmap
+    from wsi_scan.scan import scan_slide
+
+    a, _ = members
+    p4m = tmp_path / "p4m.safetensors"
+    train([kaggle_dir], p4m, TrainConfig(**TINY, arch="dense-cnn-p4m", width=8, seed=2), progress=False)
+    out = tmp_path / "e.safetensors"
+    card = combine_models([p4m, a], kaggle_dir, out, specificity=0.75, tta=False, progress=False)
+    assert card.arch_kwargs["archs"] == ["dense-cnn-p4m", "dense-cnn"] and card.arch_kwargs["widths"] == [8, 8]
+    valid = open_patch_data(kaggle_dir).splits["valid"]
+    probs = [evaluate_patchset(load_model(p), valid).probs for p in (p4m, a)]
+    np.testing.assert_allclose(
+        _logit(evaluate_patchset(load_model(out), valid).probs), (_logit(probs[0]) + _logit(probs[1])) / 2, atol=2e-4
+    )
+    slide = make_slide()
+    for model in (p4m, out):
+        d = scan_slide(slide, tmp_path / f"d-{model.stem}.zarr", ScanConfig(mode="dense", block_cells=5), model=str(model))
+        p = scan_slide(slide, tmp_path / f"p-{model.stem}.zarr", ScanConfig(mode="patch", block_cells=5), model=str(model))
+        pd, pp = open_heatmap(d.out).probs, open_heatmap(p.out).probs
+        assert np.isfinite(pd).sum() > 100
+        np.testing.assert_array_equal(np.isnan(pd), np.isnan(pp))
+        np.testing.assert_allclose(pd[np.isfinite(pd)], pp[np.isfinite(pp)], atol=1e-5, rtol=0)
+
+
 def test_what_an_ensemble_refuses(members, kaggle_dir, tmp_path):
     a, b = members
     with pytest.raises(UsageError, match="takes 2 to 4 models, found 1"):
@@ -149,7 +175,7 @@ def test_what_an_ensemble_refuses(members, kaggle_dir, tmp_path):
     # a patch-mode member would make the ensemble patch-mode only
     res = ModelCard(arch="resnet18", dense_exact=False, name="r")
     save_model(tmp_path / "r.pt", build_network("resnet18"), res)
-    with pytest.raises(UsageError, match="dense-exact dense-cnn models only"):
+    with pytest.raises(UsageError, match="dense-exact dense-cnn and dense-cnn-p4m models only"):
         combine_models([a, tmp_path / "r.pt"], kaggle_dir, tmp_path / "e.pt", progress=False)
     assert not list(tmp_path.glob("e.*"))
 

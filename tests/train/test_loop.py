@@ -33,6 +33,17 @@ def test_one_epoch_writes_loadable_model_with_card(kaggle_dir, tmp_path):
         assert (tmp_path / "rep" / f).stat().st_size > 1000
 
 
+def test_a_p4m_network_trains_and_its_width_counts_fields_of_eight(kaggle_dir, tmp_path):
+    train([kaggle_dir], tmp_path / "p.pt", TrainConfig(**{**TINY, "arch": "dense-cnn-p4m"}), progress=False)
+    m = load_model(tmp_path / "p.pt")
+    assert m.card.arch == "dense-cnn-p4m" and m.card.arch_kwargs == {"width": 8} and m.card.dense_exact
+    r = CliRunner().invoke(
+        main, ["train", str(kaggle_dir), "--arch", "dense-cnn-p4m", "--width", "12", "--out", str(tmp_path / "q.pt")]
+    )
+    assert r.exit_code == 2 and "must be a multiple of 8 (e.g. 8 or 16)" in r.output
+    assert not (tmp_path / "q.pt").exists()
+
+
 def test_h5_layout_and_stratified_split_when_no_valid(h5_dir, tmp_path):
     res = train([h5_dir], tmp_path / "a.safetensors", TrainConfig(**TINY), progress=False)
     assert load_model(res.model_path).card.training["data"]["valid"]["n"] == 64

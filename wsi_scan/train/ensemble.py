@@ -19,7 +19,7 @@ from ..errors import UsageError
 from ..io.datasets import patch_split
 from ..io.model_files import LoadedModel, load_model, resolve_model, save_model
 from ..model.card import ModelCard
-from ..model.nets import ENSEMBLE_SIZE, affine_row_in_range, build_network, member_affine
+from ..model.nets import ENSEMBLE_SIZE, MEMBER_ARCHITECTURES, affine_row_in_range, build_network, member_affine
 from .evaluate import evaluate_patchset, trained_on
 from .loop import software_versions, validation_metrics, with_threshold
 from .threshold import check_out_file, check_rule_inputs, check_rule_met
@@ -39,9 +39,10 @@ def _check_members(members: list[LoadedModel]) -> None:
             raise UsageError(
                 f"{m.path} is itself an ensemble (of {', '.join(map(str, names)) or '?'}); pass its members' files instead"
             )
-        if m.card.arch != "dense-cnn" or not m.card.dense_exact:
+        if m.card.arch not in MEMBER_ARCHITECTURES or not m.card.dense_exact:
             raise UsageError(
-                f"{m.path}: architecture {m.card.arch!r}; an ensemble combines dense-exact dense-cnn models only "
+                f"{m.path}: architecture {m.card.arch!r}; an ensemble combines dense-exact "
+                f"{' and '.join(MEMBER_ARCHITECTURES)} models only "
                 "(so that it stays dense-exact)"
             )
     first = members[0]
@@ -146,6 +147,9 @@ def combine_models(
             )
     widths = [int(m.card.arch_kwargs.get("width", 32)) for m in members]
     kwargs: dict[str, Any] = {"widths": widths}
+    archs = [m.card.arch for m in members]
+    if any(a != "dense-cnn" for a in archs):  # absent when all are dense-cnn: earlier files read the same
+        kwargs["archs"] = archs
     if "dropout" in members[0].card.arch_kwargs:
         kwargs["dropout"] = members[0].card.arch_kwargs["dropout"]
     first = members[0].card

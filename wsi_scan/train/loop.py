@@ -433,7 +433,7 @@ def build_run(
 ) -> Run:
     """Network, card, optimiser, schedule, loss scaler and weight average, restored from ``state``
     when resuming."""
-    arch_kwargs: dict[str, Any] = {"width": cfg.width} if cfg.arch == "dense-cnn" else {}
+    arch_kwargs: dict[str, Any] = {"width": cfg.width} if cfg.arch in ("dense-cnn", "dense-cnn-p4m") else {}
     mean, std = (tuple(state["mean"]), tuple(state["std"])) if state is not None else _norm_stats(splits, cfg.seed)
     net = build_network(cfg.arch, **arch_kwargs).to(device).to(memory_format=torch.channels_last)
     card = ModelCard(
