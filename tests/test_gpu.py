@@ -138,3 +138,36 @@ def test_scan_decoded_on_the_gpu_matches_the_cpu_decode(make_slide, tmp_path, mo
     # the same block, so its probabilities agree closely on average and nowhere far apart
     diff = np.abs(pg[fg] - pc[fc])
     assert float(diff.mean()) <= DECODE_MEAN_ATOL and float(diff.max()) <= DECODE_MAX_ATOL
+
+
+def test_p4m_trains_under_amp_and_matches_the_cpu_on_cuda():
+    """The p4m network's own batch norm and expanded filters under CUDA autocast: a training step
+    runs and moves the running statistics; in float32 the logits are the CPU's, and every view of
+    a window gives the same logit."""
+    from wsi_scan.device import autocast
+    from wsi_scan.model.nets import build_network
+    from wsi_scan.model.transforms import dihedral
+
+    torch.manual_seed(0)
+    net = build_network("dense-cnn-p4m", width=16).cuda().to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    x = torch.randn(16, 3, 96, 96, device="cuda").contiguous(memory_format=torch.channels_last)
+    bn = net.features[1]
+    before = bn.running_mean.clone()
+    with autocast(torch.device("cuda")):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x).float(), torch.ones(16, 1, 1, 1, device="cuda"))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and not torch.equal(before, bn.running_mean)
+    net.eval()
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            g = net(x)
+            c = net.cpu()(x.cpu())
+            net.cuda()
+            np.testing.assert_allclose(g.cpu().numpy(), c.numpy(), atol=1e-4, rtol=0)
+            for k in range(8):
+                np.testing.assert_allclose(net(dihedral(x, k)).cpu().numpy(), g.cpu().numpy(), atol=1e-4, rtol=0)
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
