@@ -941,16 +941,23 @@ def evaluate_slides(
         check_results_folder(results)
         # before any work or figure: --overwrite replaces an evaluation, never another wsi-scan output
         check_evaluation_json(target, results, overwrite or out is None)
-        # the figures are named after the JSON, so two evaluations in one folder keep their own
-        ev = evaluate_cohort(
-            results,
-            annotations,
-            reference,
-            LesionConfig(seed_prob=seed_prob),
-            figures=target.parent,
-            figure_prefix=f"{target.stem}.",
-        )
-        write_json(target, ev, overwrite or out is None)
+        from .io.outputs import output_set
+        from .train.plots import SLIDE_REPORT_FILES
+
+        # the figures are named after the JSON, so two evaluations in one folder keep their own;
+        # a JSON that cannot be written takes this run's figures with it (not left beside an
+        # earlier evaluation's JSON, whose numbers they would seem to show)
+        prefix = f"{target.stem}."
+        with output_set([target.parent / (prefix + n) for n in SLIDE_REPORT_FILES], "slide evaluation"):
+            ev = evaluate_cohort(
+                results,
+                annotations,
+                reference,
+                LesionConfig(seed_prob=seed_prob),
+                figures=target.parent,
+                figure_prefix=prefix,
+            )
+            write_json(target, ev, overwrite or out is None)
         return ev
 
     ev = _run(go)

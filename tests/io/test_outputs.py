@@ -37,3 +37,33 @@ def test_the_temporary_store_of_a_killed_scan_is_removed_by_the_next_write(tmp_p
     g = GridGeometry((0, 0), (128.0, 128.0), (3, 4), 32, 96, 0.972)
     write_heatmap(tmp_path / "h.zarr", np.full((3, 4), 0.5), np.ones((3, 4), bool), g, (0.25, 0.25), {"slide": {"name": "s"}})
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["h.zarr", link.name])
+
+
+def test_an_output_set_that_fails_part_way_leaves_none_of_its_files(tmp_path):
+    import json
+
+    import pytest
+
+    from wsi_scan.errors import OutputWriteError
+    from wsi_scan.io.outputs import output_set
+
+    a, b, c = (tmp_path / n for n in ("a.json", "b.json", "c.json"))
+    user = tmp_path / "user.json"
+    user.write_text("{}")  # a user's file of a set's name is never removed (not wsi-scan's)
+    with (
+        pytest.raises(
+            OutputWriteError, match=r"disk full \(the evaluation's files written before it were removed: a.json, b.json\)"
+        ),
+        output_set([a, b, c, user], "evaluation"),
+    ):
+        for p in (a, b):
+            p.write_text(json.dumps({"generator": "wsi-scan test"}))
+        raise OutputWriteError("cannot write c.json: disk full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["user.json"]
+    with pytest.raises(KeyboardInterrupt), output_set([a], "evaluation"):  # interrupted: removed too, not reworded
+        a.write_text(json.dumps({"generator": "wsi-scan test"}))
+        raise KeyboardInterrupt
+    assert not a.exists()
+    with output_set([a], "evaluation"):
+        a.write_text(json.dumps({"generator": "wsi-scan test"}))
+    assert a.exists()

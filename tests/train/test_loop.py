@@ -545,3 +545,28 @@ def test_a_validation_split_that_repeats_training_patches_is_warned_about(tmp_pa
     with caplog.at_level("WARNING", logger="wsi_scan.train"):
         train([k], tmp_path / "m.pt", TrainConfig(**TINY, final_tta=False), progress=False)
     assert "the validation split repeats training patches (about 50% of these patches" in caplog.text
+
+
+def test_an_evaluation_whose_last_file_cannot_be_written_leaves_none_of_its_files(kaggle_dir, tmp_path, monkeypatch):
+    """A disk that fills before metrics.json: predictions.csv and roc.png, already written, are
+    removed with it, so the folder never holds an evaluation without its numbers."""
+    from wsi_scan.errors import OutputWriteError
+    from wsi_scan.io import exports
+    from wsi_scan.io.datasets import open_patch_data
+    from wsi_scan.train.evaluate import EVALUATION_FILES, evaluate_patchset, write_evaluation
+
+    train([kaggle_dir], tmp_path / "m.pt", TrainConfig(**TINY, final_tta=False), progress=False)
+    model = load_model(tmp_path / "m.pt")
+    ps = open_patch_data(kaggle_dir).splits["valid"]
+    ev = evaluate_patchset(model, ps)
+    out = tmp_path / "ev"
+    write_evaluation(out, ev, ps, model.card.threshold, {"auc": ev.metrics.auc})
+    assert sorted(p.name for p in out.iterdir()) == sorted(EVALUATION_FILES)
+
+    def full(path, *a, **k):
+        raise OutputWriteError(f"cannot write the output {path}: No space left on device; free some space and run again")
+
+    monkeypatch.setattr(exports, "write_json", full)
+    with pytest.raises(OutputWriteError, match=r"were removed: predictions.csv, roc.png\)"):
+        write_evaluation(out, ev, ps, model.card.threshold, {"auc": ev.metrics.auc})
+    assert list(out.iterdir()) == []

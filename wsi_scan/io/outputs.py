@@ -117,6 +117,24 @@ def remove_earlier_set(paths: Iterable[Path]) -> None:
             p.unlink(missing_ok=True)
 
 
+@contextmanager
+def output_set(paths: Sequence[Path], what: str) -> Iterator[None]:
+    """Write a set of files one after another (after ``remove_earlier_set``) as a whole: when a
+    write fails part-way (a full disk) or the writer is interrupted, the files of the set written
+    so far are removed, so the folder holds the whole set or none of it, never the first files of
+    a set read as a complete one. A failed write's one-line error says so."""
+    try:
+        yield
+    except BaseException as exc:
+        removed = [p.name for p in paths if written_by_wsi_scan(p)]
+        for p in paths:
+            if written_by_wsi_scan(p):
+                p.unlink(missing_ok=True)
+        if isinstance(exc, OutputWriteError) and removed:
+            raise OutputWriteError(f"{exc} (the {what}'s files written before it were removed: {', '.join(removed)})") from None
+        raise
+
+
 def written_by_wsi_scan(path: Path) -> bool:
     """Whether a regular file carries the mark of one of wsi-scan's writers."""
     if path.is_symlink() or not path.is_file():

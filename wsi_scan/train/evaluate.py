@@ -105,23 +105,25 @@ def write_evaluation(out_dir: Path, ev: Evaluation, ps: PatchSet, threshold: flo
     training report's figures, files of these names are replaced only when wsi-scan wrote them.
     Undefined numbers (the AUC of one class) are null in the JSON."""
     from ..io.exports import write_json, write_predictions_csv
+    from ..io.outputs import output_set
     from .plots import roc_figure
 
     check_evaluation_folder(out_dir, fresh=True)
     ids = [(ps.name, i, ps.patch_id(i)) for i in range(len(ps))]
-    written = [write_predictions_csv(out_dir / "predictions.csv", ids, ev.labels, ev.probs, None, threshold, True)]
-    lo, hi = info.get("auc_ci95", (float("nan"), float("nan")))
-    written.append(
-        roc_figure(
-            out_dir / "roc.png",
-            ev.labels,
-            ev.probs,
-            f"AUC {ev.metrics.auc:.4f} (95% CI {lo:.4f}-{hi:.4f})",
-            f"ROC, {ps.name}{' (TTA)' if ev.tta else ''}",
-            "",
+    with output_set([out_dir / n for n in EVALUATION_FILES], "evaluation"):
+        written = [write_predictions_csv(out_dir / "predictions.csv", ids, ev.labels, ev.probs, None, threshold, True)]
+        lo, hi = info.get("auc_ci95", (float("nan"), float("nan")))
+        written.append(
+            roc_figure(
+                out_dir / "roc.png",
+                ev.labels,
+                ev.probs,
+                f"AUC {ev.metrics.auc:.4f} (95% CI {lo:.4f}-{hi:.4f})",
+                f"ROC, {ps.name}{' (TTA)' if ev.tta else ''}",
+                "",
+            )
         )
-    )
-    written.append(write_json(out_dir / "metrics.json", json_safe(info), True))
+        written.append(write_json(out_dir / "metrics.json", json_safe(info), True))
     return written
 
 

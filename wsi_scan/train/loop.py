@@ -649,18 +649,20 @@ def finalize(
     save_model(out, model.net, card)
     if report_dir is not None:
         from ..io.exports import write_predictions_csv
-        from .plots import training_report
+        from ..io.outputs import output_set
+        from .plots import REPORT_FILES, training_report
 
-        training_report(Path(report_dir), history, labels, probs, card.metrics["valid"]["auc"])
-        write_predictions_csv(
-            Path(report_dir) / "valid_predictions.csv",
-            patch_ids(splits, splits.valid),
-            labels,
-            probs,
-            probs_tta,
-            card.threshold,
-            overwrite=True,
-        )
+        with output_set([Path(report_dir) / n for n in REPORT_FILES], "training report"):
+            training_report(Path(report_dir), history, labels, probs, card.metrics["valid"]["auc"])
+            write_predictions_csv(
+                Path(report_dir) / "valid_predictions.csv",
+                patch_ids(splits, splits.valid),
+                labels,
+                probs,
+                probs_tta,
+                card.threshold,
+                overwrite=True,
+            )
     return TrainResult(out, epoch, card.metrics, history)
 
 

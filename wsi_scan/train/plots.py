@@ -71,10 +71,17 @@ def explore(
 ) -> list[Path]:
     """Label distribution, sample patches per class (centre 32x32 outlined), colour histograms;
     ``protect``: the data folders, which ``out_dir`` may not be or lie in."""
+    from ..io.outputs import output_set
+
+    check_figure_folder(out_dir, EXPLORE_FILES, protect=protect, fresh=True)
+    with output_set([out_dir / n for n in EXPLORE_FILES], "exploration"):
+        return _explore_figures(sets, out_dir, per_class, seed)
+
+
+def _explore_figures(sets: Sequence[PatchSet], out_dir: Path, per_class: int, seed: int) -> list[Path]:
     plt = _plt()
     from matplotlib.patches import Rectangle
 
-    check_figure_folder(out_dir, EXPLORE_FILES, protect=protect, fresh=True)
     written: list[Path] = []
 
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(sets), 3.2))
@@ -214,12 +221,15 @@ def evaluation_figures(
     an earlier evaluation is removed first: one not drawn this time would show the old numbers
     beside the new."""
     plt = _plt()
+    from ..io.outputs import output_set
+
     names = [prefix + n for n in SLIDE_REPORT_FILES]
     check_figure_folder(out_dir, names, fresh=True)  # a figure not drawn this time is not left from before
     froc_path, roc_path = (out_dir / n for n in names)
     written: list[Path] = []
-    if froc_score is not None:
-        written.append(_froc_figure(plt, froc_path, fps_per_slide, sensitivity, froc_score))
-    if labels is not None and scores is not None and slide_auc is not None:
-        written.append(roc_figure(roc_path, labels, scores, f"slide AUC {slide_auc:.4f}", "ROC, slide level", " (slides)"))
+    with output_set([froc_path, roc_path], "slide evaluation"):
+        if froc_score is not None:
+            written.append(_froc_figure(plt, froc_path, fps_per_slide, sensitivity, froc_score))
+        if labels is not None and scores is not None and slide_auc is not None:
+            written.append(roc_figure(roc_path, labels, scores, f"slide AUC {slide_auc:.4f}", "ROC, slide level", " (slides)"))
     return written
