@@ -231,3 +231,24 @@ def test_ensemble_archs_are_checked(archs):
     # widths [12, 8]: a p4m member needs a multiple of 8, so the third case is refused too
     with pytest.raises(ModelError, match="archs must be a list of one architecture per member"):
         build_network("dense-cnn-ensemble", widths=[12, 8], archs=archs)
+
+
+def test_p4m_expanded_filters_kept_between_calls_follow_the_weights():
+    """A scan reuses the expanded filters; a loaded state, a step or an in-place edit of the
+    weights must reach the next call, never the filters of the weights before."""
+    torch.manual_seed(4)
+    net = _random_field_bn(build_network("dense-cnn-p4m", width=8))
+    other = _random_field_bn(build_network("dense-cnn-p4m", width=8))
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        a = net(x)
+        torch.testing.assert_close(net(x), a, atol=0, rtol=0)
+        net.load_state_dict(other.state_dict())
+        torch.testing.assert_close(net(x), other(x), atol=0, rtol=0)
+        net.features[0].weight.mul_(2)
+        fresh = build_network("dense-cnn-p4m", width=8).eval()
+        fresh.load_state_dict(net.state_dict())
+        torch.testing.assert_close(net(x), fresh(x), atol=0, rtol=0)
+    net.train()
+    net(x).sum().backward()  # with gradients the filters are expanded in the graph
+    assert net.features[0].weight.grad is not None and net.features[0].weight.grad.abs().sum() > 0

@@ -100,6 +100,7 @@ class _P4MConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(c_out, n_in, k, k))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.bias = nn.Parameter(torch.zeros(c_out)) if bias else None
+        self._cache: tuple[tuple[object, ...], torch.Tensor] | None = None
         mul, inv = _d4_tables()
         # perm[g][h]: the learned input orientation that output orientation g reads at input h
         self.perm: torch.Tensor
@@ -120,7 +121,20 @@ class _P4MConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.repeat_interleave(8)
-        return nn.functional.conv2d(x, self.expanded(), b, stride=self.stride)
+        return nn.functional.conv2d(x, self._weight_for_call(), b, stride=self.stride)
+
+    def _weight_for_call(self) -> torch.Tensor:
+        """The expanded weight; kept between calls that need no gradient (a scan's thousands of
+        regions: the expansion is about 3% of a region's time), made again whenever the weight
+        tensor changes (a loaded state, an optimiser step, a move to another device)."""
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            self._cache = None
+            return self.expanded()
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.device, w.dtype)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.expanded().detach())
+        return self._cache[1]
 
 
 class _FieldBatchNorm(nn.BatchNorm3d):
