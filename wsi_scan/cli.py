@@ -672,7 +672,8 @@ def models_cmd(as_json: bool) -> None:
             click.echo(f"  training   {r['train_patches']} patches from {', '.join(r['train_sets']) or '?'}; the mean logit of:")
             for mem in r["members"]:
                 click.echo(
-                    f"    {mem['name']} (width {mem['width']}, epoch {mem['epoch']}, AUC {mem['valid_auc'] or float('nan'):.4f}); "
+                    f"    {mem['name']} ({'' if mem['arch'] == 'dense-cnn' else mem['arch'] + ' '}width {mem['width']}, "
+                    f"epoch {mem['epoch']}, AUC {mem['valid_auc'] or float('nan'):.4f}); "
                     f"{mem['recipe']}"
                 )
         else:

@@ -133,6 +133,7 @@ def test_a_p4m_model_alone_and_as_a_member_scans_dense_as_patch_by_patch(members
     out = tmp_path / "e.safetensors"
     card = combine_models([p4m, a], kaggle_dir, out, specificity=0.75, tta=False, progress=False)
     assert card.arch_kwargs["archs"] == ["dense-cnn-p4m", "dense-cnn"] and card.arch_kwargs["widths"] == [8, 8]
+    assert [m["arch"] for m in describe_model(load_model(out))["members"]] == ["dense-cnn-p4m", "dense-cnn"]
     valid = open_patch_data(kaggle_dir).splits["valid"]
     probs = [evaluate_patchset(load_model(p), valid).probs for p in (p4m, a)]
     np.testing.assert_allclose(

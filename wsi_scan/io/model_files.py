@@ -390,6 +390,7 @@ def describe_model(model: LoadedModel, name: str | None = None) -> dict[str, Any
         "members": [
             {
                 "name": m.get("name"),
+                "arch": m.get("arch", "dense-cnn"),  # ensembles made before members recorded it: all dense-cnn
                 "width": m.get("arch_kwargs", {}).get("width"),
                 "epoch": m.get("metrics", {}).get("epoch"),
                 "valid_auc": m.get("metrics", {}).get("valid", {}).get("auc"),

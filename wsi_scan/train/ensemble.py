@@ -97,6 +97,7 @@ def _member_record(m: LoadedModel) -> dict[str, Any]:
         "name": m.card.name,
         "file": Path(m.path).name,
         "sha256": m.sha256,
+        "arch": m.card.arch,
         "arch_kwargs": m.card.arch_kwargs,
         # its own normalisation: what the ensemble card's input_affine must map to (card.py checks)
         "mean": list(m.card.mean),
