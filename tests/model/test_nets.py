@@ -10,6 +10,14 @@ from wsi_scan.model.nets import DenseCNN, DenseEnsemble, build_network
 from wsi_scan.model.transforms import dihedral, dihedral_inverse, predict_logits
 
 
+def _assert_each_window(net: torch.nn.Module, x: torch.Tensor, dense: torch.Tensor) -> None:
+    """Each dense output equals the output of its own 96x96 window, classified alone."""
+    for i in range(dense.shape[2]):
+        for j in range(dense.shape[3]):
+            one = net(x[..., 32 * i : 32 * i + 96, 32 * j : 32 * j + 96])
+            torch.testing.assert_close(dense[0, 0, i, j], one[0, 0, 0, 0], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize(("m", "n"), [(0, 0), (1, 3), (4, 2)])
 def test_dense_cnn_output_per_window(m, n):
     torch.manual_seed(0)
@@ -22,10 +30,7 @@ def test_dense_cnn_output_per_window(m, n):
     with torch.no_grad():
         dense = net(x)
         assert dense.shape == (1, 1, 1 + m, 1 + n)
-        for i in range(1 + m):
-            for j in range(1 + n):
-                one = net(x[..., 32 * i : 32 * i + 96, 32 * j : 32 * j + 96])
-                torch.testing.assert_close(dense[0, 0, i, j], one[0, 0, 0, 0], atol=1e-5, rtol=0)
+        _assert_each_window(net, x, dense)
 
 
 def _random_bn(net: torch.nn.Module) -> torch.nn.Module:
@@ -45,10 +50,7 @@ def test_ensemble_is_the_mean_logit_of_its_members_and_dense_exact():
         mean = sum(m(x) for m in net.members) / 3
         torch.testing.assert_close(dense, mean, atol=1e-6, rtol=0)
         assert dense.shape == (1, 1, 3, 4)
-        for i in range(3):
-            for j in range(4):
-                one = net(x[..., 32 * i : 32 * i + 96, 32 * j : 32 * j + 96])
-                torch.testing.assert_close(dense[0, 0, i, j], one[0, 0, 0, 0], atol=1e-5, rtol=0)
+        _assert_each_window(net, x, dense)
 
 
 def test_ensemble_input_affine_maps_each_members_pixel_and_stays_dense_exact():
@@ -61,10 +63,7 @@ def test_ensemble_input_affine_maps_each_members_pixel_and_stays_dense_exact():
     with torch.no_grad():
         dense = net(x)
         torch.testing.assert_close(dense, (net.members[0](x) + net.members[1](x * scale + shift)) / 2, atol=1e-6, rtol=0)
-        for i in range(2):
-            for j in range(3):
-                one = net(x[..., 32 * i : 32 * i + 96, 32 * j : 32 * j + 96])
-                torch.testing.assert_close(dense[0, 0, i, j], one[0, 0, 0, 0], atol=1e-5, rtol=0)
+        _assert_each_window(net, x, dense)
     assert not any("affine" in k for k in net.state_dict())  # the card holds it, not the weights
 
 
@@ -166,10 +165,7 @@ def test_p4m_is_dense_exact(m, n):
     with torch.no_grad():
         dense = net(x)
         assert dense.shape == (1, 1, 1 + m, 1 + n)
-        for i in range(1 + m):
-            for j in range(1 + n):
-                one = net(x[..., 32 * i : 32 * i + 96, 32 * j : 32 * j + 96])
-                torch.testing.assert_close(dense[0, 0, i, j], one[0, 0, 0, 0], atol=1e-5, rtol=0)
+        _assert_each_window(net, x, dense)
 
 
 def test_p4m_costs_what_dense_cnn_costs_at_one_width_with_an_eighth_of_the_filters():
@@ -220,10 +216,7 @@ def test_ensemble_of_a_p4m_and_a_dense_cnn_member_is_dense_exact():
     with torch.no_grad():
         dense = net(x)
         torch.testing.assert_close(dense, (net.members[0](x) + net.members[1](x)) / 2, atol=1e-6, rtol=0)
-        for i in range(2):
-            for j in range(3):
-                one = net(x[..., 32 * i : 32 * i + 96, 32 * j : 32 * j + 96])
-                torch.testing.assert_close(dense[0, 0, i, j], one[0, 0, 0, 0], atol=1e-5, rtol=0)
+        _assert_each_window(net, x, dense)
 
 
 @pytest.mark.parametrize("archs", [["dense-cnn"], ["dense-cnn", "resnet18"], ["dense-cnn-p4m", "dense-cnn"], "dense-cnn", [1, 2]])

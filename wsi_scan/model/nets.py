@@ -14,7 +14,7 @@ Sizes through the network for a window of 96 + 32n px:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -23,12 +23,42 @@ from torch import nn
 from ..errors import ModelError
 
 
-def _conv_bn(c_in: int, c_out: int, k: int, stride: int = 1) -> list[nn.Module]:
+def _conv_bn(c_in: int, c_out: int, k: int, stride: int = 1, first: bool = False) -> list[nn.Module]:
     return [
         nn.Conv2d(c_in, c_out, k, stride=stride, bias=False),
         nn.BatchNorm2d(c_out),
         nn.ReLU(inplace=True),
     ]
+
+
+def _dense_plan(
+    block: Callable[..., list[nn.Module]], conv1x1: Callable[[int, int], nn.Module], w: int, dropout: float
+) -> tuple[nn.Sequential, nn.Sequential]:
+    """The dense-exact plan (module docstring), features and head, in units of ``w`` channels
+    (or fields) at the first stage: one definition for every network built on it, so none can
+    drift from the sizes that keep it exact. ``block(c_in, c_out, k, stride, first)`` is a
+    convolution with its norm and ReLU, ``first`` the one that reads the RGB input."""
+    features = nn.Sequential(
+        *block(3, w, 2, 2, True),
+        *block(w, w, 3, 1, False),
+        *block(w, w, 3, 1, False),
+        nn.MaxPool2d(2),
+        *block(w, 2 * w, 3, 1, False),
+        *block(2 * w, 2 * w, 3, 1, False),
+        nn.MaxPool2d(2),
+        *block(2 * w, 4 * w, 2, 1, False),
+        nn.MaxPool2d(2),
+        *block(4 * w, 4 * w, 3, 1, False),
+        nn.MaxPool2d(2),
+    )
+    head = nn.Sequential(
+        nn.Dropout(dropout),
+        conv1x1(4 * w, 4 * w),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        conv1x1(4 * w, 1),
+    )
+    return features, head
 
 
 class DenseCNN(nn.Module):
@@ -40,27 +70,7 @@ class DenseCNN(nn.Module):
 
     def __init__(self, width: int = 32, dropout: float = 0.2) -> None:
         super().__init__()
-        w = width
-        self.features = nn.Sequential(
-            *_conv_bn(3, w, 2, stride=2),
-            *_conv_bn(w, w, 3),
-            *_conv_bn(w, w, 3),
-            nn.MaxPool2d(2),
-            *_conv_bn(w, 2 * w, 3),
-            *_conv_bn(2 * w, 2 * w, 3),
-            nn.MaxPool2d(2),
-            *_conv_bn(2 * w, 4 * w, 2),
-            nn.MaxPool2d(2),
-            *_conv_bn(4 * w, 4 * w, 3),
-            nn.MaxPool2d(2),
-        )
-        self.head = nn.Sequential(
-            nn.Dropout(dropout),
-            nn.Conv2d(4 * w, 4 * w, 1),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Conv2d(4 * w, 1, 1),
-        )
+        self.features, self.head = _dense_plan(_conv_bn, lambda i, o: nn.Conv2d(i, o, 1), width, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -177,8 +187,9 @@ class _FieldBatchNorm(nn.BatchNorm3d):
         return y
 
 
-def _p4m_conv_bn(c_in: int, c_out: int, k: int, stride: int = 1, lift: bool = False) -> list[nn.Module]:
-    return [_P4MConv(c_in, c_out, k, stride, lift=lift), _FieldBatchNorm(c_out), nn.ReLU(inplace=True)]
+def _p4m_conv_bn(c_in: int, c_out: int, k: int, stride: int = 1, first: bool = False) -> list[nn.Module]:
+    """``first``: lifted from the RGB input (turned only; the input has no orientations)."""
+    return [_P4MConv(c_in, c_out, k, stride, lift=first), _FieldBatchNorm(c_out), nn.ReLU(inplace=True)]
 
 
 class DenseP4M(nn.Module):
@@ -200,27 +211,7 @@ class DenseP4M(nn.Module):
             raise ModelError(
                 f"architecture 'dense-cnn-p4m': width must be a multiple of 8 (8 orientations a field), found {width}"
             )
-        f = width // 8
-        self.features = nn.Sequential(
-            *_p4m_conv_bn(3, f, 2, stride=2, lift=True),
-            *_p4m_conv_bn(f, f, 3),
-            *_p4m_conv_bn(f, f, 3),
-            nn.MaxPool2d(2),
-            *_p4m_conv_bn(f, 2 * f, 3),
-            *_p4m_conv_bn(2 * f, 2 * f, 3),
-            nn.MaxPool2d(2),
-            *_p4m_conv_bn(2 * f, 4 * f, 2),
-            nn.MaxPool2d(2),
-            *_p4m_conv_bn(4 * f, 4 * f, 3),
-            nn.MaxPool2d(2),
-        )
-        self.head = nn.Sequential(
-            nn.Dropout(dropout),
-            _P4MConv(4 * f, 4 * f, 1, bias=True),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            _P4MConv(4 * f, 1, 1, bias=True),
-        )
+        self.features, self.head = _dense_plan(_p4m_conv_bn, lambda i, o: _P4MConv(i, o, 1, bias=True), width // 8, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x)).mean(1, keepdim=True)
