@@ -154,7 +154,21 @@ def test_p4m_output_turns_with_its_input_exactly(k):
         torch.testing.assert_close(net(dihedral(x, k)), dihedral(y, k), atol=1e-5, rtol=0)
         w = x[..., :96, :96]
         torch.testing.assert_close(net(dihedral(w, k)), net(w), atol=1e-5, rtol=0)
-        torch.testing.assert_close(predict_logits(net, w, tta=True), net(w), atol=1e-4, rtol=0)
+
+
+def test_tta_runs_an_invariant_network_once():
+    """The 8 views of a p4m network are one logit (the test above), so TTA costs one pass."""
+    net = build_network("dense-cnn-p4m", width=8).eval()
+    calls = []
+    net.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        predict_logits(net, torch.randn(1, 3, 96, 96), tta=True)
+    assert len(calls) == 1
+    plain = DenseCNN(width=8).eval()
+    plain.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        predict_logits(plain, torch.randn(1, 3, 96, 96), tta=True)
+    assert len(calls) == 9
 
 
 @pytest.mark.parametrize(("m", "n"), [(0, 0), (2, 1)])

@@ -202,6 +202,7 @@ class DenseP4M(nn.Module):
     multiple of 8: width / 8 fields), so the two cost the same per cell at the same width."""
 
     dense_exact = True
+    dihedral_invariant = True  # the 8 views of a window give one logit: TTA runs it once (transforms.py)
     input_px = 96  # the window side in px (a card's input_px)
     stride_px = 32
 

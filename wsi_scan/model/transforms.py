@@ -42,9 +42,11 @@ def predict_logits(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     """Logits (N, 1, h, w); with ``tta`` the mean probability of the 8 dihedral views, as a logit.
 
     A dihedral transform of a region maps the window grid onto itself (the region is
-    96 + 32n px on each side), so transforming the output back keeps dense TTA exact.
+    96 + 32n px on each side), so transforming the output back keeps dense TTA exact. A network
+    whose logits the 8 views do not change (``dihedral_invariant``: the p4m one) runs once: the
+    8 passes would cost 8x for the same numbers, to rounding.
     """
-    if not tta:
+    if not tta or getattr(net, "dihedral_invariant", False):
         return net(x).float()
     probs = None
     for k in range(8):
