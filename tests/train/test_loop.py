@@ -238,8 +238,10 @@ def test_evaluate_out_folder_and_warning_on_training_patches(kaggle_dir, tmp_pat
 
 
 def test_an_evaluation_that_fails_half_way_leaves_no_mix_of_two_runs(kaggle_dir, tmp_path, monkeypatch):
-    """A disk that fills before metrics.json: the new predictions and ROC stay, alone; the
-    earlier evaluation's metrics.json is not left beside them to be read as theirs."""
+    """A disk that fills before metrics.json: the earlier evaluation's files were removed before
+    the first new one, and the new predictions and ROC, already written, are removed with the
+    failure, so the folder holds no evaluation rather than one without its numbers (or with
+    another run's). A user's file in the folder stays."""
     from wsi_scan.errors import OutputWriteError
 
     out = tmp_path / "m.pt"
@@ -256,7 +258,8 @@ def test_an_evaluation_that_fails_half_way_leaves_no_mix_of_two_runs(kaggle_dir,
     monkeypatch.setattr("wsi_scan.io.exports.write_json", full)
     r = CliRunner().invoke(main, args + ["--tta"])
     assert r.exit_code == 9 and "No space left" in r.stderr
-    assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == ["notes.txt", "predictions.csv", "roc.png"]
+    assert "files written before it were removed: predictions.csv, roc.png" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == ["notes.txt"]
     assert mine.read_text() == "a user's file\n"
 
 
@@ -545,28 +548,3 @@ def test_a_validation_split_that_repeats_training_patches_is_warned_about(tmp_pa
     with caplog.at_level("WARNING", logger="wsi_scan.train"):
         train([k], tmp_path / "m.pt", TrainConfig(**TINY, final_tta=False), progress=False)
     assert "the validation split repeats training patches (about 50% of these patches" in caplog.text
-
-
-def test_an_evaluation_whose_last_file_cannot_be_written_leaves_none_of_its_files(kaggle_dir, tmp_path, monkeypatch):
-    """A disk that fills before metrics.json: predictions.csv and roc.png, already written, are
-    removed with it, so the folder never holds an evaluation without its numbers."""
-    from wsi_scan.errors import OutputWriteError
-    from wsi_scan.io import exports
-    from wsi_scan.io.datasets import open_patch_data
-    from wsi_scan.train.evaluate import EVALUATION_FILES, evaluate_patchset, write_evaluation
-
-    train([kaggle_dir], tmp_path / "m.pt", TrainConfig(**TINY, final_tta=False), progress=False)
-    model = load_model(tmp_path / "m.pt")
-    ps = open_patch_data(kaggle_dir).splits["valid"]
-    ev = evaluate_patchset(model, ps)
-    out = tmp_path / "ev"
-    write_evaluation(out, ev, ps, model.card.threshold, {"auc": ev.metrics.auc})
-    assert sorted(p.name for p in out.iterdir()) == sorted(EVALUATION_FILES)
-
-    def full(path, *a, **k):
-        raise OutputWriteError(f"cannot write the output {path}: No space left on device; free some space and run again")
-
-    monkeypatch.setattr(exports, "write_json", full)
-    with pytest.raises(OutputWriteError, match=r"were removed: predictions.csv, roc.png\)"):
-        write_evaluation(out, ev, ps, model.card.threshold, {"auc": ev.metrics.auc})
-    assert list(out.iterdir()) == []
