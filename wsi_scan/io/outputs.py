@@ -126,12 +126,12 @@ def output_set(paths: Sequence[Path], what: str) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        removed = [p.name for p in paths if written_by_wsi_scan(p)]
-        for p in paths:
-            if written_by_wsi_scan(p):
-                p.unlink(missing_ok=True)
+        removed = [p for p in paths if written_by_wsi_scan(p)]
+        for p in removed:
+            p.unlink(missing_ok=True)
         if isinstance(exc, OutputWriteError) and removed:
-            raise OutputWriteError(f"{exc} (the {what}'s files written before it were removed: {', '.join(removed)})") from None
+            names = ", ".join(p.name for p in removed)
+            raise OutputWriteError(f"{exc} (the {what}'s files written before it were removed: {names})") from None
         raise
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from .transforms import dihedral
 
 
 def _conv_bn(c_in: int, c_out: int, k: int, stride: int = 1, first: bool = False) -> list[nn.Module]:
@@ -82,16 +83,10 @@ def _d4_tables() -> tuple[list[list[int]], list[int]]:
     of a's inverse. Found by applying the transforms to a 2x2 array of distinct values, so the
     tables cannot disagree with the transforms the network and TTA use."""
     probe = torch.arange(4.0).view(2, 2)
-    keys = [tuple(_d4(probe, k).flatten().tolist()) for k in range(8)]
-    mul = [[keys.index(tuple(_d4(_d4(probe, b), a).flatten().tolist())) for b in range(8)] for a in range(8)]
+    keys = [tuple(dihedral(probe, k).flatten().tolist()) for k in range(8)]
+    mul = [[keys.index(tuple(dihedral(dihedral(probe, b), a).flatten().tolist())) for b in range(8)] for a in range(8)]
     inv = [row.index(0) for row in mul]
     return mul, inv
-
-
-def _d4(x: torch.Tensor, k: int) -> torch.Tensor:
-    if k >= 4:
-        x = x.flip(-1)
-    return torch.rot90(x, k % 4, dims=(-2, -1))
 
 
 class _P4MConv(nn.Module):
@@ -125,7 +120,7 @@ class _P4MConv(nn.Module):
             else:
                 c_out, n_in, k, _ = w.shape
                 wg = w.view(c_out, n_in // 8, 8, k, k)[:, :, self.perm[g]].reshape(c_out, n_in, k, k)
-            out.append(_d4(wg, g))
+            out.append(dihedral(wg, g))
         # (c_out, 8, n_in, k, k) -> output channel field * 8 + g
         return torch.stack(out, 1).reshape(self.c_out * 8, *w.shape[1:])
 
