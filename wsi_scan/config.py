@@ -325,9 +325,11 @@ class TrainConfig:
         if self.arch == "dense-cnn-p4m" and self.width % 8:
             from .errors import UsageError
 
+            below, above = self.width // 8 * 8, self.width // 8 * 8 + 8
+            nearest = f"{below} or {above}" if below >= 8 else str(above)
             raise UsageError(
                 f"train.width {self.width}: dense-cnn-p4m counts channels in fields of 8 orientations, so the width must "
-                f"be a multiple of 8 (e.g. {max(8, self.width // 8 * 8)} or {self.width // 8 * 8 + 8})"
+                f"be a multiple of 8 (e.g. {nearest})"
             )
         if not self.teacher and self.distill_weight != type(self).distill_weight:
             from .errors import UsageError

@@ -41,6 +41,10 @@ def test_a_p4m_network_trains_and_its_width_counts_fields_of_eight(kaggle_dir, t
         main, ["train", str(kaggle_dir), "--arch", "dense-cnn-p4m", "--width", "12", "--out", str(tmp_path / "q.pt")]
     )
     assert r.exit_code == 2 and "must be a multiple of 8 (e.g. 8 or 16)" in r.output
+    r = CliRunner().invoke(
+        main, ["train", str(kaggle_dir), "--arch", "dense-cnn-p4m", "--width", "4", "--out", str(tmp_path / "q.pt")]
+    )
+    assert r.exit_code == 2 and "must be a multiple of 8 (e.g. 8)" in r.output
     assert not (tmp_path / "q.pt").exists()
 
 
