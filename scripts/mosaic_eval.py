@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from wsi_scan.config import ScanConfig, TissueConfig
+from wsi_scan.config import ScanConfig, TissueConfig, TrainConfig
 from wsi_scan.io.datasets import open_patch_data
 from wsi_scan.io.heatmap import open_heatmap
 from wsi_scan.io.model_files import load_model
 from wsi_scan.io.mosaic import Mosaic, write_mosaic
 from wsi_scan.scan import scan_slide
-from wsi_scan.train.metrics import binary_metrics
+from wsi_scan.train.metrics import binary_metrics, threshold_for_specificity
 
 
 def _cpu_s() -> float:
@@ -41,8 +41,8 @@ def scan_once(mosaic: Mosaic, model: Any, args: argparse.Namespace, read_level: 
     cfg = ScanConfig(
         mode=args.mode,
         tta=args.tta,
-        read_level=read_level,
-        overwrite=True,  # type: ignore[arg-type]
+        read_level=read_level,  # type: ignore[arg-type]  # main() checks the policies
+        overwrite=True,
         tissue=TissueConfig(min_cell_fraction=0.0, min_object_um2=0.0, min_hole_um2=1e9),
     )
     t, c = time.perf_counter(), _cpu_s()
@@ -52,9 +52,20 @@ def scan_once(mosaic: Mosaic, model: Any, args: argparse.Namespace, read_level: 
     probs = np.array([hm.probs[mosaic.cell_of(k)] for k in range(len(mosaic.indices))])
     scanned = np.isfinite(probs)
     # a patch the tissue mask left out counts as "no tumour found" (probability 0)
-    m = binary_metrics(mosaic.labels, np.where(scanned, probs, 0.0), model.card.threshold)
+    probs = np.where(scanned, probs, 0.0)
+    m = binary_metrics(mosaic.labels, probs, model.card.threshold)
+    # the card's threshold was chosen on the patches; what the same rule would choose on this slide
+    # says how far the slide's resampling moves the operating point
+    slide_t = threshold_for_specificity(mosaic.labels, probs, args.rule_specificity)
+    at_slide_t = binary_metrics(mosaic.labels, probs, slide_t)
     return {
         **m.to_dict(),
+        "slide_rule": {
+            "specificity_asked": args.rule_specificity,
+            "threshold": slide_t,
+            "specificity": at_slide_t.specificity,
+            "sensitivity": at_slide_t.sensitivity,
+        },
         "read_level": read_level,
         "level_read": hm.attrs["grid"]["read_level"],
         "patches_scanned": int(scanned.sum()),
@@ -85,6 +96,12 @@ def main() -> int:
         help="enlarge the mosaic to this um/px (e.g. 0.25, a 40x scan) and store it JPEG-tiled with a pyramid",
     )
     ap.add_argument("--read-level", default="exact", help="comma-separated read-level policies to compare (exact, nearest)")
+    ap.add_argument(
+        "--rule-specificity",
+        type=float,
+        default=TrainConfig().threshold_specificity,
+        help="also report the threshold the card's rule would choose on this slide's cells (default: the rule's)",
+    )
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every policy (times: medians)")
     ap.add_argument("--mosaic", type=Path, default=None, help="keep the mosaic slide here and reuse it when it exists")
     args = ap.parse_args()
@@ -92,6 +109,8 @@ def main() -> int:
     idx = np.arange(len(ps) if not args.limit else min(args.limit, len(ps)))
     model = load_model(args.model)
     policies = args.read_level.split(",")
+    if unknown := set(policies) - {"exact", "nearest"}:
+        ap.error(f"--read-level: expected exact and/or nearest, got {', '.join(sorted(unknown))}")
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         path = args.mosaic or tmp / "mosaic.tif"
