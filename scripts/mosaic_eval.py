@@ -111,6 +111,8 @@ def main() -> int:
     policies = args.read_level.split(",")
     if unknown := set(policies) - {"exact", "nearest"}:
         ap.error(f"--read-level: expected exact and/or nearest, got {', '.join(sorted(unknown))}")
+    if not 0.0 <= args.rule_specificity < 1.0:
+        ap.error(f"--rule-specificity: expected a fraction in [0, 1), got {args.rule_specificity}")
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         path = args.mosaic or tmp / "mosaic.tif"
