@@ -105,14 +105,14 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every policy (times: medians)")
     ap.add_argument("--mosaic", type=Path, default=None, help="keep the mosaic slide here and reuse it when it exists")
     args = ap.parse_args()
-    ps = open_patch_data(args.data).splits[args.split]
-    idx = np.arange(len(ps) if not args.limit else min(args.limit, len(ps)))
-    model = load_model(args.model)
     policies = args.read_level.split(",")
     if unknown := set(policies) - {"exact", "nearest"}:
         ap.error(f"--read-level: expected exact and/or nearest, got {', '.join(sorted(unknown))}")
     if not 0.0 <= args.rule_specificity < 1.0:
         ap.error(f"--rule-specificity: expected a fraction in [0, 1), got {args.rule_specificity}")
+    ps = open_patch_data(args.data).splits[args.split]
+    idx = np.arange(len(ps) if not args.limit else min(args.limit, len(ps)))
+    model = load_model(args.model)
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         path = args.mosaic or tmp / "mosaic.tif"
