@@ -171,6 +171,25 @@ def test_tta_runs_an_invariant_network_once():
     assert len(calls) == 9
 
 
+def test_tta_runs_the_invariant_members_of_an_ensemble_once():
+    """Mixed ensemble: the p4m member's share is the same in every view, so it runs once, the
+    plain member 8 times, and the result is the 8-pass TTA's (dense, to rounding)."""
+    torch.manual_seed(5)
+    net = _random_field_bn(DenseEnsemble([8, 4], archs=["dense-cnn-p4m", "dense-cnn"]))
+    calls = {0: 0, 1: 0}
+    for i, m in enumerate(net.members):
+        m.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+    x = torch.randn(2, 3, 96 + 32, 96 + 64)
+    with torch.no_grad():
+        got = predict_logits(net, x, tta=True)
+        assert calls == {0: 1, 1: 8}
+        probs = sum(torch.sigmoid(dihedral_inverse(net(dihedral(x, k)), k)) for k in range(8)) / 8
+    torch.testing.assert_close(torch.sigmoid(got), probs, atol=1e-6, rtol=0)
+    assert not net.dihedral_invariant
+    assert DenseEnsemble([8, 8], archs=["dense-cnn-p4m"] * 2).dihedral_invariant
+    assert DenseEnsemble([8, 8]).tta_parts() is None
+
+
 @pytest.mark.parametrize(("m", "n"), [(0, 0), (2, 1)])
 def test_p4m_is_dense_exact(m, n):
     torch.manual_seed(3)

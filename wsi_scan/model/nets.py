@@ -249,9 +249,26 @@ class DenseEnsemble(nn.Module):
             # persistent: the card holds the numbers, so files without them still load
             self.register_buffer("affine", torch.tensor(input_affine, dtype=torch.float32).view(len(widths), 6), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def dihedral_invariant(self) -> bool:
+        return all(getattr(m, "dihedral_invariant", False) for m in self.members)
+
+    def tta_parts(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None:
+        """The mean split into the members whose logit the 8 views do not change and the rest
+        (their shares add up to the mean), so that TTA runs the first once; None where the
+        members are all of one kind."""
+        fixed = [i for i, m in enumerate(self.members) if getattr(m, "dihedral_invariant", False)]
+        varying = [i for i in range(len(self.members)) if i not in fixed]
+        if not fixed or not varying:
+            return None
+        return (lambda x: self(x, members=fixed)), (lambda x: self(x, members=varying))
+
+    def forward(self, x: torch.Tensor, members: Sequence[int] | None = None) -> torch.Tensor:
+        """The mean logit; with ``members``, only their share of it (their sum over all members' count)."""
         out: torch.Tensor | None = None
         for i, m in enumerate(self.members):
+            if members is not None and i not in members:
+                continue
             if self.affine is None:
                 xi = x
             else:

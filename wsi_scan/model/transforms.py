@@ -44,13 +44,20 @@ def predict_logits(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     A dihedral transform of a region maps the window grid onto itself (the region is
     96 + 32n px on each side), so transforming the output back keeps dense TTA exact. A network
     whose logits the 8 views do not change (``dihedral_invariant``: the p4m one) runs once: the
-    8 passes would cost 8x for the same numbers, to rounding.
+    8 passes would cost 8x for the same numbers, to rounding; in an ensemble, such members run
+    once and the others 8 times.
     """
     if not tta or getattr(net, "dihedral_invariant", False):
         return net(x).float()
+    # an ensemble with invariant members (``tta_parts``): their share of the mean logit is the
+    # same in every view, so it runs once and only the other members run 8 times
+    parts = getattr(net, "tta_parts", None)
+    split = parts() if callable(parts) else None
+    fixed, varying = (None, net) if split is None else (split[0](x).float(), split[1])
     probs = None
     for k in range(8):
-        p = torch.sigmoid(dihedral_inverse(net(dihedral(x, k)).float(), k))
+        logit = dihedral_inverse(varying(dihedral(x, k)).float(), k)
+        p = torch.sigmoid(logit if fixed is None else logit + fixed)
         probs = p if probs is None else probs + p
     assert probs is not None
     p = (probs / 8.0).clamp(1e-7, 1 - 1e-7)
