@@ -386,3 +386,12 @@ def test_report_renders_and_sorts_in_headless_chromium(tmp_path):
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "sorted by tumour area" in r.stdout and (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_workers_get_the_bundled_model_a_name_means_not_a_file_of_that_name(tmp_path, monkeypatch):
+    from wsi_scan.batch import _model_ref
+    from wsi_scan.io.model_files import bundled_models
+
+    monkeypatch.chdir(tmp_path)
+    assert _model_ref("accurate", client=None) == str(bundled_models()["accurate"].resolve())
+    assert _model_ref("./accurate", client=None) == str((tmp_path / "accurate").resolve())

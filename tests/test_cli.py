@@ -224,3 +224,15 @@ def test_real_slides(tmp_path):
     assert code == 0, err
     hm2 = open_heatmap(out2)
     assert hm2.attrs["slide"]["mpp_source"] == "user (--mpp)" and hm2.tissue.any()
+
+
+def test_model_given_as_dot_slash_name_is_the_file_not_the_bundled_model(make_slide, tmp_path, monkeypatch):
+    # click.Path once turned ./fast into fast, and the bundled model of that name ran instead
+    slide = make_slide()
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "h.zarr"
+    code, _, err = run(slide, "--out", out, "--model", "./fast")
+    assert_clean_failure(code, err, out, "fast does not exist")
+    (tmp_path / "fast").write_bytes(b"not a model")
+    code, _, err = run(slide, "--out", out, "--model", "./fast")
+    assert_clean_failure(code, err, out, "not a readable model file")

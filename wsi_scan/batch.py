@@ -417,14 +417,15 @@ def _connect(stack: contextlib.ExitStack, workers: int | None, address: str | No
 
 def _model_ref(model: Any, client: Any) -> Any:
     """What the workers get for ``model``: a path where they can load it, else the model itself."""
-    from .io.model_files import LoadedModel
+    from .io.model_files import LoadedModel, resolve_model
 
     if isinstance(model, LoadedModel):
         # a model file on disk is reloaded by path in each worker (cached there); an
         # in-memory model is sent once to every worker instead of once per slide
         return model.path if Path(model.path).is_file() else client.scatter(model, broadcast=True)
     if model is not None:
-        return str(Path(model).resolve())
+        # resolved here, not by Path: a bundled model's name (fast) is not a file in the caller's folder
+        return str(resolve_model(model).resolve())
     return model
 
 

@@ -132,7 +132,8 @@ def _scan_options(f: F) -> F:
         click.option(
             "--model",
             "model_path",
-            type=click.Path(path_type=Path),
+            # a plain string: click.Path would turn ./fast into fast, the bundled model's name
+            type=str,
             default=None,
             help="a bundled model's name (`wsi-scan models`) or a model file (default: the bundled default)",
         ),
@@ -262,7 +263,7 @@ def _scan_config(kw: dict[str, Any]) -> ScanConfig:
 def scan(
     source: Path,
     out: Path,
-    model_path: Path | None,
+    model_path: str | None,
     quiet: bool,
     overlay: Path | None = None,
     recursive: bool = False,
@@ -338,7 +339,7 @@ def _scan_folder_cmd(
     source: Path,
     out: Path,
     cfg: ScanConfig,
-    model_path: Path | None,
+    model_path: str | None,
     quiet: bool,
     overlay: Path | None,
     recursive: bool,
@@ -545,7 +546,7 @@ def explore(data: tuple[Path, ...], out_dir: Path) -> None:
 @click.option(
     "--model",
     "model_path",
-    type=click.Path(path_type=Path),
+    type=str,
     default=None,
     help="a bundled model's name (`wsi-scan models`) or a model file (default: the bundled default)",
 )
@@ -566,7 +567,7 @@ def explore(data: tuple[Path, ...], out_dir: Path) -> None:
 )
 def evaluate(
     data: Path,
-    model_path: Path | None,
+    model_path: str | None,
     split: str,
     tta: bool,
     as_json: bool,
@@ -708,12 +709,12 @@ def _rule_options(f: F) -> F:
 
 
 @main.command("threshold")
-@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument("model_path", metavar="MODEL", type=str)
 @click.argument("data", type=click.Path(path_type=Path))
 @_rule_options
 @click.option("--name", default=None, help="the model's name in its card (default: kept)")
 def threshold_cmd(
-    model_path: Path,
+    model_path: str,
     data: Path,
     specificity: float,
     split: str,
@@ -739,7 +740,7 @@ def threshold_cmd(
 
 
 @main.command("ensemble")
-@click.argument("model_paths", metavar="MODEL...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("model_paths", metavar="MODEL...", nargs=-1, required=True, type=str)
 @click.option(
     "--data", required=True, type=click.Path(path_type=Path), help="held-out labelled patches to threshold and score on"
 )
@@ -747,7 +748,7 @@ def threshold_cmd(
 @click.option("--name", default="ensemble", show_default=True, help="the model's name in its card")
 @click.option("--tta/--no-tta", default=True, show_default=True, help="also measure the 8-view AUC for the card")
 def ensemble_cmd(
-    model_paths: tuple[Path, ...],
+    model_paths: tuple[str, ...],
     data: Path,
     specificity: float,
     split: str,
@@ -1017,7 +1018,7 @@ def heatmap_tiff(heatmap: Path, out: Path, probability: bool, opacity: float, ov
 @click.option(
     "--model",
     "model_path",
-    type=click.Path(path_type=Path),
+    type=str,
     default=None,
     help="take mpp and window size from this model, bundled name or file (default: PCam's)",
 )
@@ -1031,7 +1032,7 @@ def tile(
     labels_geojson: Path | None,
     labels_mask: Path | None,
     split: str,
-    model_path: Path | None,
+    model_path: str | None,
     backend: str,
     mpp: float | None,
     overwrite: bool,
