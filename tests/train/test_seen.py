@@ -38,6 +38,15 @@ def test_the_filter_holds_every_patch_added_and_few_others():
     assert PatchFilter.from_dict(json.loads(json.dumps(f.to_dict()))) == f
 
 
+def test_duplicate_patches_count_once_and_the_card_reads_back():
+    # a training set with 30% duplicates once wrote a filter its own fill check refused
+    unique = _random_patches(100, 0)
+    patches = np.concatenate([unique, np.repeat(unique[:1], 45, axis=0)])
+    f = PatchFilter.build(patches, len(patches))
+    assert f.n == 100 and all(p in f for p in unique)
+    assert PatchFilter.from_dict(json.loads(json.dumps(f.to_dict()))) == f
+
+
 @pytest.mark.parametrize(
     "edit",
     [

@@ -48,16 +48,17 @@ class PatchFilter:
         m = (m + 7) // 8 * 8
         k = max(1, round(m / max(n, 1) * math.log(2)))
         bits = np.zeros(m // 8, dtype=np.uint8)
-        count = 0
+        # n counts distinct patches: a duplicate sets no new bit, and counting it would make the
+        # card's own fill check (from_dict) call the filter damaged
+        distinct: set[tuple[int, int]] = set()
         for patch in patches:
-            for pos in cls._positions(patch, m, k):
+            digest = _digest(patch)
+            if digest in distinct:
+                continue
+            distinct.add(digest)
+            for pos in cls._positions_of(digest, m, k):
                 bits[pos >> 3] |= np.uint8(1 << (pos & 7))
-            count += 1
-        return cls(m, k, count, bits.tobytes())
-
-    @staticmethod
-    def _positions(patch: np.ndarray, m: int, k: int) -> list[int]:
-        return PatchFilter._positions_of(_digest(patch), m, k)
+        return cls(m, k, len(distinct), bits.tobytes())
 
     @staticmethod
     def _positions_of(digest: tuple[int, int], m: int, k: int) -> list[int]:
