@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import click
 
 from .config import (
+    FEW_PATCHES_PER_CLASS,
     OVERLAY_ALPHA,
     OVERLAY_MAX_SIZE_PX,
     OVERLAY_MIN_SIZE_PX,
@@ -521,7 +522,8 @@ def train(
     vt = res.best_metrics.get("valid_tta", {})
     click.echo(
         f"wrote {res.model_path}: best epoch {res.best_epoch}, valid AUC {v.get('auc', float('nan')):.4f} "
-        f"(TTA {vt.get('auc', float('nan')):.4f}), accuracy {v.get('accuracy', float('nan')):.4f}"
+        f"{'(TTA {:.4f}), '.format(vt['auc']) if 'auc' in vt else '(no TTA pass), '}"
+        f"accuracy {v.get('accuracy', float('nan')):.4f}"
     )
 
 
@@ -608,6 +610,13 @@ def evaluate(
                 f"wsi-scan: warning: {ps.name} holds only {'negative' if n_pos == 0 else 'positive'} patches: the AUC "
                 f"is undefined (nan) and so is the {'sensitivity' if n_pos == 0 else 'specificity'}; "
                 "evaluate on patches of both classes",
+                err=True,
+            )
+        elif min(n_pos, len(ps) - n_pos) < FEW_PATCHES_PER_CLASS:
+            click.echo(
+                f"wsi-scan: warning: {ps.name} holds {len(ps) - n_pos} negative and {n_pos} positive patches: numbers "
+                f"measured on so few move by several points with a handful of patches; evaluate on at least "
+                f"{FEW_PATCHES_PER_CLASS} of each class",
                 err=True,
             )
         ev = evaluate_patchset(model, ps, device, batch_size, tta, progress=not quiet and not as_json)

@@ -48,6 +48,10 @@ OVERLAY_MIN_SIZE_PX = 128
 #: the validation specificity ``threshold`` and ``ensemble`` may choose a threshold for: below 0.5
 #: a threshold would call most negatives tumour
 RULE_SPECIFICITY_RANGE = (0.5, 0.9999)
+#: fewer patches of a class than this and a threshold chosen on them, or an AUC measured on them,
+#: moves by several points with a handful of patches: said in a warning, not refused (a quick look
+#: at a small folder is legitimate)
+FEW_PATCHES_PER_CLASS = 50
 #: step between the windows ``wsi-scan tile`` cuts, in cells: 3 gives non-overlapping 96 px windows
 TILE_STRIDE_CELLS = 3
 #: largest disagreement, in 8-bit levels, between a device's JPEG decoder and libjpeg-turbo on a
@@ -330,6 +334,13 @@ class TrainConfig:
             raise UsageError(
                 f"train.width {self.width}: dense-cnn-p4m counts channels in fields of 8 orientations, so the width must "
                 f"be a multiple of 8 (e.g. {nearest})"
+            )
+        if self.arch == "resnet18" and self.width != type(self).width:
+            from .errors import UsageError
+
+            raise UsageError(
+                f"train.width {self.width}: resnet18 has a fixed width; --width sets the dense-cnn and dense-cnn-p4m "
+                "networks only: leave it out, or choose one of those with --arch"
             )
         if not self.teacher and self.distill_weight != type(self).distill_weight:
             from .errors import UsageError

@@ -158,6 +158,18 @@ def test_cards_with_absurd_numbers_or_nesting_are_one_error(text, needle):
         (lambda card, state: ({**card, "training": {"ensemble": {"members": [1, 2]}}}, state), "ensemble.members"),
         (lambda card, state: ({**card, "training": {"ensemble": "x"}}, state), "training.ensemble must be"),
         (lambda card, state: ({**card, "training": {"data": {"seen_patches": "x"}}}, state), "seen_patches must be a list"),
+        # cards that lie: each once ran, and scored or reported nonsense without a word
+        (lambda card, state: ({**card, "class_names": ["tumour", "normal"]}, state), "second output as tumour"),
+        (lambda card, state: ({**card, "class_names": ["cat", "dog"]}, state), "second output as tumour"),
+        (lambda card, state: ({**card, "threshold": 0.0}, state), "strictly between 0 and 1"),
+        (
+            lambda card, state: ({**card, "threshold": 0.01, "metrics": {"valid": {"threshold": 0.4989}}}, state),
+            "not the one its validation metrics were measured at",
+        ),
+        (lambda card, state: ({**card, "std": [1e-30, 0.2, 0.2]}, state), "normalisation of pixels scaled to [0, 1]"),
+        (lambda card, state: ({**card, "std": [1e30, 0.2, 0.2]}, state), "normalisation of pixels scaled to [0, 1]"),
+        (lambda card, state: ({**card, "mean": [-100, 0, 100]}, state), "normalisation of pixels scaled to [0, 1]"),
+        (lambda card, state: ({**card, "card_version": 0}, state), "card_version 0"),
         # finite but absurd: every cell of every slide would score 1.0
         (lambda card, state: (card, {**state, "head.4.bias": torch.tensor([1e30])}), "a logit of 1e+30 on a blank input"),
     ],
@@ -166,8 +178,10 @@ def test_damaged_or_edited_model_files_are_refused_with_one_error(tmp_path, dama
     card, net = _tiny_model(tmp_path)
     c, state = damage(card.to_dict(), dict(net.state_dict()))
     torch.save({"card": c, "state_dict": state}, tmp_path / "m.pt")
-    with pytest.raises(ModelError, match=re.escape(needle)):
+    with pytest.raises(ModelError, match=re.escape(needle)) as exc:
         load_model(tmp_path / "m.pt")
+    # with three models on one command line (ensemble) the message must say which one
+    assert str(exc.value).startswith(str(tmp_path / "m.pt"))
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from tests.train.conftest import write_kaggle
 from wsi_scan.cli import main
 from wsi_scan.config import TrainConfig
-from wsi_scan.errors import DataError
+from wsi_scan.errors import DataError, ModelError, UsageError
 from wsi_scan.io.model_files import load_model
 from wsi_scan.train.distill import smoothed_targets, training_targets
 from wsi_scan.train.loop import state_path, train
@@ -130,3 +130,21 @@ def test_train_cli_takes_a_teacher_and_says_a_missing_one_in_a_line(kaggle_dir, 
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert load_model(tmp_path / "s.pt").card.training["config"]["distill_weight"] == 0.7
+
+
+def test_a_teacher_that_is_the_output_or_reads_another_scale_is_refused_before_training(kaggle_dir, teacher, tmp_path):
+    from wsi_scan.io.model_files import save_model
+    from wsi_scan.model.card import ModelCard
+
+    own = tmp_path / "own.pt"
+    own.write_bytes(teacher.read_bytes())
+    before = own.read_bytes()
+    # --overwrite once replaced the teacher with its student
+    with pytest.raises(UsageError, match="would replace the teacher"):
+        train([kaggle_dir], own, TrainConfig(**TINY, teacher=str(own)), progress=False, overwrite=True)
+    assert own.read_bytes() == before
+    t = load_model(teacher)
+    save_model(tmp_path / "t05.pt", t.net, ModelCard.from_dict({**t.card.to_dict(), "mpp": 0.5}))
+    with pytest.raises(ModelError, match="card's mpp is 0.5"):
+        train([kaggle_dir], tmp_path / "s.pt", TrainConfig(**TINY, teacher=str(tmp_path / "t05.pt")), progress=False)
+    assert not (tmp_path / "s.pt").exists()

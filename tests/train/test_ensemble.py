@@ -100,6 +100,11 @@ def test_members_normalised_otherwise_are_mapped_to_their_own_normalisation(memb
         torch.save({"card": {**json.loads(card.to_json()), "arch_kwargs": kw}, "state_dict": m.net.state_dict()}, edited)
         with pytest.raises(ModelError, match="input_affine"):
             load_model(edited)
+    # nor can the members' records go, leaving a map nothing checks
+    training = {**card.training, "ensemble": {**card.training["ensemble"], "members": []}}
+    torch.save({"card": {**json.loads(card.to_json()), "training": training}, "state_dict": m.net.state_dict()}, edited)
+    with pytest.raises(ModelError, match="records no members"):
+        load_model(edited)
     # without the map the second member would see other pixels: the test can tell
     unmapped = evaluate_patchset(load_model(tmp_path / "b2.pt"), valid).probs
     assert np.abs(_logit(evaluate_patchset(load_model(c), valid).probs) - _logit(unmapped)).max() > 1e-2
@@ -155,6 +160,11 @@ def test_what_an_ensemble_refuses(members, kaggle_dir, tmp_path):
         combine_models([a], kaggle_dir, tmp_path / "e.pt", progress=False)
     with pytest.raises(UsageError, match="named twice"):
         combine_models([a, a], kaggle_dir, tmp_path / "e.pt", progress=False)
+    # the same weights in the other format, under another name: once taken as two members
+    same = load_model(a)
+    save_model(tmp_path / "a-again.pt", same.net, ModelCard.from_dict({**same.card.to_dict(), "name": "other"}))
+    with pytest.raises(UsageError, match="same weights"):
+        combine_models([a, tmp_path / "a-again.pt"], kaggle_dir, tmp_path / "e.pt", progress=False)
     with pytest.raises(UsageError, match="trained on these patches"):
         combine_models([a, b], kaggle_dir, tmp_path / "e.pt", split="train", progress=False)
     with pytest.raises(UsageError, match="expected a .safetensors, .pt or .pth"):
@@ -168,7 +178,7 @@ def test_what_an_ensemble_refuses(members, kaggle_dir, tmp_path):
         combine_models([a, tmp_path / "c.pt"], kaggle_dir, tmp_path / "e.pt", progress=False)
 
     # a normalisation no exact map of the card's range reaches
-    far = ModelCard.from_dict({**other.card.to_dict(), "std": [1e-4, 0.2, 0.2]})
+    far = ModelCard.from_dict({**other.card.to_dict(), "std": [1e-3, 0.2, 0.2]})
     save_model(tmp_path / "far.pt", other.net, far)
     with pytest.raises(UsageError, match="too far from .* to be mapped exactly"):
         combine_models([a, tmp_path / "far.pt"], kaggle_dir, tmp_path / "e.pt", progress=False)

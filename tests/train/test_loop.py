@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from wsi_scan.cli import main
 from wsi_scan.config import TrainConfig
+from wsi_scan.errors import UsageError
 from wsi_scan.io.model_files import load_model
 from wsi_scan.train.loop import train
 
@@ -131,7 +132,10 @@ def test_resnet18_trains_in_patch_mode(kaggle_dir, tmp_path):
     out = tmp_path / "r.pt"
     # one step and no final 8-view pass: a ResNet-18 at 96 px without a strided stem is the
     # suite's most expensive network, and the test is about the patch-mode contract, not learning
-    train([kaggle_dir], out, TrainConfig(**{**TINY, "arch": "resnet18", "max_train": 16, "final_tta": False}), progress=False)
+    quick = {k: v for k, v in TINY.items() if k != "width"}
+    with pytest.raises(UsageError, match="resnet18 has a fixed width"):  # once silently ignored
+        TrainConfig(**{**quick, "arch": "resnet18", "width": 8})
+    train([kaggle_dir], out, TrainConfig(**{**quick, "arch": "resnet18", "max_train": 16, "final_tta": False}), progress=False)
     m = load_model(out)
     assert m.card.arch == "resnet18" and not m.card.dense_exact
     assert np.isfinite(m.card.metrics["valid"]["auc"])
@@ -183,6 +187,10 @@ def test_quick_run_options(kaggle_dir, tmp_path):
     card = load_model(out).card
     assert "valid_tta" not in card.metrics and card.metrics["valid"]["n"] == 10
     assert card.training["data"]["valid_used"] == 10 and card.training["config"]["final_tta"] is False
+    assert "(no TTA pass)" in code.stdout and "nan" not in code.stdout
+    # drawn per class: a plain draw of a few patches could hold one class and end the run
+    v = card.metrics["valid"]
+    assert 3 <= v["tp"] + v["fn"] <= 7 and 3 <= v["tn"] + v["fp"] <= 7
 
 
 def test_threshold_rule_sets_card_threshold_on_validation(kaggle_dir, tmp_path):
@@ -216,7 +224,9 @@ def test_evaluate_out_folder_and_warning_on_training_patches(kaggle_dir, tmp_pat
         main, ["evaluate", str(kaggle_dir), "--model", str(out), "--split", "valid", "--out", str(tmp_path / "ev")]
     )
     assert r.exit_code == 0, r.output
-    assert "warning" not in r.stderr and "95% CI" in r.stdout
+    assert "trained on" not in r.stderr and "95% CI" in r.stdout
+    # 16 patches a class: said, since a handful of them moves every number by points
+    assert "holds 16 negative and 16 positive patches" in r.stderr
     rows = (tmp_path / "ev" / "predictions.csv").read_text().splitlines()
     assert rows[0] == "patch_set,index,patch_id,label,prob,predicted" and len(rows) == 33
     assert rows[1].split(",")[:4] == ["kaggle/valid", "0", "valid0000", "0"]
@@ -426,6 +436,22 @@ def test_report_and_figure_folders_are_checked_before_training(kaggle_dir, tmp_p
     (tmp_path / "afile").write_text("x")
     r = CliRunner().invoke(main, ["evaluate", str(kaggle_dir), "--model", "fast", "--out", str(tmp_path / "afile")])
     assert r.exit_code == 2 and "is a file; expected a folder" in r.stderr
+
+
+def test_model_state_report_data_and_teacher_are_kept_apart_before_training(kaggle_dir, tmp_path):
+    from wsi_scan.errors import OutputExistsError
+
+    out = tmp_path / "m.safetensors"
+    quick = TrainConfig(**TINY, final_tta=False)
+    # once trained for the whole run, then failed writing the model into the report's folder
+    for report in (out, tmp_path / "m.safetensors.train-state.pt"):
+        with pytest.raises(UsageError, match="expected a folder of its own"):
+            train([kaggle_dir], out, quick, report_dir=report, progress=False)
+    with pytest.raises(OutputExistsError, match="inputs are never written to"):
+        train([kaggle_dir], kaggle_dir / "m.safetensors", quick, progress=False)
+    with pytest.raises(OutputExistsError, match="inputs are never written to"):
+        train([kaggle_dir], out, quick, report_dir=kaggle_dir / "report", progress=False)
+    assert not out.exists() and not (kaggle_dir / "m.safetensors").exists() and not (kaggle_dir / "report").exists()
 
 
 def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(kaggle_dir, tmp_path):

@@ -132,7 +132,7 @@ def compose_overlay(
     parts = [
         f"{hm.attrs['slide'].get('name', '?')}",
         f"model {model.get('name', '?')}",
-        f"tumour probability ({CMAP}); green: >= {thr:.2f}; blue: tissue",
+        f"tumour probability ({CMAP}); green: >= {thr:.4g}; blue: tissue",
     ]
     # one line where it fits the picture's width, else a line per part: a cut caption hides the legend
     lines = ["  |  ".join(parts)]

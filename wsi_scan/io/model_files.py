@@ -169,9 +169,14 @@ def _read_weights(path: Path) -> tuple[ModelCard, dict[str, Any]]:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path}: not a readable model file ({msg[:160]})") from None
     if not isinstance(obj, dict) or "card" not in obj or "state_dict" not in obj:
+        keys = [str(k) for k in obj] if isinstance(obj, dict) else []
+        shown = ", ".join(keys[:4]) + (f", ... ({len(keys)} keys)" if len(keys) > 4 else "")
+        bare = bool(keys) and all(isinstance(v, torch.Tensor) for v in obj.values())  # type: ignore[union-attr]
+        hint = "; bare weights without the card training writes (scale, normalisation, threshold): use the file `wsi-scan train` wrote"
         raise ModelError(
             f"{path}: expected a dict with 'card' and 'state_dict', found "
-            f"{type(obj).__name__}{' with keys ' + ', '.join(map(str, obj)) if isinstance(obj, dict) else ''}"
+            f"{type(obj).__name__}{' with keys ' + shown if keys else ''}"
+            f"{hint if bare else ''}"
         )
     card, state = obj["card"], obj["state_dict"]
     if not isinstance(card, (str, dict)) or not isinstance(state, dict):
@@ -234,8 +239,6 @@ def load_model(path: str | Path | None = None, unfinished_ok: bool = False) -> L
     """Load a model file (or the bundled default) in eval mode on the CPU. The file of a training
     run that has not finished (killed, failed, or still running) is refused unless
     ``unfinished_ok``: it holds the best epoch so far with the untuned threshold 0.5."""
-    from ..model.nets import build_network
-
     p = resolve_model(path)
     if not p.exists():
         if path is None:
@@ -245,6 +248,19 @@ def load_model(path: str | Path | None = None, unfinished_ok: bool = False) -> L
         )
     if p.is_dir():
         raise ModelError(f"model path {p} is a directory; expected a .pt, .safetensors or .ts file")
+    try:
+        return _load_file(p, unfinished_ok)
+    except ModelError as exc:
+        # a card's fault names its field, not its file: with three models on one command line
+        # (ensemble) the user must be told which one
+        if str(p) in str(exc):
+            raise
+        raise ModelError(f"{p}: {exc}") from None
+
+
+def _load_file(p: Path, unfinished_ok: bool) -> LoadedModel:
+    from ..model.nets import build_network
+
     if p.suffix in (".ts", ".torchscript"):
         net, card = _load_torchscript(p)
         check_card_against_network(net, card, str(p))

@@ -17,6 +17,13 @@ from ..errors import ModelError
 
 CARD_VERSION = 1
 MIN_INPUT_PX, MAX_INPUT_PX = 8, 1024
+#: pixel values are scaled to [0, 1] before (x - mean) / std: a mean outside this range or a std
+#: outside that one maps every H&E pixel to nearly one value, and the model scores a constant
+MEAN_RANGE, STD_RANGE = (-1.0, 2.0), (1e-3, 10.0)
+#: the second output is read as tumour everywhere (heatmap, lesions, calls): a card must name its
+#: classes in that order, in words a reader recognises
+NEGATIVE_CLASS_WORDS = ("normal", "negative", "benign", "non-tumour", "non-tumor", "background", "healthy")
+POSITIVE_CLASS_WORDS = ("tumour", "tumor", "metastasis", "cancer", "positive", "malignant")
 
 #: the JSON type each card field must have (ints are accepted where a float is expected)
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -176,6 +183,12 @@ class ModelCard:
             or min(self.std) <= 0
         ):
             raise ModelError("model card mean/std must be three finite numbers each, std positive")
+        (mlo, mhi), (slo, shi) = MEAN_RANGE, STD_RANGE
+        if not (all(mlo <= v <= mhi for v in self.mean) and all(slo <= v <= shi for v in self.std)):
+            raise ModelError(
+                f"model card mean {list(self.mean)} / std {list(self.std)}: expected the normalisation of pixels scaled to "
+                f"[0, 1] (means in [{mlo:g}, {mhi:g}], stds in [{slo:g}, {shi:g}]); the card was edited or is not wsi-scan's"
+            )
         if not (MIN_INPUT_PX <= self.input_px <= MAX_INPUT_PX):
             raise ModelError(f"model card input_px must lie in [{MIN_INPUT_PX}, {MAX_INPUT_PX}], found {self.input_px!r:.40}")
         if self.input_px <= 0 or self.cell_px <= 0 or self.cell_px > self.input_px or (self.input_px - self.cell_px) % 2:
@@ -184,8 +197,27 @@ class ModelCard:
             )
         if len(self.class_names) != 2:
             raise ModelError(f"model card class_names must name two classes (normal, tumour), found {list(self.class_names)}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ModelError(f"model card threshold must lie in [0, 1], found {self.threshold!r:.40}")
+        neg, pos = (str(c).strip().lower() for c in self.class_names)
+        if neg not in NEGATIVE_CLASS_WORDS or pos not in POSITIVE_CLASS_WORDS:
+            raise ModelError(
+                f"model card class_names {list(self.class_names)}: wsi-scan reads the second output as tumour, so expected "
+                f"a negative class first ({', '.join(NEGATIVE_CLASS_WORDS)}) and a tumour class second "
+                f"({', '.join(POSITIVE_CLASS_WORDS)}); if the model's outputs are in that order, name them so in its card"
+            )
+        rule = self.training.get("threshold_rule")
+        saturated = isinstance(rule, dict) and rule.get("met") is False  # kept by train, flagged in its card
+        if not (0.0 < self.threshold < 1.0 or (self.threshold == 1.0 and saturated)):
+            # 0 or 1 would call every cell tumour or none, whatever the model says
+            raise ModelError(f"model card threshold must lie strictly between 0 and 1, found {self.threshold!r:.40}")
+        chosen = self.metrics.get("valid", {}).get("threshold") if isinstance(self.metrics.get("valid"), dict) else None
+        if isinstance(chosen, (int, float)) and not isinstance(chosen, bool) and abs(chosen - self.threshold) > 1e-6:
+            raise ModelError(
+                f"model card threshold {self.threshold!r:.12} is not the one its validation metrics were measured at "
+                f"({chosen!r:.12}); the card was edited: choose a threshold with `wsi-scan threshold` (in a TorchScript "
+                "model's JSON card, change metrics.valid.threshold with it) or pass --threshold to the export commands"
+            )
+        if self.card_version < 1:
+            raise ModelError(f"model card_version {self.card_version!r} is not one wsi-scan writes (1 to {CARD_VERSION})")
         if self.arch == "dense-cnn-ensemble":
             self._check_member_normalisation()
 
@@ -196,6 +228,11 @@ class ModelCard:
         from .nets import member_affine
 
         recs = self.training.get("ensemble", {}).get("members", [])
+        if not recs and self.arch_kwargs.get("input_affine") is not None:
+            raise ModelError(
+                "model card: the ensemble maps its members' inputs (input_affine) but records no members "
+                "(training.ensemble.members); the card was edited: rebuild it with `wsi-scan ensemble`"
+            )
         if not recs or not all("mean" in r and "std" in r for r in recs):
             return  # ensembles made before members recorded them
         try:

@@ -72,6 +72,22 @@ def refuse_teacher_that_saw_validation(
         )
 
 
+def check_teacher_contract(card: Any, name: str) -> None:
+    """The teacher scores the training patches as they are (PCam's window, cell and pixel size):
+    a teacher whose card says it reads another scale, or names its classes otherwise, would score
+    them at a scale it never saw (the check ``ensemble`` makes of its members)."""
+    from ..model.card import ModelCard
+
+    student = ModelCard(arch="dense-cnn")
+    for key in ("input_px", "cell_px", "mpp", "class_names"):
+        got, want = getattr(card, key), getattr(student, key)
+        if got != want:
+            raise ModelError(
+                f"--teacher {name}: its card's {key} is {got!r}, training here makes {want!r}; expected a teacher "
+                "trained on patches like these (PCam's window and pixel size)"
+            )
+
+
 def score_training_patches(
     spec: str,
     splits: Splits,
@@ -87,6 +103,7 @@ def score_training_patches(
         teacher = load_model(spec)
     except ModelError as exc:
         raise ModelError(f"--teacher: {exc}") from None
+    check_teacher_contract(teacher.card, spec)
     filters = teacher_filters(teacher.card)
     refuse_teacher_that_saw_validation(filters, splits.sets, splits.valid, spec)
     net = teacher.net.to(device).to(memory_format=torch.channels_last)

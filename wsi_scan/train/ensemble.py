@@ -57,9 +57,24 @@ def _check_members(members: list[LoadedModel]) -> None:
     dropouts = {m.card.arch_kwargs.get("dropout", 0.2) for m in members}
     if len(dropouts) > 1:  # dropout is off at inference, but one setting rebuilds every member
         raise UsageError(f"the members' dropout settings differ ({sorted(dropouts)}); expected one")
-    shas = [m.sha256 for m in members]
-    if len(set(shas)) < len(shas):
-        raise UsageError("the same model file is named twice; an ensemble of a model with itself is that model")
+    # by the weights, not the file: the same network saved as .pt and .safetensors, or with an
+    # edited card, is still the same network
+    digests = [_weights_digest(m) for m in members]
+    if len(set(digests)) < len(digests):
+        raise UsageError(
+            "the same network is named twice (the same weights, whatever the file or card); an ensemble of a model "
+            "with itself is that model"
+        )
+
+
+def _weights_digest(m: LoadedModel) -> str:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(m.net.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _merged_data(members: list[LoadedModel]) -> dict[str, Any]:

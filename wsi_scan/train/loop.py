@@ -9,6 +9,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,11 @@ def check_state_file(path: Path, out: Path, overwrite: bool, resume: bool) -> No
 
     if resume or not (path.exists() or path.is_symlink()):
         return
+    if path.is_dir() and not path.is_symlink():
+        raise OutputExistsError(
+            f"{path}, where training keeps the state of --out {out.name} for --resume, is a folder; move it away or "
+            "choose another --out"
+        )
     if path.is_symlink() or not path.is_file() or not _is_state(path):
         raise OutputExistsError(
             f"{path}, where training keeps the state of --out {out.name} for --resume, is a file wsi-scan did not "
@@ -151,6 +157,39 @@ def check_state_file(path: Path, out: Path, overwrite: bool, resume: bool) -> No
             f"{path} holds the training state of an earlier run of --out {out.name}; pass --resume to continue that "
             "run or --overwrite to start again"
         )
+
+
+def check_outputs_apart(out: Path, report_dir: str | Path | None, data: Sequence[str | Path], teacher: str | None) -> None:
+    """Before any work: the model, its state and the report are three places, none of them in a
+    data folder (a file added there would be read as data next time) and none the teacher's file
+    (which --overwrite would otherwise replace with the student)."""
+    from ..errors import ModelError, OutputExistsError
+    from ..io.model_files import resolve_model
+    from ..io.outputs import absolute
+
+    out_abs = absolute(out)
+    for d in data:
+        d_abs = absolute(d)
+        if d_abs == out_abs or d_abs in out_abs.parents:
+            raise OutputExistsError(
+                f"--out {out} lies inside the data folder {d}; inputs are never written to, choose another --out"
+            )
+    if report_dir is not None:
+        report_abs = absolute(report_dir)
+        for what, path in (("--out", out), ("the training state of --out", state_path(out))):
+            if report_abs == absolute(path):
+                raise UsageError(
+                    f"--report {report_dir} is {what}; expected a folder of its own for the figures, e.g. {out.stem}-report"
+                )
+    if teacher:
+        try:
+            t = resolve_model(teacher)
+        except ModelError as exc:
+            raise ModelError(f"--teacher: {exc}") from None
+        if absolute(t) == out_abs or t.resolve() == out.resolve():  # resolve(): a link to --out is --out
+            raise UsageError(
+                f"--teacher {teacher} is --out: training would replace the teacher with its student; choose another --out"
+            )
 
 
 def warn_if_validation_was_trained_on(splits: Splits) -> None:
@@ -178,20 +217,30 @@ def _comparable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _data_words(d: dict[str, Any]) -> str:
-    roots = [str(src.get("root", "?")) if isinstance(src, dict) else "?" for src in d.get("sources", [])]
+    # a state records its data without the folders' names (a resumed run may name them otherwise)
+    roots = [
+        str(src.get("root") or f"a {src.get('layout', 'patch')} folder") if isinstance(src, dict) else "a folder"
+        for src in d.get("sources", [])
+    ]
     n = {k: (d.get(k) or {}).get("n", "?") if isinstance(d.get(k), dict) else "?" for k in ("train", "valid")}
     return f"{', '.join(roots) or '?'}: {n['train']} training, {n['valid']} validation patches"
 
 
 def load_state(path: Path) -> dict[str, Any]:
     """The training state beside a model; a missing or damaged one is a clear error."""
+    if path.is_dir():
+        raise UsageError(
+            f"--resume: {path}, where training keeps the state of its --out, is a folder; move it away, or start without --resume"
+        )
     if not path.is_file():
         raise UsageError(f"--resume: no training state at {path}; start without --resume")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated, foreign or unsafe files alike
+        why = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else type(exc).__name__
         raise UsageError(
-            f"--resume: the training state {path} cannot be read ({type(exc).__name__}); delete it and start without --resume"
+            f"--resume: {path} cannot be read as a training state ({why}): it is damaged or not a file wsi-scan "
+            "wrote; move it away and start without --resume"
         ) from None
     missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
@@ -234,10 +283,11 @@ def train(
 
     out = Path(out)
     expect_suffix(out, MODEL_SUFFIXES, any_case=False)
+    check_outputs_apart(out, report_dir, data, cfg.teacher)
     check_replaceable(out, overwrite or resume, kind="file")
     check_state_file(state_path(out), out, overwrite, resume)
     if report_dir is not None:  # now, not after the hours of training
-        check_figure_folder(Path(report_dir), REPORT_FILES, "--report")
+        check_figure_folder(Path(report_dir), REPORT_FILES, "--report", protect=[Path(d) for d in data])
     prepare_parent(out)
     lock = training_lock(out)
     if not lock.acquire(blocking=False):
@@ -348,8 +398,14 @@ def prepare_data(data: list[str | Path], cfg: TrainConfig) -> tuple[Splits, np.n
     splits = make_splits(datas, cfg.val_fraction, cfg.seed)
     _refuse_repeated_splits(splits)
     if cfg.max_valid and cfg.max_valid < len(splits.valid):
-        # a seeded subset: quick runs only; the card says how many patches chose the epoch
-        keep = np.sort(np.random.default_rng([cfg.seed, 6]).permutation(len(splits.valid))[: cfg.max_valid])
+        # a seeded subset: quick runs only; the card says how many patches chose the epoch. Drawn
+        # per class in the split's proportions: a plain draw of a few patches could hold one class
+        labels = labels_of(splits, splits.valid)
+        rng = np.random.default_rng([cfg.seed, 6])
+        pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+        n_pos = min(len(pos), max(1, round(cfg.max_valid * len(pos) / len(labels)))) if len(pos) else 0
+        n_neg = min(len(neg), cfg.max_valid - n_pos)
+        keep = np.sort(np.concatenate([rng.permutation(pos)[:n_pos], rng.permutation(neg)[:n_neg]]))
         splits = dataclasses.replace(
             splits, valid=splits.valid[keep], description={**splits.description, "valid_used": int(cfg.max_valid)}
         )
@@ -693,4 +749,8 @@ def with_threshold(card: ModelCard, labels: np.ndarray, probs: np.ndarray, speci
         "met": reached >= specificity,
         "reached": round(reached, 6),
     }
-    return ModelCard.from_dict({**card.to_dict(), "threshold": t, "training": {**card.training, "threshold_rule": rule}})
+    # the metrics measured at the former threshold go: the callers measure them again at this one
+    metrics = {k: v for k, v in card.metrics.items() if k not in ("valid", "valid_tta")}
+    return ModelCard.from_dict(
+        {**card.to_dict(), "threshold": t, "metrics": metrics, "training": {**card.training, "threshold_rule": rule}}
+    )

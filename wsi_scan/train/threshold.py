@@ -7,12 +7,13 @@ validation negatives' specificity is at least the one asked for. ``wsi-scan thre
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 import numpy as np
 
-from ..config import TrainConfig
+from ..config import FEW_PATCHES_PER_CLASS, TrainConfig
 from ..errors import DataError, ModelError, UsageError
 from ..io.datasets import PatchSet, patch_split
 from ..io.model_files import MODEL_SUFFIXES, load_model, resolve_model, save_model
@@ -47,6 +48,12 @@ def check_rule_inputs(specificity: float, ps: PatchSet) -> None:
         raise DataError(
             f"{ps.name}: {n_neg} negative and {n_pos} positive patches; choosing a threshold and scoring it "
             "needs both classes: pass a validation split that holds both"
+        )
+    if min(n_pos, n_neg) < FEW_PATCHES_PER_CLASS:
+        logging.getLogger("wsi_scan.train").warning(
+            f"{ps.name}: a threshold chosen on {n_neg} negative and {n_pos} positive patches: each negative moves the "
+            f"specificity by {1 / n_neg:.3f}, so the card's numbers rest on few patches; choose it on a validation "
+            f"split of at least {FEW_PATCHES_PER_CLASS} patches of each class"
         )
 
 
