@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..config import TrainConfig
+from ..config import FEW_PATCHES_PER_CLASS, TrainConfig
 from ..device import autocast, resolve_device
 from ..errors import UsageError
 from ..io.datasets import open_patch_data
@@ -420,6 +420,14 @@ def prepare_data(data: list[str | Path], cfg: TrainConfig) -> tuple[Splits, np.n
                 f"the {name} patches hold {lab.size} patches of {'one class' if lab.size else 'no class'}; "
                 "training and choosing an epoch need both tumour and normal patches"
             )
+    val = labels_of(splits, splits.valid)
+    n_pos = int(val.sum())
+    if min(n_pos, len(val) - n_pos) < FEW_PATCHES_PER_CLASS:
+        logging.getLogger("wsi_scan.train").warning(
+            f"the validation split holds {len(val) - n_pos} negative and {n_pos} positive patches: the epoch kept, the "
+            f"threshold and the card's numbers rest on so few that a handful of patches moves them by points; fine "
+            f"for a quick run, not for a model to use (give at least {FEW_PATCHES_PER_CLASS} of each class)"
+        )
     return splits, train_rows
 
 
