@@ -567,6 +567,7 @@ def explore(data: tuple[Path, ...], out_dir: Path) -> None:
     default=None,
     help="folder for predictions.csv (one row per patch), roc.png and metrics.json",
 )
+@click.option("--overwrite", is_flag=True, help="replace an earlier evaluation in --out")
 def evaluate(
     data: Path,
     model_path: str | None,
@@ -577,6 +578,7 @@ def evaluate(
     batch_size: int,
     quiet: bool,
     out_dir: Path | None,
+    overwrite: bool,
 ) -> None:
     """Score a model on labelled patches: AUC with its 95% bootstrap interval, accuracy, sensitivity, specificity."""
     from .io.datasets import patch_split
@@ -595,7 +597,7 @@ def evaluate(
         ps = patch_split(data, split)
         check_not_empty(ps)  # before the one-class warning below, which an empty set would also get
         if out_dir is not None:
-            check_evaluation_folder(out_dir, protect=(data,))
+            check_evaluation_folder(out_dir, protect=(data,), overwrite=overwrite)
         model = load_model(model_path)
         seen = trained_on(model.card, ps)
         if seen is not None:

@@ -265,12 +265,15 @@ def test_an_evaluation_that_fails_half_way_leaves_no_mix_of_two_runs(kaggle_dir,
     assert (tmp_path / "ev" / "metrics.json").is_file()
     mine = tmp_path / "ev" / "notes.txt"
     mine.write_text("a user's file\n")
+    # an earlier evaluation is replaced only when asked: it may be another model's numbers
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 4 and "holds an earlier evaluation" in r.stderr and (tmp_path / "ev" / "metrics.json").is_file()
 
     def full(*a, **k):
         raise OutputWriteError("cannot write metrics.json: No space left on device")
 
     monkeypatch.setattr("wsi_scan.io.exports.write_json", full)
-    r = CliRunner().invoke(main, args + ["--tta"])
+    r = CliRunner().invoke(main, args + ["--tta", "--overwrite"])
     assert r.exit_code == 9 and "No space left" in r.stderr
     assert "files written before it were removed: predictions.csv, roc.png" in r.stderr
     assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == ["notes.txt"]

@@ -90,14 +90,22 @@ def evaluate_patchset(
 EVALUATION_FILES = ("predictions.csv", "roc.png", "metrics.json")
 
 
-def check_evaluation_folder(out_dir: Path, protect: Sequence[Path] = (), fresh: bool = False) -> None:
+def check_evaluation_folder(out_dir: Path, protect: Sequence[Path] = (), fresh: bool = False, overwrite: bool = True) -> None:
     """Refuse, before any scoring, a folder whose files ``write_evaluation`` may not replace (a
     user's file of one of their names, a link), a folder inside a heatmap store or one that is a
-    link, or one that is or lies in a data folder of ``protect``; then create it (``fresh``: and
-    remove an earlier evaluation's files, ``check_figure_folder``)."""
+    link, or one that is or lies in a data folder of ``protect``, and without ``overwrite`` one
+    that holds an earlier evaluation (another model's numbers, perhaps an hour of TTA); then
+    create it (``fresh``: and remove an earlier evaluation's files, ``check_figure_folder``)."""
+    from ..errors import OutputExistsError
     from .plots import check_figure_folder
 
     check_figure_folder(out_dir, EVALUATION_FILES, protect=protect, fresh=fresh)
+    earlier = [n for n in EVALUATION_FILES if (out_dir / n).exists()]
+    if earlier and not overwrite:
+        raise OutputExistsError(
+            f"--out {out_dir} holds an earlier evaluation ({', '.join(earlier)}); pass --overwrite to replace it or "
+            "choose another --out"
+        )
 
 
 def write_evaluation(out_dir: Path, ev: Evaluation, ps: PatchSet, threshold: float, info: dict[str, Any]) -> list[Path]:
