@@ -188,6 +188,18 @@ def check_not_in_store(out: str | Path, flag: str = "--out", itself: bool = Fals
             raise OutputExistsError(f"{flag} {out} {where} the heatmap store {folder}; write it beside the store")
 
 
+def check_outside_inputs(out: str | Path, inputs: Iterable[str | Path], flag: str = "--out") -> None:
+    """Refuse an output that is or lies inside an input folder (data): a file added there would
+    be read as data next time."""
+    out_abs = absolute(out)
+    for p in inputs:
+        p_abs = absolute(p)
+        if p_abs == out_abs or p_abs in out_abs.parents:
+            raise OutputExistsError(
+                f"{flag} {out} is or lies inside the data folder {p}; inputs are never written to, choose another {flag}"
+            )
+
+
 def check_replaceable(
     out: str | Path, overwrite: bool, kind: str = "file", flag: str = "--out", protect: Iterable[str | Path] = ()
 ) -> Path:

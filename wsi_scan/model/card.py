@@ -16,6 +16,9 @@ from ..config import MPP_RANGE_UM, PCAM_CELL_PX, PCAM_INPUT_PX, PCAM_MPP
 from ..errors import ModelError
 
 CARD_VERSION = 1
+#: what a model reads its input as: models that share these score the same patches alike
+#: (an ensemble's members, a teacher and its student)
+CONTRACT_FIELDS = ("input_px", "cell_px", "mpp", "class_names")
 MIN_INPUT_PX, MAX_INPUT_PX = 8, 1024
 #: pixel values are scaled to [0, 1] before (x - mean) / std: a mean outside this range or a std
 #: outside that one maps every H&E pixel to nearly one value, and the model scores a constant

@@ -76,10 +76,10 @@ def check_teacher_contract(card: Any, name: str) -> None:
     """The teacher scores the training patches as they are (PCam's window, cell and pixel size):
     a teacher whose card says it reads another scale, or names its classes otherwise, would score
     them at a scale it never saw (the check ``ensemble`` makes of its members)."""
-    from ..model.card import ModelCard
+    from ..model.card import CONTRACT_FIELDS, ModelCard
 
     student = ModelCard(arch="dense-cnn")
-    for key in ("input_px", "cell_px", "mpp", "class_names"):
+    for key in CONTRACT_FIELDS:
         got, want = getattr(card, key), getattr(student, key)
         if got != want:
             raise ModelError(

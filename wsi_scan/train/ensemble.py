@@ -18,7 +18,7 @@ from ..config import TrainConfig
 from ..errors import UsageError
 from ..io.datasets import patch_split
 from ..io.model_files import LoadedModel, load_model, resolve_model, save_model
-from ..model.card import ModelCard
+from ..model.card import CONTRACT_FIELDS, ModelCard
 from ..model.nets import ENSEMBLE_SIZE, MEMBER_ARCHITECTURES, affine_row_in_range, build_network, member_affine
 from .evaluate import evaluate_patchset, trained_on
 from .loop import software_versions, validation_metrics, with_threshold
@@ -26,7 +26,6 @@ from .threshold import check_out_file, check_rule_inputs, check_rule_met
 
 #: the card fields every member must share: they are the combined model's contract (mean and
 #: std may differ: see ``input_affine``)
-SHARED_FIELDS = ("input_px", "cell_px", "mpp", "class_names")
 
 
 def _check_members(members: list[LoadedModel]) -> None:
@@ -47,7 +46,7 @@ def _check_members(members: list[LoadedModel]) -> None:
             )
     first = members[0]
     for m in members[1:]:
-        for key in SHARED_FIELDS:
+        for key in CONTRACT_FIELDS:
             a, b = getattr(first.card, key), getattr(m.card, key)
             if a != b:
                 raise UsageError(

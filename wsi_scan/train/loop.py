@@ -163,17 +163,11 @@ def check_outputs_apart(out: Path, report_dir: str | Path | None, data: Sequence
     """Before any work: the model, its state and the report are three places, none of them in a
     data folder (a file added there would be read as data next time) and none the teacher's file
     (which --overwrite would otherwise replace with the student)."""
-    from ..errors import ModelError, OutputExistsError
+    from ..errors import ModelError
     from ..io.model_files import resolve_model
-    from ..io.outputs import absolute
+    from ..io.outputs import absolute, check_outside_inputs
 
-    out_abs = absolute(out)
-    for d in data:
-        d_abs = absolute(d)
-        if d_abs == out_abs or d_abs in out_abs.parents:
-            raise OutputExistsError(
-                f"--out {out} lies inside the data folder {d}; inputs are never written to, choose another --out"
-            )
+    check_outside_inputs(out, data)
     if report_dir is not None:
         report_abs = absolute(report_dir)
         for what, path in (("--out", out), ("the training state of --out", state_path(out))):
@@ -186,7 +180,7 @@ def check_outputs_apart(out: Path, report_dir: str | Path | None, data: Sequence
             t = resolve_model(teacher)
         except ModelError as exc:
             raise ModelError(f"--teacher: {exc}") from None
-        if absolute(t) == out_abs or t.resolve() == out.resolve():  # resolve(): a link to --out is --out
+        if t.resolve() == out.resolve():  # resolve(), not absolute(): a link to --out is --out too
             raise UsageError(
                 f"--teacher {teacher} is --out: training would replace the teacher with its student; choose another --out"
             )

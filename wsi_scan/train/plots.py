@@ -36,16 +36,9 @@ def check_figure_folder(
     writer, just before its first file): an earlier run's files of ``names`` are removed, so the
     folder never holds a mix of two runs' files (``remove_earlier_set``)."""
     from ..errors import OutputExistsError, UsageError
-    from ..io.outputs import absolute, check_not_in_store, check_replaceable, prepare_parent, remove_earlier_set
+    from ..io.outputs import check_not_in_store, check_outside_inputs, check_replaceable, prepare_parent, remove_earlier_set
 
-    out_abs = absolute(out_dir)
-    for p in protect:
-        p_abs = absolute(p)
-        if p_abs == out_abs or p_abs in out_abs.parents:
-            raise OutputExistsError(
-                f"{flag} {out_dir} is or lies inside the data folder {p}; inputs are never written to, choose another {flag}"
-            )
-
+    check_outside_inputs(out_dir, protect, flag)
     if out_dir.is_symlink():
         raise OutputExistsError(f"{flag} {out_dir} is a symbolic link; give the real folder or another {flag}")
     if out_dir.exists() and not out_dir.is_dir():
