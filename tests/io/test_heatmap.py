@@ -109,3 +109,22 @@ def test_edited_scale_is_refused(make_slide, mock_model, tmp_path, edit, match):
     _edit(out, edit)
     with pytest.raises(HeatmapError, match=match):
         open_heatmap(out)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [(("grid", "l0_origin_xy"), "[Infinity, 0]"), (("slide", "level0_size_wh"), "[1e400, 2400]")],
+)
+def test_an_infinite_integer_attr_is_a_damaged_store(make_slide, mock_model, tmp_path, key, value):
+    """JSON's Infinity (or 1e400) where an integer belongs: int() raises OverflowError, which
+    escaped the contract check as a traceback in every reader (2026-12-05)."""
+    import json
+
+    out = tmp_path / "h.zarr"
+    scan_slide(make_slide(), out, ScanConfig(), model=mock_model)
+    zj = out / "zarr.json"
+    doc = json.loads(zj.read_text())
+    doc["attributes"]["wsi_scan"][key[0]][key[1]] = "@@"
+    zj.write_text(json.dumps(doc).replace('"@@"', value))
+    with pytest.raises(HeatmapError, match="damaged heatmap store"):
+        open_heatmap(out)

@@ -273,7 +273,8 @@ def _check_contract(p: Path, meta: Mapping[str, Any], ome: object) -> GridGeomet
         mpp_xy = [float(v) for v in slide["mpp_xy"]]
         level0_wh = [int(v) for v in slide["level0_size_wh"]]
         threshold = float(meta["model"].get("threshold", 0.5))
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+    # OverflowError: int() of an infinite value (JSON's Infinity, or 1e400, reads as one)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
         raise HeatmapError(
             f"{p}: damaged heatmap store, its attrs lack or garble {exc!s:.80} "
             "(expected wsi_scan.grid, .slide.mpp_xy and .model); rerun the scan"
