@@ -219,3 +219,37 @@ def test_a_disk_that_fills_while_patches_are_written_is_one_error_and_leaves_not
             tile_slide(slide, out, labels_geojson=_geojson(tmp_path, [(1000, 1000, 2000, 2000)]))
         assert not out.exists() or not any(out.iterdir())
     assert not [p for p in tmp_path.rglob("*.tmp-*")]
+
+
+def test_geojson_features_in_any_shape_give_the_tumour_or_one_error(tmp_path, caplog):
+    """Found by the 2026-12-05 sweep: a class written as a bare string (or a number), properties
+    that are a list, or a feature that is not an object were tracebacks; a bare geometry and the
+    polygons inside a GeometryCollection were left out, the slide then negative in silence."""
+    from wsi_scan.export.tiles import tumour_geometry
+
+    ring = [[[0, 0], [100, 0], [100, 50], [0, 50], [0, 0]]]
+    poly = {"type": "Polygon", "coordinates": ring}
+
+    def fc(*feats: Any) -> dict[str, Any]:
+        return {"type": "FeatureCollection", "features": list(feats)}
+
+    def feat(props: Any, geometry: Any = poly) -> dict[str, Any]:
+        return {"type": "Feature", "properties": props, "geometry": geometry}
+
+    assert tumour_geometry(fc(feat({"classification": "Tumor"})), "g").area == 5000
+    assert tumour_geometry(fc(feat([1, 2])), "g").area == 5000  # properties that say nothing: unclassified
+    assert tumour_geometry(poly, "g").area == 5000  # a bare geometry is one unclassified region
+    gc = {"type": "GeometryCollection", "geometries": [poly, {"type": "Point", "coordinates": [5, 5]}]}
+    assert tumour_geometry(fc(feat({}, gc)), "g").area == 5000
+    with pytest.raises(DataError, match="feature 0 is a JSON str"):
+        tumour_geometry(fc("hello"), "g")
+    with pytest.raises(DataError, match="'features' is a list, found dict"):
+        tumour_geometry({"type": "FeatureCollection", "features": {}}, "g")
+    # regions of other classes only: nothing is tumour, and that is said
+    with caplog.at_level("WARNING", logger="wsi_scan.annotations"):
+        assert tumour_geometry(fc(feat({"classification": {"name": "Metastasis"}}), feat({"classification": 5})), "g") is None
+    assert "no region is classified Tumor" in caplog.text and "1 'Metastasis'" in caplog.text and "1 '5'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="wsi_scan.annotations"):  # beside a tumour region: no warning
+        tumour_geometry(fc(feat({"classification": {"name": "Stroma"}}), feat({"classification": {"name": "Tumor"}})), "g")
+    assert not caplog.text

@@ -77,3 +77,47 @@ def test_tile_and_roi_with_a_nan_coordinate_are_one_line(make_slide, tmp_path):
     code, _, err = run(slide, "--out", tmp_path / "h.zarr", "--roi", labels, "--quiet")
     assert_clean_failure(code, err, tmp_path / "h.zarr", "nan.geojson", "feature 0")
     assert code == 6
+
+
+def _asap(path, group: str, order: str = "1") -> None:
+    path.write_text(
+        f'<ASAP_Annotations><Annotations><Annotation Name="A" PartOfGroup="{group}" Type="Polygon"><Coordinates>'
+        f'<Coordinate Order="0" X="0" Y="0"/><Coordinate Order="{order}" X="100" Y="0"/>'
+        '<Coordinate Order="2" X="100" Y="50"/><Coordinate Order="3" X="0" Y="50"/>'
+        "</Coordinates></Annotation></Annotations></ASAP_Annotations>"
+    )
+
+
+def test_asap_groups_none_unknown_and_an_infinite_order(tmp_path, caplog):
+    """ASAP writes PartOfGroup="None" for an annotation in no group: tumour, as an empty group is.
+    A group of another name is left out with a warning (before: in silence, the slide negative).
+    An Order of 1e400 was an OverflowError traceback (2026-12-05)."""
+    p = tmp_path / "s.xml"
+    _asap(p, "None")
+    assert read_asap_xml(p).tumour[0].area == 5000
+    _asap(p, "Metastasis")
+    with caplog.at_level("WARNING", logger="wsi_scan.annotations"):
+        assert read_asap_xml(p).tumour == ()
+    assert "1 in 'Metastasis'" in caplog.text and "left out" in caplog.text
+    _asap(p, "_0", order="1e400")
+    with pytest.raises(DataError, match="s.xml: annotation 'A' has a coordinate that is not a number"):
+        read_asap_xml(p)
+
+
+@pytest.mark.parametrize("name", ["s.XML", "s.GeoJSON", "s.Json"])
+def test_an_annotation_file_is_found_whatever_the_case_of_its_suffix(tmp_path, name):
+    """s.XML beside slide s.tif was neither read nor reported as unmatched: the slide counted as
+    negative in silence (2026-12-05)."""
+    from wsi_scan.io.annotations import find_annotations
+
+    p = tmp_path / name
+    if name.lower().endswith(".xml"):
+        _asap(p, "_0")
+    else:
+        p.write_text(json.dumps({"type": "Polygon", "coordinates": [[[0, 0], [100, 0], [100, 50], [0, 50], [0, 0]]]}))
+    found = find_annotations(tmp_path, "s.tif")
+    assert found is not None and found.tumour[0].area == 5000
+    (tmp_path / "s.xml").write_text("<a/>")  # two files for one slide, in two cases: which one is unclear
+    if name != "s.XML":
+        with pytest.raises(DataError, match="2 annotation files"):
+            find_annotations(tmp_path, "s.tif")

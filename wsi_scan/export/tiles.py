@@ -30,37 +30,87 @@ class TileResult:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
+#: GeoJSON's geometry types: an object of one of these is a geometry, not a Feature
+GEOMETRY_TYPES = ("Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon", "GeometryCollection")
+
+
+def _class_name(feature: dict[str, Any]) -> str | None:
+    """A feature's class as QuPath writes it (``classification: {name}``) or as a bare string some
+    tools write; None when it has none."""
+    props = feature.get("properties")
+    cls = props.get("classification") if isinstance(props, dict) else None
+    if isinstance(cls, dict):
+        cls = cls.get("name")
+    return None if cls is None else str(cls)
+
+
+def _polygons(g: Any) -> tuple[list[Any], list[str]]:
+    """The polygons of a shapely geometry (those inside a GeometryCollection too) and the types
+    of its parts that are not areas."""
+    if g.geom_type in ("Polygon", "MultiPolygon"):
+        return [g], []
+    if g.geom_type == "GeometryCollection":
+        polys: list[Any] = []
+        other: list[str] = []
+        for part in g.geoms:
+            p, o = _polygons(part)
+            polys += p
+            other += o
+        return polys, other
+    return [], [g.geom_type]
+
+
 def tumour_geometry(geojson: dict[str, Any], where: str, class_name: str | None = "Tumor") -> Any:
     """Union of the (multi)polygons of a GeoJSON, keeping only ``class_name`` when classes are
     given (``None``: every polygon). Points and lines mark no area: when they are all there is,
-    a warning says so, since the result (nothing) would otherwise look like an unannotated file."""
+    a warning says so, since the result (nothing) would otherwise look like an unannotated file;
+    likewise polygons of other classes only. A bare geometry (no Feature around it) counts as
+    one unclassified feature, and the polygons inside a GeometryCollection count."""
+    import logging
+
     import shapely
     from shapely.geometry import shape
 
-    feats = geojson.get("features") if geojson.get("type") == "FeatureCollection" else [geojson]
+    kind = geojson.get("type")
+    feats = geojson.get("features") if kind == "FeatureCollection" else [geojson]
     if not isinstance(feats, list):
-        raise DataError(f"{where}: expected a GeoJSON FeatureCollection, found type {geojson.get('type')!r}")
+        raise DataError(
+            f"{where}: expected a GeoJSON FeatureCollection whose 'features' is a list, found "
+            f"{type(feats).__name__ if feats is not None else 'none'}"
+        )
     geoms = []
     not_areas: dict[str, int] = {}
-    for f in feats:
-        cls = ((f.get("properties") or {}).get("classification") or {}).get("name")
+    other_classes: dict[str, int] = {}
+    for i, f in enumerate(feats):
+        if not isinstance(f, dict):
+            raise DataError(f"{where}: feature {i} is a JSON {type(f).__name__}, expected a GeoJSON Feature object")
+        cls = _class_name(f)
         if class_name is not None and cls is not None and cls.lower() not in (class_name.lower(), "tumour"):
+            other_classes[cls] = other_classes.get(cls, 0) + 1
             continue
+        geometry = f if f.get("type") in GEOMETRY_TYPES else f.get("geometry")
         try:
-            g = shape(f["geometry"]) if isinstance(f, dict) and f.get("geometry") else None
+            g = shape(geometry) if geometry else None
         except Exception as exc:  # noqa: BLE001 - shapely's errors for malformed coordinates vary
             raise DataError(f"{where}: a feature's geometry cannot be read ({type(exc).__name__}: {exc!s:.80})") from None
-        if g is not None and g.geom_type in ("Polygon", "MultiPolygon"):
-            geoms.append(g if g.is_valid else shapely.make_valid(g))
-        elif g is not None:
-            not_areas[g.geom_type] = not_areas.get(g.geom_type, 0) + 1
+        if g is None or g.is_empty:
+            continue
+        polys, other = _polygons(g)
+        geoms += [p if p.is_valid else shapely.make_valid(p) for p in polys]
+        for t in other:
+            not_areas[t] = not_areas.get(t, 0) + 1
+    log = logging.getLogger("wsi_scan.annotations")
     if not geoms and not_areas:
-        import logging
-
         kinds = ", ".join(f"{n} {t}" for t, n in sorted(not_areas.items()))
-        logging.getLogger("wsi_scan.annotations").warning(
+        log.warning(
             f"{where}: its features are {kinds} and no polygon: points and lines mark no area, so they are not "
             "used; draw the regions as polygons (QuPath: the brush, wand or polygon tool)"
+        )
+    if not geoms and other_classes:
+        kinds = ", ".join(f"{n} {c!r}" for c, n in sorted(other_classes.items()))
+        log.warning(
+            f"{where}: no region is classified {class_name} (or Tumour) or unclassified, and {kinds} are not "
+            f"tumour, so the file marks no tumour; classify the tumour regions {class_name} if they are"
         )
     return shapely.union_all(geoms) if geoms else None
 

@@ -41,8 +41,11 @@ def read_asap_xml(path: Path) -> Annotations:
     except (ET.ParseError, OSError) as exc:
         raise DataError(f"{path}: not a readable ASAP XML annotation file ({exc})") from None
     tumour, exclusion = [], []
+    other_groups: dict[str, int] = {}
     for ann in root.iter("Annotation"):
         group = (ann.get("PartOfGroup") or "").strip().lower()
+        if group == "none":  # ASAP's own spelling of an annotation in no group
+            group = ""
         try:
             pts = sorted(
                 (
@@ -51,7 +54,7 @@ def read_asap_xml(path: Path) -> Annotations:
                 ),
                 key=lambda t: t[0],
             )
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:  # OverflowError: an Order of 1e400 (int of infinity)
             raise DataError(f"{path}: annotation {ann.get('Name')!r} has a coordinate that is not a number ({exc})") from None
         if len(pts) < 3:
             if (ann.get("Type") or "").lower() != "dot" and (group in TUMOUR_GROUPS or group in EXCLUSION_GROUPS or not group):
@@ -72,6 +75,17 @@ def read_asap_xml(path: Path) -> Annotations:
             exclusion.append(poly)
         elif group in TUMOUR_GROUPS or not group:
             tumour.append(poly)
+        else:
+            name = (ann.get("PartOfGroup") or "").strip()
+            other_groups[name] = other_groups.get(name, 0) + 1
+    if other_groups:
+        # left out: a tumour drawn in a group of another name would make the slide negative in silence
+        kinds = ", ".join(f"{n} in {g!r}" for g, n in sorted(other_groups.items()))
+        logging.getLogger("wsi_scan.annotations").warning(
+            f"{path}: {sum(other_groups.values())} polygon(s) in groups that are neither tumour "
+            f"({', '.join(TUMOUR_GROUPS)}) nor exclusion ({', '.join(EXCLUSION_GROUPS)}) are left out ({kinds}); "
+            "rename the group if they are tumour"
+        )
     return Annotations(tuple(tumour), tuple(exclusion), str(path))
 
 
@@ -89,7 +103,9 @@ def find_annotations(folder: Path, slide_name: str) -> Annotations | None:
     """The annotation file of a slide in ``folder``, matched by the slide's file stem; None when
     the slide has none (a negative slide in CAMELYON's convention)."""
     stem = Path(slide_name).stem
-    found = [folder / f"{stem}{suffix}" for suffix in ANNOTATION_SUFFIXES if (folder / f"{stem}{suffix}").is_file()]
+    # any case of the suffix (NAME.XML, NAME.GeoJSON): such a file was not reported as unmatched,
+    # and was never read either, so its slide counted as negative in silence
+    found = sorted(p for p in folder.iterdir() if p.stem == stem and p.suffix.lower() in ANNOTATION_SUFFIXES and p.is_file())
     if len(found) > 1:
         raise DataError(
             f"{folder}: slide {slide_name} has {len(found)} annotation files ({', '.join(p.name for p in found)}); "
@@ -97,7 +113,7 @@ def find_annotations(folder: Path, slide_name: str) -> Annotations | None:
         )
     if not found:
         return None
-    return read_asap_xml(found[0]) if found[0].suffix == ".xml" else read_qupath_geojson(found[0])
+    return read_asap_xml(found[0]) if found[0].suffix.lower() == ".xml" else read_qupath_geojson(found[0])
 
 
 def unmatched_annotations(folder: Path, slide_names: list[str]) -> list[str]:
