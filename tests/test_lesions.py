@@ -569,3 +569,42 @@ def test_longest_diameter_is_the_largest_distance_between_any_two_cell_corners()
     probs = np.array([[0.6, 0.6, 0.0, 0.7], [0.0, 0.0, 0.0, 0.96], [np.nan, 0.96, 0.0, 0.0]], dtype=np.float32)
     lab = lesion_labels(probs, 0.5, LesionConfig(seed_prob=0.95))
     assert (lab[0, :2] == 0).all() and lab[0, 3] == lab[1, 3] > 0 and lab[2, 1] > 0 and lab[2, 1] != lab[0, 3]
+
+
+def test_evaluate_slides_refuses_a_damaged_summary_and_says_what_it_leaves_out(tmp_path):
+    """Found by the 2026-12-05 sweep: rows that are not objects, a row without its slide or a
+    'slides' that is no list were tracebacks; a row listed twice was counted twice; the slides
+    that failed were left out of the figures in silence (their annotation files then said to
+    'match no scanned slide by name')."""
+    results = tmp_path / "results"
+    results.mkdir()
+    slides = [("a.svs", "micro"), ("b.svs", "negative")]
+    for s, c in slides:
+        write_called_store(output_path(results, Path(s)), c)
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    rows = [{"slide": s, "status": "ok", "call": c} for s, c in slides]
+    for bad in (["a.svs"], [{"status": "ok"}], 5, None, [*rows, rows[0]]):
+        (results / "summary.json").write_text(json.dumps({"slides": bad}))
+        code, _, err = run("evaluate-slides", results, "--annotations", ann, "--overwrite")
+        assert code == 6 and len(err.strip().splitlines()) == 1 and "summary.json" in err, err
+    assert "a.svs is listed 2 times" in err
+    (results / "summary.json").write_text(json.dumps({"slides": [*rows, {"slide": "c.svs", "status": "failed"}]}))
+    (ann / "c.xml").write_text("<ASAP_Annotations/>")
+    code, out, err = run("evaluate-slides", results, "--annotations", ann, "--overwrite", "--json")
+    assert code == 0, err
+    assert "1 slide(s) of the run have no heatmap (c.svs: failed or not scanned) and are not evaluated" in err
+    assert "match no scanned slide" not in err and len(json.loads(out)["slides"]) == 2
+
+
+def test_stage_of_a_store_or_a_file_names_what_it_takes(tmp_path):
+    """`stage RESULTS/a.zarr` said "--out .../a.zarr/stages.csv lies inside the heatmap store" and
+    `stage patients.csv` "--out .../patients.csv/stages.csv: cannot be examined", though no --out
+    was given (2026-12-05)."""
+    store = write_called_store(tmp_path / "a.zarr", "micro")
+    patients = tmp_path / "patients.csv"
+    patients.write_text("patient,slide\nP1,a.svs\n")
+    for results, words in ((store, "is the heatmap store of one slide; stage takes"), (patients, "is a file; stage takes")):
+        code, _, err = run("stage", results, "--patients", patients)
+        assert code == 6 and words in err and "stages.csv" not in err and len(err.strip().splitlines()) == 1, err
+    assert patients.read_text() == "patient,slide\nP1,a.svs\n"

@@ -135,17 +135,22 @@ def reference_call(tumour: Sequence[object], exclusion: Sequence[object], slide_
     return size_class(best / 1000.0) if best > 0 else "negative"
 
 
-def check_results_folder(results: object) -> None:
-    """A folder run's results, not one slide's heatmap store (which holds no summary.json)."""
+def check_results_folder(results: object, command: str = "evaluate-slides") -> None:
+    """A folder run's results, not one slide's heatmap store (which holds no summary.json) nor a file."""
     from pathlib import Path
 
     from .errors import DataError
     from .io.outputs import is_heatmap_store
 
-    if is_heatmap_store(Path(str(results))):
+    p = Path(str(results))
+    if is_heatmap_store(p):
         raise DataError(
-            f"{results} is the heatmap store of one slide; evaluate-slides takes the results folder of a folder run "
+            f"{results} is the heatmap store of one slide; {command} takes the results folder of a folder run "
             "(`wsi-scan SLIDES/ --out RESULTS/`)"
+        )
+    if p.exists() and not p.is_dir():
+        raise DataError(
+            f"{results} is a file; {command} takes the results folder of a folder run (`wsi-scan SLIDES/ --out RESULTS/`)"
         )
 
 
@@ -178,6 +183,27 @@ def evaluate_cohort(
         rows = json.loads((results / "summary.json").read_text(encoding="utf-8"))["slides"]
     except (OSError, ValueError, KeyError, TypeError):
         raise DataError(f"{results}: no readable summary.json; run `wsi-scan SLIDES --out {results}` first") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("slide"), str) for r in rows):
+        raise DataError(
+            f"{results / 'summary.json'}: not a wsi-scan folder summary (expected 'slides' to be a list of rows, each "
+            f"with its 'slide'); the summary was edited or damaged: rerun `wsi-scan SLIDES --out {results}`"
+        )
+    seen = [str(r["slide"]) for r in rows]
+    twice = sorted({s for s in seen if seen.count(s) > 1})
+    if twice:  # one slide counted twice would weigh twice in the FROC and the AUC
+        raise DataError(
+            f"{results / 'summary.json'}: slide {twice[0]} is listed {seen.count(twice[0])} times; expected each slide "
+            f"once: the summary was edited, rerun `wsi-scan SLIDES --out {results}`"
+        )
+    unscanned = [str(r["slide"]) for r in rows if r.get("status") not in ("ok", "skipped")]
+    if unscanned:
+        import logging
+
+        logging.getLogger("wsi_scan.evaluation").warning(
+            f"{results}: {len(unscanned)} slide(s) of the run have no heatmap ({', '.join(unscanned[:3])}"
+            f"{', ...' if len(unscanned) > 3 else ''}: failed or not scanned) and are not evaluated; the figures "
+            "cover the others only: rerun the folder scan to include them"
+        )
     dets, truth, scores, pred_calls, ref_calls, names = [], [], [], [], [], []
     for r in rows:
         if r.get("status") not in ("ok", "skipped"):
@@ -204,7 +230,7 @@ def evaluate_cohort(
         names.append(Path(r["slide"]).name)
     if not dets:
         raise DataError(f"{results}: no scanned slide to evaluate")
-    orphans = unmatched_annotations(annotations, names)
+    orphans = unmatched_annotations(annotations, names + [Path(s).name for s in unscanned])
     if orphans:
         import logging
 

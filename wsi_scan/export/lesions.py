@@ -227,6 +227,9 @@ def _check_one_name_per_slide(patients: dict[str, list[str]], aliases: dict[str,
 
 
 def stage_results(results: str | Path, patients: str | Path) -> list[dict[str, Any]]:
+    from ..evaluation import check_results_folder
+
+    check_results_folder(results, "stage")
     calls, aliases, ambiguous = results_calls(results)
     listed = read_patients(patients)
     _check_one_name_per_slide(listed, aliases, Path(patients))
@@ -268,10 +271,13 @@ def write_stages(
     """The stages of ``stage_results`` as a CSV at ``out`` (default RESULTS/stages.csv, replaced
     by each run). Refused before any work: an ``out`` that is not a .csv, the patients list, or
     one of the folder run's own files (its summary is this command's input)."""
+    from ..evaluation import check_results_folder
     from ..io.exports import write_text
     from ..io.outputs import check_replaceable, expect_suffix
 
     results, patients = Path(results), Path(patients)
+    # first: the default --out lies in RESULTS, and a store or a file there would be named as the --out
+    check_results_folder(results, "stage")
     target = Path(out) if out is not None else results / "stages.csv"
     expect_suffix(target, (".csv",))
     run_files = [results / n for n in (SUMMARY_JSON, SUMMARY_CSV, REPORT_HTML, LOG_NAME)]
