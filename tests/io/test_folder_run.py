@@ -151,3 +151,17 @@ def test_summary_files_write_none_as_empty_and_carry_the_mark(tmp_path):
     js = json.loads(json_path.read_text())
     assert js == {"generator": "wsi-scan", "counts": {"ok": 1}, "slides": rows}
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_slide_deep_in_long_folder_names_gets_a_lock(tmp_path):
+    """The lock's name joined the relative path's folders: two folder names of 130 bytes made it
+    too long for the file system, and the slide failed with "check that OUT_DIR is writable"
+    (2026-12-05)."""
+    rel = "d" * 130 + "/" + "e" * 130 + "/s.tif"
+    lock = SlideLock(tmp_path, rel)
+    assert lock.acquire(False)
+    assert len(lock.path.name.encode()) <= 255 and lock.path.name.startswith("d" * 100)
+    other = SlideLock(tmp_path, "d" * 130 + "/" + "e" * 130 + "/t.tif")  # cut alike, told apart by the hash
+    assert other.path != lock.path and other.acquire(False)
+    other.release()
+    lock.release()

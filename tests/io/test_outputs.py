@@ -67,3 +67,19 @@ def test_an_output_set_that_fails_part_way_leaves_none_of_its_files(tmp_path):
     with output_set([a], "evaluation"):
         a.write_text(json.dumps({"generator": "wsi-scan test"}))
     assert a.exists()
+
+
+def test_an_output_name_too_long_for_its_hidden_files_is_refused_before_any_work(tmp_path):
+    """A 245-byte --out was accepted, scanned, then the file system's "File name too long" for
+    its hidden .NAME.partial.npz escaped as a traceback (2026-12-05)."""
+    import pytest
+
+    from wsi_scan.errors import UsageError
+    from wsi_scan.io.outputs import MAX_OUT_NAME_BYTES, prepare_parent
+
+    prepare_parent(tmp_path / ("é" * (MAX_OUT_NAME_BYTES // 2 - 3) + ".zarr"))  # 199 bytes: fits
+    with pytest.raises(UsageError, match=r"its name is 245 bytes long.*at most 200 bytes"):
+        prepare_parent(tmp_path / ("L" * 240 + ".zarr"))
+    with pytest.raises(UsageError, match="its name is 201 bytes long"):
+        prepare_parent(tmp_path / ("é" * 98 + ".zarr"))  # 103 characters, counted in bytes, as the file system does
+    assert not list(tmp_path.iterdir())

@@ -28,6 +28,8 @@ from .outputs import MARK
 LOG_NAME = "wsi-scan.log"
 SUMMARY_CSV, SUMMARY_JSON, REPORT_HTML = "summary.csv", "summary.json", "report.html"
 LOCK_DIR = ".locks"
+#: the bytes of a slide's relative path kept in its lock's name (the rest is told by the hash)
+LOCK_NAME_BYTES = 200
 # names editors, copy tools and our own writers leave behind while a file is incomplete
 _TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
 
@@ -220,7 +222,9 @@ class SlideLock(FileLock):
     def __init__(self, out_dir: Path, rel: str) -> None:
         # a readable name plus a hash of the exact path: "a/b.tif" and "a__b.tif" stay distinct
         digest = hashlib.sha1(rel.encode()).hexdigest()[:8]
-        super().__init__(out_dir / LOCK_DIR / f"{rel.replace('/', '__')}.{digest}.lock")
+        # cut to fit a file name (255 bytes): a slide deep in long folder names is no lock error
+        readable = rel.replace("/", "__").encode()[:LOCK_NAME_BYTES].decode("utf-8", "ignore")
+        super().__init__(out_dir / LOCK_DIR / f"{readable}.{digest}.lock")
 
 
 def training_lock(out: Path) -> FileLock:

@@ -248,8 +248,22 @@ def check_output_file(out: Path, overwrite: bool, flag: str = "--out") -> Path:
     return out_abs
 
 
+#: the longest output name: file systems allow 255 bytes a name, and wsi-scan keeps hidden files
+#: beside an output named after it, up to 40 bytes longer (``.NAME.partial.npz`` written as
+#: ``..NAME.partial.npz.tmp-PID-XXXXXXXX``)
+MAX_OUT_NAME_BYTES = 200
+
+
 def prepare_parent(out: Path, flag: str = "--out") -> None:
     """Create the output's folder and check that it can be written, before a long job."""
+    name_bytes = len(os.fsencode(absolute(out).name))
+    if name_bytes > MAX_OUT_NAME_BYTES:
+        # refused before the work: the file system's "File name too long" came after a whole scan
+        raise UsageError(
+            f"{flag} {out}: its name is {name_bytes} bytes long; wsi-scan writes hidden files beside an output "
+            f"under names up to 40 bytes longer and file systems allow 255: choose a name of at most "
+            f"{MAX_OUT_NAME_BYTES} bytes (in a folder run, shorten the slide's file name)"
+        )
     parent = absolute(out).parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
