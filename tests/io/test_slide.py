@@ -209,3 +209,15 @@ def test_header_declaring_more_tiles_than_indexed_is_refused_at_open(make_slide,
     # OpenSlide alone opens it and then decodes blank gigapixels for a thumbnail
     with pytest.raises(SlideIndexError, match="needs .* tiles .* indexes"):
         open_slide(p, backend=backend)
+
+
+def test_a_folder_given_as_one_slide_says_how_folders_are_scanned(tmp_path):
+    """`info DIR`, `tile DIR` and `overlay --slide DIR` told the user that "for a folder of slides,
+    --out must be a folder", an option info does not have and a folder tile cannot take (2026-12-05)."""
+    from tests._support import run
+
+    (tmp_path / "slides").mkdir()
+    for args in (("info", tmp_path / "slides"), ("tile", tmp_path / "slides", "--out", tmp_path / "p.h5")):
+        code, _, err = run(*args)
+        assert code == 3 and "is a folder; expected one slide file" in err and "--out must be" not in err, err
+        assert f"wsi-scan {tmp_path / 'slides'} --out RESULTS/" in err and len(err.strip().splitlines()) == 1

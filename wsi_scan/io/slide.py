@@ -696,7 +696,8 @@ def _sniff(path: Path) -> None:
     refuse_heatmap_store(path)
     if path.is_dir() and path.suffix.lower() != ".zarr":
         raise SlideNotFoundError(
-            f"slide {path} is a directory; expected a slide file (for a folder of slides, --out must be a folder)"
+            # info, tile and overlay --slide take one slide; `wsi-scan DIR --out RESULTS/` scans a folder
+            f"slide {path} is a folder; expected one slide file (a folder of slides is scanned by `wsi-scan {path} --out RESULTS/`)"
         )
     if not path.is_dir() and not path.is_file():
         raise SlideFormatError(
