@@ -395,3 +395,15 @@ def test_workers_get_the_bundled_model_a_name_means_not_a_file_of_that_name(tmp_
     monkeypatch.chdir(tmp_path)
     assert _model_ref("accurate", client=None) == str(bundled_models()["accurate"].resolve())
     assert _model_ref("./accurate", client=None) == str((tmp_path / "accurate").resolve())
+
+
+def test_mpp_csv_rows_that_match_no_slide_are_said_on_the_console(tmp_path):
+    """A row meant for a slide whose recorded pixel size is wrong, with the name in another case,
+    left that size in use; the warning went to wsi-scan.log only (2026-12-05)."""
+    good = tmp_path / "good"
+    small_slide(good / "a.tif", 0)
+    (tmp_path / "mpp.csv").write_text("slide,mpp\nA.TIF,0.25\n")
+    code, err = run_cli(good, "--out", tmp_path / "o", "--quiet", "--mpp-csv", tmp_path / "mpp.csv")
+    assert code == 0, err
+    assert "wsi-scan: warning: --mpp-csv: 1 row(s) match no slide of the folder and are not used (A.TIF)" in err
+    assert "1 row(s) match no slide" in (tmp_path / "o" / "wsi-scan.log").read_text()

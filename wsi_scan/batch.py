@@ -168,7 +168,13 @@ def plan_jobs(
         jobs.append(SlideJob(str(p), key, str(out), str(out_dir), cfg))
     unused = sorted(set(mpp_overrides) - used_keys)
     if unused:
-        log.warning("--mpp-csv rows that match no slide: %s", ", ".join(unused))
+        # on the console too (this logger's records are not kept to the log file): a row meant to
+        # correct a slide's recorded pixel size that matches no slide leaves that size in use
+        logging.getLogger("wsi_scan.mpp_csv").warning(
+            f"--mpp-csv: {len(unused)} row(s) match no slide of the folder and are not used ({', '.join(unused[:5])}"
+            f"{', ...' if len(unused) > 5 else ''}); a row names a slide by its path relative to the folder or its "
+            "file name, in the same case"
+        )
     return jobs, clashes
 
 
