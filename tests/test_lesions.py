@@ -608,3 +608,19 @@ def test_stage_of_a_store_or_a_file_names_what_it_takes(tmp_path):
         code, _, err = run("stage", results, "--patients", patients)
         assert code == 6 and words in err and "stages.csv" not in err and len(err.strip().splitlines()) == 1, err
     assert patients.read_text() == "patient,slide\nP1,a.svs\n"
+
+
+def test_evaluate_slides_refuses_two_slides_of_one_file_name(tmp_path):
+    """x/n.svs and y/n.svs of a recursive run both took the annotation n.geojson: the negative
+    node counted as a missed micro-metastasis, the FROC 0.5 for 1.0, in silence (2026-12-05)."""
+    results = tmp_path / "results"
+    results.mkdir()
+    slides = [("x/n.svs", "micro"), ("y/n.svs", "negative")]
+    for s, c in slides:
+        write_called_store(output_path(results, Path(s)), c)
+    (results / "summary.json").write_text(json.dumps({"slides": [{"slide": s, "status": "ok", "call": c} for s, c in slides]}))
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    code, _, err = run("evaluate-slides", results, "--annotations", ann)
+    assert code == 6 and "slides x/n.svs, y/n.svs share the file name n.svs" in err, err
+    assert not (results / "evaluation.json").exists()

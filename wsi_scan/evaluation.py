@@ -195,6 +195,17 @@ def evaluate_cohort(
             f"{results / 'summary.json'}: slide {twice[0]} is listed {seen.count(twice[0])} times; expected each slide "
             f"once: the summary was edited, rerun `wsi-scan SLIDES --out {results}`"
         )
+    by_name: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("status") in ("ok", "skipped"):
+            by_name.setdefault(Path(str(r["slide"])).name, []).append(str(r["slide"]))
+    shared = next((paths for paths in by_name.values() if len(paths) > 1), None)
+    if shared:  # one annotation file and one reference row would be taken for each of them
+        raise DataError(
+            f"{results}: slides {', '.join(sorted(shared)[:3])} share the file name {Path(shared[0]).name}, and "
+            "annotations (NAME.xml, NAME.geojson) and reference rows are matched by file name, so one slide's "
+            "annotation would count for the other; rename them, or evaluate each subfolder's run on its own"
+        )
     unscanned = [str(r["slide"]) for r in rows if r.get("status") not in ("ok", "skipped")]
     if unscanned:
         import logging
