@@ -174,7 +174,12 @@ class OpenSlideSlide(_Lifetime):
         dims = self._osr.level_dimensions
         ds = self._osr.level_downsamples
         # OpenSlide converts level-0 locations with this one downsample per level; use it as is.
-        levels = tuple(Level((int(w), int(h)), (float(d), float(d))) for (w, h), d in zip(dims, ds))
+        # A level whose width and height are not level 0's divided by one downsample (3 in x, 1 in
+        # y) is left out: OpenSlide gives it the mean of the two, and its pixels would be read at
+        # the wrong scale in one direction, shifting every cell in silence
+        l0_wh = (int(dims[0][0]), int(dims[0][1]))
+        self._os_levels = [0] + [i for i in range(1, len(dims)) if _one_downsample(l0_wh, (int(dims[i][0]), int(dims[i][1])))]
+        levels = tuple(Level((int(dims[i][0]), int(dims[i][1])), (float(ds[i]), float(ds[i]))) for i in self._os_levels)
         w0, h0 = levels[0].size_wh
         bx = int(props.get("openslide.bounds-x", 0))
         by = int(props.get("openslide.bounds-y", 0))
@@ -194,7 +199,7 @@ class OpenSlideSlide(_Lifetime):
         import openslide
 
         try:
-            img = self._osr.read_region((int(l0_xy[0]), int(l0_xy[1])), level, lv_size_wh)
+            img = self._osr.read_region((int(l0_xy[0]), int(l0_xy[1])), self._os_levels[level], lv_size_wh)
         except openslide.OpenSlideError as exc:
             raise SlideFormatError(f"{self.info.path}: cannot read pixels, the file is damaged or truncated ({exc})") from None
         d = self.info.levels[level].downsample_xy
