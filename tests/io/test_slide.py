@@ -251,3 +251,32 @@ def test_a_level_of_two_downsamples_is_not_read_by_openslide(tmp_path):
             assert np.array_equal(np.asarray(got)[..., :3], want), backend  # the 12x level, not the 2x one
         finally:
             s.close()
+
+
+def test_resolution_tags_of_a_first_image_that_is_not_level_0_are_not_its_pixel_size(tmp_path):
+    """A TIFF whose first image (3000 x 2400, 0.25 um/px by its tags) is followed by a larger one
+    (6000 x 4800): OpenSlide takes the larger as level 0 and the first's tags as its mpp, and a
+    scan ran at twice the true scale in silence (2026-12-05). The mpp is set aside, said why,
+    and --mpp still scans it."""
+    from wsi_scan.errors import MppError
+
+    path = tmp_path / "first-not-largest.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for i, (w, h) in enumerate(((3000, 2400), (6000, 4800), (750, 600))):
+            tw.write(
+                np.full((h, w, 3), 230, np.uint8),
+                tile=(256, 256),
+                photometric="rgb",
+                subfiletype=1 if i else 0,
+                resolution=(1e4 / (0.25 * 3000 / w), 1e4 / (0.25 * 2400 / h)),
+                resolutionunit="CENTIMETER",
+            )
+    for backend in ("openslide", "auto"):
+        s = open_slide(path, backend)
+        try:
+            assert s.info.level0_size_wh == (6000, 4800)
+            with pytest.raises(MppError, match=r"first image \(3000 x 2400 px\), which is not its largest, level 0"):
+                resolve_mpp(s.info.metadata, None, str(path))
+            assert resolve_mpp(s.info.metadata, 0.125, str(path)).x == 0.125
+        finally:
+            s.close()

@@ -104,6 +104,11 @@ def resolve_mpp(meta: Mapping[str, str], override: float | None, where: str, tol
             recorded.source if recorded is not None else "",
         )
     mpp = recorded
+    if mpp is None and meta.get("wsi_scan.mpp-note"):  # io/slide.py set the file's own value aside
+        raise MppError(
+            f"{where}: {meta['wsi_scan.mpp-note']}; pass level 0's true pixel size with --mpp, after checking the "
+            "scanner's specification"
+        )
     if mpp is None:
         garbled = [f"{k} = {meta[k]!r:.30}" for k in _MPP_KEYS if k in meta and _num(meta, k) is None]
         if garbled:  # present but unusable: "records none" would send the user looking for nothing

@@ -172,6 +172,8 @@ class OpenSlideSlide(_Lifetime):
         self.decoder_warnings = DecoderWarnings()
         props = dict(self._osr.properties)
         dims = self._osr.level_dimensions
+        if props.get("openslide.vendor") == "generic-tiff":
+            _drop_resolution_of_another_image(path, props, (int(dims[0][0]), int(dims[0][1])))
         ds = self._osr.level_downsamples
         # OpenSlide converts level-0 locations with this one downsample per level; use it as is.
         # A level whose width and height are not level 0's divided by one downsample (3 in x, 1 in
@@ -357,6 +359,33 @@ def _check_tile_index(path: Path, tl: _TiledLevel, wh: tuple[int, int]) -> None:
             f"{path}: damaged TIFF header, a level of {wh[0]} x {wh[1]} px needs {want} tiles of "
             f"{tl.tile_wh[0]} x {tl.tile_wh[1]} px but the file indexes {have}; re-export the slide from the scanner software"
         )
+
+
+#: the metadata key that says why a slide's recorded pixel size was set aside (io/mpp.py names it)
+MPP_NOTE_KEY = "wsi_scan.mpp-note"
+
+
+def _drop_resolution_of_another_image(path: Path, props: dict[str, str], l0_wh: tuple[int, int]) -> None:
+    """OpenSlide's generic-tiff reader takes the largest image as level 0 but its resolution tags
+    (and so ``openslide.mpp-x/y``) from the file's first directory: where the first image is not
+    level 0, that pixel size belongs to another image, and taken for level 0 it scales every
+    size and distance by their ratio. It is set aside, with the reason, for --mpp to give."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(str(path)) as tf:
+            shape = tf.pages.first.shape
+            first_wh = (int(shape[1]), int(shape[0]))
+    except Exception:  # noqa: BLE001 - a file tifffile cannot parse: OpenSlide's reading stands
+        return
+    if first_wh == l0_wh:
+        return
+    for k in ("openslide.mpp-x", "openslide.mpp-y", "tiff.XResolution", "tiff.YResolution", "tiff.ResolutionUnit"):
+        props.pop(k, None)
+    props[MPP_NOTE_KEY] = (
+        f"the resolution tags are those of the file's first image ({first_wh[0]} x {first_wh[1]} px), which is not "
+        f"its largest, level 0 ({l0_wh[0]} x {l0_wh[1]} px): they do not give level 0's pixel size"
+    )
 
 
 def _one_downsample(l0_wh: tuple[int, int], lv_wh: tuple[int, int]) -> bool:
