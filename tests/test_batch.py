@@ -407,3 +407,22 @@ def test_mpp_csv_rows_that_match_no_slide_are_said_on_the_console(tmp_path):
     assert code == 0, err
     assert "wsi-scan: warning: --mpp-csv: 1 row(s) match no slide of the folder and are not used (A.TIF)" in err
     assert "1 row(s) match no slide" in (tmp_path / "o" / "wsi-scan.log").read_text()
+
+
+def test_a_folder_run_refuses_one_slides_roi_or_tissue_mask(tmp_path, mock_model):
+    """--roi and --tissue-mask were applied to every slide of a folder: each other slide was cut
+    to the first one's region (a mask of the same aspect ratio was taken as its own), and the run
+    ended with 0 (2026-12-05)."""
+    from wsi_scan.batch import scan_folder
+    from wsi_scan.errors import UsageError
+
+    slides = tmp_path / "slides"
+    small_slide(slides / "a.tif", 0)
+    (tmp_path / "roi.geojson").write_text('{"type": "Polygon", "coordinates": [[[0, 0], [99, 0], [99, 99], [0, 0]]]}')
+    for cfg, flag in (
+        (ScanConfig(roi=str(tmp_path / "roi.geojson")), "--roi describes one slide"),
+        (ScanConfig(tissue_mask=str(tmp_path / "m.png")), "--tissue-mask describes one slide"),
+    ):
+        with pytest.raises(UsageError, match=flag):
+            scan_folder(slides, tmp_path / "out", cfg, model=mock_model)
+    assert not (tmp_path / "out").exists()

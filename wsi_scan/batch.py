@@ -475,6 +475,15 @@ def _check_arguments(config: ScanConfig, workers: int | None, scheduler_address:
         raise UsageError(f"--workers must be at least 1, found {workers}")
     if workers is not None and scheduler_address:
         raise UsageError("pass either --workers (start a local cluster) or --scheduler (use a running one), not both")
+    given = [f for f, v in (("--roi", config.roi), ("--tissue-mask", config.tissue_mask)) if v is not None]
+    if given:
+        # in one slide's level-0 pixels or frame: applied to every slide, it cut each other slide's
+        # scan to a region of the first (a mask of the same aspect ratio was even taken as theirs)
+        raise UsageError(
+            f"{' and '.join(given)} {'describes' if len(given) == 1 else 'describe'} one slide (its level-0 pixels); "
+            "a folder run cannot apply that to every slide: scan the slide on its own "
+            f"(`wsi-scan SLIDE --out H.zarr {given[0]} ...`)"
+        )
     if config.mpp_override is not None:
         from .io.mpp import resolve_mpp
 
