@@ -128,3 +128,14 @@ def test_an_infinite_integer_attr_is_a_damaged_store(make_slide, mock_model, tmp
     zj.write_text(json.dumps(doc).replace('"@@"', value))
     with pytest.raises(HeatmapError, match="damaged heatmap store"):
         open_heatmap(out)
+
+
+@pytest.mark.parametrize("side", [90, 1])
+def test_the_store_of_a_slide_smaller_than_one_cell_is_read_back(make_slide, mock_model, tmp_path, side):
+    """A 90 px (or 1 px) crop scans to a grid of one cell larger than the slide; every reader then
+    called that store "damaged ... rerun the scan", which gave the same store again (2026-12-05)."""
+    slide = make_slide(size_wh=(side, side), downsamples=(1,), tile_px=16, tissue=((0, 0, side, side),))
+    out = tmp_path / "h.zarr"
+    scan_slide(slide, out, ScanConfig(), model=mock_model)
+    hm = open_heatmap(out)
+    assert hm.grid.shape_rc == (1, 1) and hm.grid.l0_cell_size_xy[0] > side

@@ -289,7 +289,10 @@ def _check_contract(p: Path, meta: Mapping[str, Any], ome: object) -> GridGeomet
         and max(level0_wh[0] * mpp_xy[0], level0_wh[1] * mpp_xy[1]) <= MAX_SLIDE_EXTENT_MM * 1000
         and min(grid.shape_rc) >= 1
         and max(grid.shape_rc) <= MAX_GRID_SIDE
-        and all(math.isfinite(v) and 0 < v <= max(level0_wh) for v in grid.l0_cell_size_xy)
+        # no bound by the slide's size: a slide smaller than one cell (a 90 px crop) has a grid of
+        # one cell larger than itself, and its store is what the scan wrote; the cell size is
+        # pinned to the mpp below and the grid's extent to the slide's size after
+        and all(math.isfinite(v) and v > 0 for v in grid.l0_cell_size_xy)
         and all(0 <= v <= w for v, w in zip(grid.l0_origin_xy, level0_wh))
         and 0 < grid.cell_px <= grid.patch_px <= 4096
         and lo <= grid.target_mpp <= hi
