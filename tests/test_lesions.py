@@ -624,3 +624,19 @@ def test_evaluate_slides_refuses_two_slides_of_one_file_name(tmp_path):
     code, _, err = run("evaluate-slides", results, "--annotations", ann)
     assert code == 6 and "slides x/n.svs, y/n.svs share the file name n.svs" in err, err
     assert not (results / "evaluation.json").exists()
+
+
+def test_evaluate_slides_never_writes_among_the_annotations(tmp_path):
+    """--out ann/evaluation.json wrote the evaluation and its figures into the annotations folder,
+    where an evaluation named after a slide (ann/NAME.json) was then read as its annotation
+    (2026-12-05)."""
+    results = tmp_path / "results"
+    results.mkdir()
+    write_called_store(results / "a.zarr", "micro")
+    (results / "summary.json").write_text(json.dumps({"slides": [{"slide": "a.svs", "status": "ok", "call": "micro"}]}))
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    for name in ("evaluation.json", "a.json"):
+        code, _, err = run("evaluate-slides", results, "--annotations", ann, "--out", ann / name)
+        assert code == 4 and "lies inside the data folder" in err, err
+    assert not list(ann.iterdir())

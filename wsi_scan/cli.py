@@ -954,7 +954,10 @@ def evaluate_slides(
         check_results_folder(results)
         # before any work or figure: --overwrite replaces an evaluation, never another wsi-scan output
         check_evaluation_json(target, results, overwrite or out is None)
-        from .io.outputs import output_set
+        from .io.outputs import check_outside_inputs, output_set
+
+        # a JSON written among the annotations would be read as the annotation of a slide of its name
+        check_outside_inputs(target, [annotations])
         from .train.plots import SLIDE_REPORT_FILES
 
         # the figures are named after the JSON, so two evaluations in one folder keep their own;

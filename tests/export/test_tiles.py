@@ -253,3 +253,13 @@ def test_geojson_features_in_any_shape_give_the_tumour_or_one_error(tmp_path, ca
     with caplog.at_level("WARNING", logger="wsi_scan.annotations"):  # beside a tumour region: no warning
         tumour_geometry(fc(feat({"classification": {"name": "Stroma"}}), feat({"classification": {"name": "Tumor"}})), "g")
     assert not caplog.text
+
+
+def test_a_json_that_is_not_geojson_is_refused(tmp_path):
+    """Any JSON object read as annotations marked nothing: a wsi-scan evaluation named after a
+    slide (NAME.json) made that slide negative in silence (2026-12-05)."""
+    from wsi_scan.export.tiles import tumour_geometry
+
+    for obj, found in (({"froc": 1.0}, "found no type"), ({"type": "Topology"}, "found type 'Topology'")):
+        with pytest.raises(DataError, match=f"g: not GeoJSON: expected an object of type FeatureCollection.*{found}"):
+            tumour_geometry(obj, "g")

@@ -72,6 +72,13 @@ def tumour_geometry(geojson: dict[str, Any], where: str, class_name: str | None 
     from shapely.geometry import shape
 
     kind = geojson.get("type")
+    if kind not in ("FeatureCollection", "Feature", *GEOMETRY_TYPES):
+        # any other JSON (a wsi-scan evaluation, a config) would read as a file that marks nothing
+        raise DataError(
+            f"{where}: not GeoJSON: expected an object of type FeatureCollection, Feature or a geometry, found "
+            f"{'no type' if kind is None else f'type {str(kind)[:40]!r}'}; export the annotations as GeoJSON (QuPath: "
+            "File > Export objects as GeoJSON)"
+        )
     feats = geojson.get("features") if kind == "FeatureCollection" else [geojson]
     if not isinstance(feats, list):
         raise DataError(
