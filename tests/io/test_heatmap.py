@@ -139,3 +139,22 @@ def test_the_store_of_a_slide_smaller_than_one_cell_is_read_back(make_slide, moc
     scan_slide(slide, out, ScanConfig(), model=mock_model)
     hm = open_heatmap(out)
     assert hm.grid.shape_rc == (1, 1) and hm.grid.l0_cell_size_xy[0] > side
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["model"].pop("threshold"),
+        lambda m: m["model"].update(threshold=0.0),
+        lambda m: m["model"].update(threshold=1.0),
+    ],
+)
+def test_a_store_without_a_usable_threshold_is_damaged(make_slide, mock_model, tmp_path, edit):
+    """A threshold removed from the attrs read as 0.5 whatever the model's (0.3993 for the bundled
+    fast), and one of 0 or 1 made every tissue cell tumour, or none: each changed every tumour
+    area and contour without a word (2026-12-05)."""
+    out = tmp_path / "h.zarr"
+    scan_slide(make_slide(), out, ScanConfig(), model=mock_model)
+    _edit(out, lambda m, o: edit(m))
+    with pytest.raises(HeatmapError, match="damaged heatmap store"):
+        open_heatmap(out)

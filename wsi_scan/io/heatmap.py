@@ -237,7 +237,7 @@ class Heatmap:
 
     @property
     def threshold(self) -> float:
-        return float(self.attrs["model"].get("threshold", 0.5))
+        return float(self.attrs["model"]["threshold"])  # present and in (0, 1): _check_contract
 
     def cell_to_l0_rect(self, r: int, c: int) -> tuple[float, float, float, float]:
         return self.grid.cell_to_l0_rect(r, c)
@@ -272,7 +272,9 @@ def _check_contract(p: Path, meta: Mapping[str, Any], ome: object) -> GridGeomet
         slide = meta["slide"]
         mpp_xy = [float(v) for v in slide["mpp_xy"]]
         level0_wh = [int(v) for v in slide["level0_size_wh"]]
-        threshold = float(meta["model"].get("threshold", 0.5))
+        # no default: every store records its model's threshold, and one removed would be 0.5
+        # whatever the model's (0.3993 for the bundled fast), changing every tumour area in silence
+        threshold = float(meta["model"]["threshold"])
     # OverflowError: int() of an infinite value (JSON's Infinity, or 1e400, reads as one)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
         raise HeatmapError(
@@ -283,7 +285,7 @@ def _check_contract(p: Path, meta: Mapping[str, Any], ome: object) -> GridGeomet
     ok = (
         len(mpp_xy) == 2
         and all(lo <= v <= hi for v in mpp_xy)
-        and 0.0 <= threshold <= 1.0
+        and 0.0 < threshold < 1.0  # as a model card's: 0 or 1 calls every cell, or none, tumour
         and len(level0_wh) == 2
         and min(level0_wh) >= 1
         and max(level0_wh[0] * mpp_xy[0], level0_wh[1] * mpp_xy[1]) <= MAX_SLIDE_EXTENT_MM * 1000
