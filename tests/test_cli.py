@@ -236,3 +236,9 @@ def test_model_given_as_dot_slash_name_is_the_file_not_the_bundled_model(make_sl
     (tmp_path / "fast").write_bytes(b"not a model")
     code, _, err = run(slide, "--out", out, "--model", "./fast")
     assert_clean_failure(code, err, out, "not a readable model file")
+
+
+def test_a_blank_argument_is_named_as_such(tmp_path):
+    """`--out " "` was called "an empty argument ... of \\"\\"" though the user typed a space (2026-12-05)."""
+    code, _, err = run("info", " ")
+    assert code == 2 and "empty or blank argument" in err and "spaces only" in err and len(err.strip().splitlines()) == 1, err

@@ -60,7 +60,10 @@ class DefaultGroup(click.Group):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if any(not a.strip() for a in args):
             # Path("") is ".": an empty argument would scan, or write into, the current folder
-            raise click.UsageError('an empty argument was given (a path or value of ""); every path and value needs text', ctx)
+            raise click.UsageError(
+                'an empty or blank argument was given (a path or value of "" or of spaces only); every path and value needs text',
+                ctx,
+            )
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["scan", *args]
         return super().parse_args(ctx, args)
