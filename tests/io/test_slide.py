@@ -280,3 +280,14 @@ def test_resolution_tags_of_a_first_image_that_is_not_level_0_are_not_its_pixel_
             assert resolve_mpp(s.info.metadata, 0.125, str(path)).x == 0.125
         finally:
             s.close()
+
+
+def test_a_zarr_folder_wsi_scan_did_not_write_is_named_as_one(tmp_path):
+    """`info user.zarr` said "damaged or unreadable slide (IsADirectoryError ...)" (2026-12-05)."""
+    from wsi_scan.errors import SlideFormatError
+
+    store = tmp_path / "user.zarr"
+    store.mkdir()
+    (store / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')
+    with pytest.raises(SlideFormatError, match="user.zarr is a Zarr folder, not a slide file"):
+        open_slide(store)

@@ -728,7 +728,14 @@ def _sniff(path: Path) -> None:
     if not path.exists():
         raise SlideNotFoundError(f"slide {path} does not exist; check the path")
     refuse_heatmap_store(path)
-    if path.is_dir() and path.suffix.lower() != ".zarr":
+    if path.is_dir() and path.suffix.lower() == ".zarr":
+        # a Zarr store that wsi-scan did not write: no backend reads a folder (before, "damaged or
+        # unreadable slide (IsADirectoryError)")
+        raise SlideFormatError(
+            f"{path} is a Zarr folder, not a slide file; expected a whole-slide image file (SVS, NDPI, MRXS, SCN, "
+            "DICOM, pyramidal or OME-TIFF): convert the image to a pyramidal TIFF to scan it"
+        )
+    if path.is_dir():
         raise SlideNotFoundError(
             # info, tile and overlay --slide take one slide; `wsi-scan DIR --out RESULTS/` scans a folder
             f"slide {path} is a folder; expected one slide file (a folder of slides is scanned by `wsi-scan {path} --out RESULTS/`)"
