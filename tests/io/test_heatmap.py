@@ -158,3 +158,17 @@ def test_a_store_without_a_usable_threshold_is_damaged(make_slide, mock_model, t
     _edit(out, lambda m, o: edit(m))
     with pytest.raises(HeatmapError, match="damaged heatmap store"):
         open_heatmap(out)
+
+
+def test_a_store_missing_an_array_or_a_file_is_named_for_what_it_is(make_slide, mock_model, tmp_path):
+    """A store of ours with its level-0 array's metadata deleted was "not a wsi-scan heatmap store
+    (KeyError: '0')", and a slide given to lesions "not a ... store (GroupNotFoundError ...)",
+    neither saying what to do (2026-12-05)."""
+    slide = make_slide()
+    out = tmp_path / "h.zarr"
+    scan_slide(slide, out, ScanConfig(), model=mock_model)
+    (out / "0" / "zarr.json").unlink()
+    with pytest.raises(HeatmapError, match="damaged heatmap store, its array 0 is missing; rerun the scan"):
+        open_heatmap(out)
+    with pytest.raises(HeatmapError, match=r"slide.tif is a file, not a heatmap store \(a folder\)"):
+        open_heatmap(slide)

@@ -373,13 +373,26 @@ def open_heatmap(path: str | Path) -> Heatmap:
     p = Path(path)
     if not p.exists():
         raise HeatmapError(f"heatmap {p} does not exist")
+    if not p.is_dir():
+        raise HeatmapError(
+            f"{p} is a file, not a heatmap store (a folder); expected the --out of a scan (`wsi-scan SLIDE --out H.zarr`)"
+        )
     try:
         root = zarr.open_group(str(p), mode="r")
         meta: dict[str, Any] = dict(root.attrs["wsi_scan"])  # type: ignore[arg-type]
-        arr0: Any = root["0"]
-        arr_tissue: Any = root["labels/tissue/0"]
     except Exception as exc:  # noqa: BLE001
-        raise HeatmapError(f"{p}: not a wsi-scan heatmap store ({type(exc).__name__}: {exc})") from None
+        raise HeatmapError(
+            f"{p}: not a wsi-scan heatmap store ({type(exc).__name__}: {exc!s:.100}); expected the --out of a scan "
+            "(`wsi-scan SLIDE --out H.zarr`)"
+        ) from None
+    arrays: list[Any] = []
+    for name in ("0", "labels/tissue/0"):
+        try:
+            arrays.append(root[name])
+        except Exception as exc:  # noqa: BLE001 - a store of ours with a part deleted or garbled
+            why = "missing" if isinstance(exc, KeyError) else f"unreadable: {type(exc).__name__}: {exc!s:.80}"
+            raise HeatmapError(f"{p}: damaged heatmap store, its array {name} is {why}; rerun the scan") from None
+    arr0, arr_tissue = arrays
     if meta.get("status") != "complete":
         raise HeatmapError(f"{p}: heatmap is incomplete (status {meta.get('status')!r}); rerun the scan")
     version = meta.get("format_version", 0)
