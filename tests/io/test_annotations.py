@@ -121,3 +121,22 @@ def test_an_annotation_file_is_found_whatever_the_case_of_its_suffix(tmp_path, n
     if name != "s.XML":
         with pytest.raises(DataError, match="2 annotation files"):
             find_annotations(tmp_path, "s.tif")
+
+
+def test_a_bare_array_of_features_as_qupath_writes_it_is_read(tmp_path):
+    """QuPath's "Export objects as GeoJSON" writes a JSON array of features unless "Export as
+    FeatureCollection" is ticked; it was refused as "a JSON list" (2026-12-05)."""
+    p = tmp_path / "s.geojson"
+    feature = {
+        "type": "Feature",
+        "properties": {"classification": {"name": "Tumor"}},
+        "geometry": json.loads(_polygon(json.dumps(SQUARE))),
+    }
+    p.write_text(json.dumps([feature, feature]))
+    assert read_qupath_geojson(p).tumour[0].area == 5000 * 5000
+    p.write_text(json.dumps([feature, "x"]))
+    with pytest.raises(DataError, match="feature 1 is a JSON str"):
+        read_qupath_geojson(p)
+    p.write_text("5")
+    with pytest.raises(DataError, match="expected a GeoJSON object.*found a JSON int"):
+        read_json(p)

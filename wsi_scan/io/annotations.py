@@ -170,8 +170,15 @@ def read_json(path: str | Path) -> dict[str, Any]:
         raise DataError(
             f"{p}: not a readable JSON file ({type(exc).__name__}: {exc!s:.80}); expected GeoJSON (e.g. exported from QuPath)"
         ) from None
+    if isinstance(obj, list):
+        # QuPath's "Export objects as GeoJSON" writes a bare array of features unless "Export as
+        # FeatureCollection" is ticked: the same features (before, refused as "a JSON list")
+        obj = {"type": "FeatureCollection", "features": obj}
     if not isinstance(obj, dict):
-        raise DataError(f"{p}: expected a GeoJSON object, found a JSON {type(obj).__name__}")
+        raise DataError(
+            f"{p}: expected a GeoJSON object (a FeatureCollection, Feature or geometry), found a JSON "
+            f"{type(obj).__name__}; export the annotations as GeoJSON"
+        )
     _check_coordinates(obj, p)
     return obj
 
