@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import zarr
 
+from tests._support import ColourProbe, mock_card
 from wsi_scan.config import ScanConfig
 from wsi_scan.errors import HeatmapError
 from wsi_scan.io.heatmap import open_heatmap
+from wsi_scan.io.model_files import LoadedModel
 from wsi_scan.scan import scan_slide
 
 
@@ -146,7 +148,7 @@ def test_the_store_of_a_slide_smaller_than_one_cell_is_read_back(make_slide, moc
     [
         lambda m: m["model"].pop("threshold"),
         lambda m: m["model"].update(threshold=0.0),
-        lambda m: m["model"].update(threshold=1.0),
+        lambda m: m["model"].update(threshold=1.5),
     ],
 )
 def test_a_store_without_a_usable_threshold_is_damaged(make_slide, mock_model, tmp_path, edit):
@@ -158,6 +160,16 @@ def test_a_store_without_a_usable_threshold_is_damaged(make_slide, mock_model, t
     _edit(out, lambda m, o: edit(m))
     with pytest.raises(HeatmapError, match="damaged heatmap store"):
         open_heatmap(out)
+
+
+def test_the_store_of_a_model_whose_threshold_rule_failed_is_read_back(make_slide, tmp_path):
+    """A run whose scores meet no specificity is kept with threshold 1.0 and its failed rule in
+    its card; the store its scan wrote must not then be called damaged by every reader."""
+    card = mock_card(threshold=1.0, training={"threshold_rule": {"met": False, "reached": 0.0}})
+    model = LoadedModel(ColourProbe(card.mean, card.std).eval(), card, "mock", "0" * 64)
+    out = tmp_path / "h.zarr"
+    scan_slide(make_slide(), out, ScanConfig(), model=model)
+    assert open_heatmap(out).threshold == 1.0
 
 
 def test_a_store_missing_an_array_or_a_file_is_named_for_what_it_is(make_slide, mock_model, tmp_path):

@@ -237,7 +237,7 @@ class Heatmap:
 
     @property
     def threshold(self) -> float:
-        return float(self.attrs["model"]["threshold"])  # present and in (0, 1): _check_contract
+        return float(self.attrs["model"]["threshold"])  # present and in (0, 1]: _check_contract
 
     def cell_to_l0_rect(self, r: int, c: int) -> tuple[float, float, float, float]:
         return self.grid.cell_to_l0_rect(r, c)
@@ -285,7 +285,9 @@ def _check_contract(p: Path, meta: Mapping[str, Any], ome: object) -> GridGeomet
     ok = (
         len(mpp_xy) == 2
         and all(lo <= v <= hi for v in mpp_xy)
-        and 0.0 < threshold < 1.0  # as a model card's: 0 or 1 calls every cell, or none, tumour
+        # as a model card's: 0 calls every cell tumour; 1.0 is the card of a run whose threshold rule
+        # failed (flagged in its card and warned of when it was trained), so its scans read back
+        and 0.0 < threshold <= 1.0
         and len(level0_wh) == 2
         and min(level0_wh) >= 1
         and max(level0_wh[0] * mpp_xy[0], level0_wh[1] * mpp_xy[1]) <= MAX_SLIDE_EXTENT_MM * 1000
