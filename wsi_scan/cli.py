@@ -1001,11 +1001,12 @@ def evaluate_slides(
 @click.option("--probability", is_flag=True, help="float32 probabilities (NaN off tissue) instead of colour-mapped RGBA")
 @click.option("--opacity", type=click.FloatRange(0, 1), default=1.0, help="alpha of scanned pixels in the RGBA image")
 @click.option("--overwrite", is_flag=True, help="replace an existing file")
-def heatmap_tiff(heatmap: Path, out: Path, probability: bool, opacity: float, overwrite: bool) -> None:
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def heatmap_tiff(heatmap: Path, out: Path, probability: bool, opacity: float, overwrite: bool, quiet: bool) -> None:
     """The heatmap as a tiled pyramidal TIFF in the slide's level-0 frame, for slide viewers."""
     from .export.heatmap_tiff import write_heatmap_tiff
 
-    click.echo(str(_run(lambda: write_heatmap_tiff(heatmap, out, probability, opacity, overwrite=overwrite))))
+    click.echo(str(_run(lambda: write_heatmap_tiff(heatmap, out, probability, opacity, overwrite=overwrite, progress=not quiet))))
 
 
 @main.command()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import tifffile
 
@@ -50,3 +52,13 @@ def test_probability_tiff(scanned, tmp_path):
         r, c = hm.l0_to_cell(l0_x + 0.5, l0_y + 0.5)
         np.testing.assert_array_equal(lv0[l0_y, l0_x], hm.probs[r, c])
     assert np.isnan(lv0[100, 100])
+
+
+def test_the_progress_bar_counts_every_tile_of_every_level(scanned, tmp_path, capsys):
+    """A CAMELYON-sized store takes minutes to write; the bar's total is the tiles actually written."""
+    _, hm_path = scanned()
+    out = write_heatmap_tiff(hm_path, tmp_path / "h.tif", tile_px=256, progress=True)
+    with tifffile.TiffFile(out) as tf:
+        written = sum(len(p.dataoffsets) for p in tf.pages)
+    totals = set(re.findall(r"\d+/(\d+) \[", capsys.readouterr().err))
+    assert totals == {str(written)}

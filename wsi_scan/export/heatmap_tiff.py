@@ -36,6 +36,7 @@ def write_heatmap_tiff(
     opacity: float = 1.0,
     tile_px: int = 512,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Write the heatmap as a tiled pyramidal TIFF of the slide's level-0 size.
 
@@ -73,5 +74,5 @@ def write_heatmap_tiff(
         return np.take(np.take(cell_img, r, axis=0), c, axis=1)
 
     if probability:
-        return write_pyramid_tiff(out, sizes, render, 1, np.float32, hm.mpp_xy, tile_px, overwrite)
-    return write_pyramid_tiff(out, sizes, render, 4, np.uint8, hm.mpp_xy, tile_px, overwrite)
+        return write_pyramid_tiff(out, sizes, render, 1, np.float32, hm.mpp_xy, tile_px, overwrite, progress)
+    return write_pyramid_tiff(out, sizes, render, 4, np.uint8, hm.mpp_xy, tile_px, overwrite, progress)

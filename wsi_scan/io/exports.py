@@ -143,38 +143,45 @@ def write_pyramid_tiff(
     mpp_xy: tuple[float, float],
     tile_px: int = 512,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> Path:
     """A tiled pyramid whose tiles come from ``render_tile(level, x0, y0, w, h)``.
 
     Tiles are produced one at a time, so the full-resolution image never exists in memory.
     Levels are consecutive pages (reduced-resolution subfile type) with resolution tags in
     centimeters, the layout OpenSlide's generic-tiff reader and tifffile both take as a pyramid.
+    ``progress`` shows a bar of tiles written: a CAMELYON-sized slide takes minutes, which without
+    one looks like a hang.
     """
     import tifffile
+    from tqdm import tqdm
 
     out = Path(out)
     w0, h0 = level_sizes_wh[0]
     photometric = "rgb" if channels >= 3 else "minisblack"
     extrasamples = ("unassalpha",) if channels == 4 else None
+    n_tiles = sum(-(-lw // tile_px) * -(-lh // tile_px) for lw, lh in level_sizes_wh)
 
-    def tiles(level: int) -> Iterable[np.ndarray]:
+    def tiles(level: int, bar: Any) -> Iterable[np.ndarray]:
         lw, lh = level_sizes_wh[level]
         for ty in range(0, lh, tile_px):
             for tx in range(0, lw, tile_px):
                 w, h = min(tile_px, lw - tx), min(tile_px, lh - ty)
                 tile = np.zeros((tile_px, tile_px, channels), dtype=dtype)
                 tile[:h, :w] = render_tile(level, tx, ty, w, h).reshape(h, w, channels)
+                bar.update()
                 yield tile if channels > 1 else tile[..., 0]
 
     with (
-        _atomic(out, overwrite) as tmp,
+        _atomic(out, overwrite) as tmp,  # first: an output refused is refused before any bar is drawn
+        tqdm(total=n_tiles, desc="tiles", unit="tile", disable=not progress, leave=False, dynamic_ncols=True) as bar,
         tifffile.TiffWriter(tmp, bigtiff=w0 * h0 * channels * np.dtype(dtype).itemsize > 2**31) as tw,
     ):
         for level, (lw, lh) in enumerate(level_sizes_wh):
             dx, dy = w0 / lw, h0 / lh
             shape = (lh, lw, channels) if channels > 1 else (lh, lw)
             tw.write(
-                tiles(level),  # type: ignore[arg-type]
+                tiles(level, bar),  # type: ignore[arg-type]
                 shape=shape,
                 dtype=dtype,
                 tile=(tile_px, tile_px),
