@@ -223,6 +223,23 @@ def test_a_folder_given_as_one_slide_says_how_folders_are_scanned(tmp_path):
         assert f"wsi-scan {tmp_path / 'slides'} --out RESULTS/" in err and len(err.strip().splitlines()) == 1
 
 
+def _write_pages(path, sizes_wh, pixels, mpp=0.25):
+    """A tiled TIFF of one page per size, the first full-resolution, the rest reduced, each with
+    resolution tags saying ``mpp`` scaled by its size against the first page's."""
+    (w0, h0) = sizes_wh[0]
+    with tifffile.TiffWriter(path) as tw:
+        for i, (w, h) in enumerate(sizes_wh):
+            tw.write(
+                pixels(w, h),
+                tile=(256, 256),
+                photometric="rgb",
+                subfiletype=1 if i else 0,
+                resolution=(1e4 / (mpp * w0 / w), 1e4 / (mpp * h0 / h)),
+                resolutionunit="CENTIMETER",
+            )
+    return path
+
+
 def test_a_level_of_two_downsamples_is_not_read_by_openslide(tmp_path):
     """A level of 1000 x 2400 under 3000 x 2400 (3 in x, 1 in y): OpenSlide gives it the mean, 2,
     and a scan read it as 2 x 2, every cell's window stretched (2026-12-05: heatmap off by up to
@@ -231,17 +248,11 @@ def test_a_level_of_two_downsamples_is_not_read_by_openslide(tmp_path):
     from wsi_scan.io.synthetic import _paint
 
     spec = SyntheticSlide(size_wh=(3000, 2400), tissue=((300, 300, 2700, 2100),), tumour=((1000, 1000, 1600, 1500),))
-    path = tmp_path / "aniso.tif"
-    with tifffile.TiffWriter(path) as tw:
-        for i, (w, h) in enumerate(((3000, 2400), (1000, 2400), (250, 200))):
-            tw.write(
-                _paint(spec, (3000 / w, 2400 / h), 0, 0, w, h),
-                tile=(256, 256),
-                photometric="rgb",
-                subfiletype=1 if i else 0,
-                resolution=(1e4 / (0.25 * 3000 / w), 1e4 / (0.25 * 2400 / h)),
-                resolutionunit="CENTIMETER",
-            )
+    path = _write_pages(
+        tmp_path / "aniso.tif",
+        ((3000, 2400), (1000, 2400), (250, 200)),
+        lambda w, h: _paint(spec, (3000 / w, 2400 / h), 0, 0, w, h),
+    )
     for backend in ("openslide", "auto"):
         s = open_slide(path, backend)
         try:
@@ -260,17 +271,11 @@ def test_resolution_tags_of_a_first_image_that_is_not_level_0_are_not_its_pixel_
     and --mpp still scans it."""
     from wsi_scan.errors import MppError
 
-    path = tmp_path / "first-not-largest.tif"
-    with tifffile.TiffWriter(path) as tw:
-        for i, (w, h) in enumerate(((3000, 2400), (6000, 4800), (750, 600))):
-            tw.write(
-                np.full((h, w, 3), 230, np.uint8),
-                tile=(256, 256),
-                photometric="rgb",
-                subfiletype=1 if i else 0,
-                resolution=(1e4 / (0.25 * 3000 / w), 1e4 / (0.25 * 2400 / h)),
-                resolutionunit="CENTIMETER",
-            )
+    path = _write_pages(
+        tmp_path / "first-not-largest.tif",
+        ((3000, 2400), (6000, 4800), (750, 600)),
+        lambda w, h: np.full((h, w, 3), 230, np.uint8),
+    )
     for backend in ("openslide", "auto"):
         s = open_slide(path, backend)
         try:
