@@ -40,6 +40,10 @@ class Mpp:
         return (self.x + self.y) / 2.0
 
 
+#: the metadata key under which a backend says why it set a slide's recorded pixel size aside
+#: (io/slide.py: resolution tags of another image than level 0); resolve_mpp then asks for --mpp
+MPP_NOTE_KEY = "wsi_scan.mpp-note"
+
 #: the keys _from_metadata reads a pixel size from
 _MPP_KEYS = (
     "openslide.mpp-x",
@@ -104,9 +108,9 @@ def resolve_mpp(meta: Mapping[str, str], override: float | None, where: str, tol
             recorded.source if recorded is not None else "",
         )
     mpp = recorded
-    if mpp is None and meta.get("wsi_scan.mpp-note"):  # io/slide.py set the file's own value aside
+    if mpp is None and meta.get(MPP_NOTE_KEY):
         raise MppError(
-            f"{where}: {meta['wsi_scan.mpp-note']}; pass level 0's true pixel size with --mpp, after checking the "
+            f"{where}: {meta[MPP_NOTE_KEY]}; pass level 0's true pixel size with --mpp, after checking the "
             "scanner's specification"
         )
     if mpp is None:

@@ -43,6 +43,7 @@ import numpy as np
 
 from ..errors import SlideFormatError, SlideIndexError, SlideNotFoundError, UsageError, WsiScanError
 from ..geometry import tile_in_read
+from .mpp import MPP_NOTE_KEY
 from .tilecache import ReadStats, TileCache, TileKey
 
 SLIDE_EXTS = (
@@ -359,10 +360,6 @@ def _check_tile_index(path: Path, tl: _TiledLevel, wh: tuple[int, int]) -> None:
             f"{path}: damaged TIFF header, a level of {wh[0]} x {wh[1]} px needs {want} tiles of "
             f"{tl.tile_wh[0]} x {tl.tile_wh[1]} px but the file indexes {have}; re-export the slide from the scanner software"
         )
-
-
-#: the metadata key that says why a slide's recorded pixel size was set aside (io/mpp.py names it)
-MPP_NOTE_KEY = "wsi_scan.mpp-note"
 
 
 def _drop_resolution_of_another_image(path: Path, props: dict[str, str], l0_wh: tuple[int, int]) -> None:
