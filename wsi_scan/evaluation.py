@@ -13,6 +13,7 @@ Quadratic-weighted kappa of pN stages (CAMELYON17) lives beside the stages, in `
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -188,11 +189,11 @@ def evaluate_cohort(
             f"{results / 'summary.json'}: not a wsi-scan folder summary (expected 'slides' to be a list of rows, each "
             f"with its 'slide'); the summary was edited or damaged: rerun `wsi-scan SLIDES --out {results}`"
         )
-    seen = [str(r["slide"]) for r in rows]
-    twice = sorted({s for s in seen if seen.count(s) > 1})
+    listed = Counter(str(r["slide"]) for r in rows)
+    twice = sorted(s for s, n in listed.items() if n > 1)
     if twice:  # one slide counted twice would weigh twice in the FROC and the AUC
         raise DataError(
-            f"{results / 'summary.json'}: slide {twice[0]} is listed {seen.count(twice[0])} times; expected each slide "
+            f"{results / 'summary.json'}: slide {twice[0]} is listed {listed[twice[0]]} times; expected each slide "
             f"once: the summary was edited, rerun `wsi-scan SLIDES --out {results}`"
         )
     by_name: dict[str, list[str]] = {}
