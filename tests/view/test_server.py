@@ -434,6 +434,42 @@ def test_connections_beyond_the_limit_are_answered_busy_not_given_a_thread(scann
     assert raw_get(v.url, "/api/catalog")[0] == 200
 
 
+def test_ctrl_c_just_after_a_connection_thread_starts_stops_the_server(monkeypatch):
+    """Ctrl-C landing after a connection's thread started but before process_request returned:
+    both threads released the connection's slot, the second release raised ValueError, and
+    socketserver logged it as a failed connection and served on: the KeyboardInterrupt was lost
+    and `wsi-scan view` did not stop (seen 2026-12-05 in the test of --host 0.0.0.0)."""
+    import socket
+    from http.server import BaseHTTPRequestHandler
+
+    import wsi_scan.view.server as server_mod
+
+    done = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def handle(self) -> None:
+            done.set()
+
+    class InterruptedStart(threading.Thread):
+        def start(self) -> None:
+            super().start()
+            self.join(30)  # the connection served and its slot given back, then Ctrl-C
+            raise KeyboardInterrupt
+
+    httpd = server_mod._Server(("127.0.0.1", 0), Handler, max_connections=2)
+    try:
+        client = socket.create_connection(httpd.server_address[:2], timeout=30)
+        request, address = httpd.get_request()
+        with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+            m.setattr(server_mod.threading, "Thread", InterruptedStart)  # the module's: undone at once
+            httpd.process_request(request, address)
+        assert done.is_set()
+        assert httpd.slots._value == 2  # given back once, not twice (a BoundedSemaphore raises then)
+        client.close()
+    finally:
+        httpd.server_close()
+
+
 def test_slide_that_is_not_the_heatmaps_is_not_shown(scanned_store, tmp_path):
     """The heatmap names its slide; a different file at that path is refused (heatmap alone)."""
     from wsi_scan.io.synthetic import SyntheticSlide, write_synthetic_slide

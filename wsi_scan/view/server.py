@@ -535,6 +535,24 @@ _BUSY = (
 )
 
 
+class _Slot:
+    """One connection's hold on the server's semaphore, given back at most once: the accepting
+    thread and the connection's own thread may both try (Ctrl-C between the thread's start and
+    ``process_request``'s return), and a second release raised ValueError, which socketserver
+    took for a failed connection, swallowing the KeyboardInterrupt: the server did not stop."""
+
+    def __init__(self, sem: threading.BoundedSemaphore) -> None:
+        self._sem = sem
+        self._lock = threading.Lock()
+        self._held = True
+
+    def release(self) -> None:
+        with self._lock:
+            if self._held:
+                self._held = False
+                self._sem.release()
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = False
@@ -554,17 +572,20 @@ class _Server(ThreadingHTTPServer):
                 pass
             self.shutdown_request(request)
             return
+        slot = _Slot(self.slots)
         try:
-            super().process_request(request, client_address)
+            threading.Thread(target=self._serve_connection, args=(request, client_address, slot), daemon=True).start()
         except BaseException:
-            self.slots.release()
+            # a thread that could not start, or Ctrl-C arriving just after it did: either way the
+            # slot is given back once, so the KeyboardInterrupt goes on to stop the server
+            slot.release()
             raise
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def _serve_connection(self, request: Any, client_address: Any, slot: _Slot) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            self.process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            slot.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that goes away mid-response (a browser cancels tiles while panning) or times
