@@ -574,7 +574,9 @@ class _Server(ThreadingHTTPServer):
             return
         slot = _Slot(self.slots)
         try:
-            threading.Thread(target=self._serve_connection, args=(request, client_address, slot), daemon=True).start()
+            threading.Thread(
+                target=self._serve_connection, args=(request, client_address, slot), daemon=self.daemon_threads
+            ).start()
         except BaseException:
             # a thread that could not start, or Ctrl-C arriving just after it did: either way the
             # slot is given back once, so the KeyboardInterrupt goes on to stop the server
